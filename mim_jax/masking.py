@@ -1,0 +1,60 @@
+"""Mask generators, as vectorized jnp ops that run on device inside the jitted step.
+
+Every generator takes a PRNG key from the dedicated 'mask' stream and works on the whole batch
+at once (no Python loop over samples, no host round-trip).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+
+class RandomMask(NamedTuple):
+    """MAE-style per-sample shuffle.
+
+    ids_keep:    [B, K] int32, indices of the visible patches, in shuffled order.
+    mask:        [B, L] float32, 1 = removed (masked), 0 = kept, in the original patch order.
+    ids_restore: [B, L] int32, gather indices that undo the shuffle.
+    """
+    ids_keep: jax.Array
+    mask: jax.Array
+    ids_restore: jax.Array
+
+
+def check_mask_ratio(mask_ratio: float, name: str = "mask_ratio") -> None:
+    if not isinstance(mask_ratio, (int, float)) or not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"{name}={mask_ratio!r} must be a float in the open interval (0, 1).")
+
+
+def num_visible(num_patches: int, mask_ratio: float) -> int:
+    """Visible patches per sample: int(L * (1 - r)) exactly as the reference (196, 0.75 -> 49)."""
+    return int(num_patches * (1 - mask_ratio))
+
+
+def random_masking(key: Optional[jax.Array], batch_size: int, num_patches: int,
+                   mask_ratio: float, noise: Optional[jax.Array] = None) -> RandomMask:
+    """Per-sample uniform noise -> argsort -> keep the first int(L*(1-r)) patches.
+
+    Pass `noise` [B, L] instead of `key` to reproduce a given mask (e.g. the reference's).
+    """
+    check_mask_ratio(mask_ratio)
+    len_keep = num_visible(num_patches, mask_ratio)
+    if len_keep < 1:
+        raise ValueError(f"mask_ratio={mask_ratio} leaves no visible patch out of {num_patches}.")
+    if noise is None:
+        if key is None:
+            raise ValueError("random_masking needs either a PRNG key or explicit noise.")
+        noise = jax.random.uniform(key, (batch_size, num_patches))
+    elif noise.shape != (batch_size, num_patches):
+        raise ValueError(f"noise has shape {noise.shape}; expected {(batch_size, num_patches)}.")
+    ids_shuffle = jnp.argsort(noise, axis=1).astype(jnp.int32)
+    # argsort of a permutation is its inverse; a scatter of iota is cheaper than a second sort.
+    rows = jnp.arange(batch_size)[:, None]
+    ids_restore = jnp.zeros_like(ids_shuffle).at[rows, ids_shuffle].set(
+        jnp.broadcast_to(jnp.arange(num_patches, dtype=jnp.int32), ids_shuffle.shape))
+    ids_keep = ids_shuffle[:, :len_keep]
+    # Rank of each patch in the shuffle < len_keep <=> kept; this is the unshuffled binary mask.
+    mask = (ids_restore >= len_keep).astype(jnp.float32)
+    return RandomMask(ids_keep=ids_keep, mask=mask, ids_restore=ids_restore)

@@ -1,0 +1,335 @@
+"""Vision Transformer encoder (pure linen), shared by every ViT-based objective.
+
+One implementation serves MAE (visible-token subset via `ids_keep`), SimMIM and BEiT
+(masked patch embeddings replaced by a learned token via `token_mask`). Variants are named
+by string like big_vision ("B/16", "L/16", "Ti/4"), with explicit overrides on top.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# width, depth, mlp_dim, num_heads (ViT paper / DeiT sizes).
+VARIANTS = {
+    "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
+    "S": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
+    "B": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
+    "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
+    "H": dict(width=1280, depth=32, mlp_dim=5120, num_heads=16),
+}
+_VARIANT_RE = re.compile(r"^(Ti|S|B|L|H)/(\d+)$")
+
+LAYER_NORM_EPS = 1e-6
+# Reference init (official MAE): xavier-uniform on every Linear, computed on the 2-D
+# (fan_in, fan_out) view even when our kernels keep head axes separate.
+xavier_uniform = nn.initializers.xavier_uniform
+
+
+def parse_variant(variant: str) -> dict:
+    """'B/16' -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16)."""
+    match = _VARIANT_RE.match(variant) if isinstance(variant, str) else None
+    if match is None:
+        raise ValueError(
+            f"variant={variant!r} is not a ViT variant; allowed: '<size>/<patch>' with size in "
+            f"{sorted(VARIANTS)} and an integer patch size, e.g. 'B/16', 'L/16', 'H/14', 'Ti/4'.")
+    size, patch = match.groups()
+    return dict(VARIANTS[size], patch_size=int(patch))
+
+
+def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+    omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+    omega = 1.0 / 10000**omega
+    out = np.einsum("m,d->md", positions.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """Fixed 2-D sin-cos table [grid_h*grid_w, dim], row-major, as in the MAE reference.
+
+    The reference meshgrids (w, h), so the first half of the channels encodes the column
+    index and the second half the row index; we keep that order for weight compatibility.
+    """
+    if dim % 4:
+        raise ValueError(f"width={dim} must be divisible by 4 for 2-D sin-cos position embeddings.")
+    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    emb = np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
+    return emb.astype(np.float32)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per sample ('drop_path' RNG stream)."""
+
+    @nn.compact
+    def __call__(self, x, rate, deterministic: bool):
+        if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
+            return x
+        keep_prob = 1.0 - rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        keep = jax.random.bernoulli(self.make_rng("drop_path"), keep_prob, shape)
+        return jnp.where(keep, x / keep_prob, jnp.zeros_like(x))
+
+
+class Attention(nn.Module):
+    num_heads: int
+    qkv_bias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
+
+    @nn.compact
+    def __call__(self, x, bias=None):
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"width={width} is not divisible by num_heads={self.num_heads}.")
+        head_dim = width // self.num_heads
+        # One fused projection: a single large matmul is faster than three on every backend.
+        qkv = nn.DenseGeneral(
+            features=(3, self.num_heads, head_dim), use_bias=self.qkv_bias, dtype=self.dtype,
+            param_dtype=self.param_dtype, name="qkv",
+            kernel_init=xavier_uniform())(x)  # flax inits DenseGeneral on the 2-D view
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if bias is not None:
+            bias = bias.astype(q.dtype)
+        out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=self.attention_impl)
+        return nn.DenseGeneral(
+            features=width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
+            name="proj",
+            kernel_init=xavier_uniform())(out)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; `drop_rate` may be a traced scalar (scan over layers)."""
+    num_heads: int
+    mlp_dim: int
+    qkv_bias: bool = True
+    layer_scale_init: Optional[float] = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    attention_impl: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x, drop_rate=0.0, deterministic: bool = True, attn_bias=None):
+        width = x.shape[-1]
+        norm = lambda name: nn.LayerNorm(
+            epsilon=LAYER_NORM_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        dense = lambda features, name: nn.Dense(
+            features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+            kernel_init=xavier_uniform())
+
+        y = Attention(self.num_heads, self.qkv_bias, self.dtype, self.param_dtype,
+                      self.attention_impl, name="attn")(norm("norm1")(x), attn_bias)
+        y = self._scale(y, "ls1", width)
+        x = x + DropPath(name="drop_path1")(y, drop_rate, deterministic)
+
+        y = dense(self.mlp_dim, "fc1")(norm("norm2")(x))
+        y = nn.gelu(y, approximate=False)  # exact erf GELU, as the references use
+        y = self._scale(dense(width, "fc2")(y), "ls2", width)
+        return x + DropPath(name="drop_path2")(y, drop_rate, deterministic)
+
+    def _scale(self, y, name, width):
+        if self.layer_scale_init is None:
+            return y
+        gamma = self.param(name, nn.initializers.constant(self.layer_scale_init), (width,),
+                           self.param_dtype)
+        return y * gamma.astype(y.dtype)
+
+
+class Transformer(nn.Module):
+    """A stack of `depth` blocks with optional remat and scan; used by encoders and decoders.
+
+    Drop-path rates rise linearly from 0 to `drop_path_rate` over depth (the reference rule).
+    With `scan=True` the block parameters are stacked on a leading depth axis under 'blocks'
+    (faster compile for deep models); otherwise they are 'block_0' ... 'block_{depth-1}'.
+    """
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    drop_path_rate: float = 0.0
+    qkv_bias: bool = True
+    layer_scale_init: Optional[float] = None
+    remat: bool = False
+    scan: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    attention_impl: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True, attn_bias=None):
+        rates = np.linspace(0.0, self.drop_path_rate, self.depth) if self.depth > 1 else [0.0]
+        block_kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, qkv_bias=self.qkv_bias,
+                            layer_scale_init=self.layer_scale_init, dtype=self.dtype,
+                            param_dtype=self.param_dtype, attention_impl=self.attention_impl)
+        block_cls = Block
+        if self.remat:
+            # `deterministic` (arg 3 counting self) must stay a Python bool inside remat.
+            block_cls = nn.remat(Block, static_argnums=(3,),
+                                 policy=jax.checkpoint_policies.nothing_saveable)
+        if self.scan:
+            def body(module, carry, rate):
+                return module(carry, rate, deterministic, attn_bias), None
+
+            scanned = nn.scan(body, variable_axes={"params": 0},
+                              split_rngs={"params": True, "drop_path": True},
+                              length=self.depth)
+            x, _ = scanned(block_cls(**block_kwargs, name="blocks"), x,
+                           jnp.asarray(rates, jnp.float32))
+            return x
+        for i in range(self.depth):
+            x = block_cls(**block_kwargs, name=f"block_{i}")(x, float(rates[i]), deterministic,
+                                                             attn_bias)
+        return x
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Resolved ViT hyper-parameters (variant string + overrides)."""
+    image_size: int
+    patch_size: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    channels: int = 3
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+
+def resolve_vit_config(variant: str, image_size: int, channels: int = 3, *, patch_size=None,
+                       width=None, depth=None, num_heads=None, mlp_dim=None) -> ViTConfig:
+    """Variant string plus explicit overrides -> ViTConfig, validated with named errors."""
+    base = parse_variant(variant)
+    overrides = dict(patch_size=patch_size, width=width, depth=depth, num_heads=num_heads,
+                     mlp_dim=mlp_dim)
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = ViTConfig(image_size=image_size, channels=channels, **base)
+    for name in ("image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim", "channels"):
+        value = getattr(cfg, name)
+        if not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"{name}={value!r} must be a positive integer.")
+    if cfg.image_size % cfg.patch_size:
+        raise ValueError(
+            f"image_size={cfg.image_size} is not divisible by patch_size={cfg.patch_size}; "
+            f"allowed image sizes are multiples of {cfg.patch_size}.")
+    if cfg.width % cfg.num_heads:
+        raise ValueError(f"width={cfg.width} is not divisible by num_heads={cfg.num_heads}.")
+    return cfg
+
+
+class ViT(nn.Module):
+    """ViT encoder over patch tokens (+ optional CLS), ending in a LayerNorm.
+
+    Call with images [B, H, W, C] and at most one of:
+      ids_keep   [B, K] int: keep only these patch tokens (MAE); positions are added first.
+      token_mask [B, L] bool: replace these patch embeddings by the learned mask token
+                 (SimMIM/BEiT; needs use_mask_token=True).
+    Returns tokens [B, (1 if cls) + K or L, width].
+    """
+    config: ViTConfig
+    cls_token: bool = True
+    pos_embed: str = "sincos"  # 'sincos' (fixed, MAE) | 'learned' | 'none'
+    use_mask_token: bool = False
+    qkv_bias: bool = True
+    layer_scale_init: Optional[float] = None
+    drop_path_rate: float = 0.0
+    remat: bool = False
+    scan: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    attention_impl: Optional[str] = None
+
+    def setup(self):
+        cfg = self.config
+        if self.pos_embed not in ("sincos", "learned", "none"):
+            raise ValueError(f"pos_embed={self.pos_embed!r}; allowed: 'sincos', 'learned', 'none'.")
+        # The reference initialises the patch conv as a flattened Linear (fan_in p*p*C, fan_out D).
+        self.patch_embed = nn.Conv(
+            cfg.width, (cfg.patch_size,) * 2, strides=(cfg.patch_size,) * 2, padding="VALID",
+            dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed",
+            kernel_init=nn.initializers.variance_scaling(
+                1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3))
+        token_init = nn.initializers.normal(0.02)
+        if self.cls_token:
+            self.cls = self.param("cls_token", token_init, (1, 1, cfg.width), self.param_dtype)
+        if self.use_mask_token:
+            self.mask_token = self.param("mask_token", token_init, (1, 1, cfg.width),
+                                         self.param_dtype)
+        if self.pos_embed == "learned":
+            self.pos = self.param("pos_embed", token_init,
+                                  (1, int(self.cls_token) + cfg.num_patches, cfg.width),
+                                  self.param_dtype)
+        elif self.pos_embed == "sincos":
+            table = sincos_2d(cfg.width, cfg.grid, cfg.grid)
+            if self.cls_token:  # the CLS position is all zeros in the reference
+                table = np.concatenate([np.zeros((1, cfg.width), np.float32), table])
+            self.pos = jnp.asarray(table)[None]
+        self.blocks = Transformer(
+            depth=cfg.depth, num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim,
+            drop_path_rate=self.drop_path_rate, qkv_bias=self.qkv_bias,
+            layer_scale_init=self.layer_scale_init, remat=self.remat, scan=self.scan,
+            dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+            name="transformer")
+        self.norm = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype,
+                                 param_dtype=self.param_dtype, name="norm")
+
+    def embed(self, images, token_mask=None):
+        """Patch embedding (+ mask token) + positions -> [B, L, D] patch tokens (no CLS)."""
+        cfg = self.config
+        expected = (cfg.image_size, cfg.image_size, cfg.channels)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"images has shape {tuple(images.shape)}; expected [batch, "
+                             f"{expected[0]}, {expected[1]}, {expected[2]}] (NHWC).")
+        x = self.patch_embed(images.astype(self.dtype))
+        x = x.reshape(x.shape[0], -1, cfg.width)
+        if token_mask is not None:
+            if not self.use_mask_token:
+                raise ValueError("token_mask was given but use_mask_token=False.")
+            w = token_mask[..., None].astype(x.dtype)
+            x = x * (1 - w) + self.mask_token.astype(x.dtype) * w
+        if self.pos_embed != "none":
+            x = x + self.pos[:, int(self.cls_token):].astype(x.dtype)
+        return x
+
+    def __call__(self, images, *, ids_keep=None, token_mask=None, train: bool = False,
+                 attn_bias=None):
+        if ids_keep is not None and token_mask is not None:
+            raise ValueError("pass ids_keep (drop tokens) or token_mask (replace tokens), not both.")
+        x = self.embed(images, token_mask)
+        if ids_keep is not None:
+            x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)
+        if self.cls_token:
+            cls = self.cls.astype(x.dtype)
+            if self.pos_embed != "none":
+                cls = cls + self.pos[:, :1].astype(x.dtype)
+            x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[-1])), x], axis=1)
+        x = self.blocks(x, deterministic=not train, attn_bias=attn_bias)
+        return self.norm(x)
+
+
+def stack_block_params(params: dict, depth: int, prefix: str = "block_") -> dict:
+    """Unscanned block params ('block_i') -> the stacked 'blocks' layout used with scan=True."""
+    blocks = [params[f"{prefix}{i}"] for i in range(depth)]
+    rest = {k: v for k, v in params.items() if not k.startswith(prefix)}
+    rest["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+    return rest
+
+
+def unstack_block_params(params: dict, prefix: str = "block_") -> dict:
+    """Inverse of stack_block_params."""
+    stacked = params["blocks"]
+    depth = jax.tree.leaves(stacked)[0].shape[0]
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    for i in range(depth):
+        out[f"{prefix}{i}"] = jax.tree.map(lambda x: x[i], stacked)
+    return out
