@@ -67,7 +67,7 @@ class DropPath(nn.Module):
 
     @nn.compact
     def __call__(self, x, rate, deterministic: bool):
-        if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
+        if deterministic:
             return x
         keep_prob = 1.0 - rate
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
@@ -112,9 +112,12 @@ class Block(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: Optional[str] = None
+    # Static switch: with stochastic depth off no 'drop_path' RNG is needed or drawn.
+    use_drop_path: bool = False
 
     @nn.compact
     def __call__(self, x, drop_rate=0.0, deterministic: bool = True, attn_bias=None):
+        no_drop = deterministic or not self.use_drop_path
         width = x.shape[-1]
         norm = lambda name: nn.LayerNorm(
             epsilon=LAYER_NORM_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
@@ -125,12 +128,12 @@ class Block(nn.Module):
         y = Attention(self.num_heads, self.qkv_bias, self.dtype, self.param_dtype,
                       self.attention_impl, name="attn")(norm("norm1")(x), attn_bias)
         y = self._scale(y, "ls1", width)
-        x = x + DropPath(name="drop_path1")(y, drop_rate, deterministic)
+        x = x + DropPath(name="drop_path1")(y, drop_rate, no_drop)
 
         y = dense(self.mlp_dim, "fc1")(norm("norm2")(x))
         y = nn.gelu(y, approximate=False)  # exact erf GELU, as the references use
         y = self._scale(dense(width, "fc2")(y), "ls2", width)
-        return x + DropPath(name="drop_path2")(y, drop_rate, deterministic)
+        return x + DropPath(name="drop_path2")(y, drop_rate, no_drop)
 
     def _scale(self, y, name, width):
         if self.layer_scale_init is None:
@@ -164,7 +167,8 @@ class Transformer(nn.Module):
         rates = np.linspace(0.0, self.drop_path_rate, self.depth) if self.depth > 1 else [0.0]
         block_kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, qkv_bias=self.qkv_bias,
                             layer_scale_init=self.layer_scale_init, dtype=self.dtype,
-                            param_dtype=self.param_dtype, attention_impl=self.attention_impl)
+                            param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+                            use_drop_path=self.drop_path_rate > 0)
         block_cls = Block
         if self.remat:
             # `deterministic` (arg 3 counting self) must stay a Python bool inside remat.

@@ -1,0 +1,17 @@
+"""Checkpoint converters between mim_jax parameters and PyTorch MAE layouts.
+
+All converters take plain mappings of torch tensors or numpy arrays and return float32 numpy
+trees / dicts, so torch is only needed to read .pth files (load_torch_state_dict).
+"""
+from mim_jax.convert.hf_mae import encoder_params_to_hf, mae_params_from_hf, mae_params_to_hf
+from mim_jax.convert.official_mae import (load_torch_state_dict, mae_params_from_official,
+                                          mae_params_to_official)
+
+__all__ = [
+    "encoder_params_to_hf",
+    "load_torch_state_dict",
+    "mae_params_from_hf",
+    "mae_params_from_official",
+    "mae_params_to_hf",
+    "mae_params_to_official",
+]

@@ -1,0 +1,190 @@
+"""Shared machinery for checkpoint converters: declarative "plans" evaluated in both directions.
+
+A plan is a nested dict shaped like our parameter tree whose leaves are `Leaf`s: the checkpoint
+keys a parameter is made of, plus the transform to our layout and its inverse. Writing each
+layout once as a plan gives the import, the export and the strict key check from the same
+table, so the two directions cannot drift apart. The per-layer transforms (Linear, LayerNorm,
+patch conv, attention projections) live here and are used by every layout module.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Tuple
+
+import numpy as np
+
+Plan = Dict[str, Any]  # nested dict of Leaf
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One of our parameters, built from the checkpoint tensors under `keys`."""
+    keys: Tuple[str, ...]
+    to_ours: Callable[..., np.ndarray]  # checkpoint arrays (in `keys` order) -> our array
+    to_theirs: Callable[[np.ndarray], Tuple[np.ndarray, ...]]  # our array -> checkpoint arrays
+
+
+def to_numpy(value) -> np.ndarray:
+    """torch tensor / jax array / numpy -> float32 numpy, without importing torch."""
+    if hasattr(value, "detach"):  # torch: numpy() cannot represent bfloat16, so upcast first
+        value = value.detach().cpu()
+        if value.is_floating_point():
+            value = value.float()
+        value = value.numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+# ---------------------------------------------------------------- per-layer transforms
+
+def tensor(key: str) -> Leaf:
+    """A tensor stored as-is (tokens such as cls_token / mask_token, biases)."""
+    return Leaf((key,), lambda a: a, lambda a: (a,))
+
+
+def linear(prefix: str) -> Plan:
+    """torch Linear weight (out, in) -> flax Dense kernel (in, out)."""
+    return {"kernel": Leaf((f"{prefix}.weight",), lambda w: w.T, lambda k: (k.T,)),
+            "bias": tensor(f"{prefix}.bias")}
+
+
+def layernorm(prefix: str) -> Plan:
+    """torch LayerNorm weight/bias -> flax LayerNorm scale/bias."""
+    return {"scale": tensor(f"{prefix}.weight"), "bias": tensor(f"{prefix}.bias")}
+
+
+def patch_conv(prefix: str) -> Plan:
+    """torch Conv2d weight (D, C, p, p) -> flax Conv kernel (p, p, C, D)."""
+    return {"kernel": Leaf((f"{prefix}.weight",), lambda w: w.transpose(2, 3, 1, 0),
+                           lambda k: (k.transpose(3, 2, 0, 1),)),
+            "bias": tensor(f"{prefix}.bias")}
+
+
+def _qkv_from_rows(weights: Iterable[np.ndarray], num_heads: int) -> np.ndarray:
+    """Linear weights with rows ordered [head, head_dim], one per q/k/v ->
+    our fused DenseGeneral kernel (D, 3, H, Dh)."""
+    kernel = np.stack([w.T for w in weights], axis=1)  # (D, 3, H*Dh)
+    return kernel.reshape(kernel.shape[0], 3, num_heads, -1)
+
+
+def qkv_separate(q: str, k: str, v: str, num_heads: int) -> Plan:
+    """Three Linear layers (HF: q_proj/k_proj/v_proj) -> our fused qkv."""
+    weights = tuple(f"{name}.weight" for name in (q, k, v))
+    biases = tuple(f"{name}.bias" for name in (q, k, v))
+    return {
+        "kernel": Leaf(weights, lambda *ws: _qkv_from_rows(ws, num_heads),
+                       lambda kr: tuple(kr.reshape(kr.shape[0], 3, -1)[:, i].T for i in range(3))),
+        "bias": Leaf(biases, lambda *bs: np.stack(bs).reshape(3, num_heads, -1),
+                     lambda b: tuple(b.reshape(3, -1))),
+    }
+
+
+def qkv_fused(prefix: str, num_heads: int) -> Plan:
+    """One Linear with rows [q; k; v] (timm / official MAE: weight (3D, D)) -> our fused qkv."""
+    return {
+        "kernel": Leaf((f"{prefix}.weight",),
+                       lambda w: _qkv_from_rows(np.split(w, 3, axis=0), num_heads),
+                       lambda kr: (kr.reshape(kr.shape[0], -1).T,)),
+        "bias": Leaf((f"{prefix}.bias",), lambda b: b.reshape(3, num_heads, -1),
+                     lambda b: (b.reshape(-1),)),
+    }
+
+
+def attn_out(prefix: str, num_heads: int) -> Plan:
+    """Attention output Linear weight (D, H*Dh) -> our DenseGeneral kernel (H, Dh, D)."""
+    return {"kernel": Leaf((f"{prefix}.weight",),
+                           lambda w: w.T.reshape(num_heads, -1, w.shape[0]),
+                           lambda k: (k.reshape(-1, k.shape[-1]).T,)),
+            "bias": tensor(f"{prefix}.bias")}
+
+
+def block(*, norm1: str, qkv: Plan, proj: str, norm2: str, fc1: str, fc2: str,
+          num_heads: int) -> Plan:
+    """Our pre-norm transformer Block, given the checkpoint's module names for its parts."""
+    return {"norm1": layernorm(norm1), "attn": {"qkv": qkv, "proj": attn_out(proj, num_heads)},
+            "norm2": layernorm(norm2), "fc1": linear(fc1), "fc2": linear(fc2)}
+
+
+# ---------------------------------------------------------------- key bookkeeping
+
+def plan_leaves(plan: Plan, path: Tuple[str, ...] = ()) -> List[Tuple[Tuple[str, ...], Leaf]]:
+    out = []
+    for name, node in plan.items():
+        if isinstance(node, Leaf):
+            out.append((path + (name,), node))
+        else:
+            out.extend(plan_leaves(node, path + (name,)))
+    return out
+
+
+def plan_keys(plan: Plan) -> List[str]:
+    return [key for _, leaf in plan_leaves(plan) for key in leaf.keys]
+
+
+def layer_depth(keys: Iterable[str], prefix: str) -> int:
+    """Number of layers stored as `{prefix}{i}.…`: max index + 1, so a gap shows up as
+    missing keys in the strict check instead of silently shortening the model."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    indices = [int(m.group(1)) for m in map(pattern.match, keys) if m]
+    return max(indices) + 1 if indices else 0
+
+
+def check_keys(present: Iterable[str], expected: Iterable[str], strict: bool,
+               what: str) -> None:
+    """Missing keys always raise (we cannot invent weights); unexpected ones raise if strict."""
+    present, expected = set(present), list(expected)
+    missing = [k for k in expected if k not in present]
+    unexpected = sorted(present - set(expected)) if strict else []
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected} (pass strict=False to ignore them)")
+        raise ValueError(f"{what} state dict does not match the expected layout: "
+                         + "; ".join(parts) + ".")
+
+
+def load(plan: Plan, state_dict: Mapping[str, Any]) -> dict:
+    """Plan + checkpoint -> our nested parameter dict (float32 numpy)."""
+    out: dict = {}
+    for path, leaf in plan_leaves(plan):
+        node = out
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        arrays = [to_numpy(state_dict[k]) for k in leaf.keys]
+        try:
+            value = leaf.to_ours(*arrays)
+        except ValueError as err:  # e.g. a width not divisible by the given num_heads
+            shapes = {k: a.shape for k, a in zip(leaf.keys, arrays)}
+            raise ValueError(f"cannot convert {shapes} to parameter {'/'.join(path)}: {err}") \
+                from err
+        node[path[-1]] = np.ascontiguousarray(value, dtype=np.float32)
+    return out
+
+
+def _flatten(tree: Mapping, path: Tuple[str, ...] = ()) -> Dict[Tuple[str, ...], Any]:
+    out = {}
+    for name, node in tree.items():
+        if isinstance(node, Mapping):
+            out.update(_flatten(node, path + (name,)))
+        else:
+            out[path + (name,)] = node
+    return out
+
+
+def dump(plan: Plan, params: Mapping, what: str) -> Dict[str, np.ndarray]:
+    """Our parameters + plan -> checkpoint dict; the trees must match exactly."""
+    flat = _flatten(params)
+    leaves = plan_leaves(plan)
+    expected = {path for path, _ in leaves}
+    missing = sorted("/".join(p) for p in expected - set(flat))
+    unexpected = sorted("/".join(p) for p in set(flat) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{what} parameters do not match the expected tree: missing {missing}, "
+                         f"unexpected {unexpected}.")
+    out = {}
+    for path, leaf in leaves:
+        for key, value in zip(leaf.keys, leaf.to_theirs(to_numpy(flat[path]))):
+            out[key] = np.ascontiguousarray(value, dtype=np.float32)
+    return out

@@ -1,0 +1,154 @@
+"""MAE checkpoint import/export shared by every checkpoint layout (Hugging Face, official).
+
+A layout only names where the encoder/decoder parts live (as plans, see common.py); the steps
+around it are the same for all of them: infer depths from the keys, strict key check, verify
+the fixed position embeddings, convert, optionally stack blocks for model.scan=True, and the
+reverse for export.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import numpy as np
+
+from mim_jax.convert import common
+from mim_jax.models import vit
+
+
+@dataclasses.dataclass(frozen=True)
+class MAELayout:
+    name: str  # for error messages
+    encoder: Callable[[int, int], common.Plan]  # (depth, num_heads) -> plan of our encoder
+    encoder_layers: str  # key prefix of encoder layer i is f"{encoder_layers}{i}."
+    encoder_pos: str  # key of the fixed encoder position embedding
+    decoder: Callable[[int, int], common.Plan]
+    decoder_layers: str
+    decoder_pos: str
+
+
+# ---------------------------------------------------------------- fixed position embeddings
+
+def sincos_table(width: int, num_patches: int) -> np.ndarray:
+    """Our fixed table with the all-zero CLS row first: [1, 1 + num_patches, width]."""
+    grid = math.isqrt(num_patches)
+    if grid * grid != num_patches:
+        raise ValueError(f"{num_patches} patches do not form a square grid; only square "
+                         f"sin-cos position embeddings are supported.")
+    table = vit.sincos_2d(width, grid, grid)
+    return np.concatenate([np.zeros((1, width), np.float32), table])[None]
+
+
+def check_sincos(value, key: str) -> None:
+    """Position embeddings are computed constants in mim_jax, so they are verified instead of
+    imported: a checkpoint with another table (learned, other channel order, interpolated)
+    would silently change the model, so it is rejected."""
+    value = common.to_numpy(value)
+    if value.ndim == 2:
+        value = value[None]
+    if value.ndim != 3 or value.shape[0] != 1 or value.shape[1] < 2:
+        raise ValueError(f"{key} has shape {value.shape}; expected [1, 1 + num_patches, width].")
+    expected = sincos_table(value.shape[2], value.shape[1] - 1)
+    err = float(np.max(np.abs(value - expected)))
+    if err > 1e-5:  # float32 rounding of the same table is ~1e-7; another layout is O(1)
+        raise ValueError(
+            f"{key} differs from the fixed 2-D sin-cos table with a zero CLS row that mim_jax "
+            f"uses (max abs difference {err:.3g}); this checkpoint's position embedding layout "
+            f"is not supported.")
+
+
+# ---------------------------------------------------------------- import
+
+def _check_heads(value, name: str) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive integer (checkpoints do not "
+                         f"store the head count).")
+    return int(value)
+
+
+def import_mae(state_dict: Mapping[str, Any], layout: MAELayout, *, num_heads: int,
+               decoder_num_heads: Optional[int], with_decoder: bool, scan: bool,
+               strict: bool) -> dict:
+    """Checkpoint -> {'encoder': ..., ['decoder': ...]} float32 numpy parameter tree."""
+    keys = list(state_dict)
+    parts = [("encoder", layout.encoder, layout.encoder_layers, layout.encoder_pos,
+              _check_heads(num_heads, "num_heads"))]
+    if with_decoder:
+        parts.append(("decoder", layout.decoder, layout.decoder_layers, layout.decoder_pos,
+                      _check_heads(decoder_num_heads, "decoder_num_heads")))
+    plans, depths, expected = {}, {}, []
+    for part, plan_fn, layers, pos_key, heads in parts:
+        depths[part] = common.layer_depth(keys, layers)
+        if depths[part] == 0:
+            raise ValueError(f"{layout.name} state dict has no {part} layers "
+                             f"(keys '{layers}<i>.…').")
+        plans[part] = plan_fn(depths[part], heads)
+        expected += common.plan_keys(plans[part]) + [pos_key]
+    common.check_keys(keys, expected, strict, layout.name)
+    for _, _, _, pos_key, _ in parts:
+        check_sincos(state_dict[pos_key], pos_key)
+    params = common.load(plans, state_dict)
+    if scan:  # model.scan=True keeps the blocks stacked on a leading depth axis
+        for part, depth in depths.items():
+            stacked = vit.stack_block_params(params[part]["transformer"], depth)
+            params[part]["transformer"] = _to_numpy_tree(stacked)
+    return params
+
+
+def _to_numpy_tree(tree):
+    if isinstance(tree, Mapping):
+        return {k: _to_numpy_tree(v) for k, v in tree.items()}
+    return np.asarray(tree)
+
+
+# ---------------------------------------------------------------- export
+
+def _unscanned(part_params: Mapping, what: str):
+    """-> (params with block_i subtrees, depth, num_heads), whether or not they were scanned."""
+    part_params = dict(part_params)
+    transformer = part_params.get("transformer")
+    if not isinstance(transformer, Mapping):
+        raise ValueError(f"{what} parameters have no 'transformer' subtree.")
+    if "blocks" in transformer:
+        transformer = vit.unstack_block_params(dict(transformer))
+    part_params["transformer"] = transformer
+    depth = sum(1 for name in transformer if name.startswith("block_"))
+    if "block_0" not in transformer:
+        raise ValueError(f"{what} parameters have no transformer blocks.")
+    heads = int(np.shape(transformer["block_0"]["attn"]["qkv"]["kernel"])[2])  # (D, 3, H, Dh)
+    return part_params, depth, heads
+
+
+def export_encoder(encoder_params: Mapping, layout: MAELayout,
+                   image_size: int) -> Dict[str, np.ndarray]:
+    params, depth, heads = _unscanned(encoder_params, "encoder")
+    patch, _, _, width = np.shape(params["patch_embed"]["kernel"])  # (p, p, C, D)
+    if not isinstance(image_size, (int, np.integer)) or image_size <= 0 or image_size % patch:
+        raise ValueError(f"image_size={image_size!r} must be a positive multiple of the patch "
+                         f"size {patch}.")
+    out = common.dump(layout.encoder(depth, heads), params, "encoder")
+    out[layout.encoder_pos] = sincos_table(width, (image_size // patch) ** 2)
+    return out
+
+
+def export_decoder(decoder_params: Mapping, layout: MAELayout,
+                   num_patches: int) -> Dict[str, np.ndarray]:
+    params, depth, heads = _unscanned(decoder_params, "decoder")
+    width = np.shape(params["mask_token"])[-1]
+    out = common.dump(layout.decoder(depth, heads), params, "decoder")
+    out[layout.decoder_pos] = sincos_table(width, num_patches)
+    return out
+
+
+def export_mae(params: Mapping, layout: MAELayout, image_size: int) -> Dict[str, np.ndarray]:
+    """{'encoder': ..., ['decoder': ...]} -> checkpoint dict (float32 numpy)."""
+    unknown = sorted(set(params) - {"encoder", "decoder"})
+    if "encoder" not in params or unknown:
+        raise ValueError(f"expected MAE parameters with an 'encoder' and optionally a 'decoder' "
+                         f"subtree; got top-level keys {sorted(params)}.")
+    out = export_encoder(params["encoder"], layout, image_size)
+    if "decoder" in params:
+        patch = np.shape(params["encoder"]["patch_embed"]["kernel"])[0]
+        out.update(export_decoder(params["decoder"], layout, (image_size // patch) ** 2))
+    return out

@@ -1,0 +1,83 @@
+"""Official facebookresearch/mae checkpoints (timm-style names) <-> mim_jax MAE parameters.
+
+Two layouts occur: the full pretraining model (MaskedAutoencoderViT: encoder + mask_token,
+decoder_* keys), and the released mae_pretrain_vit_*.pth files, which hold only the encoder.
+Both are stored under a top-level 'model' key.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional
+
+import numpy as np
+
+from mim_jax.convert import common, mae_layout
+
+
+def _block(prefix: str, num_heads: int) -> common.Plan:
+    return common.block(
+        norm1=f"{prefix}norm1", qkv=common.qkv_fused(f"{prefix}attn.qkv", num_heads),
+        proj=f"{prefix}attn.proj", norm2=f"{prefix}norm2",
+        fc1=f"{prefix}mlp.fc1", fc2=f"{prefix}mlp.fc2", num_heads=num_heads)
+
+
+def _encoder(depth: int, heads: int) -> common.Plan:
+    return {
+        "patch_embed": common.patch_conv("patch_embed.proj"),
+        "cls_token": common.tensor("cls_token"),
+        "transformer": {f"block_{i}": _block(f"blocks.{i}.", heads) for i in range(depth)},
+        "norm": common.layernorm("norm"),
+    }
+
+
+def _decoder(depth: int, heads: int) -> common.Plan:
+    return {
+        "decoder_embed": common.linear("decoder_embed"),
+        "mask_token": common.tensor("mask_token"),
+        "transformer": {f"block_{i}": _block(f"decoder_blocks.{i}.", heads)
+                        for i in range(depth)},
+        "decoder_norm": common.layernorm("decoder_norm"),
+        "decoder_pred": common.linear("decoder_pred"),
+    }
+
+
+LAYOUT = mae_layout.MAELayout(
+    name="official MAE", encoder=_encoder, encoder_layers="blocks.", encoder_pos="pos_embed",
+    decoder=_decoder, decoder_layers="decoder_blocks.", decoder_pos="decoder_pos_embed")
+
+
+def load_torch_state_dict(path) -> Dict[str, Any]:
+    """torch.load a checkpoint on CPU (weights_only: no pickled code runs) and unwrap the
+    'model' key that the official training script saves around the state dict."""
+    import torch  # only needed here; the rest of the converters take plain mappings
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("model"), Mapping):
+        checkpoint = checkpoint["model"]
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{path} does not hold a state dict (got {type(checkpoint).__name__}).")
+    return dict(checkpoint)
+
+
+def mae_params_from_official(state_dict: Mapping[str, Any], *, num_heads: int,
+                             decoder_num_heads: Optional[int] = None, scan: bool = False,
+                             strict: bool = True) -> dict:
+    """Official MAE state dict -> mim_jax MAE parameters (float32 numpy).
+
+    The full pretraining layout gives {'encoder', 'decoder'}; an encoder-only file
+    (mae_pretrain_vit_*.pth) gives {'encoder'}. A top-level 'model' key is unwrapped.
+    Official models use 12 heads for ViT-B, 16 for ViT-L/H and 16 in the decoder; checkpoints
+    do not store them. Fine-tuned checkpoints carry extra keys (fc_norm, head): pass
+    strict=False to ignore them.
+    """
+    if isinstance(state_dict.get("model"), Mapping):
+        state_dict = state_dict["model"]
+    with_decoder = any(k.startswith("decoder_") or k == "mask_token" for k in state_dict)
+    return mae_layout.import_mae(state_dict, LAYOUT, num_heads=num_heads,
+                                 decoder_num_heads=decoder_num_heads, with_decoder=with_decoder,
+                                 scan=scan, strict=strict)
+
+
+def mae_params_to_official(params: Mapping, *, image_size: int) -> Dict[str, np.ndarray]:
+    """Our {'encoder', ['decoder']} parameters -> official MAE state dict (no 'model' wrapper),
+    including the fixed pos_embed / decoder_pos_embed for `image_size`."""
+    return mae_layout.export_mae(params, LAYOUT, image_size)
