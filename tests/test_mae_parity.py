@@ -30,9 +30,9 @@ B16 = dict(image_size=224, patch_size=16, num_channels=3, hidden_size=768, num_h
            num_attention_heads=12, intermediate_size=3072, decoder_hidden_size=512,
            decoder_num_hidden_layers=8, decoder_num_attention_heads=16,
            decoder_intermediate_size=2048)
-# Trainable parameters of ViT-B/16 (no head) + the 8-block 512-wide decoder; see
-# test_b16_param_count.
-B16_PARAM_COUNT = 111_907_840
+# Trainable parameters of ViT-B/16 without head (85,647,360) + the 8-block 512-wide decoder
+# with its embed/pred projections and mask token (26,008,320); see test_b16_param_count.
+B16_PARAM_COUNT = 111_655_680
 
 
 def hf_config(arch: dict, norm_pix_loss: bool = True):
@@ -92,8 +92,12 @@ def run_both(model, obj, params, images, noise):
     with torch.no_grad():
         ref = model(pixel_values=images, noise=noise)
     x = jnp.asarray(images.permute(0, 2, 3, 1).numpy())  # NHWC
-    loss, aux = jax.jit(obj.loss_fn, static_argnames=("train", "with_outputs"))(
-        params, {"image": x}, {}, train=False, with_outputs=True, noise=jnp.asarray(noise.numpy()))
+    # Full float32 matmuls: on GPUs/TPUs the default would be TF32/bf16 passes, and the
+    # reference here runs in float32 on CPU.
+    with jax.default_matmul_precision("highest"):
+        loss, aux = jax.jit(obj.loss_fn, static_argnames=("train", "with_outputs"))(
+            params, {"image": x}, {}, train=False, with_outputs=True,
+            noise=jnp.asarray(noise.numpy()))
     return ref, float(loss), aux["outputs"]
 
 
@@ -164,9 +168,10 @@ def test_b16_parity(b16_model):
     loss_rel = abs(loss - float(ref.loss)) / abs(float(ref.loss))
     print(f"B/16: loss={loss:.6f} ref={float(ref.loss):.6f} rel={loss_rel:.2e} "
           f"max|dpred|={pred_err:.2e} (pred scale {float(ref.logits.abs().max()):.2f})")
-    # Measured on CPU: ~1e-6 and ~1e-7 (float32 summation order over 12+8 blocks).
-    assert pred_err < 1e-4
-    assert loss_rel < 1e-5
+    # Measured on CPU: max|dpred| ~3e-6 on outputs of magnitude ~2.6, loss relative ~0-1e-7
+    # (float32 summation order over 12+8 blocks); tolerances leave ~10x headroom.
+    assert pred_err < 3e-5
+    assert loss_rel < 2e-6
 
 
 def test_b16_param_count(b16_model):
@@ -193,9 +198,10 @@ def test_hf_encoder_round_trip(small_model, small_params):
         ref = encoder(pixel_values=images, noise=noise)
     obj = objectives.build(mim_config(SMALL))
     m = masking.random_masking(None, 2, 64, 0.75, jnp.asarray(noise.numpy()))
-    ours = obj.model.encoder.apply({"params": small_params["encoder"]},
-                                   jnp.asarray(images.permute(0, 2, 3, 1).numpy()),
-                                   ids_keep=m.ids_keep)
+    encode = jax.jit(lambda p, x, ids: obj.model.encoder.apply({"params": p}, x, ids_keep=ids))
+    with jax.default_matmul_precision("highest"):
+        ours = encode(small_params["encoder"], jnp.asarray(images.permute(0, 2, 3, 1).numpy()),
+                      m.ids_keep)
     np.testing.assert_allclose(np.asarray(ours), ref.last_hidden_state.numpy(), atol=1e-5)
 
     # Back through the importer: identical tensors; our table equals the reference's.
@@ -286,12 +292,10 @@ def test_official_full_checkpoint(tmp_path, small_model, small_params):
     assert_same_tree(mae_params_from_official(loaded, **heads(SMALL)), small_params)
 
     scanned = mae_params_from_official(loaded, **heads(SMALL), scan=True)
-    assert_same_tree(scanned, {"encoder": dict(small_params["encoder"], transformer=vit
-                                               .stack_block_params(
-                                                   small_params["encoder"]["transformer"], 2)),
-                               "decoder": dict(small_params["decoder"], transformer=vit
-                                               .stack_block_params(
-                                                   small_params["decoder"]["transformer"], 1))})
+    assert_same_tree(scanned, {
+        part: dict(small_params[part],
+                   transformer=vit.stack_block_params(small_params[part]["transformer"], depth))
+        for part, depth in (("encoder", 2), ("decoder", 1))})
 
     exported = mae_params_to_official(small_params, image_size=32)
     assert set(exported) == set(official)

@@ -108,26 +108,28 @@ def _unscanned(part_params: Mapping, what: str):
     """-> (params with block_i subtrees, depth, num_heads), whether or not they were scanned."""
     part_params = dict(part_params)
     transformer = part_params.get("transformer")
-    if not isinstance(transformer, Mapping):
-        raise ValueError(f"{what} parameters have no 'transformer' subtree.")
+    if not isinstance(transformer, Mapping) or not transformer:
+        raise ValueError(f"{what} parameters have no 'transformer' blocks.")
     if "blocks" in transformer:
         transformer = vit.unstack_block_params(dict(transformer))
     part_params["transformer"] = transformer
     depth = sum(1 for name in transformer if name.startswith("block_"))
-    if "block_0" not in transformer:
-        raise ValueError(f"{what} parameters have no transformer blocks.")
-    heads = int(np.shape(transformer["block_0"]["attn"]["qkv"]["kernel"])[2])  # (D, 3, H, Dh)
+    try:
+        heads = int(np.shape(transformer["block_0"]["attn"]["qkv"]["kernel"])[2])  # (D,3,H,Dh)
+    except (KeyError, TypeError, IndexError) as err:
+        raise ValueError(f"{what} parameters have no block_0/attn/qkv/kernel of shape "
+                         f"(width, 3, heads, head_dim).") from err
     return part_params, depth, heads
 
 
 def export_encoder(encoder_params: Mapping, layout: MAELayout,
                    image_size: int) -> Dict[str, np.ndarray]:
     params, depth, heads = _unscanned(encoder_params, "encoder")
+    out = common.dump(layout.encoder(depth, heads), params, "encoder")  # checks the tree
     patch, _, _, width = np.shape(params["patch_embed"]["kernel"])  # (p, p, C, D)
     if not isinstance(image_size, (int, np.integer)) or image_size <= 0 or image_size % patch:
         raise ValueError(f"image_size={image_size!r} must be a positive multiple of the patch "
                          f"size {patch}.")
-    out = common.dump(layout.encoder(depth, heads), params, "encoder")
     out[layout.encoder_pos] = sincos_table(width, (image_size // patch) ** 2)
     return out
 
@@ -135,9 +137,8 @@ def export_encoder(encoder_params: Mapping, layout: MAELayout,
 def export_decoder(decoder_params: Mapping, layout: MAELayout,
                    num_patches: int) -> Dict[str, np.ndarray]:
     params, depth, heads = _unscanned(decoder_params, "decoder")
-    width = np.shape(params["mask_token"])[-1]
-    out = common.dump(layout.decoder(depth, heads), params, "decoder")
-    out[layout.decoder_pos] = sincos_table(width, num_patches)
+    out = common.dump(layout.decoder(depth, heads), params, "decoder")  # checks the tree
+    out[layout.decoder_pos] = sincos_table(np.shape(params["mask_token"])[-1], num_patches)
     return out
 
 

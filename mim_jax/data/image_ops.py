@@ -105,12 +105,22 @@ def decode_random_crop(encoded, seed, channels: int, scale, ratio):
 
 
 def resize(image, size: int, interpolation: str):
-  # antialias=True: downscaling large crops without it aliases badly (PIL,
-  # which reference MAE recipes use, always filters).
-  out = tf.image.resize(
-      image, (size, size), method=interpolation, antialias=True)
-  # Bicubic overshoots; keep pixel values valid.
-  return tf.clip_by_value(out, 0.0, 255.0)
+  """uint8 [h, w, c] -> float32 [size, size, c] in [0, 255]."""
+
+  def scale():
+    # antialias=True: downscaling large crops without it aliases badly
+    # (PIL, which reference MAE recipes use, always filters).
+    out = tf.image.resize(
+        image, (size, size), method=interpolation, antialias=True)
+    # Bicubic overshoots; keep pixel values valid.
+    return tf.clip_by_value(out, 0.0, 255.0)
+
+  shape = tf.shape(image)
+  # Already the right size (pre-resized data, uncropped small images): keep
+  # the exact pixels and save the work.
+  same = tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size))
+  out = tf.cond(same, lambda: tf.cast(image, tf.float32), scale)
+  return tf.ensure_shape(out, [size, size, None])
 
 
 def center_square_crop(image):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
-from mim_jax.objectives.base import Objective, RNG_STREAMS
+from mim_jax.objectives.base import Objective, RNG_STREAMS, make_rngs
 from mim_jax.objectives import mae
 
 _BUILDERS: Dict[str, Callable[..., Objective]] = {
@@ -23,4 +23,4 @@ def build(config) -> Objective:
     return _BUILDERS[name](config)
 
 
-__all__ = ["Objective", "RNG_STREAMS", "build", "names"]
+__all__ = ["Objective", "RNG_STREAMS", "build", "make_rngs", "names"]

@@ -18,6 +18,11 @@ LossFn = Callable[..., Tuple[jax.Array, Mapping[str, Any]]]
 RNG_STREAMS = ("mask", "drop_path")
 
 
+def make_rngs(key: jax.Array) -> dict:
+    """One independent key per RNG stream, derived from `key` (e.g. a per-step key)."""
+    return {name: jax.random.fold_in(key, i) for i, name in enumerate(RNG_STREAMS)}
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
     name: str

@@ -1,0 +1,62 @@
+"""Pieces shared by every experiment config: the base config and the "k=v,k=v" arg parser."""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from mim_jax.data.config import default_data_config
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """'variant=L/16,epochs=1600,quickstart' -> ConfigDict over `defaults`.
+
+    A bare word sets a boolean flag to True. Values are typed like their default, and an
+    unknown key fails with the allowed keys listed.
+    """
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ValueError(f"config argument {key!r} is unknown; allowed: {sorted(defaults)}.")
+        default = defaults[key]
+        if not sep:
+            if not isinstance(default, bool):
+                raise ValueError(f"config argument {key!r} needs a value ({key}=...).")
+            out[key] = True
+        elif isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, (int, float)):
+            out[key] = type(default)(value)
+        else:
+            out[key] = value
+    return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 256  # global, over all processes and devices
+    c.num_epochs = 100.0
+    c.total_steps = 0  # > 0 overrides num_epochs
+    c.warmup_epochs = 10.0
+    c.warmup_steps = 0  # > 0 overrides warmup_epochs
+    c.accum_steps = 1  # gradient accumulation: micro-batch = batch_size / accum_steps
+    c.log_every_steps = 50
+
+    c.optimizer = ml_collections.ConfigDict(dict(
+        name="adamw", base_lr=1.5e-4, lr_batch_divisor=256, b1=0.9, b2=0.95, eps=1e-8,
+        weight_decay=0.05, grad_clip_norm=0.0, min_lr=0.0))
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, asynchronous=True))
+    c.evaluators = ml_collections.ConfigDict(dict(
+        reconstruction=dict(every_steps=1000, num_images=8)))
+
+    c.model = ml_collections.ConfigDict(dict(
+        name="vit", variant="B/16",
+        patch_size=config_dict.placeholder(int), width=config_dict.placeholder(int),
+        depth=config_dict.placeholder(int), num_heads=config_dict.placeholder(int),
+        mlp_dim=config_dict.placeholder(int),
+        drop_path_rate=0.0, dtype="float32", param_dtype="float32", remat=False, scan=False,
+        attention_impl=config_dict.placeholder(str)))
+    c.data = default_data_config()
+    return c

