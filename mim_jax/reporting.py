@@ -135,7 +135,7 @@ class Progress:
     def line(self, step: int, stats: dict, loss: float) -> str:
         text = f"step {step}/{self.total_steps} ({100.0 * step / self.total_steps:.1f}%) " \
                f"loss {loss:.4f}"
-        if stats:
+        if "images_per_sec" in stats:
             text += f", {stats['images_per_sec']:.1f} img/s"
             if "mfu" in stats:
                 text += f", MFU {100 * stats['mfu']:.1f}%"

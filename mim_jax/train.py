@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mim_jax import checkpointing, data, evaluators, objectives, optim, reporting, sharding
 
@@ -27,16 +27,18 @@ class TrainState:
     nonfinite_steps: jax.Array
 
 
-def _micro_batches(batch, accum_steps: int):
+def _micro_batches(batch, accum_steps: int, mesh):
     """[B, ...] -> [accum, B/accum, ...], taking every accum-th row so that each micro-batch
     stays evenly spread over the data-parallel devices (rows are sharded contiguously)."""
+    micro_sharding = NamedSharding(mesh, P(None, sharding.DATA_AXIS))
+
     def split(x):
         x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
-        return jax.lax.with_sharding_constraint(x, P(None, sharding.DATA_AXIS))
+        return jax.lax.with_sharding_constraint(x, micro_sharding)
     return jax.tree.map(split, batch)
 
 
-def make_train_step(objective, tx, schedule, accum_steps: int, base_rng):
+def make_train_step(objective, tx, schedule, accum_steps: int, base_rng, mesh):
     """(state, batch) -> (state, metrics); `batch` is the global batch of one optimizer step."""
     grad_fn = jax.value_and_grad(objective.loss_fn, has_aux=True)
 
@@ -55,7 +57,7 @@ def make_train_step(objective, tx, schedule, accum_steps: int, base_rng):
                 return jax.tree.map(jnp.add, acc, grads), metrics
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             grads, metrics = jax.lax.scan(
-                body, zeros, (jnp.arange(accum_steps), _micro_batches(batch, accum_steps)))
+                body, zeros, (jnp.arange(accum_steps), _micro_batches(batch, accum_steps, mesh)))
             # Each micro-batch loss is a mean over an equal number of masked patches, so the
             # mean of micro-batch gradients is the large-batch gradient.
             grads = jax.tree.map(lambda g: g / accum_steps, grads)
@@ -155,7 +157,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                      config.batch_size, peak_lr)
 
     train_step = jax.jit(
-        make_train_step(objective, tx, schedule, accum, step_rng),
+        make_train_step(objective, tx, schedule, accum, step_rng, mesh),
         in_shardings=(repl, sharding.batch_sharded(mesh)), out_shardings=(repl, repl),
         donate_argnums=(0,))
     evals = evaluators.create(config, objective, mesh, workdir, writers, eval_rng)
@@ -169,29 +171,33 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 "Lower the learning rate, enable optimizer.grad_clip_norm, or use float32.")
 
     metrics, step = None, start_step
-    t_start = time.perf_counter()
-    for step in range(start_step + 1, total_steps + 1):
-        batch = sharding.global_batch(next(train_data), mesh)
-        state, metrics = train_step(state, batch)
-        if step == start_step + 1:
-            jax.block_until_ready(metrics)  # exclude compilation from throughput
-            progress.start(step)
-        if step % config.log_every_steps == 0 or step == total_steps:
+    try:
+        t_start = time.perf_counter()
+        for step in range(start_step + 1, total_steps + 1):
+            batch = sharding.global_batch(next(train_data), mesh)
+            state, metrics = train_step(state, batch)
+            if step == start_step + 1:
+                jax.block_until_ready(metrics)  # exclude compilation from throughput
+                progress.start(step)
+            if step % config.log_every_steps == 0 or step == total_steps:
+                check_finite()
+                scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                scalars.update(progress.report(step))
+                scalars["skipped_images"] = train_data.skipped_images
+                writers.write_scalars(step, scalars)
+                logging.info(progress.line(step, scalars, scalars["loss"]))
+            if step % ckpt.every_steps == 0:
+                check_finite()
+                ckpt.maybe_save(step, state)
+            for ev in evals:
+                ev.maybe_run(step, state.params, force=step == total_steps)
+        if metrics is not None:
             check_finite()
-            scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            scalars.update(progress.report(step))
-            scalars["skipped_images"] = train_data.skipped_images
-            writers.write_scalars(step, scalars)
-            logging.info(progress.line(step, scalars, scalars["loss"]))
-        if step % ckpt.every_steps == 0:
-            check_finite()
-            ckpt.maybe_save(step, state)
-        for ev in evals:
-            ev.maybe_run(step, state.params, force=step == total_steps)
-    if metrics is not None:
-        check_finite()
-        ckpt.maybe_save(step, state, force=True)
-    ckpt.close()
+            ckpt.maybe_save(step, state, force=True)
+    finally:
+        # Let an in-flight async save finish (or fail) cleanly; an unfinished one is never
+        # listed, so a crash here can only lose progress, not corrupt the workdir.
+        ckpt.close()
     writers.flush()
     wall = time.perf_counter() - t_start
     logging.info("Done: %d steps in %s.", step - start_step, reporting.format_duration(wall))

@@ -21,3 +21,26 @@ def tiny_mae_config(**objective):
 @pytest.fixture
 def tiny_config():
     return tiny_mae_config()
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory):
+    """One TFDS data_dir for the whole session: mnist5k is prepared in it on first use."""
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def tiny_train_config(data_dir, **overrides):
+    """configs/mae.py:quickstart shrunk to seconds: the real trainer path on mnist5k."""
+    from configs import mae as mae_config
+    c = mae_config.get_config("quickstart")
+    c.model.update(width=32, depth=1, num_heads=2, mlp_dim=64)
+    c.objective.update(decoder_width=16, decoder_depth=1, decoder_heads=2)
+    c.data.update(data_dir=data_dir, shuffle_buffer=256)
+    c.batch_size = 16
+    c.total_steps = 8
+    c.warmup_steps = 2
+    c.log_every_steps = 1
+    c.checkpoint.update(every_steps=4, asynchronous=False)
+    c.evaluators.reconstruction.update(every_steps=100, num_images=2)
+    c.update(overrides)
+    return c

@@ -1,23 +1,49 @@
-"""Input pipeline of mim_jax (the only package allowed to use TF / TFDS).
+"""Input pipeline of mim_jax: the only package that uses TensorFlow / TFDS.
 
-Importing it hides accelerators from TensorFlow and registers the offline
-`mnist5k` TFDS dataset.
+TensorFlow is imported only when a TF-backed dataset is used, so hosts with JAX alone can
+run on data.name='synthetic'. The first such import hides accelerators from TensorFlow and
+registers the offline `mnist5k` TFDS dataset.
 """
+from __future__ import annotations
 
-from mim_jax.data import tf_setup  # noqa: F401  (must run first: hides GPUs)
-from mim_jax.data import mnist5k  # noqa: F401  (registers the TFDS builder)
-from mim_jax.data.config import default_data_config
-from mim_jax.data.config import validate_data_config
-from mim_jax.data.pipeline import create_train_iterator
-from mim_jax.data.pipeline import denormalize
-from mim_jax.data.pipeline import fixed_eval_images
-from mim_jax.data.pipeline import TrainData
+import numpy as np
 
-__all__ = [
-    'TrainData',
-    'create_train_iterator',
-    'default_data_config',
-    'denormalize',
-    'fixed_eval_images',
-    'validate_data_config',
-]
+from mim_jax.data import synthetic
+from mim_jax.data.config import default_data_config, validate_data_config
+
+
+def _pipeline():
+    from mim_jax.data import tf_setup  # noqa: F401  (first: hides GPUs from TensorFlow)
+    from mim_jax.data import mnist5k  # noqa: F401  (registers the TFDS builder)
+    from mim_jax.data import pipeline
+    return pipeline
+
+
+def create_train_iterator(data_cfg, *, global_batch_size: int, seed: int, start_step: int = 0,
+                          process_index=None, process_count=None):
+    """Per-process training batches {'image': float32 [local_batch, H, W, C]} from step
+    `start_step` on; see pipeline.create_train_iterator for the guarantees."""
+    kwargs = dict(global_batch_size=global_batch_size, seed=seed, start_step=start_step,
+                  process_index=process_index, process_count=process_count)
+    if data_cfg.name == synthetic.NAME:
+        validate_data_config(data_cfg)
+        return synthetic.SyntheticData(data_cfg, **kwargs)
+    return _pipeline().create_train_iterator(data_cfg, **kwargs)
+
+
+def fixed_eval_images(data_cfg, num: int) -> np.ndarray:
+    """The first `num` evaluation images, deterministic and identical on every process."""
+    if data_cfg.name == synthetic.NAME:
+        return synthetic.fixed_images(data_cfg, num)
+    return _pipeline().fixed_eval_images(data_cfg, num)
+
+
+def denormalize(images, data_cfg) -> np.ndarray:
+    """Inverse of the normalisation, clipped to [0, 1] for viewing."""
+    mean = np.asarray(data_cfg.mean, np.float32)
+    std = np.asarray(data_cfg.std, np.float32)
+    return np.clip(np.asarray(images, np.float32) * std + mean, 0.0, 1.0)
+
+
+__all__ = ["create_train_iterator", "default_data_config", "denormalize", "fixed_eval_images",
+           "validate_data_config"]

@@ -13,6 +13,7 @@ from ml_collections import config_dict
 
 FOLDER = 'folder'
 MNIST5K = 'mnist5k'
+SYNTHETIC = 'synthetic'  # TF-free random images (benchmarks, hosts with only JAX)
 INTERPOLATIONS = ('bicubic', 'bilinear')
 AUTOTUNE = -1
 
@@ -20,7 +21,7 @@ AUTOTUNE = -1
 def default_data_config() -> ml_collections.ConfigDict:
   """The data section of an experiment config, with documented defaults."""
   c = ml_collections.ConfigDict()
-  # 'mnist5k' (offline, bundled), 'folder' (own images) or any TFDS name,
+  # 'mnist5k' (offline, bundled), 'folder' (own images), 'synthetic' or any TFDS name,
   # optionally with config / version, e.g. 'imagenet2012:5.1.0'.
   c.name = MNIST5K
   # Placeholders keep the fields typed (str) so command-line overrides work.
@@ -100,9 +101,9 @@ def validate_data_config(cfg) -> None:
     if not os.path.isdir(folder):
       raise ValueError(
           f'data.folder={folder!r} is not an existing directory.')
-  elif name != MNIST5K and not _is_registered_tfds_builder(name):
+  elif name not in (MNIST5K, SYNTHETIC) and not _is_registered_tfds_builder(name):
     raise ValueError(
-        f"data.name={name!r} is unknown: allowed are '{MNIST5K}', '{FOLDER}' "
+        f"data.name={name!r} is unknown: allowed are '{MNIST5K}', '{FOLDER}', '{SYNTHETIC}' "
         'or a registered TFDS dataset name (see tfds.list_builders()).')
 
   image_size = _int_field(cfg, 'image_size')

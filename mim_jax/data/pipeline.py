@@ -265,10 +265,3 @@ def fixed_eval_images(data_cfg, num: int) -> np.ndarray:
         f'num={num} eval images requested but split {split!r} of '
         f'data.name={data_cfg.name!r} has only {found} decodable images.')
   return images
-
-
-def denormalize(images, data_cfg) -> np.ndarray:
-  """Inverse of the normalisation, clipped to [0, 1] for viewing."""
-  mean = np.asarray(data_cfg.mean, np.float32)
-  std = np.asarray(data_cfg.std, np.float32)
-  return np.clip(np.asarray(images, np.float32) * std + mean, 0.0, 1.0)

@@ -19,8 +19,11 @@ def _smooth_images(rng, n, size, channels):
 
 
 class SyntheticData:
-    def __init__(self, data_cfg, *, global_batch_size, seed, start_step=0, process_index=0,
-                 process_count=1):
+    def __init__(self, data_cfg, *, global_batch_size, seed, start_step=0, process_index=None,
+                 process_count=None):
+        if process_index is None or process_count is None:
+            import jax
+            process_index, process_count = jax.process_index(), jax.process_count()
         if global_batch_size % process_count:
             raise ValueError(f"batch_size={global_batch_size} is not divisible by the process "
                              f"count {process_count}.")

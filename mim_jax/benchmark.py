@@ -1,0 +1,876 @@
+"""Benchmarks: train-step speed, FLOPs, MFU and memory; input pipeline; PyTorch side by side.
+
+Run from the repository root (configs/ is imported as a package from the working directory):
+
+  # Train step on on-device synthetic images (+ the real input pipeline unless data is synthetic)
+  python -m mim_jax.benchmark --config configs/mae.py:variant=B/16 --batch 256 --json_out b16.json
+  python -m mim_jax.benchmark --config configs/mae.py:quickstart --steps 20
+
+  # Input pipeline alone: JPEG decode + RandomResizedCrop + flip at 224 px, images/s per core
+  python -m mim_jax.benchmark --config configs/mae.py --mode input
+
+  # mim_jax vs Hugging Face PyTorch ViTMAE, one process, same threads / batch / model, float32
+  python -m mim_jax.benchmark --config configs/mae.py --mode compare_torch --batch 16 \
+      --warmup 2 --steps 5
+
+Modes:
+  train          Compile time, steady-state step time, images/s, analytic vs XLA FLOPs, MFU,
+                 peak memory and the share of the step spent in masking; then, with --data or
+                 when config.data.name is not 'synthetic', images/s of the whole loop with the
+                 real input pipeline.
+  input          The input pipeline alone on a generated JPEG dataset (TFDS records or a folder).
+  compare_torch  The mim_jax MAE train step and transformers' ViTMAEForPreTraining + AdamW, timed
+                 interleaved (A, B, A, B, ...) on the CPU with the same thread count.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from typing import Callable, Optional, Sequence
+
+from absl import app, flags
+from ml_collections import config_flags
+
+MODES = ("train", "input", "compare_torch")
+SYNTHETIC = "synthetic"
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/mae.py:variant=B/16.", lock_config=False)
+_MODE = flags.DEFINE_enum("mode", "train", MODES, "What to measure.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (train, compare_torch) or batches (input).")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps / batches before timing.")
+_BATCH = flags.DEFINE_integer(
+    "batch", None, "Global batch size. Default: config.batch_size (train), 16 (compare_torch), "
+    "128 (input).")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Overrides config.data.image_size.")
+_VARIANT = flags.DEFINE_string(
+    "variant", None, "Overrides config.model.variant (compare_torch default: B/16).")
+_PEAK_FLOPS = flags.DEFINE_float(
+    "peak_flops", None, "Peak FLOP/s of ONE device for MFU; default: the built-in table.")
+_DATA = flags.DEFINE_bool(
+    "data", None, "train: also time the loop with the real input pipeline (default: when "
+    "config.data.name is not 'synthetic').")
+_THREADS = flags.DEFINE_integer(
+    "threads", None, "CPU threads for XLA, PyTorch and tf.data (pins the process to that many "
+    "cores); default: every core this process may use.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Write every figure as JSON to this path.")
+_INPUT_FORMAT = flags.DEFINE_enum(
+    "input_format", "tfds", ("tfds", "folder"),
+    "input: JPEGs as TFDS records (TFRecord files, like ImageNet in TFDS) or as a folder of files.")
+_INPUT_IMAGES = flags.DEFINE_integer("input_images", 2048, "input: images to generate.")
+_INPUT_DIR = flags.DEFINE_string(
+    "input_dir", None, "input: where the generated dataset lives (reused when present); default: "
+    "a folder in the system temp directory.")
+
+# Dense bf16 peak FLOP/s of one device (chip), by a lower-case substring of device_kind; the
+# first match wins, so more specific names come first. Measured runs in float32 are still
+# reported against the bf16 peak (the usual MFU convention).
+PEAK_FLOPS_TABLE = (
+    ("h100", 989e12),  # SXM; PCIe / NVL parts are excluded in peak_flops_for (lower peaks)
+    ("h200", 989e12),
+    ("a100", 312e12),
+    ("tpu v4", 275e12),
+    ("tpu v5 lite", 197e12),  # v5e
+    ("tpu v5e", 197e12),
+    ("tpu v5p", 459e12),
+    ("tpu v5", 459e12),  # v5p reports itself as "TPU v5"
+    ("tpu v6 lite", 918e12),  # v6e
+    ("tpu v6e", 918e12),
+)
+_NOT_IN_TABLE = ("pcie", "nvl")
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def peak_flops_for(device_kind: str, platform_name: str, override: Optional[float] = None):
+    """-> (peak FLOP/s of one device or None, where the figure comes from)."""
+    if override:
+        return float(override), "--peak_flops"
+    kind = device_kind.lower()
+    if platform_name == "cpu" or any(word in kind for word in _NOT_IN_TABLE):
+        return None, f"no peak known for {device_kind!r}; pass --peak_flops"
+    for key, value in PEAK_FLOPS_TABLE:
+        if key in kind:
+            return value, f"table ({key}, bf16 dense)"
+    return None, f"no peak known for {device_kind!r}; pass --peak_flops"
+
+
+def mfu(images_per_sec: float, flops_per_image: float, peak_per_device: Optional[float],
+        num_devices: int) -> Optional[float]:
+    if not peak_per_device:
+        return None
+    return images_per_sec * flops_per_image / (peak_per_device * num_devices)
+
+
+def per_core(images_per_sec: float, cores: int) -> float:
+    """Images/s per CPU core of the pool that did the work."""
+    if cores <= 0:
+        raise ValueError(f"cores={cores} must be > 0.")
+    return images_per_sec / cores
+
+
+def summarize(times: Sequence[float]) -> dict:
+    return {"median_s": statistics.median(times), "min_s": min(times),
+            "max_s": max(times), "all_s": [round(t, 6) for t in times]}
+
+
+def time_each(fn: Callable[[], object], steps: int, warmup: int) -> list:
+    """Wall time of each of `steps` calls after `warmup` calls; fn must block on its result."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def pin_threads(threads: Optional[int]) -> int:
+    """Restricts the process to `threads` cores before any runtime builds its thread pool.
+
+    XLA's CPU client sizes its pool from PJRT_NPROC (else the schedulable cores), tf.data and
+    PyTorch from the schedulable cores, so pinning makes all three use the same count.
+    """
+    if threads is None:
+        threads = usable_cores()
+    elif threads <= 0:
+        raise ValueError(f"--threads={threads} must be > 0.")
+    elif hasattr(os, "sched_setaffinity"):
+        cpus = sorted(os.sched_getaffinity(0))
+        if threads > len(cpus):
+            raise ValueError(f"--threads={threads} exceeds the {len(cpus)} usable cores.")
+        os.sched_setaffinity(0, cpus[:threads])
+    os.environ["PJRT_NPROC"] = str(threads)
+    return threads
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(threads: int) -> dict:
+    import flax
+    import jax
+    import jaxlib
+    import optax
+    device = jax.devices()[0]
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "python": platform.python_version(), "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__,
+        "backend": device.platform, "device_kind": device.device_kind,
+        "device_count": jax.device_count(), "process_count": jax.process_count(),
+        "cpu_model": cpu_model(), "cpu_cores_usable": usable_cores(),
+        "cpu_count": os.cpu_count(), "threads": threads,
+    }
+
+
+def peak_memory(device) -> dict:
+    """Peak device memory, or the process's max RSS as a labelled host fallback."""
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # backends without allocator stats raise instead of returning None
+        stats = {}
+    if "peak_bytes_in_use" in stats:
+        return {"bytes": int(stats["peak_bytes_in_use"]),
+                "source": "device.memory_stats()['peak_bytes_in_use']"}
+    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return {"bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale),
+            "source": "host process max RSS (no device allocator stats)"}
+
+
+def xla_flops(compiled) -> Optional[float]:
+    """FLOPs of one call of a compiled executable by XLA's cost analysis (one device's share)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per partition
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+# --------------------------------------------------------------------------- config
+
+
+def apply_overrides(config, batch: Optional[int], image_size: Optional[int],
+                    variant: Optional[str]):
+    if batch is not None:
+        if batch <= 0:
+            raise ValueError(f"--batch={batch} must be > 0.")
+        config.batch_size = batch
+    if image_size is not None:
+        config.data.image_size = image_size
+    if variant is not None:
+        config.model.variant = variant
+    return config
+
+
+def describe_model(config) -> dict:
+    from mim_jax import flops
+    arch = flops._vit_arch(config)
+    obj = config.objective
+    return {"objective": obj.name, "variant": config.model.variant, "width": arch.width,
+            "depth": arch.depth, "heads": arch.num_heads, "mlp_dim": arch.mlp_dim,
+            "patch_size": arch.patch_size, "image_size": arch.image_size,
+            "channels": arch.channels, "mask_ratio": obj.get("mask_ratio"),
+            "decoder": f"{obj.get('decoder_depth')}x{obj.get('decoder_width')} "
+                       f"heads {obj.get('decoder_heads')}",
+            "dtype": config.model.get("dtype", "float32"),
+            "remat": config.model.get("remat", False), "scan": config.model.get("scan", False),
+            "batch_size": config.batch_size, "accum_steps": config.get("accum_steps", 1)}
+
+
+# --------------------------------------------------------------------------- train step
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    objective: object
+    mesh: object
+    step: object  # the jitted (not yet lowered) train step
+    state: object
+    batch: dict  # on-device synthetic images, sharded like the trainer's batch
+
+
+def _synthetic_device_batch(objective, batch_size: int, mesh, seed: int) -> dict:
+    import jax
+    from mim_jax import sharding
+    shape = (batch_size, *objective.image_shape)
+    make = jax.jit(lambda key: jax.random.normal(key, shape),
+                   out_shardings=sharding.batch_sharded(mesh))
+    return {"image": make(jax.random.key(seed + 1))}
+
+
+def build_train_setup(config) -> TrainSetup:
+    """The trainer's own state, optimizer and jitted step (donated state), without data."""
+    import jax
+    import jax.numpy as jnp
+    from mim_jax import objectives, optim, sharding, train
+    objective = objectives.build(config)
+    mesh = sharding.make_mesh()
+    accum = config.get("accum_steps", 1)
+    sharding.check_batch_divisible(config.batch_size, accum, mesh)
+    peak_lr = optim.peak_learning_rate(config.optimizer, config.batch_size)
+    # The schedule only sets the learning-rate value; its length does not change the compute.
+    schedule = optim.make_schedule(peak_lr, total_steps=10_000, warmup_steps=100)
+    tx = optim.make_optimizer(config.optimizer, schedule)
+    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+    repl = sharding.replicated(mesh)
+
+    def init_state(rng):
+        params = objective.init(rng)
+        return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                opt_state=tx.init(params),
+                                nonfinite_steps=jnp.zeros((), jnp.int32))
+
+    state = jax.jit(init_state, out_shardings=repl)(init_rng)
+    step = jax.jit(train.make_train_step(objective, tx, schedule, accum, step_rng, mesh),
+                   in_shardings=(repl, sharding.batch_sharded(mesh)), out_shardings=(repl, repl),
+                   donate_argnums=(0,))
+    batch = _synthetic_device_batch(objective, config.batch_size, mesh, config.seed)
+    return TrainSetup(objective, mesh, step, state, batch)
+
+
+def compile_step(setup: TrainSetup):
+    """-> (compiled step, {'trace_lower_s', 'compile_s'})."""
+    start = time.perf_counter()
+    lowered = setup.step.lower(setup.state, setup.batch)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    done = time.perf_counter()
+    return compiled, {"trace_lower_s": lowered_at - start, "compile_s": done - lowered_at}
+
+
+class StepRunner:
+    """Calls a compiled step on its own (donated) state; each call blocks on the result."""
+
+    def __init__(self, compiled, state, batch):
+        self._compiled, self.state, self._batch = compiled, state, batch
+        self.metrics = None
+
+    def __call__(self, batch=None):
+        import jax
+        self.state, self.metrics = self._compiled(self.state,
+                                                  self._batch if batch is None else batch)
+        jax.block_until_ready(self.metrics)
+        return self.metrics
+
+    def async_call(self, batch):
+        self.state, self.metrics = self._compiled(self.state, batch)
+
+
+def flops_report(config, compiled, per_device_batch: int) -> dict:
+    from mim_jax import flops
+    forward = flops.forward_flops_breakdown(config)
+    analytic = flops.model_flops_per_image(config)
+    measured = xla_flops(compiled)
+    xla_per_image = measured / per_device_batch if measured is not None else None
+    return {
+        "analytic_train_per_image": analytic,
+        "analytic_forward_per_image": sum(forward.values()),
+        "analytic_forward_breakdown": forward,
+        "xla_train_per_image": xla_per_image,
+        "xla_over_analytic": xla_per_image / analytic if xla_per_image else None,
+        "convention": "analytic: matmuls only, 2 FLOPs per multiply-add, train = 3x forward; "
+                      "XLA: compiled.cost_analysis()['flops'] of the whole step (all ops, "
+                      "incl. optimizer) / per-device batch",
+    }
+
+
+# --------------------------------------------------------------------------- masking share
+
+
+def masking_program(batch_size: int, num_patches: int, mask_ratio: float, enc_width: int,
+                    dec_width: int, with_backward: bool):
+    """The masking work of one MAE step, isolated: random_masking, the encoder's gather of
+    visible tokens and the decoder's unshuffle (concat mask tokens + gather), plus (with
+    `with_backward`) their gradients, i.e. the scatter-adds the train step runs for them."""
+    import jax
+    import jax.numpy as jnp
+    from mim_jax import masking
+    keep = masking.num_visible(num_patches, mask_ratio)
+
+    def forward(key, enc_tokens, dec_visible, mask_token):
+        m = masking.random_masking(key, batch_size, num_patches, mask_ratio)
+        kept = jnp.take_along_axis(enc_tokens, m.ids_keep[..., None], axis=1)
+        fill = jnp.broadcast_to(mask_token, (batch_size, num_patches - keep, dec_width))
+        full = jnp.concatenate([dec_visible, fill], axis=1)
+        unshuffled = jnp.take_along_axis(full, m.ids_restore[..., None], axis=1)
+        return (kept, unshuffled), m.mask
+
+    def program(key, enc_tokens, dec_visible, mask_token, cotangents):
+        if not with_backward:
+            return forward(key, enc_tokens, dec_visible, mask_token)
+        outs, vjp, mask = jax.vjp(lambda *a: forward(key, *a), enc_tokens, dec_visible,
+                                  mask_token, has_aux=True)
+        return outs, mask, vjp(cotangents)
+
+    shapes = {"enc_tokens": (batch_size, num_patches, enc_width),
+              "dec_visible": (batch_size, keep, dec_width),
+              "cot_kept": (batch_size, keep, enc_width),
+              "cot_unshuffled": (batch_size, num_patches, dec_width)}
+    return program, shapes
+
+
+def measure_masking(config, mesh, steps: int, warmup: int) -> dict:
+    import jax
+    from mim_jax import flops, sharding
+    arch = flops._vit_arch(config)
+    obj = config.objective
+    out = {}
+    for label, backward in (("forward", False), ("forward_backward", True)):
+        program, shapes = masking_program(config.batch_size, arch.num_patches, obj.mask_ratio,
+                                          arch.width, obj.decoder_width, backward)
+        rows = sharding.batch_sharded(mesh)
+        keys = jax.random.split(jax.random.key(7), 4)
+        make = lambda k, s: jax.device_put(jax.random.normal(k, s), rows)
+        args = (jax.random.key(3), make(keys[0], shapes["enc_tokens"]),
+                make(keys[1], shapes["dec_visible"]),
+                jax.random.normal(keys[2], (1, 1, obj.decoder_width)),
+                (make(keys[3], shapes["cot_kept"]),
+                 make(keys[3], shapes["cot_unshuffled"])))
+        compiled = jax.jit(program).lower(*args).compile()
+        times = time_each(lambda: jax.block_until_ready(compiled(*args)), steps, warmup)
+        out[label] = summarize(times)
+    return out
+
+
+# --------------------------------------------------------------------------- mode: train
+
+
+def benchmark_train_step(config, steps: int, warmup: int, peak_override=None) -> dict:
+    import jax
+    setup = build_train_setup(config)
+    compiled, compile_times = compile_step(setup)
+    runner = StepRunner(compiled, setup.state, setup.batch)
+    step_times = summarize(time_each(runner, steps, warmup))
+    n_dev = setup.mesh.devices.size
+    images_per_sec = config.batch_size / step_times["median_s"]
+    flop = flops_report(config, compiled, config.batch_size // n_dev)
+    device = jax.devices()[0]
+    peak, peak_source = peak_flops_for(device.device_kind, device.platform, peak_override)
+    result = {
+        "compile": compile_times,
+        "step_time": step_times,
+        "images_per_sec": images_per_sec,
+        "flops": flop,
+        "achieved_flops_per_sec": images_per_sec * flop["analytic_train_per_image"],
+        "peak_flops_per_device": peak, "peak_flops_source": peak_source,
+        "mfu": mfu(images_per_sec, flop["analytic_train_per_image"], peak, n_dev),
+        "final_loss": float(runner.metrics["loss"]),
+        "memory": peak_memory(device),
+    }
+    masking_times = measure_masking(config, setup.mesh, steps, warmup)
+    result["masking"] = dict(
+        masking_times,
+        share_of_step=masking_times["forward_backward"]["median_s"] / step_times["median_s"],
+        method="isolated jitted masking (random_masking + encoder gather + decoder unshuffle, "
+               "with their gradients) timed alone / full step, medians")
+    result["_runner"] = runner  # reused by the input-pipeline loop; dropped before output
+    return result
+
+
+def benchmark_pipeline_loop(config, runner: StepRunner, mesh, steps: int, warmup: int) -> dict:
+    """The trainer's loop with real data: host batch -> global array -> step (async dispatch)."""
+    import jax
+    from mim_jax import data, sharding
+    train_data = data.create_train_iterator(config.data, global_batch_size=config.batch_size,
+                                            seed=config.seed)
+    for _ in range(warmup):
+        runner.async_call(sharding.global_batch(next(train_data), mesh))
+    jax.block_until_ready(runner.metrics)
+    wait = 0.0
+    start = time.perf_counter()
+    for _ in range(steps):
+        t = time.perf_counter()
+        host = next(train_data)
+        wait += time.perf_counter() - t
+        runner.async_call(sharding.global_batch(host, mesh))
+    jax.block_until_ready(runner.metrics)
+    elapsed = time.perf_counter() - start
+    return {"data": config.data.name, "steps": steps, "seconds": elapsed,
+            "images_per_sec": steps * config.batch_size / elapsed,
+            "host_wait_for_batch_s_per_step": wait / steps}
+
+
+def run_train(config, threads: int, use_data: Optional[bool]) -> dict:
+    import jax
+    result = {"mode": "train", "environment": environment(threads),
+              "model": describe_model(config)}
+    result["train_step"] = benchmark_train_step(config, _STEPS.value, _WARMUP.value,
+                                                _PEAK_FLOPS.value)
+    runner = result["train_step"].pop("_runner")
+    if use_data is None:
+        use_data = config.data.name != SYNTHETIC
+    if use_data:
+        from mim_jax import sharding
+        mesh = sharding.make_mesh()
+        loop = benchmark_pipeline_loop(config, runner, mesh, _STEPS.value, _WARMUP.value)
+        loop["synthetic_images_per_sec"] = result["train_step"]["images_per_sec"]
+        result["input_pipeline_loop"] = loop
+    else:
+        result["input_pipeline_loop"] = None
+    result["train_step"]["memory"] = peak_memory(jax.devices()[0])  # after everything ran
+    return result
+
+
+# --------------------------------------------------------------------------- mode: input
+
+
+JPEG_DATASET = "mim_bench_jpeg"
+JPEG_QUALITY = 90
+_SIDE_RANGE = (256, 400)
+
+
+def synthetic_jpegs(num: int, seed: int):
+    """Yields JPEG bytes of photo-like images: smooth colour fields at 256-400 px per side with
+    fine noise (so files are neither trivially compressible nor pure noise)."""
+    import numpy as np
+    from mim_jax.data.tf_setup import tf
+    rng = np.random.default_rng(seed)
+    for _ in range(num):
+        h, w = (int(v) for v in rng.integers(_SIDE_RANGE[0], _SIDE_RANGE[1] + 1, size=2))
+        coarse = rng.uniform(0, 255, size=(int(rng.integers(3, 12)),
+                                           int(rng.integers(3, 12)), 3)).astype(np.float32)
+        image = tf.image.resize(coarse[None], (h, w), method="bicubic")[0].numpy()
+        image += rng.normal(0, 12, size=(h, w, 3)).astype(np.float32)
+        pixels = np.clip(image, 0, 255).astype(np.uint8)
+        yield tf.io.encode_jpeg(pixels, quality=JPEG_QUALITY).numpy()
+
+
+def _jpeg_builder_class():
+    """A TFDS builder of generated JPEGs, defined on first use (TFDS registers on definition)."""
+    import pathlib
+    import numpy as np
+    import tensorflow_datasets as tfds
+    try:  # TFDS registers a builder class when it is defined: define it once per process
+        return tfds.builder_cls(JPEG_DATASET)
+    except Exception:  # DatasetNotFoundError
+        pass
+
+    class MimBenchJpeg(tfds.core.GeneratorBasedBuilder):
+        """JPEG-encoded images in TFDS records, for input-pipeline benchmarks."""
+        name = JPEG_DATASET
+        VERSION = tfds.core.Version("1.0.0")
+        code_path = pathlib.Path(__file__)  # no checksums or metadata next to this code
+
+        def __init__(self, *, num_images: int = 0, seed: int = 0, **kwargs):
+            self._num_images, self._seed = num_images, seed
+            super().__init__(**kwargs)
+
+        def _info(self):
+            return self.dataset_info_from_configs(
+                description="Generated JPEG images for mim_jax benchmarks.",
+                features=tfds.features.FeaturesDict({
+                    "image": tfds.features.Image(shape=(None, None, 3), dtype=np.uint8,
+                                                 encoding_format="jpeg")}))
+
+        def _split_generators(self, dl_manager):
+            del dl_manager
+            if self._num_images <= 0:
+                raise ValueError(f"{JPEG_DATASET} is not prepared in {self.data_dir}; it is "
+                                 "generated by `--mode input`.")
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, jpeg in enumerate(synthetic_jpegs(self._num_images, self._seed)):
+                yield i, {"image": jpeg}
+
+    return MimBenchJpeg
+
+
+def prepare_jpeg_dataset(fmt: str, root: str, num_images: int, seed: int = 0) -> dict:
+    """Writes (once) the generated JPEGs as TFDS records or files; -> data-config overrides."""
+    if num_images <= 0:
+        raise ValueError(f"--input_images={num_images} must be > 0.")
+    where = os.path.join(root, f"{fmt}_n{num_images}_s{seed}")
+    if fmt == "folder":
+        if not os.path.isdir(where):
+            tmp = where + ".partial"
+            os.makedirs(tmp, exist_ok=True)
+            for i, jpeg in enumerate(synthetic_jpegs(num_images, seed)):
+                with open(os.path.join(tmp, f"{i:06d}.jpg"), "wb") as f:
+                    f.write(jpeg)
+            os.rename(tmp, where)
+        return {"name": "folder", "folder": where, "data_dir": None}
+    builder = _jpeg_builder_class()(num_images=num_images, seed=seed, data_dir=where)
+    builder.download_and_prepare()
+    return {"name": JPEG_DATASET, "folder": None, "data_dir": where}
+
+
+def dataset_stats(overrides: dict) -> dict:
+    """Average encoded size and resolution, read back from what the pipeline will read."""
+    import numpy as np
+    from mim_jax.data.tf_setup import tf
+    if overrides["name"] == "folder":
+        paths = sorted(os.listdir(overrides["folder"]))
+        blobs = (open(os.path.join(overrides["folder"], p), "rb").read() for p in paths)
+    else:
+        import tensorflow_datasets as tfds
+        ds = tfds.builder(JPEG_DATASET, data_dir=overrides["data_dir"]).as_dataset(
+            split="train", decoders={"image": tfds.decode.SkipDecoding()})
+        blobs = (ex["image"] for ex in ds.as_numpy_iterator())
+    sizes, pixels = [], []
+    for blob in blobs:
+        sizes.append(len(blob))
+        h, w, _ = tf.image.extract_jpeg_shape(blob).numpy()
+        pixels.append(int(h) * int(w))
+    return {"images": len(sizes), "mean_bytes": float(np.mean(sizes)),
+            "mean_pixels": float(np.mean(pixels)),
+            "bytes_per_pixel": float(np.sum(sizes) / np.sum(pixels))}
+
+
+def measure_input(data_cfg, batch_size: int, steps: int, warmup: int, cores: int) -> dict:
+    from mim_jax import data
+    train_data = data.create_train_iterator(data_cfg, global_batch_size=batch_size, seed=0,
+                                            process_index=0, process_count=1)
+    for _ in range(warmup):  # fills the shuffle buffer and lets tf.data autotune settle
+        next(train_data)
+    cpu_start, start = os.times(), time.perf_counter()
+    for _ in range(steps):
+        next(train_data)
+    elapsed = time.perf_counter() - start
+    cpu_end = os.times()
+    cpu = (cpu_end.user - cpu_start.user) + (cpu_end.system - cpu_start.system)
+    images = steps * batch_size
+    rate = images / elapsed
+    return {"images": images, "seconds": elapsed, "images_per_sec": rate,
+            "cores": cores, "images_per_sec_per_core": per_core(rate, cores),
+            "process_cpu_seconds": cpu, "images_per_cpu_second": images / cpu if cpu else None,
+            "steps_per_epoch": train_data.steps_per_epoch}
+
+
+def run_input(config, threads: int, batch: Optional[int]) -> dict:
+    config.batch_size = batch or 128
+    root = _INPUT_DIR.value or os.path.join(tempfile.gettempdir(), "mim_jax_bench_jpeg")
+    start = time.perf_counter()
+    overrides = prepare_jpeg_dataset(_INPUT_FORMAT.value, root, _INPUT_IMAGES.value)
+    prepare_s = time.perf_counter() - start
+    config.data.update(overrides)
+    config.data.split = "train"
+    d = config.data
+    return {
+        "mode": "input", "environment": environment(threads),
+        "dataset": dict(dataset_stats(overrides), format=_INPUT_FORMAT.value,
+                        description=("JPEG bytes in TFDS records (TFRecord files, decoded by "
+                                     "the pipeline)" if _INPUT_FORMAT.value == "tfds" else
+                                     "a folder of JPEG files"),
+                        location=overrides["data_dir"] or overrides["folder"],
+                        prepare_seconds=prepare_s),
+        "augmentation": {"image_size": d.image_size, "crop_scale": tuple(d.crop_scale or ()),
+                         "interpolation": d.interpolation, "flip": d.flip,
+                         "batch_size": config.batch_size},
+        "threads_note": "tf.data runs on its default thread pool, sized to the schedulable "
+                        "cores (the pipeline sets no private pool); per core = images/s / "
+                        "that count",
+        "input": measure_input(d, config.batch_size, _STEPS.value, _WARMUP.value, threads),
+    }
+
+
+# --------------------------------------------------------------------------- mode: compare_torch
+
+
+def hf_vitmae_config(config):
+    """transformers.ViTMAEConfig of exactly the mim_jax model in `config`."""
+    import transformers
+    from mim_jax import flops
+    arch, obj = flops._vit_arch(config), config.objective
+    return transformers.ViTMAEConfig(
+        hidden_size=arch.width, num_hidden_layers=arch.depth, num_attention_heads=arch.num_heads,
+        intermediate_size=arch.mlp_dim, hidden_act="gelu", hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, layer_norm_eps=1e-6, image_size=arch.image_size,
+        patch_size=arch.patch_size, num_channels=arch.channels, qkv_bias=True,
+        decoder_hidden_size=obj.decoder_width, decoder_num_hidden_layers=obj.decoder_depth,
+        decoder_num_attention_heads=obj.decoder_heads,
+        decoder_intermediate_size=int(obj.decoder_width * obj.get("decoder_mlp_ratio", 4.0)),
+        mask_ratio=obj.mask_ratio, norm_pix_loss=bool(obj.norm_pix_loss))
+
+
+class TorchMAEStep:
+    """ViTMAEForPreTraining forward + backward + torch.optim.AdamW step (float32, train mode)."""
+
+    def __init__(self, config, images_nhwc):
+        import numpy as np
+        import torch
+        import transformers
+        torch.manual_seed(config.seed)
+        self.model = transformers.ViTMAEForPreTraining(hf_vitmae_config(config)).float().train()
+        opt = config.optimizer
+        # The reference's groups: no weight decay on biases, norms and tokens (ndim <= 1).
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        lr = opt.base_lr * config.batch_size / opt.lr_batch_divisor
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": opt.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(opt.b1, opt.b2),
+            eps=opt.get("eps", 1e-8))
+        self.pixels = torch.from_numpy(
+            np.ascontiguousarray(np.transpose(np.asarray(images_nhwc), (0, 3, 1, 2))))
+        self.loss = None
+
+    def __call__(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.model(pixel_values=self.pixels).loss
+        loss.backward()
+        self.optimizer.step()
+        self.loss = float(loss.detach())
+        return self.loss
+
+    def describe(self) -> dict:
+        import torch
+        import transformers
+        return {"torch": torch.__version__, "transformers": transformers.__version__,
+                "attn_implementation": self.model.config._attn_implementation,
+                "torch_threads": torch.get_num_threads(),
+                "optimizer": "torch.optim.AdamW (default implementation)",
+                "parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad)}
+
+
+def interleaved_times(fns: dict, steps: int, warmup: int) -> dict:
+    """Times each callable once per round, round after round (A, B, A, B, ...) so that slow
+    drift of a shared machine hits both alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(steps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def run_compare_torch(config, threads: int) -> dict:
+    import jax
+    import numpy as np
+    import torch
+    torch.set_num_threads(threads)
+    if jax.devices()[0].platform != "cpu":
+        raise ValueError("--mode=compare_torch compares on the CPU; run with JAX_PLATFORMS=cpu.")
+    if config.model.get("dtype", "float32") != "float32":
+        raise ValueError(f"model.dtype={config.model.dtype!r}: compare_torch is float32 only.")
+    setup = build_train_setup(config)
+    compiled, compile_times = compile_step(setup)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.state.params))
+    jax_step = StepRunner(compiled, setup.state, setup.batch)
+    torch_step = TorchMAEStep(config, jax.device_get(setup.batch["image"]))
+    times = interleaved_times({"mim_jax": jax_step, "torch": torch_step},
+                              _STEPS.value, _WARMUP.value)
+    jax_t, torch_t = summarize(times["mim_jax"]), summarize(times["torch"])
+    masking_times = measure_masking(config, setup.mesh, _STEPS.value, _WARMUP.value)
+    from mim_jax import flops
+    train_flops = flops.model_flops_per_image(config)
+    per_sec = lambda t: config.batch_size / t["median_s"]
+    return {
+        "mode": "compare_torch", "environment": environment(threads),
+        "model": describe_model(config),
+        "threads": {"xla_cpu_pool (PJRT_NPROC)": int(os.environ["PJRT_NPROC"]),
+                    "torch.get_num_threads": torch.get_num_threads(),
+                    "process_affinity_cores": usable_cores()},
+        "mim_jax": {"step_time": jax_t, "images_per_sec": per_sec(jax_t),
+                    "compile": compile_times, "parameters": n_params,
+                    "final_loss": float(jax_step.metrics["loss"]),
+                    "achieved_flops_per_sec": per_sec(jax_t) * train_flops},
+        "torch": dict(torch_step.describe(), step_time=torch_t, images_per_sec=per_sec(torch_t),
+                      final_loss=torch_step.loss,
+                      achieved_flops_per_sec=per_sec(torch_t) * train_flops),
+        "torch_over_mim_jax": torch_t["median_s"] / jax_t["median_s"],
+        "flops": flops_report(config, compiled, config.batch_size // setup.mesh.devices.size),
+        "masking": dict(masking_times, share_of_step=(
+            masking_times["forward_backward"]["median_s"] / jax_t["median_s"])),
+        "order": "interleaved per round: mim_jax, torch",
+    }
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.3f} s"
+
+
+def _fmt_flops(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x / 1e9:.2f} GFLOP"
+
+
+def _fmt_pct(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def _step_line(t: dict) -> str:
+    return f"median {_fmt_seconds(t['median_s'])}, min {_fmt_seconds(t['min_s'])}"
+
+
+def _train_rows(r: dict) -> list:
+    t, f = r["train_step"], r["train_step"]["flops"]
+    rows = [
+        ("model", f"{r['model']['objective']} {r['model']['variant']} @ "
+                  f"{r['model']['image_size']} px, batch {r['model']['batch_size']}, "
+                  f"{r['model']['dtype']}"),
+        ("trace + lower", _fmt_seconds(t["compile"]["trace_lower_s"])),
+        ("XLA compile", _fmt_seconds(t["compile"]["compile_s"])),
+        ("step time", _step_line(t["step_time"])),
+        ("images/s (on-device synthetic)", f"{t['images_per_sec']:.1f}"),
+        ("train FLOPs/img analytic", _fmt_flops(f["analytic_train_per_image"])),
+        ("train FLOPs/img XLA", _fmt_flops(f["xla_train_per_image"])),
+        ("XLA / analytic", "n/a" if f["xla_over_analytic"] is None
+         else f"{f['xla_over_analytic']:.3f}"),
+        ("achieved (analytic)", f"{t['achieved_flops_per_sec'] / 1e12:.4f} TFLOP/s"),
+        ("MFU", _fmt_pct(t["mfu"]) + f"  [{t['peak_flops_source']}]"),
+        ("peak memory", f"{t['memory']['bytes'] / 2**30:.2f} GiB  [{t['memory']['source']}]"),
+        ("masking fwd+bwd (isolated)", _step_line(t["masking"]["forward_backward"])),
+        ("masking share of step", _fmt_pct(t["masking"]["share_of_step"])),
+    ]
+    loop = r.get("input_pipeline_loop")
+    if loop:
+        rows.append((f"images/s with {loop['data']} pipeline",
+                     f"{loop['images_per_sec']:.1f} (synthetic {loop['synthetic_images_per_sec']:.1f}"
+                     f"; host wait {_fmt_seconds(loop['host_wait_for_batch_s_per_step'])}/step)"))
+    return rows
+
+
+def _input_rows(r: dict) -> list:
+    d, i = r["dataset"], r["input"]
+    return [
+        ("dataset", f"{d['images']} {d['description']}, mean {d['mean_pixels'] ** 0.5:.0f} px "
+                    f"side, {d['mean_bytes'] / 1024:.1f} KiB"),
+        ("augmentation", f"decode+RandomResizedCrop{tuple(r['augmentation']['crop_scale'])} "
+                         f"{r['augmentation']['interpolation']} -> "
+                         f"{r['augmentation']['image_size']} px, flip, normalise"),
+        ("images/s", f"{i['images_per_sec']:.1f} ({i['images']} images)"),
+        ("tf.data threads (cores)", str(i["cores"])),
+        ("images/s per core", f"{i['images_per_sec_per_core']:.1f}"),
+        ("images per process CPU-second", "n/a" if i["images_per_cpu_second"] is None
+         else f"{i['images_per_cpu_second']:.1f}"),
+    ]
+
+
+def _compare_rows(r: dict) -> list:
+    j, t = r["mim_jax"], r["torch"]
+    return [
+        ("model", f"MAE {r['model']['variant']} @ {r['model']['image_size']} px, batch "
+                  f"{r['model']['batch_size']}, float32, CPU"),
+        ("threads", ", ".join(f"{k} {v}" for k, v in r["threads"].items())),
+        ("mim_jax step", _step_line(j["step_time"]) + f"  ({j['images_per_sec']:.2f} img/s)"),
+        ("torch step", _step_line(t["step_time"]) + f"  ({t['images_per_sec']:.2f} img/s, "
+                       f"attn {t['attn_implementation']})"),
+        ("torch / mim_jax (median)", f"{r['torch_over_mim_jax']:.3f}"),
+        ("train FLOPs/img analytic / XLA", f"{_fmt_flops(r['flops']['analytic_train_per_image'])}"
+                                           f" / {_fmt_flops(r['flops']['xla_train_per_image'])}"),
+        ("achieved mim_jax / torch", f"{j['achieved_flops_per_sec'] / 1e9:.1f} / "
+                                     f"{t['achieved_flops_per_sec'] / 1e9:.1f} GFLOP/s"),
+        ("masking fwd+bwd (isolated)", _step_line(r["masking"]["forward_backward"])),
+        ("masking share of mim_jax step", _fmt_pct(r["masking"]["share_of_step"])),
+    ]
+
+
+def format_table(rows) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)} | {v}" for k, v in rows)
+
+
+def report(result: dict, json_out: Optional[str]) -> None:
+    rows = {"train": _train_rows, "input": _input_rows, "compare_torch": _compare_rows}
+    print(format_table(rows[result["mode"]](result)), flush=True)
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    mode = _MODE.value
+    threads = pin_threads(_THREADS.value)  # before JAX, TF or torch start their pools
+    if _STEPS.value <= 0 or _WARMUP.value < 0:
+        raise ValueError(f"--steps={_STEPS.value} must be > 0 and --warmup={_WARMUP.value} >= 0.")
+    config = _CONFIG.value
+    batch = _BATCH.value if _BATCH.value is not None else (16 if mode == "compare_torch" else None)
+    variant = _VARIANT.value or ("B/16" if mode == "compare_torch" else None)
+    if mode == "input":
+        apply_overrides(config, None, _IMAGE_SIZE.value, None)
+        result = run_input(config, threads, _BATCH.value)
+    else:
+        apply_overrides(config, batch, _IMAGE_SIZE.value, variant)
+        result = (run_train(config, threads, _DATA.value) if mode == "train"
+                  else run_compare_torch(config, threads))
+    result["command"] = " ".join(["python -m mim_jax.benchmark"] + sys.argv[1:])
+    report(result, _JSON_OUT.value)
+
+
+def run():
+    # Configs import `configs.common`: make the repository root importable from anywhere.
+    sys.path.insert(0, os.getcwd())
+    flags.mark_flag_as_required("config")
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,91 @@
+"""Analytic model FLOPs of the ViT / MAE step, for throughput and MFU reports.
+
+Convention (the one behind the usual ViT figures: B/16 35.2, L/16 123.2, H/14 334.8 GFLOP per
+224 px image): a multiply-add counts as 2 FLOPs, and only matrix multiplications are counted:
+the patch embedding, every Dense layer, and the two attention products (Q K^T and A V).
+Softmax, LayerNorm, GELU, bias adds, residuals, the loss and the optimizer update are left out;
+they are memory-bound and would only inflate MFU. A training step counts 3x the forward pass
+(forward + gradients of activations + gradients of weights), the usual MFU convention.
+
+Per transformer block over n tokens of width d with MLP width m:
+  qkv 6nd^2 + out-projection 2nd^2 + MLP 4ndm + attention 4n^2d
+which is the familiar 24nd^2 + 4n^2d for m = 4d.
+"""
+from __future__ import annotations
+
+from mim_jax import masking
+from mim_jax.models import vit
+
+TRAIN_TO_FORWARD = 3.0
+
+
+def dense_flops(tokens: int, d_in: int, d_out: int) -> float:
+    return 2.0 * tokens * d_in * d_out
+
+
+def block_flops(tokens: int, width: int, mlp_dim: int) -> float:
+    """Forward FLOPs of one pre-norm transformer block (matmuls only)."""
+    projections = dense_flops(tokens, width, 3 * width) + dense_flops(tokens, width, width)
+    mlp = dense_flops(tokens, width, mlp_dim) + dense_flops(tokens, mlp_dim, width)
+    attention = 2 * 2.0 * tokens * tokens * width  # Q K^T and A V, summed over heads
+    return projections + mlp + attention
+
+
+def transformer_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> float:
+    return depth * block_flops(tokens, width, mlp_dim)
+
+
+def patch_embed_flops(arch: vit.ViTConfig) -> float:
+    """The stride-p convolution is a Dense from p*p*C to width on every patch."""
+    return dense_flops(arch.num_patches, arch.patch_size**2 * arch.channels, arch.width)
+
+
+def vit_forward_flops(arch: vit.ViTConfig, cls_token: bool = True) -> dict:
+    """Forward FLOPs per image of a ViT encoder on all patches (no classifier head)."""
+    tokens = arch.num_patches + int(cls_token)
+    return {"patch_embed": patch_embed_flops(arch),
+            "encoder": transformer_flops(tokens, arch.width, arch.depth, arch.mlp_dim)}
+
+
+def mae_forward_flops(arch: vit.ViTConfig, mask_ratio: float, decoder_width: int,
+                      decoder_depth: int, decoder_mlp_dim: int) -> dict:
+    """Forward FLOPs per image of MAE, split by part.
+
+    The patch embedding runs on every patch (tokens are dropped after it), the encoder on the
+    visible patches + CLS, the decoder on all patches + CLS; the decoder's embed projection sees
+    the encoder output (visible + CLS) and its prediction head every decoder token.
+    """
+    visible = masking.num_visible(arch.num_patches, mask_ratio) + 1
+    full = arch.num_patches + 1
+    patch_dim = arch.patch_size**2 * arch.channels
+    return {
+        "patch_embed": patch_embed_flops(arch),
+        "encoder": transformer_flops(visible, arch.width, arch.depth, arch.mlp_dim),
+        "decoder_embed": dense_flops(visible, arch.width, decoder_width),
+        "decoder": transformer_flops(full, decoder_width, decoder_depth, decoder_mlp_dim),
+        "decoder_pred": dense_flops(full, decoder_width, patch_dim),
+    }
+
+
+def _vit_arch(config) -> vit.ViTConfig:
+    model_cfg = config.model
+    return vit.resolve_vit_config(
+        model_cfg.variant, config.data.image_size, config.data.get("channels", 3),
+        **{k: model_cfg.get(k) for k in ("patch_size", "width", "depth", "num_heads", "mlp_dim")})
+
+
+def forward_flops_breakdown(config) -> dict:
+    """Forward FLOPs per image by model part, for the experiment config's objective."""
+    obj = config.objective
+    if obj.name != "mae":
+        raise ValueError(f"objective.name={obj.name!r} has no analytic FLOP count; "
+                         "supported: ['mae'].")
+    width = obj.decoder_width
+    return mae_forward_flops(
+        _vit_arch(config), obj.mask_ratio, decoder_width=width, decoder_depth=obj.decoder_depth,
+        decoder_mlp_dim=int(width * obj.get("decoder_mlp_ratio", 4.0)))
+
+
+def model_flops_per_image(config) -> float:
+    """Analytic TRAIN-step FLOPs per image (3x forward); pass to reporting.Progress for MFU."""
+    return TRAIN_TO_FORWARD * sum(forward_flops_breakdown(config).values())

@@ -1,0 +1,175 @@
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import tiny_mae_config, tiny_train_config
+from mim_jax import checkpointing, data, objectives, optim, sharding, train
+
+
+def _losses(workdir):
+    """Per-step losses from metrics.jsonl; a re-run step (after resume) overwrites."""
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def test_resume_is_exact(tfds_dir, tmp_path, monkeypatch):
+    cfg = tiny_train_config(tfds_dir)
+    straight = str(tmp_path / "straight")
+    train.train_and_evaluate(cfg, straight)
+
+    # Same run, "preempted" when asking for the batch of step 7 (last checkpoint: step 4).
+    class Preempted(Exception):
+        pass
+
+    real = data.create_train_iterator
+
+    def dying_iterator(*args, **kwargs):
+        it = real(*args, **kwargs)
+        limit = 6 - kwargs["start_step"]
+
+        def gen():
+            for i, batch in enumerate(it):
+                if i == limit:
+                    raise Preempted()
+                yield batch
+        wrapped = gen()
+        wrapped_obj = type("It", (), {"__next__": lambda self: next(wrapped),
+                                      "steps_per_epoch": it.steps_per_epoch,
+                                      "skipped_images": 0})()
+        return wrapped_obj
+
+    resumed = str(tmp_path / "resumed")
+    monkeypatch.setattr(data, "create_train_iterator", dying_iterator)
+    with pytest.raises(Preempted):
+        train.train_and_evaluate(cfg, resumed)
+    monkeypatch.setattr(data, "create_train_iterator", real)
+    assert checkpointing.Checkpointer(resumed).latest_step() == 4
+    assert max(_losses(resumed)) == 6
+    train.train_and_evaluate(cfg, resumed)
+
+    a, b = _losses(straight), _losses(resumed)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert [a[s] for s in range(1, 9)] == [b[s] for s in range(1, 9)]  # bitwise
+    assert len(set(a.values())) == 8  # the losses really move
+
+
+def test_end_to_end_run_writes_checkpoint_png_and_logs(tfds_dir, tmp_path):
+    cfg = tiny_train_config(tfds_dir, total_steps=40)
+    cfg.model.update(width=64, depth=2, num_heads=4, mlp_dim=128)
+    cfg.batch_size = 32
+    cfg.evaluators.reconstruction.every_steps = 20
+    cfg.checkpoint.every_steps = 20
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(cfg, workdir)
+    losses = _losses(workdir)
+    first, last = np.mean([losses[s] for s in range(1, 6)]), np.mean(
+        [losses[s] for s in range(36, 41)])
+    assert last < 0.85 * first, (first, last)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20", "40"]
+    pngs = sorted(os.listdir(os.path.join(workdir, "reconstructions")))
+    assert pngs == ["step_0000020.png", "step_0000040.png"]
+    from PIL import Image
+    grid = np.asarray(Image.open(os.path.join(workdir, "reconstructions", pngs[-1])))
+    assert grid.shape[1] == 4 * grid.shape[0] // 2  # 2 images x 4 columns, square tiles
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+    for name in ("config.json", "parameters.txt", "final_metrics.json"):
+        assert os.path.exists(os.path.join(workdir, name))
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tfds_dir, tmp_path, monkeypatch):
+    cfg = tiny_train_config(tfds_dir)
+    real = data.create_train_iterator
+
+    def poisoned(*args, **kwargs):
+        it = real(*args, **kwargs)
+
+        class It:
+            steps_per_epoch, skipped_images, n = it.steps_per_epoch, 0, 0
+
+            def __next__(self):
+                self.n += 1
+                batch = next(it)
+                if self.n == 6:  # step 6 sees a NaN image
+                    batch = {"image": np.full_like(batch["image"], np.nan)}
+                return batch
+        return It()
+
+    monkeypatch.setattr(data, "create_train_iterator", poisoned)
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradient before step 6"):
+        train.train_and_evaluate(cfg, workdir)
+    ckpt = checkpointing.Checkpointer(workdir)
+    assert ckpt.all_steps() == [4]
+    restored = ckpt.restore(None)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored["params"]))
+
+
+def test_gradient_accumulation_matches_large_batch():
+    cfg = tiny_mae_config()
+    base = objectives.build(cfg)
+    # Feed the mask noise with the batch, so micro-batches see exactly the large batch's masks.
+    obj = base.__class__(
+        name=base.name, model=base.model, encoder_keys=base.encoder_keys,
+        image_shape=base.image_shape,
+        loss_fn=lambda p, b, r, t: base.loss_fn(p, b, r, t, noise=b["noise"]))
+    params = obj.init(jax.random.key(0))
+    batch = {"image": jax.random.normal(jax.random.key(1), (8, 32, 32, 3)),
+             "noise": jax.random.uniform(jax.random.key(2), (8, 64))}
+    schedule = optim.make_schedule(1.0, 10, 0)
+    # Plain SGD with lr 1: the update IS the gradient, so the comparison is not blurred by
+    # Adam's first step (which is ~sign(g) and amplifies rounding where g ~ 0).
+    tx = optax.sgd(schedule)
+    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                             opt_state=tx.init(params), nonfinite_steps=jnp.zeros((), jnp.int32))
+    mesh = sharding.make_mesh()
+    results = [jax.jit(train.make_train_step(obj, tx, schedule, accum, jax.random.key(3), mesh))(
+        state, batch) for accum in (1, 2, 4)]
+    for new_state, metrics in results[1:]:
+        np.testing.assert_allclose(metrics["loss"], results[0][1]["loss"], rtol=1e-6)
+        np.testing.assert_allclose(metrics["grad_norm"], results[0][1]["grad_norm"], rtol=1e-5)
+        delta = lambda s: jax.tree.map(jnp.subtract, s.params, params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+                     delta(new_state), delta(results[0][0]))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("data.name", "no_such_dataset", r"data.name='no_such_dataset' is unknown"),
+    ("objective.name", "nope", r"objective.name='nope' is not a known objective"),
+    ("model.variant", "Q/16", r"variant='Q/16' is not a ViT variant"),
+    ("total_steps", -5, r"total_steps=-5 must be >= 0"),
+    ("batch_size", 0, r"batch_size=0 must be a positive integer"),
+    ("accum_steps", 3, r"batch_size=16 is not divisible by accum_steps=3"),
+    ("evaluators.reconstruction.every_steps", 0, r"every_steps=0 must be > 0"),
+])
+def test_bad_config_fails_before_compute(tfds_dir, tmp_path, field, value, match):
+    cfg = tiny_train_config(tfds_dir)
+    node, key = cfg, field
+    if "." in field:
+        *parents, key = field.split(".")
+        for p in parents:
+            node = node[p]
+    node[key] = value
+    workdir = tmp_path / "bad"
+    with pytest.raises(ValueError, match=match):
+        train.train_and_evaluate(cfg, str(workdir))
+    assert not (workdir / "checkpoints").exists()
+
+
+def test_partial_checkpoint_is_never_loaded(tfds_dir, tmp_path):
+    cfg = tiny_train_config(tfds_dir, total_steps=4)
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(cfg, str(workdir))
+    # What an interrupted save of step 8 leaves behind: orbax's temporary directory.
+    partial = workdir / "checkpoints" / "8.orbax-checkpoint-tmp-1234"
+    (partial / "default").mkdir(parents=True)
+    (partial / "default" / "garbage").write_bytes(b"\x00" * 10)
+    assert checkpointing.Checkpointer(str(workdir)).latest_step() == 4
