@@ -597,12 +597,21 @@ def measure_input(data_cfg, batch_size: int, steps: int, warmup: int, cores: int
     elapsed = time.perf_counter() - start
     cpu_end = os.times()
     cpu = (cpu_end.user - cpu_start.user) + (cpu_end.system - cpu_start.system)
-    images = steps * batch_size
-    rate = images / elapsed
-    return {"images": images, "seconds": elapsed, "images_per_sec": rate,
-            "cores": cores, "images_per_sec_per_core": per_core(rate, cores),
-            "process_cpu_seconds": cpu, "images_per_cpu_second": images / cpu if cpu else None,
-            "steps_per_epoch": train_data.steps_per_epoch}
+    return dict(input_rates(steps * batch_size, elapsed, cores, cpu),
+                steps_per_epoch=train_data.steps_per_epoch)
+
+
+def input_rates(images: int, seconds: float, cores: int, cpu_seconds: float) -> dict:
+    """Throughput figures of the input pipeline.
+
+    Per core divides by the pool size (wall clock: understates the per-core speed when other
+    work shares the cores); per CPU-second divides by the CPU time the process actually got,
+    so it holds up on a shared machine.
+    """
+    rate = images / seconds
+    return {"images": images, "seconds": seconds, "images_per_sec": rate, "cores": cores,
+            "images_per_sec_per_core": per_core(rate, cores), "process_cpu_seconds": cpu_seconds,
+            "images_per_cpu_second": images / cpu_seconds if cpu_seconds > 0 else None}
 
 
 def run_input(config, threads: int, batch: Optional[int]) -> dict:
@@ -671,7 +680,7 @@ class TorchMAEStep:
              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(opt.b1, opt.b2),
             eps=opt.get("eps", 1e-8))
         self.pixels = torch.from_numpy(
-            np.ascontiguousarray(np.transpose(np.asarray(images_nhwc), (0, 3, 1, 2))))
+            np.array(np.transpose(np.asarray(images_nhwc), (0, 3, 1, 2)), order="C", copy=True))
         self.loss = None
 
     def __call__(self):

@@ -16,7 +16,12 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/mae.py:quickstart.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() (multi-host TPU pods, SLURM, ...).")
+    "distributed", False,
+    "Call jax.distributed.initialize(): on TPU pods and SLURM the cluster is auto-detected; "
+    "elsewhere pass the three flags below.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,7 +38,12 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
     import jax  # after absl has parsed flags, so JAX picks up its own flags and env
     if _DISTRIBUTED.value:
-        jax.distributed.initialize()
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            # CPU-only multi-process runs (tests, debugging) need a collectives backend.
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                   num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
     from mim_jax import train
     logging.info("JAX %s, %d process(es), %d devices: %s", jax.__version__,
                  jax.process_count(), jax.device_count(), jax.devices()[0].platform)

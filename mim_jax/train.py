@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mim_jax import checkpointing, data, evaluators, objectives, optim, reporting, sharding
@@ -125,6 +126,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
 
+    if is_main:
+        data.prepare(config.data)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("dataset prepared")
     ckpt = checkpointing.Checkpointer(workdir, **config.checkpoint)
     start_step = ckpt.latest_step() or 0
     train_data = data.create_train_iterator(

@@ -19,6 +19,19 @@ def _pipeline():
     return pipeline
 
 
+def prepare(data_cfg) -> None:
+    """Builds the TFDS dataset if it is not prepared yet (mnist5k: from the bundled digits).
+
+    Multi-process runs call this on one process before the others read, so that no two
+    processes prepare the same dataset at once.
+    """
+    if data_cfg.name in (synthetic.NAME, "folder"):
+        return
+    _pipeline()
+    from mim_jax.data import sources
+    sources.make_source(data_cfg)  # a TFDS source prepares its dataset when it is missing
+
+
 def create_train_iterator(data_cfg, *, global_batch_size: int, seed: int, start_step: int = 0,
                           process_index=None, process_count=None):
     """Per-process training batches {'image': float32 [local_batch, H, W, C]} from step
@@ -45,5 +58,5 @@ def denormalize(images, data_cfg) -> np.ndarray:
     return np.clip(np.asarray(images, np.float32) * std + mean, 0.0, 1.0)
 
 
-__all__ = ["create_train_iterator", "default_data_config", "denormalize", "fixed_eval_images",
+__all__ = ["create_train_iterator", "prepare", "default_data_config", "denormalize", "fixed_eval_images",
            "validate_data_config"]

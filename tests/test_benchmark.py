@@ -1,0 +1,146 @@
+"""Analytic FLOP counts, the benchmark's arithmetic, and a tiny end-to-end `--mode=train` run."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_mae_config
+from mim_jax import benchmark, flops, masking, objectives, sharding
+from mim_jax.models import vit
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# The usual ViT forward figures at 224 px (GFLOP per image). They count 2 FLOPs per
+# multiply-add over every matmul, patch embedding and attention products included: dropping
+# the attention products puts B/16 4% low, so they are part of the convention.
+@pytest.mark.parametrize("variant,reference", [("B/16", 35.2), ("L/16", 123.2),
+                                               ("H/14", 334.8)])
+def test_vit_forward_flops_match_reference(variant, reference):
+    arch = vit.resolve_vit_config(variant, 224)
+    total = sum(flops.vit_forward_flops(arch).values()) / 1e9
+    assert total == pytest.approx(reference, rel=0.01)
+
+
+def test_block_flops_is_24nd2_plus_4n2d_for_mlp_4d():
+    n, d = 197, 768
+    assert flops.block_flops(n, d, 4 * d) == 24 * n * d**2 + 4 * n**2 * d
+
+
+def test_mae_b16_train_flops_per_image():
+    from configs import mae as mae_config
+    config = mae_config.get_config("variant=B/16")
+    # 3 x (patch embed on 196 patches + encoder on 49+1 tokens + 8x512 decoder on 196+1).
+    assert flops.model_flops_per_image(config) / 1e9 == pytest.approx(58.7, abs=0.05)
+
+
+def _xla_flops_per_image(fn, *args, batch):
+    return benchmark.xla_flops(jax.jit(fn).lower(*args).compile()) / batch
+
+
+def _matmul_heavy_tiny_config():
+    # Wide enough that matmuls dominate, as in real models (XLA also counts norms, softmax...).
+    config = tiny_mae_config(decoder_width=128, decoder_depth=1, decoder_heads=4)
+    config.model.update(width=128, depth=2, num_heads=4, mlp_dim=512)
+    return config
+
+
+def test_analytic_flops_agree_with_xla_cost_analysis():
+    config = _matmul_heavy_tiny_config()
+    obj = objectives.build(config)
+    params = obj.init(jax.random.key(0))
+    batch = {"image": jnp.zeros((4, *obj.image_shape))}
+    rngs = {"mask": jax.random.key(1)}
+
+    def forward(params, batch):
+        return obj.loss_fn(params, batch, rngs, train=False)[0]
+
+    analytic = sum(flops.forward_flops_breakdown(config).values())
+    xla_forward = _xla_flops_per_image(forward, params, batch, batch=4)
+    # XLA adds the non-matmul ops (norms, softmax, GELU, loss): a few percent on top.
+    assert 1.0 <= xla_forward / analytic <= 1.15
+    xla_train = _xla_flops_per_image(jax.grad(forward), params, batch, batch=4)
+    # Backward ~ 2x forward; the patch embedding needs no input gradient, hence a bit below 3x.
+    assert 0.95 <= xla_train / flops.model_flops_per_image(config) <= 1.2
+
+
+def test_peak_flops_table_and_mfu():
+    assert benchmark.peak_flops_for("NVIDIA H100 80GB HBM3", "gpu")[0] == 989e12
+    assert benchmark.peak_flops_for("NVIDIA H200", "gpu")[0] == 989e12
+    assert benchmark.peak_flops_for("NVIDIA A100-SXM4-80GB", "gpu")[0] == 312e12
+    assert benchmark.peak_flops_for("TPU v4", "tpu")[0] == 275e12
+    assert benchmark.peak_flops_for("TPU v5 lite", "tpu")[0] == 197e12
+    assert benchmark.peak_flops_for("TPU v5", "tpu")[0] == 459e12
+    assert benchmark.peak_flops_for("TPU v6 lite", "tpu")[0] == 918e12
+    assert benchmark.peak_flops_for("NVIDIA H100 PCIe", "gpu")[0] is None
+    assert benchmark.peak_flops_for("cpu", "cpu")[0] is None
+    assert benchmark.peak_flops_for("cpu", "cpu", 1e12) == (1e12, "--peak_flops")
+    # 1000 img/s x 60 GFLOP on 2 devices of 100 TFLOP/s: 30%.
+    assert benchmark.mfu(1000.0, 60e9, 100e12, 2) == pytest.approx(0.3)
+    assert benchmark.mfu(1000.0, 60e9, None, 2) is None
+
+
+def test_input_rates_per_core_arithmetic():
+    rates = benchmark.input_rates(images=1280, seconds=2.0, cores=2, cpu_seconds=3.2)
+    assert rates["images_per_sec"] == 640.0
+    assert rates["images_per_sec_per_core"] == 320.0
+    assert rates["images_per_cpu_second"] == 400.0
+    assert benchmark.per_core(1000.0, 4) == 250.0
+    with pytest.raises(ValueError, match="cores=0"):
+        benchmark.per_core(10.0, 0)
+
+
+def test_masking_program_is_the_models_masking():
+    """The isolated program times the same gathers the MAE model runs."""
+    b, num, ratio, enc_w, dec_w = 3, 16, 0.75, 8, 4
+    program, shapes = benchmark.masking_program(b, num, ratio, enc_w, dec_w, False)
+    keys = jax.random.split(jax.random.key(0), 3)
+    enc = jax.random.normal(keys[0], shapes["enc_tokens"])
+    dec_vis = jax.random.normal(keys[1], shapes["dec_visible"])
+    token = jax.random.normal(keys[2], (1, 1, dec_w))
+    (kept, unshuffled), mask = program(jax.random.key(5), enc, dec_vis, token, None)
+    m = masking.random_masking(jax.random.key(5), b, num, ratio)
+    np.testing.assert_array_equal(kept, jnp.take_along_axis(enc, m.ids_keep[..., None], 1))
+    np.testing.assert_array_equal(mask, m.mask)
+    # Visible tokens go back to their patch positions, mask tokens everywhere else.
+    for i in range(b):
+        np.testing.assert_array_equal(unshuffled[i, m.ids_keep[i]], dec_vis[i])
+        np.testing.assert_array_equal(unshuffled[i, m.mask[i] == 1],
+                                      np.broadcast_to(token[0], (num - 4, dec_w)))
+    program_bwd, _ = benchmark.masking_program(b, num, ratio, enc_w, dec_w, True)
+    cot = (jnp.ones(shapes["cot_kept"]), jnp.ones(shapes["cot_unshuffled"]))
+    _, _, (g_enc, g_dec, g_token) = program_bwd(jax.random.key(5), enc, dec_vis, token, cot)
+    np.testing.assert_array_equal(g_enc.sum(axis=(1, 2)), np.full(b, 4 * enc_w))
+    np.testing.assert_array_equal(g_token, np.full((1, 1, dec_w), b * (num - 4)))
+
+
+def test_train_mode_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "mim_jax.benchmark", "--config", "configs/mae.py:quickstart",
+           "--config.data.name=synthetic", "--config.model.depth=1",
+           "--config.objective.decoder_depth=1", "--batch=8", "--steps=2", "--warmup=1",
+           f"--json_out={out}"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "masking share of step" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["mode"] == "train"
+    assert result["input_pipeline_loop"] is None  # synthetic data: on-device figure only
+    step = result["train_step"]
+    assert set(step) >= {"compile", "step_time", "images_per_sec", "flops", "mfu", "memory",
+                         "masking", "peak_flops_source", "achieved_flops_per_sec"}
+    assert set(step["compile"]) == {"trace_lower_s", "compile_s"}
+    assert len(step["step_time"]["all_s"]) == 2
+    assert step["mfu"] is None  # CPU: no peak unless --peak_flops
+    assert step["flops"]["xla_train_per_image"] > 0
+    assert step["flops"]["analytic_train_per_image"] > 0
+    assert 0 < step["masking"]["share_of_step"] < 1
+    assert step["memory"]["bytes"] > 0 and step["memory"]["source"]
+    assert result["environment"]["threads"] >= 1
+    assert result["model"]["batch_size"] == 8
