@@ -132,7 +132,7 @@ def test_gradient_accumulation_matches_large_batch():
                              opt_state=tx.init(params), nonfinite_steps=jnp.zeros((), jnp.int32))
     mesh = sharding.make_mesh()
     results = [jax.jit(train.make_train_step(obj, tx, schedule, accum, jax.random.key(3), mesh))(
-        state, batch) for accum in (1, 2, 4)]
+        state, batch) for accum in (1, 4)]
     for new_state, metrics in results[1:]:
         np.testing.assert_allclose(metrics["loss"], results[0][1]["loss"], rtol=1e-6)
         np.testing.assert_allclose(metrics["grad_norm"], results[0][1]["grad_norm"], rtol=1e-5)

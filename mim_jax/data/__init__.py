@@ -4,6 +4,7 @@ TensorFlow is imported only when a TF-backed dataset is used, so hosts with JAX 
 run on data.name='synthetic'. The first such import hides accelerators from TensorFlow and
 registers the offline `mnist5k` TFDS dataset.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,6 +17,7 @@ def _pipeline():
     from mim_jax.data import tf_setup  # noqa: F401  (first: hides GPUs from TensorFlow)
     from mim_jax.data import mnist5k  # noqa: F401  (registers the TFDS builder)
     from mim_jax.data import pipeline
+
     return pipeline
 
 
@@ -29,15 +31,28 @@ def prepare(data_cfg) -> None:
         return
     _pipeline()
     from mim_jax.data import sources
+
     sources.make_source(data_cfg)  # a TFDS source prepares its dataset when it is missing
 
 
-def create_train_iterator(data_cfg, *, global_batch_size: int, seed: int, start_step: int = 0,
-                          process_index=None, process_count=None):
+def create_train_iterator(
+    data_cfg,
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    process_index=None,
+    process_count=None,
+):
     """Per-process training batches {'image': float32 [local_batch, H, W, C]} from step
     `start_step` on; see pipeline.create_train_iterator for the guarantees."""
-    kwargs = dict(global_batch_size=global_batch_size, seed=seed, start_step=start_step,
-                  process_index=process_index, process_count=process_count)
+    kwargs = dict(
+        global_batch_size=global_batch_size,
+        seed=seed,
+        start_step=start_step,
+        process_index=process_index,
+        process_count=process_count,
+    )
     if data_cfg.name == synthetic.NAME:
         validate_data_config(data_cfg)
         return synthetic.SyntheticData(data_cfg, **kwargs)
@@ -58,5 +73,11 @@ def denormalize(images, data_cfg) -> np.ndarray:
     return np.clip(np.asarray(images, np.float32) * std + mean, 0.0, 1.0)
 
 
-__all__ = ["create_train_iterator", "prepare", "default_data_config", "denormalize", "fixed_eval_images",
-           "validate_data_config"]
+__all__ = [
+    "create_train_iterator",
+    "prepare",
+    "default_data_config",
+    "denormalize",
+    "fixed_eval_images",
+    "validate_data_config",
+]

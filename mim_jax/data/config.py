@@ -11,150 +11,149 @@ import re
 import ml_collections
 from ml_collections import config_dict
 
-FOLDER = 'folder'
-MNIST5K = 'mnist5k'
-SYNTHETIC = 'synthetic'  # TF-free random images (benchmarks, hosts with only JAX)
-INTERPOLATIONS = ('bicubic', 'bilinear')
+FOLDER = "folder"
+MNIST5K = "mnist5k"
+SYNTHETIC = "synthetic"  # TF-free random images (benchmarks, hosts with only JAX)
+INTERPOLATIONS = ("bicubic", "bilinear")
 AUTOTUNE = -1
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-  """The data section of an experiment config, with documented defaults."""
-  c = ml_collections.ConfigDict()
-  # 'mnist5k' (offline, bundled), 'folder' (own images), 'synthetic' or any TFDS name,
-  # optionally with config / version, e.g. 'imagenet2012:5.1.0'.
-  c.name = MNIST5K
-  # Placeholders keep the fields typed (str) so command-line overrides work.
-  c.data_dir = config_dict.placeholder(str)  # None -> TFDS default dir.
-  c.manual_dir = config_dict.placeholder(str)  # e.g. ImageNet tar files.
-  c.folder = config_dict.placeholder(str)  # Root dir when name == 'folder'.
-  c.split = 'train'
-  c.eval_split = 'test'  # Falls back to `split` when empty / None.
-  c.image_key = 'image'  # Feature holding the image in TFDS examples.
-  c.image_size = 224
-  c.channels = 3  # 1 or 3; inputs are converted as needed.
-  # RandomResizedCrop area range as a fraction of the image; None disables
-  # cropping (plain resize to image_size).
-  c.crop_scale = (0.2, 1.0)
-  c.crop_ratio = (3 / 4, 4 / 3)  # Aspect-ratio (w/h) range of the crop.
-  c.interpolation = 'bicubic'
-  c.flip = True
-  c.mean = (0.485, 0.456, 0.406)
-  c.std = (0.229, 0.224, 0.225)
-  c.shuffle_buffer = 10_000
-  c.prefetch = 2
-  c.num_parallel_calls = AUTOTUNE  # -1 = tf.data.AUTOTUNE.
-  return c
+    """The data section of an experiment config, with documented defaults."""
+    c = ml_collections.ConfigDict()
+    # 'mnist5k' (offline, bundled), 'folder' (own images), 'synthetic' or any TFDS name,
+    # optionally with config / version, e.g. 'imagenet2012:5.1.0'.
+    c.name = MNIST5K
+    # Placeholders keep the fields typed (str) so command-line overrides work.
+    c.data_dir = config_dict.placeholder(str)  # None -> TFDS default dir.
+    c.manual_dir = config_dict.placeholder(str)  # e.g. ImageNet tar files.
+    c.folder = config_dict.placeholder(str)  # Root dir when name == 'folder'.
+    c.split = "train"
+    c.eval_split = "test"  # Falls back to `split` when empty / None.
+    c.image_key = "image"  # Feature holding the image in TFDS examples.
+    c.image_size = 224
+    c.channels = 3  # 1 or 3; inputs are converted as needed.
+    # RandomResizedCrop area range as a fraction of the image; None disables
+    # cropping (plain resize to image_size).
+    c.crop_scale = (0.2, 1.0)
+    c.crop_ratio = (3 / 4, 4 / 3)  # Aspect-ratio (w/h) range of the crop.
+    c.interpolation = "bicubic"
+    c.flip = True
+    c.mean = (0.485, 0.456, 0.406)
+    c.std = (0.229, 0.224, 0.225)
+    c.shuffle_buffer = 10_000
+    c.prefetch = 2
+    c.num_parallel_calls = AUTOTUNE  # -1 = tf.data.AUTOTUNE.
+    return c
 
 
 def tfds_base_name(name: str) -> str:
-  """'imagenet2012/subset:5.1.0' -> 'imagenet2012' (builder registry key)."""
-  return re.split(r'[/:]', name, maxsplit=1)[0]
+    """'imagenet2012/subset:5.1.0' -> 'imagenet2012' (builder registry key)."""
+    return re.split(r"[/:]", name, maxsplit=1)[0]
 
 
 def _is_registered_tfds_builder(name: str) -> bool:
-  # Importing here keeps this module importable without TFDS (configs only
-  # need `default_data_config`).  `builder_cls` only looks at the registry;
-  # unlike `tfds.list_builders()` it never touches the network.
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from mim_jax.data import mnist5k  # pylint: disable=g-import-not-at-top,unused-import
+    # Importing here keeps this module importable without TFDS (configs only
+    # need `default_data_config`).  `builder_cls` only looks at the registry;
+    # unlike `tfds.list_builders()` it never touches the network.
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    from mim_jax.data import mnist5k  # pylint: disable=g-import-not-at-top,unused-import
 
-  try:
-    tfds.builder_cls(tfds_base_name(name))
-  except Exception:  # pylint: disable=broad-except
-    # DatasetNotFoundError, or a malformed name TFDS refuses to parse.
-    return False
-  return True
+    try:
+        tfds.builder_cls(tfds_base_name(name))
+    except Exception:  # pylint: disable=broad-except
+        # DatasetNotFoundError, or a malformed name TFDS refuses to parse.
+        return False
+    return True
 
 
 def _pair(cfg, field):
-  value = cfg.get(field)
-  try:
-    lo, hi = (float(v) for v in value)
-  except (TypeError, ValueError):
-    raise ValueError(
-        f'data.{field}={value!r} must be a pair of numbers (min, max).'
-    ) from None
-  return lo, hi
+    value = cfg.get(field)
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"data.{field}={value!r} must be a pair of numbers (min, max).") from None
+    return lo, hi
 
 
 def _int_field(cfg, field):
-  value = cfg.get(field)
-  if isinstance(value, bool) or not isinstance(value, int):
-    raise ValueError(f'data.{field}={value!r} must be an integer.')
-  return value
+    value = cfg.get(field)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"data.{field}={value!r} must be an integer.")
+    return value
 
 
 def validate_data_config(cfg) -> None:
-  """Raises ValueError naming the offending field; cheap (no data access)."""
-  name = cfg.get('name')
-  if not isinstance(name, str) or not name:
-    raise ValueError(
-        f"data.name={name!r} must be '{MNIST5K}', '{FOLDER}' or the name of "
-        'a registered TFDS dataset.')
-  if name == FOLDER:
-    folder = cfg.get('folder')
-    if not folder:
-      raise ValueError(
-          f"data.folder={folder!r}: data.name='{FOLDER}' needs data.folder set "
-          'to a directory of images.')
-    if not os.path.isdir(folder):
-      raise ValueError(
-          f'data.folder={folder!r} is not an existing directory.')
-  elif name not in (MNIST5K, SYNTHETIC) and not _is_registered_tfds_builder(name):
-    raise ValueError(
-        f"data.name={name!r} is unknown: allowed are '{MNIST5K}', '{FOLDER}', '{SYNTHETIC}' "
-        'or a registered TFDS dataset name (see tfds.list_builders()).')
+    """Raises ValueError naming the offending field; cheap (no data access)."""
+    name = cfg.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(
+            f"data.name={name!r} must be '{MNIST5K}', '{FOLDER}' or the name of "
+            "a registered TFDS dataset."
+        )
+    if name == FOLDER:
+        folder = cfg.get("folder")
+        if not folder:
+            raise ValueError(
+                f"data.folder={folder!r}: data.name='{FOLDER}' needs data.folder set "
+                "to a directory of images."
+            )
+        if not os.path.isdir(folder):
+            raise ValueError(f"data.folder={folder!r} is not an existing directory.")
+    elif name not in (MNIST5K, SYNTHETIC) and not _is_registered_tfds_builder(name):
+        raise ValueError(
+            f"data.name={name!r} is unknown: allowed are '{MNIST5K}', '{FOLDER}', '{SYNTHETIC}' "
+            "or a registered TFDS dataset name (see tfds.list_builders())."
+        )
 
-  image_size = _int_field(cfg, 'image_size')
-  if image_size <= 0:
-    raise ValueError(f'data.image_size={image_size} must be > 0.')
-  channels = cfg.get('channels')
-  if channels not in (1, 3) or isinstance(channels, bool):
-    raise ValueError(f'data.channels={channels!r} must be 1 or 3.')
+    image_size = _int_field(cfg, "image_size")
+    if image_size <= 0:
+        raise ValueError(f"data.image_size={image_size} must be > 0.")
+    channels = cfg.get("channels")
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise ValueError(f"data.channels={channels!r} must be 1 or 3.")
 
-  if cfg.get('crop_scale') is not None:
-    lo, hi = _pair(cfg, 'crop_scale')
-    if not 0 < lo <= hi <= 1:
-      raise ValueError(
-          f'data.crop_scale={tuple(cfg.crop_scale)!r} must satisfy '
-          '0 < min <= max <= 1 (fraction of the image area), or be None to '
-          'disable cropping.')
-    lo, hi = _pair(cfg, 'crop_ratio')
-    if not 0 < lo <= hi:
-      raise ValueError(
-          f'data.crop_ratio={tuple(cfg.crop_ratio)!r} must satisfy '
-          '0 < min <= max.')
+    if cfg.get("crop_scale") is not None:
+        lo, hi = _pair(cfg, "crop_scale")
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(
+                f"data.crop_scale={tuple(cfg.crop_scale)!r} must satisfy "
+                "0 < min <= max <= 1 (fraction of the image area), or be None to "
+                "disable cropping."
+            )
+        lo, hi = _pair(cfg, "crop_ratio")
+        if not 0 < lo <= hi:
+            raise ValueError(
+                f"data.crop_ratio={tuple(cfg.crop_ratio)!r} must satisfy " "0 < min <= max."
+            )
 
-  interpolation = cfg.get('interpolation')
-  if interpolation not in INTERPOLATIONS:
-    raise ValueError(
-        f'data.interpolation={interpolation!r} is not allowed; use one of '
-        f'{INTERPOLATIONS}.')
+    interpolation = cfg.get("interpolation")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(
+            f"data.interpolation={interpolation!r} is not allowed; use one of " f"{INTERPOLATIONS}."
+        )
 
-  for field in ('mean', 'std'):
-    value = cfg.get(field)
-    try:
-      values = [float(v) for v in value]
-    except (TypeError, ValueError):
-      raise ValueError(
-          f'data.{field}={value!r} must be a sequence of numbers.') from None
-    if len(values) != channels:
-      raise ValueError(
-          f'data.{field}={tuple(value)!r} has {len(values)} entries but '
-          f'data.channels={channels}; they must match.')
-    if field == 'std' and min(values) <= 0:
-      raise ValueError(f'data.std={tuple(value)!r} must be all > 0.')
+    for field in ("mean", "std"):
+        value = cfg.get(field)
+        try:
+            values = [float(v) for v in value]
+        except (TypeError, ValueError):
+            raise ValueError(f"data.{field}={value!r} must be a sequence of numbers.") from None
+        if len(values) != channels:
+            raise ValueError(
+                f"data.{field}={tuple(value)!r} has {len(values)} entries but "
+                f"data.channels={channels}; they must match."
+            )
+        if field == "std" and min(values) <= 0:
+            raise ValueError(f"data.std={tuple(value)!r} must be all > 0.")
 
-  if _int_field(cfg, 'shuffle_buffer') < 1:
-    raise ValueError(f'data.shuffle_buffer={cfg.shuffle_buffer} must be >= 1.')
-  if _int_field(cfg, 'prefetch') < 0:
-    raise ValueError(f'data.prefetch={cfg.prefetch} must be >= 0.')
-  npc = _int_field(cfg, 'num_parallel_calls')
-  if npc != AUTOTUNE and npc < 1:
-    raise ValueError(
-        f'data.num_parallel_calls={npc} must be >= 1 or -1 (AUTOTUNE).')
-  for field in ('split', 'image_key'):
-    if not isinstance(cfg.get(field), str) or not cfg.get(field):
-      raise ValueError(
-          f'data.{field}={cfg.get(field)!r} must be a non-empty string.')
+    if _int_field(cfg, "shuffle_buffer") < 1:
+        raise ValueError(f"data.shuffle_buffer={cfg.shuffle_buffer} must be >= 1.")
+    if _int_field(cfg, "prefetch") < 0:
+        raise ValueError(f"data.prefetch={cfg.prefetch} must be >= 0.")
+    npc = _int_field(cfg, "num_parallel_calls")
+    if npc != AUTOTUNE and npc < 1:
+        raise ValueError(f"data.num_parallel_calls={npc} must be >= 1 or -1 (AUTOTUNE).")
+    for field in ("split", "image_key"):
+        if not isinstance(cfg.get(field), str) or not cfg.get(field):
+            raise ValueError(f"data.{field}={cfg.get(field)!r} must be a non-empty string.")

@@ -33,235 +33,261 @@ _SHUFFLE, _AUGMENT = 0, 1
 _INT63 = (1 << 63) - 1
 
 
-def _derive_seed(seed: int, process_index: int, epoch: int,
-                 purpose: int) -> int:
-  """Well-mixed non-negative int64 seed from the identifying integers."""
-  # SeedSequence hashes its entropy, so nearby seeds/epochs do not give
-  # correlated streams; it only accepts non-negative ints, hence the modulo.
-  entropy = [seed % (1 << 64), process_index, epoch, purpose]
-  state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)
-  return int(state[0]) & _INT63
+def _derive_seed(seed: int, process_index: int, epoch: int, purpose: int) -> int:
+    """Well-mixed non-negative int64 seed from the identifying integers."""
+    # SeedSequence hashes its entropy, so nearby seeds/epochs do not give
+    # correlated streams; it only accepts non-negative ints, hence the modulo.
+    entropy = [seed % (1 << 64), process_index, epoch, purpose]
+    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)
+    return int(state[0]) & _INT63
 
 
 def _options() -> tf.data.Options:
-  options = tf.data.Options()
-  # Order-preserving maps: the batches must not depend on thread timing.
-  options.deterministic = True
-  options.autotune.enabled = True
-  return options
+    options = tf.data.Options()
+    # Order-preserving maps: the batches must not depend on thread timing.
+    options.deterministic = True
+    options.autotune.enabled = True
+    return options
 
 
 class TrainData:
-  """Infinite iterator over training batches of one process.
+    """Infinite iterator over training batches of one process.
 
-  Yields {'image': float32 [local_batch, H, W, C]} normalised with the
-  config's mean / std.  Attributes:
-    num_examples: examples in this process's shard of the split.
-    steps_per_epoch: identical on all processes.
-    local_batch_size: images per batch on this process.
-    step: index of the next batch to be yielded.
-    skipped_images: corrupt / undecodable images dropped so far.
-  """
+    Yields {'image': float32 [local_batch, H, W, C]} normalised with the
+    config's mean / std.  Attributes:
+      num_examples: examples in this process's shard of the split.
+      steps_per_epoch: identical on all processes.
+      local_batch_size: images per batch on this process.
+      step: index of the next batch to be yielded.
+      skipped_images: corrupt / undecodable images dropped so far.
+    """
 
-  def __init__(self, source, cfg, *, split: str, local_batch_size: int,
-               steps_per_epoch: int, num_examples: int, seed: int,
-               start_step: int, process_index: int, process_count: int):
-    self._source = source
-    self._cfg = cfg
-    self._spec = image_ops.ImageSpec.from_config(cfg)
-    self._split = split
-    self.local_batch_size = local_batch_size
-    self.steps_per_epoch = steps_per_epoch
-    self.num_examples = num_examples
-    self._seed = seed
-    self._process_index = process_index
-    self._process_count = process_count
-    self.step = start_step
-    self._iterator: Optional[Iterator[Dict[str, np.ndarray]]] = None
-    self._epoch = -1
-    # Skip accounting: see `skipped_images`.
-    self._skipped_done = 0  # Finished epochs.
-    self._epoch_first_pos = 0  # Position of the epoch's first record.
-    self._epoch_next_pos = 0  # Last position seen + 1.
-    self._epoch_images = 0  # Decoded images seen (incl. a dropped remainder).
-    self._epoch_batches = 0  # Full batches yielded.
+    def __init__(
+        self,
+        source,
+        cfg,
+        *,
+        split: str,
+        local_batch_size: int,
+        steps_per_epoch: int,
+        num_examples: int,
+        seed: int,
+        start_step: int,
+        process_index: int,
+        process_count: int,
+    ):
+        self._source = source
+        self._cfg = cfg
+        self._spec = image_ops.ImageSpec.from_config(cfg)
+        self._split = split
+        self.local_batch_size = local_batch_size
+        self.steps_per_epoch = steps_per_epoch
+        self.num_examples = num_examples
+        self._seed = seed
+        self._process_index = process_index
+        self._process_count = process_count
+        self.step = start_step
+        self._iterator: Optional[Iterator[Dict[str, np.ndarray]]] = None
+        self._epoch = -1
+        # Skip accounting: see `skipped_images`.
+        self._skipped_done = 0  # Finished epochs.
+        self._epoch_first_pos = 0  # Position of the epoch's first record.
+        self._epoch_next_pos = 0  # Last position seen + 1.
+        self._epoch_images = 0  # Decoded images seen (incl. a dropped remainder).
+        self._epoch_batches = 0  # Full batches yielded.
 
-  @property
-  def skipped_images(self) -> int:
-    # Deterministic maps keep order, so any position below the last one seen
-    # that did not come out as an image was dropped by `ignore_errors`.
-    current = (self._epoch_next_pos - self._epoch_first_pos -
-               self._epoch_images)
-    return self._skipped_done + current
+    @property
+    def skipped_images(self) -> int:
+        # Deterministic maps keep order, so any position below the last one seen
+        # that did not come out as an image was dropped by `ignore_errors`.
+        current = self._epoch_next_pos - self._epoch_first_pos - self._epoch_images
+        return self._skipped_done + current
 
-  def _epoch_dataset(self, epoch: int, offset: int) -> tf.data.Dataset:
-    """Batches `offset`, `offset + 1`, ... of epoch `epoch`."""
-    spec, cfg = self._spec, self._cfg
-    shuffle_seed = _derive_seed(self._seed, self._process_index, epoch,
-                                _SHUFFLE)
-    augment_key = _derive_seed(self._seed, self._process_index, epoch,
-                               _AUGMENT)
-    ds = self._source.epoch_records(
-        self._split, self._process_index, self._process_count,
-        shuffle_seed=shuffle_seed, shuffle_buffer=cfg.shuffle_buffer)
-    ds = ds.enumerate()  # Position in the epoch stream, fixed by the shuffle.
-    # Resume: drop still-encoded records (cheap: nothing is decoded).
-    ds = ds.skip(offset * self.local_batch_size)
-    load = self._source.load
+    def _epoch_dataset(self, epoch: int, offset: int) -> tf.data.Dataset:
+        """Batches `offset`, `offset + 1`, ... of epoch `epoch`."""
+        spec, cfg = self._spec, self._cfg
+        shuffle_seed = _derive_seed(self._seed, self._process_index, epoch, _SHUFFLE)
+        augment_key = _derive_seed(self._seed, self._process_index, epoch, _AUGMENT)
+        ds = self._source.epoch_records(
+            self._split,
+            self._process_index,
+            self._process_count,
+            shuffle_seed=shuffle_seed,
+            shuffle_buffer=cfg.shuffle_buffer,
+        )
+        ds = ds.enumerate()  # Position in the epoch stream, fixed by the shuffle.
+        # Resume: drop still-encoded records (cheap: nothing is decoded).
+        ds = ds.skip(offset * self.local_batch_size)
+        load = self._source.load
 
-    def process(position, ref):
-      seed = tf.stack([tf.constant(augment_key, tf.int64), position])
-      image = image_ops.train_image(load(ref), seed, spec)
-      image = image_ops.normalize(image, spec.mean, spec.std)
-      return {'image': image, 'position': position}
+        def process(position, ref):
+            seed = tf.stack([tf.constant(augment_key, tf.int64), position])
+            image = image_ops.train_image(load(ref), seed, spec)
+            image = image_ops.normalize(image, spec.mean, spec.std)
+            return {"image": image, "position": position}
 
-    parallel = cfg.num_parallel_calls
-    if parallel == config_lib.AUTOTUNE:
-      parallel = tf.data.AUTOTUNE
-    ds = ds.map(process, num_parallel_calls=parallel, deterministic=True)
-    # A corrupt image must not end a days-long run; it is dropped here and
-    # counted on the host from the gaps in 'position'.
-    ds = ds.ignore_errors(log_warning=True)
-    # No drop_remainder: see the module docstring.  `take` cuts the epoch
-    # before a remainder unless the shard ran out (corrupt images).
-    ds = ds.batch(self.local_batch_size)
-    ds = ds.take(self.steps_per_epoch - offset)
-    if cfg.prefetch:
-      ds = ds.prefetch(cfg.prefetch)
-    return ds.with_options(_options())
+        parallel = cfg.num_parallel_calls
+        if parallel == config_lib.AUTOTUNE:
+            parallel = tf.data.AUTOTUNE
+        ds = ds.map(process, num_parallel_calls=parallel, deterministic=True)
+        # A corrupt image must not end a days-long run; it is dropped here and
+        # counted on the host from the gaps in 'position'.
+        ds = ds.ignore_errors(log_warning=True)
+        # No drop_remainder: see the module docstring.  `take` cuts the epoch
+        # before a remainder unless the shard ran out (corrupt images).
+        ds = ds.batch(self.local_batch_size)
+        ds = ds.take(self.steps_per_epoch - offset)
+        if cfg.prefetch:
+            ds = ds.prefetch(cfg.prefetch)
+        return ds.with_options(_options())
 
-  def _start_epoch(self) -> None:
-    epoch, offset = divmod(self.step, self.steps_per_epoch)
-    self._epoch = epoch
-    self._epoch_first_pos = offset * self.local_batch_size
-    self._epoch_next_pos = self._epoch_first_pos
-    self._epoch_images = 0
-    self._epoch_batches = 0
-    self._iterator = self._epoch_dataset(epoch, offset).as_numpy_iterator()
+    def _start_epoch(self) -> None:
+        epoch, offset = divmod(self.step, self.steps_per_epoch)
+        self._epoch = epoch
+        self._epoch_first_pos = offset * self.local_batch_size
+        self._epoch_next_pos = self._epoch_first_pos
+        self._epoch_images = 0
+        self._epoch_batches = 0
+        self._iterator = self._epoch_dataset(epoch, offset).as_numpy_iterator()
 
-  def _finish_epoch(self) -> None:
-    """Closes the epoch after its iterator ended; moves to the next one."""
-    offset = self._epoch_first_pos // self.local_batch_size
-    if self._epoch_batches < self.steps_per_epoch - offset:
-      # The shard ran out before `take` stopped it: every remaining record
-      # was read, and the ones that produced no image were undecodable.
-      self._epoch_next_pos = self.num_examples
-    if self._epoch_batches == 0 and offset == 0:
-      raise RuntimeError(
-          f'Epoch {self._epoch} produced no batch of {self.local_batch_size} '
-          f'images; {self.skipped_images} images were skipped as undecodable '
-          'so far. Check the dataset.')
-    self._skipped_done = self.skipped_images
-    self._epoch_first_pos = self._epoch_next_pos = self._epoch_images = 0
-    self._epoch_batches = 0
-    self._iterator = None
-    # Normally a no-op.  An epoch cut short by corrupt images still ends
-    # here, so the step <-> (epoch, offset) mapping used by resume holds.
-    self.step = (self._epoch + 1) * self.steps_per_epoch
+    def _finish_epoch(self) -> None:
+        """Closes the epoch after its iterator ended; moves to the next one."""
+        offset = self._epoch_first_pos // self.local_batch_size
+        if self._epoch_batches < self.steps_per_epoch - offset:
+            # The shard ran out before `take` stopped it: every remaining record
+            # was read, and the ones that produced no image were undecodable.
+            self._epoch_next_pos = self.num_examples
+        if self._epoch_batches == 0 and offset == 0:
+            raise RuntimeError(
+                f"Epoch {self._epoch} produced no batch of {self.local_batch_size} "
+                f"images; {self.skipped_images} images were skipped as undecodable "
+                "so far. Check the dataset."
+            )
+        self._skipped_done = self.skipped_images
+        self._epoch_first_pos = self._epoch_next_pos = self._epoch_images = 0
+        self._epoch_batches = 0
+        self._iterator = None
+        # Normally a no-op.  An epoch cut short by corrupt images still ends
+        # here, so the step <-> (epoch, offset) mapping used by resume holds.
+        self.step = (self._epoch + 1) * self.steps_per_epoch
 
-  def __iter__(self) -> 'TrainData':
-    return self
+    def __iter__(self) -> "TrainData":
+        return self
 
-  def __next__(self) -> Dict[str, np.ndarray]:
-    while True:
-      if self._iterator is None:
-        self._start_epoch()
-      batch = next(self._iterator, None)
-      if batch is None:
-        self._finish_epoch()
-        continue
-      positions = batch.pop('position')
-      self._epoch_next_pos = int(positions[-1]) + 1
-      self._epoch_images += len(positions)
-      if len(positions) < self.local_batch_size:
-        continue  # Remainder of a shard that ran out; its end comes next.
-      self._epoch_batches += 1
-      self.step += 1
-      return batch
+    def __next__(self) -> Dict[str, np.ndarray]:
+        while True:
+            if self._iterator is None:
+                self._start_epoch()
+            batch = next(self._iterator, None)
+            if batch is None:
+                self._finish_epoch()
+                continue
+            positions = batch.pop("position")
+            self._epoch_next_pos = int(positions[-1]) + 1
+            self._epoch_images += len(positions)
+            if len(positions) < self.local_batch_size:
+                continue  # Remainder of a shard that ran out; its end comes next.
+            self._epoch_batches += 1
+            self.step += 1
+            return batch
 
 
 def _resolve_processes(process_index, process_count):
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_index = (jax.process_index() if process_index is None
-                     else process_index)
-    process_count = (jax.process_count() if process_count is None
-                     else process_count)
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(
-        f'process_index={process_index} / process_count={process_count}: '
-        'need process_count >= 1 and 0 <= process_index < process_count.')
-  return process_index, process_count
+    if process_index is None or process_count is None:
+        import jax  # pylint: disable=g-import-not-at-top
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(
+            f"process_index={process_index} / process_count={process_count}: "
+            "need process_count >= 1 and 0 <= process_index < process_count."
+        )
+    return process_index, process_count
 
 
-def create_train_iterator(data_cfg, *, global_batch_size: int, seed: int,
-                          start_step: int = 0,
-                          process_index: Optional[int] = None,
-                          process_count: Optional[int] = None) -> TrainData:
-  """Training batches for this process, starting at batch `start_step`.
+def create_train_iterator(
+    data_cfg,
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+) -> TrainData:
+    """Training batches for this process, starting at batch `start_step`.
 
-  Each process reads a disjoint shard of `data_cfg.split`; the shards cover
-  the split.  `start_step=k` yields exactly what batches k, k+1, ... of a
-  fresh iterator would (bitwise, when no image is corrupt), without
-  decoding anything before step k.
-  """
-  config_lib.validate_data_config(data_cfg)
-  process_index, process_count = _resolve_processes(process_index,
-                                                    process_count)
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(
-        f'batch_size={global_batch_size} must be a positive multiple of the '
-        f'number of processes ({process_count}).')
-  if start_step < 0:
-    raise ValueError(f'start_step={start_step} must be >= 0.')
-  local_batch = global_batch_size // process_count
-  source = sources.make_source(data_cfg)
-  split = data_cfg.split
-  total = source.num_examples(split)
-  # From the total (not this shard) so every process agrees.
-  steps_per_epoch = (total // process_count) // local_batch
-  if steps_per_epoch == 0:
-    raise ValueError(
-        f'batch_size={global_batch_size} is larger than the split '
-        f'data.split={split!r} with {total} examples allows: each of '
-        f'{process_count} processes has at least {total // process_count} '
-        f'examples but needs {local_batch} per batch.')
-  return TrainData(
-      source, data_cfg, split=split, local_batch_size=local_batch,
-      steps_per_epoch=steps_per_epoch,
-      num_examples=source.shard_size(split, process_index, process_count),
-      seed=seed, start_step=start_step, process_index=process_index,
-      process_count=process_count)
+    Each process reads a disjoint shard of `data_cfg.split`; the shards cover
+    the split.  `start_step=k` yields exactly what batches k, k+1, ... of a
+    fresh iterator would (bitwise, when no image is corrupt), without
+    decoding anything before step k.
+    """
+    config_lib.validate_data_config(data_cfg)
+    process_index, process_count = _resolve_processes(process_index, process_count)
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(
+            f"batch_size={global_batch_size} must be a positive multiple of the "
+            f"number of processes ({process_count})."
+        )
+    if start_step < 0:
+        raise ValueError(f"start_step={start_step} must be >= 0.")
+    local_batch = global_batch_size // process_count
+    source = sources.make_source(data_cfg)
+    split = data_cfg.split
+    total = source.num_examples(split)
+    # From the total (not this shard) so every process agrees.
+    steps_per_epoch = (total // process_count) // local_batch
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"batch_size={global_batch_size} is larger than the split "
+            f"data.split={split!r} with {total} examples allows: each of "
+            f"{process_count} processes has at least {total // process_count} "
+            f"examples but needs {local_batch} per batch."
+        )
+    return TrainData(
+        source,
+        data_cfg,
+        split=split,
+        local_batch_size=local_batch,
+        steps_per_epoch=steps_per_epoch,
+        num_examples=source.shard_size(split, process_index, process_count),
+        seed=seed,
+        start_step=start_step,
+        process_index=process_index,
+        process_count=process_count,
+    )
 
 
 def fixed_eval_images(data_cfg, num: int) -> np.ndarray:
-  """First `num` images of the eval split: float32 [num, H, W, C], normalised.
+    """First `num` images of the eval split: float32 [num, H, W, C], normalised.
 
-  No randomness (center square crop, resize), identical on every process and
-  every call -- meant for reconstruction figures.  Uses data.eval_split, or
-  data.split when that is empty; a folder dataset uses its sorted file list.
-  Undecodable images are skipped.
-  """
-  config_lib.validate_data_config(data_cfg)
-  if num <= 0:
-    raise ValueError(f'num={num} must be > 0.')
-  spec = image_ops.ImageSpec.from_config(data_cfg)
-  split = data_cfg.get('eval_split') or data_cfg.split
-  source = sources.make_source(data_cfg)
-  load = source.load
+    No randomness (center square crop, resize), identical on every process and
+    every call -- meant for reconstruction figures.  Uses data.eval_split, or
+    data.split when that is empty; a folder dataset uses its sorted file list.
+    Undecodable images are skipped.
+    """
+    config_lib.validate_data_config(data_cfg)
+    if num <= 0:
+        raise ValueError(f"num={num} must be > 0.")
+    spec = image_ops.ImageSpec.from_config(data_cfg)
+    split = data_cfg.get("eval_split") or data_cfg.split
+    source = sources.make_source(data_cfg)
+    load = source.load
 
-  def process(ref):
-    image = image_ops.eval_image(load(ref), spec)
-    return image_ops.normalize(image, spec.mean, spec.std)
+    def process(ref):
+        image = image_ops.eval_image(load(ref), spec)
+        return image_ops.normalize(image, spec.mean, spec.std)
 
-  ds = source.eval_records(split).map(
-      process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.ignore_errors(log_warning=True).take(num).batch(num)
-  ds = ds.with_options(_options())
-  images = next(ds.as_numpy_iterator(), None)
-  found = 0 if images is None else len(images)
-  if found < num:
-    raise ValueError(
-        f'num={num} eval images requested but split {split!r} of '
-        f'data.name={data_cfg.name!r} has only {found} decodable images.')
-  return images
+    ds = source.eval_records(split).map(
+        process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+    ds = ds.ignore_errors(log_warning=True).take(num).batch(num)
+    ds = ds.with_options(_options())
+    images = next(ds.as_numpy_iterator(), None)
+    found = 0 if images is None else len(images)
+    if found < num:
+        raise ValueError(
+            f"num={num} eval images requested but split {split!r} of "
+            f"data.name={data_cfg.name!r} has only {found} decodable images."
+        )
+    return images

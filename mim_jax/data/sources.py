@@ -16,165 +16,181 @@ import os
 from typing import Optional, Sequence
 
 import numpy as np
+
+from mim_jax.data.tf_setup import tf  # first: hides accelerators from TensorFlow
 import tensorflow_datasets as tfds
 
 from mim_jax.data import config as config_lib
-from mim_jax.data.tf_setup import tf
+from mim_jax.data import mnist5k  # noqa: F401  (registers the bundled TFDS dataset)
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
 def _deterministic_options() -> tf.data.Options:
-  options = tf.data.Options()
-  options.deterministic = True
-  return options
+    options = tf.data.Options()
+    options.deterministic = True
+    return options
 
 
 class TfdsSource:
-  """Any TFDS dataset (prepared on demand for mnist5k or when missing)."""
+    """Any TFDS dataset (prepared on demand for mnist5k or when missing)."""
 
-  def __init__(self, cfg):
-    self._image_key = cfg.image_key
-    download_config = tfds.download.DownloadConfig(
-        manual_dir=cfg.manual_dir,
-        # Never reach for the network to fetch pre-built data.
-        try_download_gcs=False)
-    self.builder = tfds.builder(cfg.name, data_dir=cfg.data_dir)
-    # mnist5k is tiny and built offline, so it is always prepared on demand
-    # (a no-op once it exists); other datasets only when not there yet, e.g.
-    # ImageNet from the tar files in `manual_dir`.
-    if cfg.name == config_lib.MNIST5K or not self.builder.is_prepared():
-      self.builder.download_and_prepare(download_config=download_config)
-    features = self.builder.info.features
-    if self._image_key not in features:
-      raise ValueError(
-          f'data.image_key={self._image_key!r} is not a feature of TFDS '
-          f'dataset {cfg.name!r}; available: {sorted(features.keys())}.')
+    def __init__(self, cfg):
+        self._image_key = cfg.image_key
+        download_config = tfds.download.DownloadConfig(
+            manual_dir=cfg.manual_dir,
+            # Never reach for the network to fetch pre-built data.
+            try_download_gcs=False,
+        )
+        self.builder = tfds.builder(cfg.name, data_dir=cfg.data_dir)
+        # mnist5k is tiny and built offline, so it is always prepared on demand
+        # (a no-op once it exists); other datasets only when not there yet, e.g.
+        # ImageNet from the tar files in `manual_dir`.
+        if cfg.name == config_lib.MNIST5K or not self.builder.is_prepared():
+            self.builder.download_and_prepare(download_config=download_config)
+        features = self.builder.info.features
+        if self._image_key not in features:
+            raise ValueError(
+                f"data.image_key={self._image_key!r} is not a feature of TFDS "
+                f"dataset {cfg.name!r}; available: {sorted(features.keys())}."
+            )
 
-  def num_examples(self, split: str) -> int:
-    try:
-      return int(self.builder.info.splits[split].num_examples)
-    except (KeyError, ValueError) as e:
-      raise ValueError(
-          f'data.split={split!r} is not valid for TFDS dataset '
-          f'{self.builder.name!r}; available splits: '
-          f'{sorted(self.builder.info.splits.keys())}. ({e})') from None
+    def num_examples(self, split: str) -> int:
+        try:
+            return int(self.builder.info.splits[split].num_examples)
+        except (KeyError, ValueError) as e:
+            raise ValueError(
+                f"data.split={split!r} is not valid for TFDS dataset "
+                f"{self.builder.name!r}; available splits: "
+                f"{sorted(self.builder.info.splits.keys())}. ({e})"
+            ) from None
 
-  def shard_size(self, split: str, process_index: int,
-                 process_count: int) -> int:
-    shard = tfds.even_splits(split, n=process_count)[process_index]
-    return int(self.builder.info.splits[shard].num_examples)
+    def shard_size(self, split: str, process_index: int, process_count: int) -> int:
+        shard = tfds.even_splits(split, n=process_count)[process_index]
+        return int(self.builder.info.splits[shard].num_examples)
 
-  def _read(self, split, shuffle_seed: Optional[int]) -> tf.data.Dataset:
-    # Files are shuffled (deterministically, from `shuffle_seed`) unless the
-    # dataset's author fixed the example order.
-    shuffle_files = (shuffle_seed is not None and
-                     not self.builder.info.disable_shuffling)
-    read_config = tfds.ReadConfig(
-        shuffle_seed=shuffle_seed if shuffle_files else None,
-        # Caching would freeze one order in memory and hold every image.
-        try_autocache=False,
-        options=_deterministic_options(),
-    )
-    ds = self.builder.as_dataset(
-        split=split,
-        shuffle_files=shuffle_files,
-        decoders={self._image_key: tfds.decode.SkipDecoding()},
-        read_config=read_config,
-    )
-    key = self._image_key
-    return ds.map(lambda ex: ex[key])
+    def _read(self, split, shuffle_seed: Optional[int]) -> tf.data.Dataset:
+        # Files are shuffled (deterministically, from `shuffle_seed`) unless the
+        # dataset's author fixed the example order.
+        shuffle_files = shuffle_seed is not None and not self.builder.info.disable_shuffling
+        read_config = tfds.ReadConfig(
+            shuffle_seed=shuffle_seed if shuffle_files else None,
+            # Caching would freeze one order in memory and hold every image.
+            try_autocache=False,
+            options=_deterministic_options(),
+        )
+        ds = self.builder.as_dataset(
+            split=split,
+            shuffle_files=shuffle_files,
+            decoders={self._image_key: tfds.decode.SkipDecoding()},
+            read_config=read_config,
+        )
+        key = self._image_key
+        return ds.map(lambda ex: ex[key])
 
-  def epoch_records(self, split: str, process_index: int, process_count: int,
-                    *, shuffle_seed: int, shuffle_buffer: int):
-    shard = tfds.even_splits(split, n=process_count)[process_index]
-    ds = self._read(shard, shuffle_seed)
-    # Shuffling encoded bytes: cheap to hold in the buffer, decoded later.
-    return ds.shuffle(shuffle_buffer, seed=shuffle_seed,
-                      reshuffle_each_iteration=False)
+    def epoch_records(
+        self,
+        split: str,
+        process_index: int,
+        process_count: int,
+        *,
+        shuffle_seed: int,
+        shuffle_buffer: int,
+    ):
+        shard = tfds.even_splits(split, n=process_count)[process_index]
+        ds = self._read(shard, shuffle_seed)
+        # Shuffling encoded bytes: cheap to hold in the buffer, decoded later.
+        return ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
 
-  def eval_records(self, split: str) -> tf.data.Dataset:
-    return self._read(split, shuffle_seed=None)
+    def eval_records(self, split: str) -> tf.data.Dataset:
+        return self._read(split, shuffle_seed=None)
 
-  @staticmethod
-  def load(ref):
-    return ref  # Already the encoded bytes.
+    @staticmethod
+    def load(ref):
+        return ref  # Already the encoded bytes.
 
 
 def list_image_files(folder: str):
-  """Sorted image paths under `folder` (recursive) and their labels.
+    """Sorted image paths under `folder` (recursive) and their labels.
 
-  Label = index of the sorted first-level subfolder (a class) that holds the
-  image, or 0 for every image when the folder is flat.  In a mixed layout,
-  images lying directly in `folder` get -1 (unlabelled).
-  """
-  paths = []
-  for root, dirs, files in os.walk(folder, followlinks=True):
-    dirs.sort()  # Walk order does not matter (we sort below) but is cheaper.
-    for f in files:
-      if f.lower().endswith(IMAGE_EXTENSIONS):
-        paths.append(os.path.relpath(os.path.join(root, f), folder))
-  if not paths:
-    raise ValueError(
-        f'data.folder={folder!r} contains no images with extensions '
-        f'{IMAGE_EXTENSIONS} (case-insensitive).')
-  # Sort by path components so the order does not depend on the filesystem.
-  paths.sort(key=lambda p: p.split(os.sep))
-  parts = [p.split(os.sep) for p in paths]
-  classes = sorted({p[0] for p in parts if len(p) > 1})
-  class_index = {c: i for i, c in enumerate(classes)}
-  if classes:
-    labels = [class_index[p[0]] if len(p) > 1 else -1 for p in parts]
-  else:
-    labels = [0] * len(paths)
-  full = [os.path.join(folder, p) for p in paths]
-  return full, np.asarray(labels, np.int64), classes
+    Label = index of the sorted first-level subfolder (a class) that holds the
+    image, or 0 for every image when the folder is flat.  In a mixed layout,
+    images lying directly in `folder` get -1 (unlabelled).
+    """
+    paths = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs.sort()  # Walk order does not matter (we sort below) but is cheaper.
+        for f in files:
+            if f.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(os.path.relpath(os.path.join(root, f), folder))
+    if not paths:
+        raise ValueError(
+            f"data.folder={folder!r} contains no images with extensions "
+            f"{IMAGE_EXTENSIONS} (case-insensitive)."
+        )
+    # Sort by path components so the order does not depend on the filesystem.
+    paths.sort(key=lambda p: p.split(os.sep))
+    parts = [p.split(os.sep) for p in paths]
+    classes = sorted({p[0] for p in parts if len(p) > 1})
+    class_index = {c: i for i, c in enumerate(classes)}
+    if classes:
+        labels = [class_index[p[0]] if len(p) > 1 else -1 for p in parts]
+    else:
+        labels = [0] * len(paths)
+    full = [os.path.join(folder, p) for p in paths]
+    return full, np.asarray(labels, np.int64), classes
 
 
 def _as_bytes(paths: Sequence[str]) -> np.ndarray:
-  # os.fsencode round-trips any filename (non-ASCII, undecodable bytes).
-  return np.asarray([os.fsencode(p) for p in paths], dtype=object)
+    # os.fsencode round-trips any filename (non-ASCII, undecodable bytes).
+    return np.asarray([os.fsencode(p) for p in paths], dtype=object)
 
 
 class FolderSource:
-  """A directory of the user's own images; splits do not apply."""
+    """A directory of the user's own images; splits do not apply."""
 
-  def __init__(self, cfg):
-    self.folder = cfg.folder
-    self.files, self.labels, self.classes = list_image_files(cfg.folder)
+    def __init__(self, cfg):
+        self.folder = cfg.folder
+        self.files, self.labels, self.classes = list_image_files(cfg.folder)
 
-  def num_examples(self, split: str) -> int:
-    del split  # A folder is a single split.
-    return len(self.files)
+    def num_examples(self, split: str) -> int:
+        del split  # A folder is a single split.
+        return len(self.files)
 
-  def _shard(self, process_index: int, process_count: int) -> Sequence[str]:
-    return self.files[process_index::process_count]
+    def _shard(self, process_index: int, process_count: int) -> Sequence[str]:
+        return self.files[process_index::process_count]
 
-  def shard_size(self, split: str, process_index: int,
-                 process_count: int) -> int:
-    del split
-    return len(self._shard(process_index, process_count))
+    def shard_size(self, split: str, process_index: int, process_count: int) -> int:
+        del split
+        return len(self._shard(process_index, process_count))
 
-  def epoch_records(self, split: str, process_index: int, process_count: int,
-                    *, shuffle_seed: int, shuffle_buffer: int):
-    del split, shuffle_buffer
-    # File lists are sorted by class, so a bounded shuffle buffer would mix
-    # poorly; a full permutation of the path strings is exact and cheap.
-    shard = _as_bytes(self._shard(process_index, process_count))
-    order = np.random.default_rng(shuffle_seed).permutation(len(shard))
-    return tf.data.Dataset.from_tensor_slices(shard[order])
+    def epoch_records(
+        self,
+        split: str,
+        process_index: int,
+        process_count: int,
+        *,
+        shuffle_seed: int,
+        shuffle_buffer: int,
+    ):
+        del split, shuffle_buffer
+        # File lists are sorted by class, so a bounded shuffle buffer would mix
+        # poorly; a full permutation of the path strings is exact and cheap.
+        shard = _as_bytes(self._shard(process_index, process_count))
+        order = np.random.default_rng(shuffle_seed).permutation(len(shard))
+        return tf.data.Dataset.from_tensor_slices(shard[order])
 
-  def eval_records(self, split: str) -> tf.data.Dataset:
-    del split
-    return tf.data.Dataset.from_tensor_slices(_as_bytes(self.files))
+    def eval_records(self, split: str) -> tf.data.Dataset:
+        del split
+        return tf.data.Dataset.from_tensor_slices(_as_bytes(self.files))
 
-  @staticmethod
-  def load(ref):
-    # Inside the map, so unreadable files are skipped like corrupt ones.
-    return tf.io.read_file(ref)
+    @staticmethod
+    def load(ref):
+        # Inside the map, so unreadable files are skipped like corrupt ones.
+        return tf.io.read_file(ref)
 
 
 def make_source(cfg):
-  if cfg.name == config_lib.FOLDER:
-    return FolderSource(cfg)
-  return TfdsSource(cfg)
+    if cfg.name == config_lib.FOLDER:
+        return FolderSource(cfg)
+    return TfdsSource(cfg)

@@ -4,6 +4,7 @@ Each process yields one fixed batch of smooth random images (low-frequency patte
 objective can still learn something) at every step; an "epoch" is `synthetic_steps_per_epoch`
 steps. Select it with data.name='synthetic'.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,14 +20,25 @@ def _smooth_images(rng, n, size, channels):
 
 
 class SyntheticData:
-    def __init__(self, data_cfg, *, global_batch_size, seed, start_step=0, process_index=None,
-                 process_count=None):
+    def __init__(
+        self,
+        data_cfg,
+        *,
+        global_batch_size,
+        seed,
+        start_step=0,
+        process_index=None,
+        process_count=None,
+    ):
         if process_index is None or process_count is None:
             import jax
+
             process_index, process_count = jax.process_index(), jax.process_count()
         if global_batch_size % process_count:
-            raise ValueError(f"batch_size={global_batch_size} is not divisible by the process "
-                             f"count {process_count}.")
+            raise ValueError(
+                f"batch_size={global_batch_size} is not divisible by the process "
+                f"count {process_count}."
+            )
         local = global_batch_size // process_count
         rng = np.random.default_rng([seed, process_index])
         self._batch = {"image": _smooth_images(rng, local, data_cfg.image_size, data_cfg.channels)}

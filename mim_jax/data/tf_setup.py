@@ -10,14 +10,14 @@ import tensorflow as tf
 
 
 def _hide_accelerators() -> None:
-  try:
-    tf.config.set_visible_devices([], 'GPU')
-  except RuntimeError:
-    # Devices were already initialised by someone else's TF code; visibility
-    # can no longer change.  Not fatal for a CPU-only input pipeline.
-    pass
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:
+        # Devices were already initialised by someone else's TF code; visibility
+        # can no longer change.  Not fatal for a CPU-only input pipeline.
+        pass
 
 
 _hide_accelerators()
 
-__all__ = ['tf']
+__all__ = ["tf"]
