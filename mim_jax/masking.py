@@ -9,6 +9,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class RandomMask(NamedTuple):
@@ -58,3 +59,30 @@ def random_masking(key: Optional[jax.Array], batch_size: int, num_patches: int,
     # Rank of each patch in the shuffle < len_keep <=> kept; this is the unshuffled binary mask.
     mask = (ids_restore >= len_keep).astype(jnp.float32)
     return RandomMask(ids_keep=ids_keep, mask=mask, ids_restore=ids_restore)
+
+
+def simmim_mask(key: jax.Array, batch_size: int, image_size: int, mask_patch_size: int,
+                model_patch_size: int, mask_ratio: float) -> jax.Array:
+    """SimMIM: mask ceil(r x cells) random cells of the mask-patch grid, upsampled to the
+    model's patch grid. Returns [B, (image_size / model_patch_size)^2] bool, row-major.
+
+    Exactly that many cells per sample (a random permutation, as the reference), drawn on
+    device: per-sample noise -> argsort -> the first `count` cells are masked.
+    """
+    check_mask_ratio(mask_ratio)
+    if mask_patch_size % model_patch_size:
+        raise ValueError(f"mask_patch_size={mask_patch_size} is not a multiple of the model "
+                         f"patch size {model_patch_size}.")
+    if image_size % mask_patch_size:
+        raise ValueError(f"mask_patch_size={mask_patch_size} does not divide "
+                         f"image_size={image_size}.")
+    cells_side = image_size // mask_patch_size
+    cells = cells_side**2
+    count = int(np.ceil(cells * mask_ratio))
+    order = jnp.argsort(jax.random.uniform(key, (batch_size, cells)), axis=1)
+    rows = jnp.arange(batch_size)[:, None]
+    cell_mask = jnp.zeros((batch_size, cells), bool).at[rows, order[:, :count]].set(True)
+    scale = mask_patch_size // model_patch_size
+    grid = cell_mask.reshape(batch_size, cells_side, 1, cells_side, 1)
+    grid = jnp.broadcast_to(grid, (batch_size, cells_side, scale, cells_side, scale))
+    return grid.reshape(batch_size, (cells_side * scale) ** 2)

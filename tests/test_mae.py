@@ -157,7 +157,7 @@ def test_bad_mask_ratio_in_config(ratio):
 
 
 def test_unknown_objective():
-    with pytest.raises(ValueError, match=r"objective.name='nope'.*allowed: \['mae'"):
+    with pytest.raises(ValueError, match=r"objective.name='nope'.*allowed: \['mae', 'simmim'"):
         objectives.build(tiny_mae_config(name="nope"))
 
 

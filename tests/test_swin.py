@@ -14,12 +14,14 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from mim_jax.convert.hf_swin import swin_params_from_hf, swin_params_to_hf  # noqa: E402
+from mim_jax.convert.hf_swin import (config_from_hf, swin_params_from_hf,  # noqa: E402
+                                     swin_params_to_hf)
 from mim_jax.models import swin  # noqa: E402
 
-# Two stages: shifted windows in both (grid 8 -> 4, window 2). Four stages: shifts in the first
-# three, the last (2x2) is exactly one window, so it is clipped and unshifted.
+# Two stages: shifted windows in both (grid 8 -> 4, window 2; grid 16 -> 8, window 4). Four
+# stages: shifts in the first three, the last (2x2) is exactly one window, so it is unshifted.
 TWO_STAGES = dict(image_size=32, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=2)
+WINDOW_4 = dict(image_size=64, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4)
 FOUR_STAGES = dict(image_size=64, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4),
                    window_size=2)
 # Trainable parameters of SwinModel Swin-B at 192 px / window 6 (SimMIM's pretraining setup);
@@ -90,9 +92,9 @@ def tree_max_abs_diff(a, b):
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.fixture(scope="module", params=["two_stages", "four_stages"])
+@pytest.fixture(scope="module", params=["two_stages", "window_4", "four_stages"])
 def case(request):
-    arch = TWO_STAGES if request.param == "two_stages" else FOUR_STAGES
+    arch = dict(two_stages=TWO_STAGES, window_4=WINDOW_4, four_stages=FOUR_STAGES)[request.param]
     model = reference_model(arch)
     return arch, our_config(arch), model
 
@@ -108,7 +110,7 @@ def test_simmim_parity(case):
     assert jax.tree.structure(expected) == jax.tree.structure(params["encoder"])
     assert [e.shape for e in jax.tree.leaves(expected)] == [
         p.shape for p in jax.tree.leaves(params["encoder"])]
-    assert params["decoder"]["kernel"].shape == (cfg.num_features, cfg.stride**2 * 3)
+    assert params["decoder"]["kernel"].shape == (1, 1, cfg.num_features, cfg.stride**2 * 3)
 
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(3, 3, cfg.image_size, cfg.image_size, generator=gen)
@@ -121,7 +123,8 @@ def test_simmim_parity(case):
     def forward(params, x, token_mask):
         features = encoder.apply({"params": params["encoder"]}, x, token_mask=token_mask)
         dec = params["decoder"]
-        return features, pixel_shuffle(features @ dec["kernel"] + dec["bias"], cfg.stride)
+        head = features @ dec["kernel"][0, 0] + dec["bias"]  # the 1x1 conv
+        return features, pixel_shuffle(head, cfg.stride)
 
     x = images.permute(0, 2, 3, 1).numpy()  # NHWC
     token_mask = bool_masked_pos.numpy()
@@ -134,13 +137,15 @@ def test_simmim_parity(case):
     rec_err = np.abs(reconstruction - ref.reconstruction.permute(0, 2, 3, 1).numpy()).max()
     loss = simmim_loss(reconstruction, x, token_mask, cfg.patch_size)
     loss_err = abs(loss - float(ref.loss))
-    print(f"{cfg.depths}: max|dfeat|={feat_err:.2e} max|drec|={rec_err:.2e} "
-          f"|dloss|={loss_err:.2e}")
+    print(f"{cfg.depths} window {cfg.window_size}: max|dfeat|={feat_err:.2e} "
+          f"max|drec|={rec_err:.2e} |dloss|={loss_err:.2e}")
     assert feat_err < 1e-5 and rec_err < 1e-5 and loss_err < 1e-5
 
 
 def test_hf_round_trip_and_legacy_names(case):
     arch, cfg, model = case
+    assert config_from_hf(model.config) == cfg
+    assert config_from_hf(model.config.to_dict()) == cfg
     state = numpy_state_dict(model)
     params = swin_params_from_hf(state, config=cfg)
     exported = swin_params_to_hf(params, config=cfg)
@@ -188,12 +193,14 @@ def test_converter_errors(case):
         swin_params_from_hf(extra, config=cfg)
     swin_params_from_hf(extra, config=cfg, strict=False)
     # A wrong window size: caught by the table shapes, and by stored index buffers if any.
-    wrong = our_config(dict(arch, window_size=4))
+    wrong = our_config(dict(arch, window_size=2 * arch["window_size"]))
     with pytest.raises(ValueError, match="relative_position_bias_table"):
         swin_params_from_hf(state, config=wrong)
     index_key = "swin.encoder.layers.0.blocks.0.attention.self.relative_position_index"
     with pytest.raises(ValueError, match=re.escape(index_key)):
         swin_params_from_hf(dict(state, **{index_key: np.zeros((4, 4), np.int64)}), config=cfg)
+    with pytest.raises(ValueError, match="use_absolute_embeddings=True"):
+        config_from_hf(dict(model.config.to_dict(), use_absolute_embeddings=True))
     # The HF encoder_stride must equal our stride.
     bad_head = dict(state, **{"decoder.0.weight": state["decoder.0.weight"][:48],
                               "decoder.0.bias": state["decoder.0.bias"][:48]})
@@ -365,6 +372,18 @@ def test_init_statistics(tiny):
     assert np.abs(conv).max() <= bound and np.abs(conv).max() > 0.9 * bound
     assert np.abs(np.asarray(params["patch_embed"]["bias"])).max() <= bound
     assert list(params["stage_0"]["downsample"]["reduction"]) == ["kernel"]  # no bias
+
+
+def test_bfloat16_compute_float32_params():
+    cfg = our_config(FOUR_STAGES)
+    model = swin.Swin(cfg, use_mask_token=True, dtype=jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    mask = jax.ShapeDtypeStruct((2, cfg.num_patches), jnp.bool_)
+    out = jax.eval_shape(lambda p, y, m: model.apply({"params": p}, y, token_mask=m),
+                         params, x, mask)
+    assert out.shape == (2, 2, 2, 128) and out.dtype == jnp.bfloat16
 
 
 # ------------------------------------------------------------------ errors

@@ -9,10 +9,11 @@ saved by 4.x (most Hub files, e.g. microsoft/swin-base-simmim-window6-192) use
 on load and so do we. 4.x files also store the `relative_position_index` buffers; they are not
 imported (ours are computed) but must equal ours, which catches a wrong window size.
 
-Our tree: {'encoder': Swin params, 'decoder': {'kernel': (C_final, stride**2 * channels),
-'bias': (stride**2 * channels,)}}. The decoder is the SimMIM head's 1x1 conv
-(`decoder.0`) in Dense form; its output channels keep torch's PixelShuffle order: channel
-c * r * r + i * r + j becomes pixel (h * r + i, w * r + j) of image channel c (r = stride).
+Our tree is the SimMIM objective's: {'encoder': Swin params, 'decoder': {'kernel': (1, 1,
+C_final, stride**2 * channels), 'bias': (stride**2 * channels,)}}, the decoder being the SimMIM
+head's 1x1 conv (`decoder.0`) as a flax nn.Conv. Its output channels keep torch's PixelShuffle
+order: channel c * r * r + i * r + j becomes pixel (h * r + i, w * r + j) of image channel c
+(r = stride).
 """
 from __future__ import annotations
 
@@ -92,10 +93,8 @@ def _encoder_plan(config: swin.SwinConfig, prefix: str, mask_token: bool) -> com
 
 
 def _decoder_plan() -> common.Plan:
-    """SimMIM head: Conv2d(C, r*r*3, 1) weight (out, C, 1, 1) -> Dense kernel (C, out)."""
-    return {"kernel": common.Leaf(("decoder.0.weight",), lambda w: w[:, :, 0, 0].T,
-                                  lambda k: (k.T[:, :, None, None],)),
-            "bias": common.tensor("decoder.0.bias")}
+    """SimMIM head: Conv2d(C, r*r*3, 1) weight (out, C, 1, 1) -> flax Conv kernel (1, 1, C, out)."""
+    return common.patch_conv("decoder.0")
 
 
 def _check_index_buffers(state: Dict[str, Any], origin: Dict[str, str], config: swin.SwinConfig,
@@ -107,13 +106,14 @@ def _check_index_buffers(state: Dict[str, Any], origin: Dict[str, str], config: 
         if (m["prefix"] != prefix or stage >= config.num_stages
                 or block >= config.depths[stage]):
             continue  # not one of ours: left in place for the strict key check to report
-        ours = swin.relative_position_index(config.stage_window(stage)).reshape(-1)
+        window = config.stage_window(stage)
+        ours = swin.relative_position_index(window).reshape(-1)
         theirs = np.asarray(common.to_numpy(state.pop(key))).reshape(-1)
         if theirs.shape != ours.shape or not np.array_equal(theirs, ours):
             raise ValueError(
-                f"{origin[key]} (shape {theirs.shape}) differs from the relative position index of a "
-                f"{config.stage_window(stage)}x{config.stage_window(stage)} window (shape "
-                f"{ours.shape}); check config.window_size={config.window_size}.")
+                f"{origin[key]} (shape {theirs.shape}) differs from the relative position index "
+                f"of a {window}x{window} window (shape {ours.shape}); check "
+                f"config.window_size={config.window_size}.")
 
 
 def _check_shapes(params: dict, config: swin.SwinConfig, mask_token: bool) -> None:
@@ -131,6 +131,34 @@ def _check_shapes(params: dict, config: swin.SwinConfig, mask_token: bool) -> No
                        f"config {leaf.shape}")
     if bad:
         raise ValueError(f"{WHAT} state dict does not fit config={config}: " + "; ".join(bad))
+
+
+def config_from_hf(hf_config) -> swin.SwinConfig:
+    """A transformers SwinConfig (or its to_dict()) -> our SwinConfig; features we do not
+    implement (absolute position embeddings, non-square inputs, another activation, no qkv
+    bias) raise ValueError instead of converting to a different network."""
+    get = hf_config.get if isinstance(hf_config, Mapping) else \
+        lambda name, default=None: getattr(hf_config, name, default)
+    unsupported = dict(use_absolute_embeddings=(get("use_absolute_embeddings", False), False),
+                       hidden_act=(get("hidden_act", "gelu"), "gelu"),
+                       qkv_bias=(get("qkv_bias", True), True))
+    for name, (value, allowed) in unsupported.items():
+        if value != allowed:
+            raise ValueError(f"HF config {name}={value!r} is not supported; allowed: {allowed!r}.")
+    sizes = {}
+    for name in ("image_size", "patch_size"):
+        value = get(name)
+        if isinstance(value, (list, tuple)):
+            if len(set(value)) != 1:
+                raise ValueError(f"HF config {name}={value!r}: only square sizes are supported.")
+            value = value[0]
+        sizes[name] = value
+    return swin.SwinConfig(
+        image_size=sizes["image_size"], patch_size=sizes["patch_size"],
+        embed_dim=get("embed_dim"), depths=tuple(get("depths")),
+        num_heads=tuple(get("num_heads")), window_size=get("window_size"),
+        mlp_ratio=float(get("mlp_ratio", 4.0)), channels=get("num_channels", 3),
+        layer_norm_eps=get("layer_norm_eps", swin.LAYER_NORM_EPS))
 
 
 def swin_params_from_hf(state_dict: Mapping[str, Any], *, config: swin.SwinConfig,
@@ -157,13 +185,13 @@ def swin_params_from_hf(state_dict: Mapping[str, Any], *, config: swin.SwinConfi
     params = common.load(plan, state)
     _check_shapes(params["encoder"], config, mask_token)
     if "decoder" in params:
-        want = (config.num_features, config.stride**2 * config.channels)
+        want = (1, 1, config.num_features, config.stride**2 * config.channels)
         got = params["decoder"]["kernel"].shape
-        if got != want or params["decoder"]["bias"].shape != want[1:]:
+        if got != want or params["decoder"]["bias"].shape != want[3:]:
             raise ValueError(
-                f"decoder.0 maps {got[0]} -> {got[1]} channels; config needs {want[0]} -> "
-                f"{want[1]} (num_features -> stride**2 * channels with stride {config.stride}; "
-                f"the HF config's encoder_stride must equal it).")
+                f"decoder.0 has kernel {got[:2]} mapping {got[2]} -> {got[3]} channels; config "
+                f"needs 1x1 from {want[2]} -> {want[3]} (num_features -> stride**2 * channels "
+                f"with stride {config.stride}; the HF config's encoder_stride must equal it).")
     return params
 
 

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 from mim_jax.models import vit
 
 _DTYPES = ("float32", "bfloat16", "float16")
+_QKV_BIAS = {"qkv": True, "qv": "qv", "none": False}
+BACKBONES = ("vit", "swin")
 
 
 def dtype_from_name(name: str, field: str):
@@ -14,22 +16,56 @@ def dtype_from_name(name: str, field: str):
     return jnp.dtype(name)
 
 
-def vit_from_config(model_cfg, image_size: int, channels: int, **extra) -> vit.ViT:
-    """A ViT from config.model (variant + overrides); `extra` are objective-specific options."""
-    if model_cfg.get("name", "vit") != "vit":
-        raise ValueError(f"model.name={model_cfg.name!r} is not a known backbone; allowed: ['vit'].")
-    arch = vit.resolve_vit_config(
-        model_cfg.variant, image_size, channels,
-        **{k: model_cfg.get(k) for k in ("patch_size", "width", "depth", "num_heads", "mlp_dim")})
+def _common_kwargs(model_cfg) -> dict:
+    """Options every backbone shares, validated with the config field names."""
     impl = model_cfg.get("attention_impl")
     if impl not in (None, "xla", "cudnn"):
         raise ValueError(f"model.attention_impl={impl!r}; allowed: None, 'xla', 'cudnn'.")
     rate = model_cfg.get("drop_path_rate", 0.0)
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"model.drop_path_rate={rate!r} must be in [0, 1).")
-    return vit.ViT(
-        config=arch, drop_path_rate=rate,
-        remat=model_cfg.get("remat", False), scan=model_cfg.get("scan", False),
+    return dict(
+        drop_path_rate=rate, remat=model_cfg.get("remat", False),
         dtype=dtype_from_name(model_cfg.get("dtype", "float32"), "model.dtype"),
         param_dtype=dtype_from_name(model_cfg.get("param_dtype", "float32"), "model.param_dtype"),
-        attention_impl=impl, **extra)
+        attention_impl=impl)
+
+
+def vit_from_config(model_cfg, image_size: int, channels: int, **extra) -> vit.ViT:
+    """A ViT from config.model (variant + overrides); `extra` are objective-specific options."""
+    arch = vit.resolve_vit_config(
+        model_cfg.variant, image_size, channels,
+        **{k: model_cfg.get(k) for k in ("patch_size", "width", "depth", "num_heads", "mlp_dim")})
+    qkv_bias = model_cfg.get("qkv_bias", "qkv")
+    if qkv_bias not in _QKV_BIAS:
+        raise ValueError(f"model.qkv_bias={qkv_bias!r}; allowed: {list(_QKV_BIAS)}.")
+    options = dict(pos_embed=model_cfg.get("pos_embed", "sincos"),
+                   cls_token=model_cfg.get("cls_token", True), qkv_bias=_QKV_BIAS[qkv_bias],
+                   layer_scale_init=model_cfg.get("layer_scale_init"),
+                   rel_pos_bias=model_cfg.get("rel_pos_bias", "none"))
+    for field, allowed in (("pos_embed", ("sincos", "learned", "none")),
+                           ("rel_pos_bias", ("none", "shared", "per_layer"))):
+        if options[field] not in allowed:
+            raise ValueError(f"model.{field}={options[field]!r}; allowed: {list(allowed)}.")
+    options.update(extra)
+    return vit.ViT(config=arch, scan=model_cfg.get("scan", False), **_common_kwargs(model_cfg),
+                   **options)
+
+
+def swin_from_config(model_cfg, image_size: int, channels: int, **extra):
+    from mim_jax.models import swin
+    overrides = {k: model_cfg.get(k) for k in ("patch_size", "embed_dim", "depths", "num_heads",
+                                                "window_size", "mlp_ratio")}
+    overrides = {k: (tuple(v) if isinstance(v, (list, tuple)) else v)
+                 for k, v in overrides.items()}
+    arch = swin.resolve_swin_config(model_cfg.variant, image_size, channels, **overrides)
+    return swin.Swin(config=arch, **_common_kwargs(model_cfg), **extra)
+
+
+def backbone_from_config(model_cfg, image_size: int, channels: int, **extra):
+    name = model_cfg.get("name", "vit")
+    if name == "vit":
+        return vit_from_config(model_cfg, image_size, channels, **extra)
+    if name == "swin":
+        return swin_from_config(model_cfg, image_size, channels, **extra)
+    raise ValueError(f"model.name={name!r} is not a known backbone; allowed: {list(BACKBONES)}.")

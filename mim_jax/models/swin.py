@@ -1,21 +1,16 @@
 """Swin Transformer encoder (Liu et al. 2021) in linen, as SimMIM (Xie et al. 2022) uses it.
 
-Images are NHWC and stay spatial ([B, H, W, C]) through the whole network: windows, shifts and
-patch merging are reshapes/transposes/rolls of the feature map. Variants are named by string
-("T", "S", "B", "L") with explicit overrides on top, like the ViT variants. The output is the
-final-stage feature map [B, H/32, W/32, C] (stride 32 with patch 4 and four stages), which is
-what the SimMIM head decodes.
-
-Behaviour follows the official implementation (microsoft/Swin-Transformer) and, where the two
-agree, transformers' SwinModel, which the parity tests compare against:
-  * a window larger than or equal to a stage's resolution is clipped to the resolution and that
-    stage does not shift (its relative-position table is then sized for the clipped window, as
-    in the official code; transformers keeps the configured size and cannot run that case);
-  * unlike transformers we never pad: every stage's resolution must be a multiple of its window;
-  * shifted-window attention masks pairs from different regions with -100 (not -inf), so masked
-    probabilities are ~exp(-100) rather than exactly 0, bit-for-bit like the references;
-  * absolute position embeddings and (attention/hidden) dropout are not implemented: SimMIM
-    pretrains Swin without them (ape=False, drop_rate=0).
+Feature maps stay NHWC throughout: windows, shifts and patch merging are reshapes, transposes
+and rolls. Variants are strings ("T", "S", "B", "L") with explicit overrides on top; the output
+is the final-stage map [B, H/32, W/32, C] (patch 4, four stages) that the SimMIM head decodes.
+Behaviour follows the official microsoft/Swin-Transformer code and transformers' SwinModel
+(the parity reference) where they agree:
+  * a window >= a stage's resolution is clipped to it and that stage does not shift; its bias
+    table is sized for the clipped window as in the official code (transformers keeps the
+    configured size and cannot run windows larger than the resolution);
+  * no padding (transformers pads): every stage resolution must be a multiple of its window;
+  * the shift mask adds -100 (not -inf) between regions, exactly like both references;
+  * no absolute position embedding and no dropout: SimMIM uses neither (ape=False, drop_rate=0).
 """
 from __future__ import annotations
 
@@ -44,15 +39,12 @@ trunc_normal = nn.initializers.truncated_normal(0.02, lower=-100.0, upper=100.0)
 
 
 def _torch_conv_default(fan_in: int):
-    """torch's default Conv2d init (the references leave the patch conv untouched):
-    weight and bias uniform in +-1/sqrt(fan_in)."""
+    """torch's default Conv2d init, which the references keep for the patch conv: weight and
+    bias uniform in +-1/sqrt(fan_in)."""
     bound = 1.0 / np.sqrt(fan_in)
-    kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-    def bias(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return kernel, bias
+    return (nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+            lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
+                                                                     bound))
 
 
 # ---------------------------------------------------------------- configuration
@@ -69,6 +61,43 @@ class SwinConfig:
     mlp_ratio: float = 4.0
     channels: int = 3
     layer_norm_eps: float = LAYER_NORM_EPS
+
+    def __post_init__(self):
+        """Named errors for every inconsistent field, also when built directly."""
+        for name in ("depths", "num_heads"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or not value:
+                raise ValueError(f"{name}={value!r} must be a non-empty sequence of positive "
+                                 f"ints, one per stage.")
+            object.__setattr__(self, name, tuple(value))  # hashable: the config is a module field
+        for name in ("image_size", "patch_size", "embed_dim", "window_size", "channels",
+                     "depths", "num_heads"):
+            value = getattr(self, name)
+            for v in value if isinstance(value, tuple) else (value,):
+                if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+                    raise ValueError(f"{name}={value!r} must be positive integer(s).")
+        if len(self.depths) != len(self.num_heads):
+            raise ValueError(f"depths={self.depths} and num_heads={self.num_heads} must have the "
+                             f"same length (one entry per stage).")
+        if not self.mlp_ratio > 0 or int(self.mlp_ratio * self.embed_dim) <= 0:
+            raise ValueError(f"mlp_ratio={self.mlp_ratio!r} must be positive.")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps={self.layer_norm_eps!r} must be positive.")
+        if self.image_size % self.stride:
+            raise ValueError(
+                f"image_size={self.image_size} is not divisible by patch_size*2**(num_stages-1)"
+                f"={self.stride}; allowed image sizes are multiples of {self.stride}.")
+        resolutions = [self.stage_resolution(s) for s in range(self.num_stages)]
+        for stage, (res, heads) in enumerate(zip(resolutions, self.num_heads)):
+            if res % self.stage_window(stage):
+                raise ValueError(
+                    f"window_size={self.window_size} does not divide the {res}x{res} tokens of "
+                    f"stage {stage} (image_size={self.image_size}); allowed: a window dividing "
+                    f"every stage resolution {resolutions} (or at least as large: it is then "
+                    f"clipped), e.g. 6 at 192 px, 7 at 224 px.")
+            if self.stage_dim(stage) % heads:
+                raise ValueError(f"num_heads={self.num_heads}: stage {stage} width "
+                                 f"{self.stage_dim(stage)} is not divisible by {heads} heads.")
 
     @property
     def num_stages(self) -> int:
@@ -112,7 +141,7 @@ class SwinConfig:
 def resolve_swin_config(variant: str, image_size: int, channels: int = 3, *, patch_size=None,
                         embed_dim=None, depths=None, num_heads=None, window_size=None,
                         mlp_ratio=None, layer_norm_eps=None) -> SwinConfig:
-    """Variant string plus explicit overrides -> SwinConfig, validated with named errors.
+    """Variant string plus explicit overrides -> SwinConfig (validated with named errors).
 
     Defaults beyond the variant: patch_size 4, window_size 7 (the Swin paper at 224 px; SimMIM
     uses 6 at 192 px), mlp_ratio 4, layer_norm_eps 1e-5.
@@ -126,46 +155,7 @@ def resolve_swin_config(variant: str, image_size: int, channels: int = 3, *, pat
                      num_heads=num_heads, window_size=window_size, mlp_ratio=mlp_ratio,
                      layer_norm_eps=layer_norm_eps)
     base.update({k: v for k, v in overrides.items() if v is not None})
-    for name in ("depths", "num_heads"):
-        value = base[name]
-        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or not len(value):
-            raise ValueError(f"{name}={value!r} must be a non-empty sequence of positive ints.")
-        base[name] = tuple(value)
-    cfg = SwinConfig(image_size=image_size, channels=channels, **base)
-
-    def positive_int(name, value):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"{name}={value!r} must be a positive integer.")
-
-    for name in ("image_size", "patch_size", "embed_dim", "window_size", "channels"):
-        positive_int(name, getattr(cfg, name))
-    for name in ("depths", "num_heads"):
-        for value in getattr(cfg, name):
-            positive_int(f"{name}={getattr(cfg, name)!r}: entry", value)
-    if len(cfg.depths) != len(cfg.num_heads):
-        raise ValueError(f"depths={cfg.depths} and num_heads={cfg.num_heads} must have the same "
-                         f"length (one entry per stage).")
-    if not cfg.mlp_ratio > 0 or int(cfg.mlp_ratio * cfg.embed_dim) <= 0:
-        raise ValueError(f"mlp_ratio={cfg.mlp_ratio!r} must be positive.")
-    if not cfg.layer_norm_eps > 0:
-        raise ValueError(f"layer_norm_eps={cfg.layer_norm_eps!r} must be positive.")
-    if cfg.image_size % cfg.stride:
-        raise ValueError(
-            f"image_size={cfg.image_size} is not divisible by patch_size*2**(num_stages-1)="
-            f"{cfg.patch_size}*2**{cfg.num_stages - 1}={cfg.stride}; allowed image sizes are "
-            f"multiples of {cfg.stride}.")
-    for stage in range(cfg.num_stages):
-        res, heads = cfg.stage_resolution(stage), cfg.num_heads[stage]
-        if res % cfg.stage_window(stage):
-            raise ValueError(
-                f"window_size={cfg.window_size} does not divide the {res}x{res} token grid of "
-                f"stage {stage} (image_size={cfg.image_size}); allowed: a window that divides "
-                f"every stage resolution {[cfg.stage_resolution(s) for s in range(cfg.num_stages)]}"
-                f" (or is at least as large, then it is clipped), e.g. 6 at 192 px, 7 at 224 px.")
-        if cfg.stage_dim(stage) % heads:
-            raise ValueError(f"num_heads={cfg.num_heads}: stage {stage} width "
-                             f"{cfg.stage_dim(stage)} is not divisible by {heads} heads.")
-    return cfg
+    return SwinConfig(image_size=image_size, channels=channels, **base)
 
 
 # ---------------------------------------------------------------- windows (pure numpy / reshapes)
@@ -402,18 +392,16 @@ class Swin(nn.Module):
             m = token_mask.reshape(b, cfg.grid, cfg.grid, 1).astype(x.dtype)
             x = x * (1 - m) + mask_token.astype(x.dtype) * m
 
-        total = sum(cfg.depths)
-        rates = np.linspace(0.0, self.drop_path_rate, total) if total > 1 else np.zeros(1)
-        first = 0
+        rates = np.linspace(0.0, self.drop_path_rate, sum(cfg.depths))  # over all blocks
+        per_stage = np.split(rates, np.cumsum(cfg.depths)[:-1])
         for stage, depth in enumerate(cfg.depths):
             x = SwinStage(
                 depth=depth, num_heads=cfg.num_heads[stage], window_size=cfg.stage_window(stage),
                 shift_size=cfg.stage_shift(stage), mlp_ratio=cfg.mlp_ratio,
                 layer_norm_eps=cfg.layer_norm_eps,
-                drop_rates=tuple(float(r) for r in rates[first:first + depth]),
+                drop_rates=tuple(float(r) for r in per_stage[stage]),
                 downsample=stage < cfg.num_stages - 1, remat=self.remat, dtype=self.dtype,
                 param_dtype=self.param_dtype, attention_impl=self.attention_impl,
                 name=f"stage_{stage}")(x, not train)
-            first += depth
         return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype,
                             param_dtype=self.param_dtype, name="norm")(x)

@@ -75,9 +75,78 @@ class DropPath(nn.Module):
         return jnp.where(keep, x / keep_prob, jnp.zeros_like(x))
 
 
+def relative_position_index(grid_h: int, grid_w: int, cls_token: bool = True) -> np.ndarray:
+    """BEiT-style index into a relative-position table for all token pairs.
+
+    Patch pairs index (2h-1)(2w-1) relative offsets; with a CLS token three extra entries
+    hold CLS->patch, patch->CLS and CLS->CLS, as in the BEiT / SimMIM-ViT reference.
+    """
+    coords = np.stack(np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij"))
+    coords = coords.reshape(2, -1)
+    rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0)
+    rel[..., 0] += grid_h - 1
+    rel[..., 1] += grid_w - 1
+    rel[..., 0] *= 2 * grid_w - 1
+    patch_index = rel.sum(-1)
+    if not cls_token:
+        return patch_index.astype(np.int32)
+    num_rel = (2 * grid_h - 1) * (2 * grid_w - 1)
+    n = grid_h * grid_w + 1
+    index = np.zeros((n, n), np.int64)
+    index[1:, 1:] = patch_index
+    index[0, :] = num_rel
+    index[:, 0] = num_rel + 1
+    index[0, 0] = num_rel + 2
+    return index.astype(np.int32)
+
+
+class RelativePositionBias(nn.Module):
+    """A learned bias per head and relative offset, added to the attention logits."""
+    grid: int
+    num_heads: int
+    cls_token: bool = True
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self):
+        index = relative_position_index(self.grid, self.grid, self.cls_token)
+        size = (2 * self.grid - 1) ** 2 + (3 if self.cls_token else 0)
+        # Zero init, as the BEiT reference: training starts from plain dot-product attention.
+        table = self.param("table", nn.initializers.zeros, (size, self.num_heads),
+                           self.param_dtype)
+        return table[index].transpose(2, 0, 1)[None]  # [1, heads, N, N]
+
+
+class QKVProjection(nn.Module):
+    """One fused projection to q, k, v [B, N, 3, heads, head_dim]: a single large matmul is
+    faster than three on every backend. Params: kernel (D, 3, heads, head_dim), bias."""
+    num_heads: int
+    head_dim: int
+    use_bias: Any = True  # True, False, or 'qv' (BEiT: q and v biases, k bias fixed at zero)
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        if self.use_bias not in (True, False, "qv"):
+            raise ValueError(f"qkv_bias={self.use_bias!r}; allowed: True, False, 'qv'.")
+        shape = (3, self.num_heads, self.head_dim)
+        # xavier-uniform on the 2-D (D, 3D) view, as the reference's fused Linear.
+        kernel = self.param("kernel", nn.initializers.variance_scaling(
+            1.0, "fan_avg", "uniform", in_axis=0, out_axis=(1, 2, 3)),
+            (x.shape[-1], *shape), self.param_dtype)
+        y = jnp.einsum("bnd,dthk->bnthk", x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype)
+            if self.use_bias == "qv":  # the k slot exists in the layout but is never used
+                bias = bias * jnp.asarray([1.0, 0.0, 1.0], bias.dtype)[:, None, None]
+            y = y + bias.astype(self.dtype)
+        return y
+
+
 class Attention(nn.Module):
     num_heads: int
-    qkv_bias: bool = True
+    qkv_bias: Any = True  # True, False, or 'qv' (BEiT: q and v biases, k bias fixed at zero)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
@@ -88,11 +157,8 @@ class Attention(nn.Module):
         if width % self.num_heads:
             raise ValueError(f"width={width} is not divisible by num_heads={self.num_heads}.")
         head_dim = width // self.num_heads
-        # One fused projection: a single large matmul is faster than three on every backend.
-        qkv = nn.DenseGeneral(
-            features=(3, self.num_heads, head_dim), use_bias=self.qkv_bias, dtype=self.dtype,
-            param_dtype=self.param_dtype, name="qkv",
-            kernel_init=xavier_uniform())(x)  # flax inits DenseGeneral on the 2-D view
+        qkv = QKVProjection(self.num_heads, head_dim, self.qkv_bias, self.dtype, self.param_dtype,
+                            name="qkv")(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if bias is not None:
             bias = bias.astype(q.dtype)
@@ -107,17 +173,24 @@ class Block(nn.Module):
     """Pre-norm transformer block; `drop_rate` may be a traced scalar (scan over layers)."""
     num_heads: int
     mlp_dim: int
-    qkv_bias: bool = True
+    qkv_bias: Any = True
     layer_scale_init: Optional[float] = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: Optional[str] = None
+    # A relative position bias of this block's own (grid size), as SimMIM-ViT/BEiT fine-tuning.
+    rel_pos_grid: Optional[int] = None
+    rel_pos_cls: bool = True
     # Static switch: with stochastic depth off no 'drop_path' RNG is needed or drawn.
     use_drop_path: bool = False
 
     @nn.compact
     def __call__(self, x, drop_rate=0.0, deterministic: bool = True, attn_bias=None):
         no_drop = deterministic or not self.use_drop_path
+        if self.rel_pos_grid is not None:
+            own = RelativePositionBias(self.rel_pos_grid, self.num_heads, self.rel_pos_cls,
+                                       self.param_dtype, name="rel_pos_bias")()
+            attn_bias = own if attn_bias is None else attn_bias + own
         width = x.shape[-1]
         norm = lambda name: nn.LayerNorm(
             epsilon=LAYER_NORM_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
@@ -154,13 +227,15 @@ class Transformer(nn.Module):
     num_heads: int
     mlp_dim: int
     drop_path_rate: float = 0.0
-    qkv_bias: bool = True
+    qkv_bias: Any = True
     layer_scale_init: Optional[float] = None
     remat: bool = False
     scan: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: Optional[str] = None
+    rel_pos_grid: Optional[int] = None  # per-block relative position bias
+    rel_pos_cls: bool = True
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True, attn_bias=None):
@@ -168,7 +243,8 @@ class Transformer(nn.Module):
         block_kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, qkv_bias=self.qkv_bias,
                             layer_scale_init=self.layer_scale_init, dtype=self.dtype,
                             param_dtype=self.param_dtype, attention_impl=self.attention_impl,
-                            use_drop_path=self.drop_path_rate > 0)
+                            use_drop_path=self.drop_path_rate > 0,
+                            rel_pos_grid=self.rel_pos_grid, rel_pos_cls=self.rel_pos_cls)
         block_cls = Block
         if self.remat:
             # `deterministic` (arg 3 counting self) must stay a Python bool inside remat.
@@ -244,8 +320,11 @@ class ViT(nn.Module):
     cls_token: bool = True
     pos_embed: str = "sincos"  # 'sincos' (fixed, MAE) | 'learned' | 'none'
     use_mask_token: bool = False
-    qkv_bias: bool = True
+    qkv_bias: Any = True
     layer_scale_init: Optional[float] = None
+    # Relative position bias: 'none', 'shared' (one for all blocks, BEiT pretraining /
+    # SimMIM-ViT) or 'per_layer'.
+    rel_pos_bias: str = "none"
     drop_path_rate: float = 0.0
     remat: bool = False
     scan: bool = False
@@ -257,6 +336,12 @@ class ViT(nn.Module):
         cfg = self.config
         if self.pos_embed not in ("sincos", "learned", "none"):
             raise ValueError(f"pos_embed={self.pos_embed!r}; allowed: 'sincos', 'learned', 'none'.")
+        if self.rel_pos_bias not in ("none", "shared", "per_layer"):
+            raise ValueError(f"rel_pos_bias={self.rel_pos_bias!r}; allowed: 'none', 'shared', "
+                             "'per_layer'.")
+        if self.rel_pos_bias == "shared":
+            self.shared_rel_pos = RelativePositionBias(cfg.grid, cfg.num_heads, self.cls_token,
+                                                       self.param_dtype, name="rel_pos_bias")
         # The reference initialises the patch conv as a flattened Linear (fan_in p*p*C, fan_out D).
         self.patch_embed = nn.Conv(
             cfg.width, (cfg.patch_size,) * 2, strides=(cfg.patch_size,) * 2, padding="VALID",
@@ -283,7 +368,8 @@ class ViT(nn.Module):
             drop_path_rate=self.drop_path_rate, qkv_bias=self.qkv_bias,
             layer_scale_init=self.layer_scale_init, remat=self.remat, scan=self.scan,
             dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
-            name="transformer")
+            rel_pos_grid=cfg.grid if self.rel_pos_bias == "per_layer" else None,
+            rel_pos_cls=self.cls_token, name="transformer")
         self.norm = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype,
                                  param_dtype=self.param_dtype, name="norm")
 
@@ -305,10 +391,13 @@ class ViT(nn.Module):
             x = x + self.pos[:, int(self.cls_token):].astype(x.dtype)
         return x
 
-    def __call__(self, images, *, ids_keep=None, token_mask=None, train: bool = False,
-                 attn_bias=None):
+    def __call__(self, images, *, ids_keep=None, token_mask=None, train: bool = False):
         if ids_keep is not None and token_mask is not None:
             raise ValueError("pass ids_keep (drop tokens) or token_mask (replace tokens), not both.")
+        if ids_keep is not None and self.rel_pos_bias != "none":
+            raise ValueError("a relative position bias needs every patch token; ids_keep drops "
+                             "tokens (MAE): use rel_pos_bias='none'.")
+        attn_bias = self.shared_rel_pos() if self.rel_pos_bias == "shared" else None
         x = self.embed(images, token_mask)
         if ids_keep is not None:
             x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)

@@ -4,10 +4,11 @@ from __future__ import annotations
 from typing import Callable, Dict
 
 from mim_jax.objectives.base import Objective, RNG_STREAMS, make_rngs
-from mim_jax.objectives import mae
+from mim_jax.objectives import mae, simmim
 
 _BUILDERS: Dict[str, Callable[..., Objective]] = {
     "mae": mae.build,
+    "simmim": simmim.build,
 }
 
 

@@ -31,13 +31,15 @@ class Objective:
     # Top-level parameter subtrees that make up the reusable encoder (fine-tuning / export).
     encoder_keys: Tuple[str, ...]
     image_shape: Tuple[int, int, int]  # (H, W, C)
+    # Extra positional model inputs after the images, for init (e.g. SimMIM's token mask).
+    init_args: Callable[[int], tuple] = lambda batch_size: ()
 
     def init(self, rng: jax.Array, batch_size: int = 1):
         """Parameters for this objective's model (a pure function of `rng`)."""
         params_rng, *stream_rngs = jax.random.split(rng, 1 + len(RNG_STREAMS))
         rngs = {"params": params_rng, **dict(zip(RNG_STREAMS, stream_rngs))}
         images = jnp.zeros((batch_size, *self.image_shape), jnp.float32)
-        return self.model.init(rngs, images, train=False)["params"]
+        return self.model.init(rngs, images, *self.init_args(batch_size), train=False)["params"]
 
     def encoder_params(self, params):
         return {k: params[k] for k in self.encoder_keys}

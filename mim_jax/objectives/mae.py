@@ -105,6 +105,9 @@ class MAE(nn.Module):
 def build(config) -> Objective:
     obj_cfg, data_cfg = config.objective, config.data
     masking.check_mask_ratio(obj_cfg.mask_ratio, "objective.mask_ratio")
+    if config.model.get("name", "vit") != "vit":
+        raise ValueError(f"model.name={config.model.name!r}: MAE drops masked tokens, which "
+                         "needs a ViT encoder; allowed: ['vit'].")
     encoder = models.vit_from_config(config.model, data_cfg.image_size, data_cfg.channels)
     arch = encoder.config
     for field in ("decoder_width", "decoder_depth", "decoder_heads"):
