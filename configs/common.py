@@ -51,12 +51,34 @@ def base_config() -> ml_collections.ConfigDict:
     c.evaluators = ml_collections.ConfigDict(dict(
         reconstruction=dict(every_steps=1000, num_images=8)))
 
-    c.model = ml_collections.ConfigDict(dict(
-        name="vit", variant="B/16",
-        patch_size=config_dict.placeholder(int), width=config_dict.placeholder(int),
-        depth=config_dict.placeholder(int), num_heads=config_dict.placeholder(int),
-        mlp_dim=config_dict.placeholder(int),
-        drop_path_rate=0.0, dtype="float32", param_dtype="float32", remat=False, scan=False,
-        attention_impl=config_dict.placeholder(str)))
+    c.model = vit_model_config("B/16")
     c.data = default_data_config()
     return c
+
+
+def _backbone_common(name: str, variant: str) -> dict:
+    return dict(name=name, variant=variant, patch_size=config_dict.placeholder(int),
+                drop_path_rate=0.0, dtype="float32", param_dtype="float32", remat=False,
+                attention_impl=config_dict.placeholder(str))
+
+
+def vit_model_config(variant: str) -> ml_collections.ConfigDict:
+    """ViT: variant 'B/16' etc.; width/depth/num_heads/mlp_dim override it."""
+    return ml_collections.ConfigDict(dict(
+        _backbone_common("vit", variant),
+        width=config_dict.placeholder(int), depth=config_dict.placeholder(int),
+        num_heads=config_dict.placeholder(int), mlp_dim=config_dict.placeholder(int),
+        scan=False,
+        pos_embed="sincos",  # 'sincos' (fixed) | 'learned' | 'none'
+        cls_token=True,
+        qkv_bias="qkv",  # 'qkv' | 'qv' (BEiT-style: no k bias) | 'none'
+        layer_scale_init=config_dict.placeholder(float),
+        rel_pos_bias="none"))  # 'none' | 'shared' | 'per_layer'
+
+
+def swin_model_config(variant: str, window_size: int) -> ml_collections.ConfigDict:
+    """Swin: variant 'T' | 'S' | 'B' | 'L'; embed_dim/depths/num_heads override it."""
+    return ml_collections.ConfigDict(dict(
+        _backbone_common("swin", variant), window_size=window_size,
+        embed_dim=config_dict.placeholder(int), depths=config_dict.placeholder(tuple),
+        num_heads=config_dict.placeholder(tuple)))

@@ -123,16 +123,53 @@ def summarize(times: Sequence[float]) -> dict:
             "max_s": max(times), "all_s": [round(t, 6) for t in times]}
 
 
-def time_each(fn: Callable[[], object], steps: int, warmup: int) -> list:
-    """Wall time of each of `steps` calls after `warmup` calls; fn must block on its result."""
+def measure_call(fn) -> dict:
+    """Wall time, process CPU time (user / kernel) and minor page faults of one call.
+
+    CPU time is less sensitive than wall time to other work on shared cores; kernel time and
+    page faults show allocator churn (memory handed back to the OS and faulted in again).
+    """
+    cpu0, faults0 = os.times(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    start = time.perf_counter()
+    fn()
+    wall = time.perf_counter() - start
+    cpu1, faults1 = os.times(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return {"wall_s": wall, "user_s": cpu1.user - cpu0.user, "sys_s": cpu1.system - cpu0.system,
+            "minor_faults": faults1 - faults0}
+
+
+def measure_each(fn: Callable[[], object], steps: int, warmup: int) -> list:
+    """measure_call of each of `steps` calls after `warmup` calls; fn must block on its result."""
     for _ in range(warmup):
         fn()
-    times = []
+    return [measure_call(fn) for _ in range(steps)]
+
+
+def interleaved_calls(fns: dict, steps: int, warmup: int) -> dict:
+    """Measures each callable once per round, round after round (A, B, A, B, ...), so that slow
+    drift of a shared machine hits both alike. -> {name: [measure_call dicts]}."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    calls = {name: [] for name in fns}
     for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+        for name, fn in fns.items():
+            calls[name].append(measure_call(fn))
+    return calls
+
+
+def call_summary(calls: Sequence[dict]) -> dict:
+    med = lambda key: statistics.median(c[key] for c in calls)
+    cpu = [c["user_s"] + c["sys_s"] for c in calls]
+    return dict(summarize([c["wall_s"] for c in calls]), cpu_median_s=statistics.median(cpu),
+                cpu_min_s=min(cpu), user_median_s=med("user_s"), sys_median_s=med("sys_s"),
+                minor_faults_median=med("minor_faults"))
+
+
+def paired_ratios(numerator: Sequence[dict], denominator: Sequence[dict], key: str) -> dict:
+    """Per-round ratios (adjacent calls share the machine's load), summarised."""
+    ratios = [a[key] / b[key] for a, b in zip(numerator, denominator)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
 def usable_cores() -> int:
@@ -212,6 +249,18 @@ def xla_flops(compiled) -> Optional[float]:
     if not cost or "flops" not in cost:
         return None
     return float(cost["flops"])
+
+
+def xla_memory(compiled) -> Optional[dict]:
+    """Buffer sizes XLA planned for one call: arguments, outputs, temporaries (bytes)."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if stats is None:
+        return None
+    return {name: int(getattr(stats, f"{name}_size_in_bytes"))
+            for name in ("argument", "output", "alias", "temp")}
 
 
 # --------------------------------------------------------------------------- config
@@ -330,7 +379,11 @@ def flops_report(config, compiled, per_device_batch: int) -> dict:
     analytic = flops.model_flops_per_image(config)
     measured = xla_flops(compiled)
     xla_per_image = measured / per_device_batch if measured is not None else None
+    loops = [name for name, on in (("model.scan", config.model.get("scan", False)),
+                                   ("accum_steps > 1", config.get("accum_steps", 1) > 1)) if on]
     return {
+        "xla_note": (f"{' and '.join(loops)}: XLA's cost analysis may count a loop body once, "
+                     "so its figure can be low" if loops else None),
         "analytic_train_per_image": analytic,
         "analytic_forward_per_image": sum(forward.values()),
         "analytic_forward_breakdown": forward,
@@ -395,8 +448,8 @@ def measure_masking(config, mesh, steps: int, warmup: int) -> dict:
                 (make(keys[3], shapes["cot_kept"]),
                  make(keys[3], shapes["cot_unshuffled"])))
         compiled = jax.jit(program).lower(*args).compile()
-        times = time_each(lambda: jax.block_until_ready(compiled(*args)), steps, warmup)
-        out[label] = summarize(times)
+        calls = measure_each(lambda: jax.block_until_ready(compiled(*args)), steps, warmup)
+        out[label] = call_summary(calls)
     return out
 
 
@@ -408,7 +461,7 @@ def benchmark_train_step(config, steps: int, warmup: int, peak_override=None) ->
     setup = build_train_setup(config)
     compiled, compile_times = compile_step(setup)
     runner = StepRunner(compiled, setup.state, setup.batch)
-    step_times = summarize(time_each(runner, steps, warmup))
+    step_times = call_summary(measure_each(runner, steps, warmup))
     n_dev = setup.mesh.devices.size
     images_per_sec = config.batch_size / step_times["median_s"]
     flop = flops_report(config, compiled, config.batch_size // n_dev)
@@ -416,6 +469,7 @@ def benchmark_train_step(config, steps: int, warmup: int, peak_override=None) ->
     peak, peak_source = peak_flops_for(device.device_kind, device.platform, peak_override)
     result = {
         "compile": compile_times,
+        "xla_memory": xla_memory(compiled),
         "step_time": step_times,
         "images_per_sec": images_per_sec,
         "flops": flop,
@@ -429,6 +483,7 @@ def benchmark_train_step(config, steps: int, warmup: int, peak_override=None) ->
     result["masking"] = dict(
         masking_times,
         share_of_step=masking_times["forward_backward"]["median_s"] / step_times["median_s"],
+        share_of_step_min=masking_times["forward_backward"]["min_s"] / step_times["min_s"],
         method="isolated jitted masking (random_masking + encoder gather + decoder unshuffle, "
                "with their gradients) timed alone / full step, medians")
     result["_runner"] = runner  # reused by the input-pipeline loop; dropped before output
@@ -516,6 +571,8 @@ def _jpeg_builder_class():
     class MimBenchJpeg(tfds.core.GeneratorBasedBuilder):
         """JPEG-encoded images in TFDS records, for input-pipeline benchmarks."""
         name = JPEG_DATASET
+        # Under `python -m` this module is __main__, which TFDS cannot resolve to a package.
+        __module__ = "mim_jax.benchmark"
         VERSION = tfds.core.Version("1.0.0")
         code_path = pathlib.Path(__file__)  # no checksums or metadata next to this code
 
@@ -701,21 +758,6 @@ class TorchMAEStep:
                 "parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad)}
 
 
-def interleaved_times(fns: dict, steps: int, warmup: int) -> dict:
-    """Times each callable once per round, round after round (A, B, A, B, ...) so that slow
-    drift of a shared machine hits both alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(steps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def run_compare_torch(config, threads: int) -> dict:
     import jax
     import numpy as np
@@ -730,30 +772,38 @@ def run_compare_torch(config, threads: int) -> dict:
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.state.params))
     jax_step = StepRunner(compiled, setup.state, setup.batch)
     torch_step = TorchMAEStep(config, jax.device_get(setup.batch["image"]))
-    times = interleaved_times({"mim_jax": jax_step, "torch": torch_step},
+    calls = interleaved_calls({"mim_jax": jax_step, "torch": torch_step},
                               _STEPS.value, _WARMUP.value)
-    jax_t, torch_t = summarize(times["mim_jax"]), summarize(times["torch"])
+    jax_t, torch_t = call_summary(calls["mim_jax"]), call_summary(calls["torch"])
     masking_times = measure_masking(config, setup.mesh, _STEPS.value, _WARMUP.value)
     from mim_jax import flops
     train_flops = flops.model_flops_per_image(config)
     per_sec = lambda t: config.batch_size / t["median_s"]
+    masking_s = masking_times["forward_backward"]
     return {
         "mode": "compare_torch", "environment": environment(threads),
         "model": describe_model(config),
         "threads": {"xla_cpu_pool (PJRT_NPROC)": int(os.environ["PJRT_NPROC"]),
                     "torch.get_num_threads": torch.get_num_threads(),
                     "process_affinity_cores": usable_cores()},
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")
+                       or k == "LD_PRELOAD"},
         "mim_jax": {"step_time": jax_t, "images_per_sec": per_sec(jax_t),
                     "compile": compile_times, "parameters": n_params,
+                    "xla_memory": xla_memory(compiled),
                     "final_loss": float(jax_step.metrics["loss"]),
                     "achieved_flops_per_sec": per_sec(jax_t) * train_flops},
         "torch": dict(torch_step.describe(), step_time=torch_t, images_per_sec=per_sec(torch_t),
                       final_loss=torch_step.loss,
                       achieved_flops_per_sec=per_sec(torch_t) * train_flops),
         "torch_over_mim_jax": torch_t["median_s"] / jax_t["median_s"],
+        "torch_over_mim_jax_paired_wall": paired_ratios(calls["torch"], calls["mim_jax"],
+                                                        "wall_s"),
+        "torch_over_mim_jax_cpu": torch_t["cpu_median_s"] / jax_t["cpu_median_s"],
         "flops": flops_report(config, compiled, config.batch_size // setup.mesh.devices.size),
-        "masking": dict(masking_times, share_of_step=(
-            masking_times["forward_backward"]["median_s"] / jax_t["median_s"])),
+        "masking": dict(masking_times,
+                        share_of_step=masking_s["median_s"] / jax_t["median_s"],
+                        share_of_step_min=masking_s["min_s"] / jax_t["min_s"]),
         "order": "interleaved per round: mim_jax, torch",
     }
 
@@ -786,6 +836,9 @@ def _train_rows(r: dict) -> list:
         ("trace + lower", _fmt_seconds(t["compile"]["trace_lower_s"])),
         ("XLA compile", _fmt_seconds(t["compile"]["compile_s"])),
         ("step time", _step_line(t["step_time"])),
+        ("per step", _cpu_line(t["step_time"])),
+        ("XLA temp buffer", "n/a" if not t["xla_memory"]
+         else f"{t['xla_memory']['temp'] / 2**30:.2f} GiB"),
         ("images/s (on-device synthetic)", f"{t['images_per_sec']:.1f}"),
         ("train FLOPs/img analytic", _fmt_flops(f["analytic_train_per_image"])),
         ("train FLOPs/img XLA", _fmt_flops(f["xla_train_per_image"])),
@@ -795,7 +848,8 @@ def _train_rows(r: dict) -> list:
         ("MFU", _fmt_pct(t["mfu"]) + f"  [{t['peak_flops_source']}]"),
         ("peak memory", f"{t['memory']['bytes'] / 2**30:.2f} GiB  [{t['memory']['source']}]"),
         ("masking fwd+bwd (isolated)", _step_line(t["masking"]["forward_backward"])),
-        ("masking share of step", _fmt_pct(t["masking"]["share_of_step"])),
+        ("masking share of step", f"{_fmt_pct(t['masking']['share_of_step'])} (median), "
+                                  f"{_fmt_pct(t['masking']['share_of_step_min'])} (min)"),
     ]
     loop = r.get("input_pipeline_loop")
     if loop:
@@ -821,22 +875,36 @@ def _input_rows(r: dict) -> list:
     ]
 
 
+def _cpu_line(t: dict) -> str:
+    return (f"CPU median {t['cpu_median_s']:.2f} s (user {t['user_median_s']:.2f}, "
+            f"kernel {t['sys_median_s']:.2f}), {t['minor_faults_median']:.0f} page faults")
+
+
 def _compare_rows(r: dict) -> list:
-    j, t = r["mim_jax"], r["torch"]
+    j, t, paired = r["mim_jax"], r["torch"], r["torch_over_mim_jax_paired_wall"]
     return [
         ("model", f"MAE {r['model']['variant']} @ {r['model']['image_size']} px, batch "
                   f"{r['model']['batch_size']}, float32, CPU"),
         ("threads", ", ".join(f"{k} {v}" for k, v in r["threads"].items())),
+        ("malloc env", ", ".join(f"{k}={v}" for k, v in r["malloc_env"].items()) or "default"),
         ("mim_jax step", _step_line(j["step_time"]) + f"  ({j['images_per_sec']:.2f} img/s)"),
         ("torch step", _step_line(t["step_time"]) + f"  ({t['images_per_sec']:.2f} img/s, "
                        f"attn {t['attn_implementation']})"),
         ("torch / mim_jax (median)", f"{r['torch_over_mim_jax']:.3f}"),
+        ("torch / mim_jax (per round)", f"median {paired['median']:.3f}, range "
+                                        f"{paired['min']:.3f}-{paired['max']:.3f}"),
+        ("mim_jax per step", _cpu_line(j["step_time"])),
+        ("torch per step", _cpu_line(t["step_time"])),
+        ("torch / mim_jax (CPU time)", f"{r['torch_over_mim_jax_cpu']:.3f}"),
+        ("XLA temp buffer", "n/a" if not j["xla_memory"]
+         else f"{j['xla_memory']['temp'] / 2**30:.2f} GiB"),
         ("train FLOPs/img analytic / XLA", f"{_fmt_flops(r['flops']['analytic_train_per_image'])}"
                                            f" / {_fmt_flops(r['flops']['xla_train_per_image'])}"),
         ("achieved mim_jax / torch", f"{j['achieved_flops_per_sec'] / 1e9:.1f} / "
                                      f"{t['achieved_flops_per_sec'] / 1e9:.1f} GFLOP/s"),
         ("masking fwd+bwd (isolated)", _step_line(r["masking"]["forward_backward"])),
-        ("masking share of mim_jax step", _fmt_pct(r["masking"]["share_of_step"])),
+        ("masking share of mim_jax step", f"{_fmt_pct(r['masking']['share_of_step'])} (median),"
+                                          f" {_fmt_pct(r['masking']['share_of_step_min'])} (min)"),
     ]
 
 
