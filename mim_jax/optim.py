@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import optax
 
 # Parameters the references exclude from weight decay besides biases and norm scales.
-_NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed")
+_NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "relative_position_bias_table")
 
 
 def decay_mask(params):
@@ -18,6 +18,8 @@ def decay_mask(params):
     def rule(path, leaf):
         names = [getattr(k, "key", str(k)) for k in path]
         if names[-1] in _NO_DECAY_NAMES or names[-1] in ("bias", "scale"):
+            return False
+        if len(names) > 1 and names[-2] == "rel_pos_bias":  # our ViT's relative-position table
             return False
         # Scanned blocks carry a leading depth axis, so a stacked bias is 2-D: the name decides.
         return leaf.ndim > 1

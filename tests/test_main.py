@@ -73,3 +73,19 @@ def test_two_processes_train_one_global_batch(tfds_dir, tmp_path):
     with open(tmp_path / "w" / "metrics.jsonl") as f:  # written by process 0 only
         steps = [json.loads(line)["step"] for line in f]
     assert steps == [1, 2, 3, 4]
+
+
+def test_simmim_quickstart_through_main_learns_and_writes_png(tfds_dir, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    cmd = [sys.executable, "-m", "mim_jax.main", "--config", "configs/simmim.py:quickstart",
+           "--workdir", str(tmp_path / "w"), f"--config.data.data_dir={tfds_dir}",
+           "--config.model.embed_dim=16", "--config.model.num_heads=(2, 4)",
+           "--config.total_steps=40", "--config.batch_size=32", "--config.log_every_steps=1",
+           "--config.evaluators.reconstruction.every_steps=40"]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(tmp_path / "w" / "metrics.jsonl") as f:
+        losses = [json.loads(line)["loss"] for line in f]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) < 0.85 * sum(losses[:5]), losses
+    assert os.listdir(tmp_path / "w" / "reconstructions") == ["step_0000040.png"]
