@@ -1,9 +1,10 @@
-"""Checkpoint converters between mim_jax parameters and PyTorch MAE layouts.
+"""Checkpoint converters between mim_jax parameters and PyTorch MAE, SimMIM and BEiT layouts.
 
 All converters take plain mappings of torch tensors or numpy arrays and return float32 numpy
 trees / dicts, so torch is only needed to read .pth files (load_torch_state_dict).
 """
 from mim_jax.convert.hf_mae import encoder_params_to_hf, mae_params_from_hf, mae_params_to_hf
+from mim_jax.convert.hf_vit import simmim_params_from_hf_vit, vit_params_from_hf_beit
 from mim_jax.convert.official_mae import (load_torch_state_dict, mae_params_from_official,
                                           mae_params_to_official)
 
@@ -14,4 +15,6 @@ __all__ = [
     "mae_params_from_official",
     "mae_params_to_hf",
     "mae_params_to_official",
+    "simmim_params_from_hf_vit",
+    "vit_params_from_hf_beit",
 ]

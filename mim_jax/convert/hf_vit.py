@@ -41,7 +41,7 @@ _BEIT_LEGACY_RENAMES = tuple((re.compile(old), new) for old, new in (
     (r"^(beit\.)?encoder\.relative_position_bias\.", r"\1shared_position_bias."),
     (r"\.attention\.attention\.relative_position_bias\.", ".relative_position_bias."),
 ))
-_INDEX_SUFFIX = "relative_position_bias.relative_position_index"
+_INDEX_SUFFIX = ".relative_position_index"
 
 
 def _check_heads(num_heads) -> int:
@@ -175,9 +175,9 @@ def _check_index_buffers(state: Dict[str, Any]) -> None:
     three CLS entries last); they are then dropped."""
     for key in [k for k in state if k.endswith(_INDEX_SUFFIX)]:
         theirs = common.to_numpy(state.pop(key))
-        side = math.isqrt(max(theirs.shape[0] - 1, 0)) if theirs.ndim == 2 else 0
-        ours = vit.relative_position_index(side, side, cls_token=True) if side else None
-        if ours is None or theirs.shape != ours.shape or not np.array_equal(theirs, ours):
+        side = math.isqrt(max(math.isqrt(theirs.size) - 1, 0))  # (N, N), N = side**2 + 1
+        ours = vit.relative_position_index(side, side, cls_token=True) if side else np.zeros(0)
+        if theirs.size != ours.size or not np.array_equal(theirs.reshape(-1), ours.reshape(-1)):
             raise ValueError(f"{key} (shape {theirs.shape}) is not the relative position index "
                              f"of a square patch grid with a CLS token that mim_jax computes.")
 
