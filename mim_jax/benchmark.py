@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import glob
 import json
 import os
+import pathlib
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -36,8 +39,20 @@ import tempfile
 import time
 from typing import Callable, Optional, Sequence
 
+import flax
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+import optax
 from absl import app, flags
 from ml_collections import config_flags
+
+# JAX only reads its thread and platform settings when the first computation runs (after
+# pin_threads). TensorFlow, TFDS, torch and transformers are imported where they are used, so
+# a train-mode run needs none of them.
+from mim_jax import data, flops, masking, objectives, optim, sharding, train
+from mim_jax.flops import PEAK_FLOPS_TABLE, peak_flops_for  # noqa: F401  (re-exported)
 
 MODES = ("train", "input", "compare_torch")
 SYNTHETIC = "synthetic"
@@ -61,6 +76,9 @@ _DATA = flags.DEFINE_bool(
 _THREADS = flags.DEFINE_integer(
     "threads", None, "CPU threads for XLA, PyTorch and tf.data (pins the process to that many "
     "cores); default: every core this process may use.")
+_PROFILE = flags.DEFINE_bool(
+    "profile", False, "train / compare_torch on the CPU: trace a few mim_jax steps with "
+    "jax.profiler and report where the step time goes, by XLA op kind.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write every figure as JSON to this path.")
 _INPUT_FORMAT = flags.DEFINE_enum(
     "input_format", "tfds", ("tfds", "folder"),
@@ -70,38 +88,7 @@ _INPUT_DIR = flags.DEFINE_string(
     "input_dir", None, "input: where the generated dataset lives (reused when present); default: "
     "a folder in the system temp directory.")
 
-# Dense bf16 peak FLOP/s of one device (chip), by a lower-case substring of device_kind; the
-# first match wins, so more specific names come first. Measured runs in float32 are still
-# reported against the bf16 peak (the usual MFU convention).
-PEAK_FLOPS_TABLE = (
-    ("h100", 989e12),  # SXM; PCIe / NVL parts are excluded in peak_flops_for (lower peaks)
-    ("h200", 989e12),
-    ("a100", 312e12),
-    ("tpu v4", 275e12),
-    ("tpu v5 lite", 197e12),  # v5e
-    ("tpu v5e", 197e12),
-    ("tpu v5p", 459e12),
-    ("tpu v5", 459e12),  # v5p reports itself as "TPU v5"
-    ("tpu v6 lite", 918e12),  # v6e
-    ("tpu v6e", 918e12),
-)
-_NOT_IN_TABLE = ("pcie", "nvl")
-
-
 # --------------------------------------------------------------------------- small helpers
-
-
-def peak_flops_for(device_kind: str, platform_name: str, override: Optional[float] = None):
-    """-> (peak FLOP/s of one device or None, where the figure comes from)."""
-    if override:
-        return float(override), "--peak_flops"
-    kind = device_kind.lower()
-    if platform_name == "cpu" or any(word in kind for word in _NOT_IN_TABLE):
-        return None, f"no peak known for {device_kind!r}; pass --peak_flops"
-    for key, value in PEAK_FLOPS_TABLE:
-        if key in kind:
-            return value, f"table ({key}, bf16 dense)"
-    return None, f"no peak known for {device_kind!r}; pass --peak_flops"
 
 
 def mfu(images_per_sec: float, flops_per_image: float, peak_per_device: Optional[float],
@@ -207,10 +194,6 @@ def cpu_model() -> str:
 
 
 def environment(threads: int) -> dict:
-    import flax
-    import jax
-    import jaxlib
-    import optax
     device = jax.devices()[0]
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
@@ -280,8 +263,7 @@ def apply_overrides(config, batch: Optional[int], image_size: Optional[int],
 
 
 def describe_model(config) -> dict:
-    from mim_jax import flops
-    arch = flops._vit_arch(config)
+    arch = flops.vit_arch(config)
     obj = config.objective
     return {"objective": obj.name, "variant": config.model.variant, "width": arch.width,
             "depth": arch.depth, "heads": arch.num_heads, "mlp_dim": arch.mlp_dim,
@@ -307,8 +289,6 @@ class TrainSetup:
 
 
 def _synthetic_device_batch(objective, batch_size: int, mesh, seed: int) -> dict:
-    import jax
-    from mim_jax import sharding
     shape = (batch_size, *objective.image_shape)
     make = jax.jit(lambda key: jax.random.normal(key, shape),
                    out_shardings=sharding.batch_sharded(mesh))
@@ -317,9 +297,6 @@ def _synthetic_device_batch(objective, batch_size: int, mesh, seed: int) -> dict
 
 def build_train_setup(config) -> TrainSetup:
     """The trainer's own state, optimizer and jitted step (donated state), without data."""
-    import jax
-    import jax.numpy as jnp
-    from mim_jax import objectives, optim, sharding, train
     objective = objectives.build(config)
     mesh = sharding.make_mesh()
     accum = config.get("accum_steps", 1)
@@ -363,7 +340,6 @@ class StepRunner:
         self.metrics = None
 
     def __call__(self, batch=None):
-        import jax
         self.state, self.metrics = self._compiled(self.state,
                                                   self._batch if batch is None else batch)
         jax.block_until_ready(self.metrics)
@@ -374,7 +350,6 @@ class StepRunner:
 
 
 def flops_report(config, compiled, per_device_batch: int) -> dict:
-    from mim_jax import flops
     forward = flops.forward_flops_breakdown(config)
     analytic = flops.model_flops_per_image(config)
     measured = xla_flops(compiled)
@@ -403,9 +378,6 @@ def masking_program(batch_size: int, num_patches: int, mask_ratio: float, enc_wi
     """The masking work of one MAE step, isolated: random_masking, the encoder's gather of
     visible tokens and the decoder's unshuffle (concat mask tokens + gather), plus (with
     `with_backward`) their gradients, i.e. the scatter-adds the train step runs for them."""
-    import jax
-    import jax.numpy as jnp
-    from mim_jax import masking
     keep = masking.num_visible(num_patches, mask_ratio)
 
     def forward(key, enc_tokens, dec_visible, mask_token):
@@ -431,9 +403,7 @@ def masking_program(batch_size: int, num_patches: int, mask_ratio: float, enc_wi
 
 
 def measure_masking(config, mesh, steps: int, warmup: int) -> dict:
-    import jax
-    from mim_jax import flops, sharding
-    arch = flops._vit_arch(config)
+    arch = flops.vit_arch(config)
     obj = config.objective
     out = {}
     for label, backward in (("forward", False), ("forward_backward", True)):
@@ -453,11 +423,142 @@ def measure_masking(config, mesh, steps: int, warmup: int) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- op profile (CPU)
+
+# Thunks are classified by the HLO opcodes they run (fusions expanded), first match wins.
+OP_CATEGORIES = (
+    ("masking (gather/scatter/sort)", ("gather", "scatter", "sort")),
+    ("matmul / conv", ("dot", "convolution")),
+    ("reductions (norms, softmax, sums)", ("reduce",)),
+)
+OTHER_CATEGORY = "elementwise / copies / other"
+_CALLEE = re.compile(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
+_INSTRUCTION = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+
+
+def _opcode(rhs: str) -> Optional[str]:
+    """'f32[2]{0} add(x, y)' or '(f32[2], s32[2]) sort(...)' -> the opcode."""
+    depth, i = 0, 0
+    if rhs.startswith("("):  # tuple shape: skip to its closing parenthesis
+        for i, ch in enumerate(rhs):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if depth == 0:
+                break
+        rhs = rhs[i + 1:]
+    match = re.match(r"\s*(?:\S+\s+)?([a-z][a-z0-9\-]*)\(", rhs)
+    return match.group(1) if match else None
+
+
+def _parse_hlo(hlo_text: str):
+    """-> (computation -> its opcodes, computation -> computations it calls,
+           instruction -> (opcode, computations it calls))."""
+    body_ops, nested, instructions, computation = {}, {}, {}, None
+    for line in hlo_text.splitlines():
+        head = _COMPUTATION.match(line)
+        if head and not line.startswith(" "):
+            computation = head.group(1)
+            body_ops[computation], nested[computation] = set(), set()
+            continue
+        inst = _INSTRUCTION.match(line)
+        if inst and computation is not None:
+            op, callees = _opcode(inst.group(2)), _CALLEE.findall(inst.group(2))
+            body_ops[computation].add(op)
+            nested[computation].update(callees)
+            instructions[inst.group(1)] = (op, callees)
+    return body_ops, nested, instructions
+
+
+def hlo_instruction_ops(hlo_text: str) -> dict:
+    """Instruction name -> every opcode it executes (called computations expanded)."""
+    body_ops, nested, instructions = _parse_hlo(hlo_text)
+    memo = {}
+
+    def closure(computation, stack=()):
+        if computation not in memo:
+            ops = set(body_ops.get(computation, ()))
+            for callee in nested.get(computation, ()):
+                if callee not in stack:  # HLO has no recursion; this only guards bad input
+                    ops |= closure(callee, stack + (computation,))
+            memo[computation] = ops
+        return memo[computation]
+
+    out = {}
+    for name, (op, callees) in instructions.items():
+        ops = {op} - {None}
+        for callee in callees:
+            ops |= closure(callee)
+        out[name] = ops
+    return out
+
+
+def op_category(ops: set) -> str:
+    for category, opcodes in OP_CATEGORIES:
+        if ops & set(opcodes):
+            return category
+    return OTHER_CATEGORY
+
+
+def _thunk_durations(trace_dir: str, names: set) -> dict:
+    """Summed duration (s) of every XLA CPU thunk event named like an HLO instruction."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2  # ships with TensorFlow
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
+    if not paths:
+        raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}")
+    space = xplane_pb2.XSpace()
+    with open(paths[-1], "rb") as f:
+        space.ParseFromString(f.read())
+    totals = {}
+    for plane in space.planes:
+        meta = {k: v.name for k, v in plane.event_metadata.items()}
+        for line in plane.lines:
+            for event in line.events:
+                name = meta.get(event.metadata_id)
+                if name in names:
+                    totals[name] = totals.get(name, 0.0) + event.duration_ps * 1e-12
+    return totals
+
+
+def profile_ops(runner: StepRunner, compiled, steps: int, top: int = 12) -> dict:
+    """Traces `steps` calls of the compiled step and splits the XLA thunk time by op kind."""
+    if jax.devices()[0].platform != "cpu":
+        return {"error": "--profile classifies XLA CPU thunks; not implemented for "
+                         f"{jax.devices()[0].platform}"}
+    ops = hlo_instruction_ops(compiled.as_text())
+    trace_dir = tempfile.mkdtemp(prefix="mim_jax_profile_")
+    with jax.profiler.trace(trace_dir):
+        for _ in range(steps):
+            runner()
+    try:
+        durations = _thunk_durations(trace_dir, set(ops))
+    except (ImportError, FileNotFoundError) as e:
+        return {"error": f"could not read the trace: {e}"}
+    total = sum(durations.values())
+    if not total:
+        return {"error": "the trace holds no XLA thunk events"}
+    by_category = {}
+    for name, seconds in durations.items():
+        category = op_category(ops[name])
+        by_category[category] = by_category.get(category, 0.0) + seconds
+    ranked = sorted(durations.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "steps": steps, "thunk_seconds_per_step": total / steps,
+        "categories": {c: {"seconds_per_step": v / steps, "share": v / total}
+                       for c, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
+        "top_ops": [{"name": n, "seconds_per_step": v / steps, "share": v / total,
+                     "category": op_category(ops[n]),
+                     "opcodes": sorted(o for o in ops[n] if o not in ("parameter", "fusion"))}
+                    for n, v in ranked],
+        "method": "jax.profiler trace of the XLA CPU thunks; each thunk classified by the HLO "
+                  "opcodes it runs; shares are of the summed thunk time",
+    }
+
+
 # --------------------------------------------------------------------------- mode: train
 
 
-def benchmark_train_step(config, steps: int, warmup: int, peak_override=None) -> dict:
-    import jax
+def benchmark_train_step(config, steps: int, warmup: int, peak_override=None,
+                         profile: bool = False) -> dict:
     setup = build_train_setup(config)
     compiled, compile_times = compile_step(setup)
     runner = StepRunner(compiled, setup.state, setup.batch)
@@ -486,14 +587,14 @@ def benchmark_train_step(config, steps: int, warmup: int, peak_override=None) ->
         share_of_step_min=masking_times["forward_backward"]["min_s"] / step_times["min_s"],
         method="isolated jitted masking (random_masking + encoder gather + decoder unshuffle, "
                "with their gradients) timed alone / full step, medians")
+    if profile:
+        result["profile"] = profile_ops(runner, compiled, min(steps, 3))
     result["_runner"] = runner  # reused by the input-pipeline loop; dropped before output
     return result
 
 
 def benchmark_pipeline_loop(config, runner: StepRunner, mesh, steps: int, warmup: int) -> dict:
     """The trainer's loop with real data: host batch -> global array -> step (async dispatch)."""
-    import jax
-    from mim_jax import data, sharding
     train_data = data.create_train_iterator(config.data, global_batch_size=config.batch_size,
                                             seed=config.seed)
     for _ in range(warmup):
@@ -514,16 +615,14 @@ def benchmark_pipeline_loop(config, runner: StepRunner, mesh, steps: int, warmup
 
 
 def run_train(config, threads: int, use_data: Optional[bool]) -> dict:
-    import jax
     result = {"mode": "train", "environment": environment(threads),
               "model": describe_model(config)}
     result["train_step"] = benchmark_train_step(config, _STEPS.value, _WARMUP.value,
-                                                _PEAK_FLOPS.value)
+                                                _PEAK_FLOPS.value, _PROFILE.value)
     runner = result["train_step"].pop("_runner")
     if use_data is None:
         use_data = config.data.name != SYNTHETIC
     if use_data:
-        from mim_jax import sharding
         mesh = sharding.make_mesh()
         loop = benchmark_pipeline_loop(config, runner, mesh, _STEPS.value, _WARMUP.value)
         loop["synthetic_images_per_sec"] = result["train_step"]["images_per_sec"]
@@ -545,7 +644,6 @@ _SIDE_RANGE = (256, 400)
 def synthetic_jpegs(num: int, seed: int):
     """Yields JPEG bytes of photo-like images: smooth colour fields at 256-400 px per side with
     fine noise (so files are neither trivially compressible nor pure noise)."""
-    import numpy as np
     from mim_jax.data.tf_setup import tf
     rng = np.random.default_rng(seed)
     for _ in range(num):
@@ -560,8 +658,6 @@ def synthetic_jpegs(num: int, seed: int):
 
 def _jpeg_builder_class():
     """A TFDS builder of generated JPEGs, defined on first use (TFDS registers on definition)."""
-    import pathlib
-    import numpy as np
     import tensorflow_datasets as tfds
     try:  # TFDS registers a builder class when it is defined: define it once per process
         return tfds.builder_cls(JPEG_DATASET)
@@ -620,30 +716,87 @@ def prepare_jpeg_dataset(fmt: str, root: str, num_images: int, seed: int = 0) ->
     return {"name": JPEG_DATASET, "folder": None, "data_dir": where}
 
 
-def dataset_stats(overrides: dict) -> dict:
-    """Average encoded size and resolution, read back from what the pipeline will read."""
-    import numpy as np
-    from mim_jax.data.tf_setup import tf
+def read_encoded(overrides: dict) -> list:
+    """Every encoded image of the generated dataset, read back from where the pipeline reads."""
     if overrides["name"] == "folder":
-        paths = sorted(os.listdir(overrides["folder"]))
-        blobs = (open(os.path.join(overrides["folder"], p), "rb").read() for p in paths)
-    else:
-        import tensorflow_datasets as tfds
-        ds = tfds.builder(JPEG_DATASET, data_dir=overrides["data_dir"]).as_dataset(
-            split="train", decoders={"image": tfds.decode.SkipDecoding()})
-        blobs = (ex["image"] for ex in ds.as_numpy_iterator())
-    sizes, pixels = [], []
-    for blob in blobs:
-        sizes.append(len(blob))
-        h, w, _ = tf.image.extract_jpeg_shape(blob).numpy()
-        pixels.append(int(h) * int(w))
+        folder = overrides["folder"]
+        blobs = []
+        for name in sorted(os.listdir(folder)):
+            with open(os.path.join(folder, name), "rb") as f:
+                blobs.append(f.read())
+        return blobs
+    import tensorflow_datasets as tfds
+    ds = tfds.builder(JPEG_DATASET, data_dir=overrides["data_dir"]).as_dataset(
+        split="train", decoders={"image": tfds.decode.SkipDecoding()})
+    return [ex["image"] for ex in ds.as_numpy_iterator()]
+
+
+def dataset_stats(blobs: Sequence[bytes]) -> dict:
+    """Average encoded size and resolution."""
+    from mim_jax.data.tf_setup import tf
+    sizes = [len(b) for b in blobs]
+    pixels = [int(np.prod(tf.image.extract_jpeg_shape(b).numpy()[:2])) for b in blobs]
     return {"images": len(sizes), "mean_bytes": float(np.mean(sizes)),
             "mean_pixels": float(np.mean(pixels)),
             "bytes_per_pixel": float(np.sum(sizes) / np.sum(pixels))}
 
 
+def _stage_functions(data_cfg) -> dict:
+    """(encoded, seed) -> image, for each cumulative stage of the pipeline's per-image work,
+    built from the pipeline's own ops; 'what-if' entries are alternatives it does not use."""
+    from mim_jax.data import image_ops
+    spec = image_ops.ImageSpec.from_config(data_cfg)
+    size, interp = spec.image_size, spec.interpolation
+
+    def crop(encoded, seed):
+        return image_ops.decode_random_crop(encoded, seed, spec.channels, spec.crop_scale,
+                                            spec.crop_ratio)
+
+    def raw_resize(image, method, antialias):
+        from mim_jax.data.tf_setup import tf
+        out = tf.image.resize(image, (size, size), method=method, antialias=antialias)
+        return tf.clip_by_value(out, 0.0, 255.0)
+
+    return {
+        "decode whole JPEG": lambda e, s: image_ops.decode_any(e, spec.channels),
+        "decode crop window only": crop,
+        f"+ resize to {size} ({interp}, antialias)":
+            lambda e, s: image_ops.resize(crop(e, s), size, interp),
+        "+ flip + normalise (the pipeline's map)": lambda e, s: image_ops.normalize(
+            image_ops.train_image(e, s, spec), spec.mean, spec.std),
+        f"what-if: crop + {interp} resize without antialias":
+            lambda e, s: raw_resize(crop(e, s), interp, False),
+        "what-if: crop + bilinear resize with antialias":
+            lambda e, s: raw_resize(crop(e, s), "bilinear", True),
+    }
+
+
+def measure_input_stages(blobs: Sequence[bytes], data_cfg, images: int = 512) -> dict:
+    """Process CPU milliseconds per image of each stage, on ONE tf.data thread."""
+    from mim_jax.data.tf_setup import tf
+    if data_cfg.crop_scale is None:
+        return {"error": "data.crop_scale is None: the pipeline does no RandomResizedCrop"}
+    records = tf.data.Dataset.from_tensor_slices(list(blobs[:images])).enumerate()
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = 1
+    options.threading.max_intra_op_parallelism = 1
+    out = {}
+    for name, fn in _stage_functions(data_cfg).items():
+        # A sum of the pixels, so no stage can be pruned as unused (costs ~0.03 ms/img).
+        ds = records.map(lambda i, e, fn=fn: tf.reduce_sum(tf.cast(
+            fn(e, tf.stack([tf.constant(7, tf.int64), i])), tf.float32)),
+                         num_parallel_calls=1).with_options(options)
+        ds.take(16).reduce(0, lambda a, x: a + 1)  # kernels initialised outside the timing
+        cpu0 = os.times()
+        count = int(ds.reduce(0, lambda a, x: a + 1))
+        cpu1 = os.times()
+        cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+        out[name] = {"cpu_ms_per_image": 1e3 * cpu / count,
+                     "images_per_cpu_second": count / cpu if cpu > 0 else None}
+    return out
+
+
 def measure_input(data_cfg, batch_size: int, steps: int, warmup: int, cores: int) -> dict:
-    from mim_jax import data
     train_data = data.create_train_iterator(data_cfg, global_batch_size=batch_size, seed=0,
                                             process_index=0, process_count=1)
     for _ in range(warmup):  # fills the shuffle buffer and lets tf.data autotune settle
@@ -680,9 +833,10 @@ def run_input(config, threads: int, batch: Optional[int]) -> dict:
     config.data.update(overrides)
     config.data.split = "train"
     d = config.data
+    blobs = read_encoded(overrides)
     return {
         "mode": "input", "environment": environment(threads),
-        "dataset": dict(dataset_stats(overrides), format=_INPUT_FORMAT.value,
+        "dataset": dict(dataset_stats(blobs), format=_INPUT_FORMAT.value,
                         description=("JPEG bytes in TFDS records (TFRecord files, decoded by "
                                      "the pipeline)" if _INPUT_FORMAT.value == "tfds" else
                                      "a folder of JPEG files"),
@@ -695,6 +849,7 @@ def run_input(config, threads: int, batch: Optional[int]) -> dict:
                         "cores (the pipeline sets no private pool); per core = images/s / "
                         "that count",
         "input": measure_input(d, config.batch_size, _STEPS.value, _WARMUP.value, threads),
+        "stages_one_thread": measure_input_stages(blobs, d),
     }
 
 
@@ -704,8 +859,7 @@ def run_input(config, threads: int, batch: Optional[int]) -> dict:
 def hf_vitmae_config(config):
     """transformers.ViTMAEConfig of exactly the mim_jax model in `config`."""
     import transformers
-    from mim_jax import flops
-    arch, obj = flops._vit_arch(config), config.objective
+    arch, obj = flops.vit_arch(config), config.objective
     return transformers.ViTMAEConfig(
         hidden_size=arch.width, num_hidden_layers=arch.depth, num_attention_heads=arch.num_heads,
         intermediate_size=arch.mlp_dim, hidden_act="gelu", hidden_dropout_prob=0.0,
@@ -721,7 +875,6 @@ class TorchMAEStep:
     """ViTMAEForPreTraining forward + backward + torch.optim.AdamW step (float32, train mode)."""
 
     def __init__(self, config, images_nhwc):
-        import numpy as np
         import torch
         import transformers
         torch.manual_seed(config.seed)
@@ -759,8 +912,6 @@ class TorchMAEStep:
 
 
 def run_compare_torch(config, threads: int) -> dict:
-    import jax
-    import numpy as np
     import torch
     torch.set_num_threads(threads)
     if jax.devices()[0].platform != "cpu":
@@ -776,7 +927,7 @@ def run_compare_torch(config, threads: int) -> dict:
                               _STEPS.value, _WARMUP.value)
     jax_t, torch_t = call_summary(calls["mim_jax"]), call_summary(calls["torch"])
     masking_times = measure_masking(config, setup.mesh, _STEPS.value, _WARMUP.value)
-    from mim_jax import flops
+    profile = profile_ops(jax_step, compiled, min(_STEPS.value, 2)) if _PROFILE.value else None
     train_flops = flops.model_flops_per_image(config)
     per_sec = lambda t: config.batch_size / t["median_s"]
     masking_s = masking_times["forward_backward"]
@@ -805,6 +956,7 @@ def run_compare_torch(config, threads: int) -> dict:
                         share_of_step=masking_s["median_s"] / jax_t["median_s"],
                         share_of_step_min=masking_s["min_s"] / jax_t["min_s"]),
         "order": "interleaved per round: mim_jax, torch",
+        "profile": profile,
     }
 
 
@@ -845,18 +997,28 @@ def _train_rows(r: dict) -> list:
         ("XLA / analytic", "n/a" if f["xla_over_analytic"] is None
          else f"{f['xla_over_analytic']:.3f}"),
         ("achieved (analytic)", f"{t['achieved_flops_per_sec'] / 1e12:.4f} TFLOP/s"),
-        ("MFU", _fmt_pct(t["mfu"]) + f"  [{t['peak_flops_source']}]"),
+        ("MFU", _fmt_pct(t["mfu"]) + f"  [{t['peak_flops_source']}"
+                + ("; --peak_flops sets one]" if t["mfu"] is None else "]")),
         ("peak memory", f"{t['memory']['bytes'] / 2**30:.2f} GiB  [{t['memory']['source']}]"),
         ("masking fwd+bwd (isolated)", _step_line(t["masking"]["forward_backward"])),
         ("masking share of step", f"{_fmt_pct(t['masking']['share_of_step'])} (median), "
                                   f"{_fmt_pct(t['masking']['share_of_step_min'])} (min)"),
     ]
+    rows += _profile_rows(t.get("profile"))
     loop = r.get("input_pipeline_loop")
     if loop:
         rows.append((f"images/s with {loop['data']} pipeline",
                      f"{loop['images_per_sec']:.1f} (synthetic {loop['synthetic_images_per_sec']:.1f}"
                      f"; host wait {_fmt_seconds(loop['host_wait_for_batch_s_per_step'])}/step)"))
     return rows
+
+
+def _stage_rows(stages: dict) -> list:
+    if "error" in stages:
+        return [("stages", stages["error"])]
+    return [(f"  {name}", f"{s['cpu_ms_per_image']:.2f} ms CPU/img "
+                          f"({s['images_per_cpu_second']:.0f} img per CPU-second)")
+            for name, s in stages.items()]
 
 
 def _input_rows(r: dict) -> list:
@@ -872,7 +1034,8 @@ def _input_rows(r: dict) -> list:
         ("images/s per core", f"{i['images_per_sec_per_core']:.1f}"),
         ("images per process CPU-second", "n/a" if i["images_per_cpu_second"] is None
          else f"{i['images_per_cpu_second']:.1f}"),
-    ]
+        ("stages, one thread (cumulative)", ""),
+    ] + _stage_rows(r["stages_one_thread"])
 
 
 def _cpu_line(t: dict) -> str:
@@ -905,7 +1068,22 @@ def _compare_rows(r: dict) -> list:
         ("masking fwd+bwd (isolated)", _step_line(r["masking"]["forward_backward"])),
         ("masking share of mim_jax step", f"{_fmt_pct(r['masking']['share_of_step'])} (median),"
                                           f" {_fmt_pct(r['masking']['share_of_step_min'])} (min)"),
-    ]
+    ] + _profile_rows(r.get("profile"))
+
+
+def _profile_rows(profile: Optional[dict]) -> list:
+    if not profile:
+        return []
+    if "error" in profile:
+        return [("profile", profile["error"])]
+    rows = [("profile: XLA thunk time", f"{_fmt_seconds(profile['thunk_seconds_per_step'])}"
+                                        "/step")]
+    rows += [(f"  {name}", f"{_fmt_seconds(c['seconds_per_step'])}/step ({_fmt_pct(c['share'])})")
+             for name, c in profile["categories"].items()]
+    rows += [(f"  top op {i + 1}", f"{op['name']} [{', '.join(op['opcodes'][:6])}] "
+                                   f"{_fmt_pct(op['share'])}")
+             for i, op in enumerate(profile["top_ops"][:3])]
+    return rows
 
 
 def format_table(rows) -> str:

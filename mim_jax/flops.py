@@ -13,6 +13,8 @@ which is the familiar 24nd^2 + 4n^2d for m = 4d.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from mim_jax import masking
 from mim_jax.models import vit
 
@@ -67,7 +69,8 @@ def mae_forward_flops(arch: vit.ViTConfig, mask_ratio: float, decoder_width: int
     }
 
 
-def _vit_arch(config) -> vit.ViTConfig:
+def vit_arch(config) -> vit.ViTConfig:
+    """The encoder's resolved hyper-parameters (variant + overrides) of an experiment config."""
     model_cfg = config.model
     return vit.resolve_vit_config(
         model_cfg.variant, config.data.image_size, config.data.get("channels", 3),
@@ -82,10 +85,47 @@ def forward_flops_breakdown(config) -> dict:
                          "supported: ['mae'].")
     width = obj.decoder_width
     return mae_forward_flops(
-        _vit_arch(config), obj.mask_ratio, decoder_width=width, decoder_depth=obj.decoder_depth,
+        vit_arch(config), obj.mask_ratio, decoder_width=width, decoder_depth=obj.decoder_depth,
         decoder_mlp_dim=int(width * obj.get("decoder_mlp_ratio", 4.0)))
 
 
 def model_flops_per_image(config) -> float:
     """Analytic TRAIN-step FLOPs per image (3x forward); pass to reporting.Progress for MFU."""
     return TRAIN_TO_FORWARD * sum(forward_flops_breakdown(config).values())
+
+
+# Dense bf16 peak FLOP/s of one device (chip), by a lower-case substring of device_kind; the
+# first match wins, so more specific names come first. Measured runs in float32 are still
+# reported against the bf16 peak (the usual MFU convention).
+PEAK_FLOPS_TABLE = (
+    ("h100", 989e12),  # SXM; PCIe / NVL parts are excluded in peak_flops_for (lower peaks)
+    ("h200", 989e12),
+    ("a100", 312e12),
+    ("tpu v4", 275e12),
+    ("tpu v5 lite", 197e12),  # v5e
+    ("tpu v5e", 197e12),
+    ("tpu v5p", 459e12),
+    ("tpu v5", 459e12),  # v5p reports itself as "TPU v5"
+    ("tpu v6 lite", 918e12),  # v6e
+    ("tpu v6e", 918e12),
+)
+_NOT_IN_TABLE = ("pcie", "nvl")
+
+
+def peak_flops_for(device_kind: str, platform_name: str, override: Optional[float] = None):
+    """-> (peak FLOP/s of one device or None, where the figure comes from)."""
+    if override:
+        return float(override), "given explicitly"
+    kind = device_kind.lower()
+    if platform_name == "cpu" or any(word in kind for word in _NOT_IN_TABLE):
+        return None, f"no peak known for {device_kind!r} (give one explicitly)"
+    for key, value in PEAK_FLOPS_TABLE:
+        if key in kind:
+            return value, f"table ({key}, bf16 dense)"
+    return None, f"no peak known for {device_kind!r} (give one explicitly)"
+
+
+def device_peak_flops(device) -> Optional[float]:
+    """Table peak of one jax device, or None (CPUs, parts not in the table). For MFU over a
+    mesh multiply by the device count: reporting.Progress takes the total peak."""
+    return peak_flops_for(device.device_kind, device.platform)[0]

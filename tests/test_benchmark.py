@@ -79,7 +79,7 @@ def test_peak_flops_table_and_mfu():
     assert benchmark.peak_flops_for("TPU v6 lite", "tpu")[0] == 918e12
     assert benchmark.peak_flops_for("NVIDIA H100 PCIe", "gpu")[0] is None
     assert benchmark.peak_flops_for("cpu", "cpu")[0] is None
-    assert benchmark.peak_flops_for("cpu", "cpu", 1e12) == (1e12, "--peak_flops")
+    assert benchmark.peak_flops_for("cpu", "cpu", 1e12)[0] == 1e12
     # 1000 img/s x 60 GFLOP on 2 devices of 100 TFLOP/s: 30%.
     assert benchmark.mfu(1000.0, 60e9, 100e12, 2) == pytest.approx(0.3)
     assert benchmark.mfu(1000.0, 60e9, None, 2) is None
@@ -144,3 +144,18 @@ def test_train_mode_writes_json(tmp_path):
     assert step["memory"]["bytes"] > 0 and step["memory"]["source"]
     assert result["environment"]["threads"] >= 1
     assert result["model"]["batch_size"] == 8
+
+
+def test_hlo_opcode_parsing_and_categories():
+    assert benchmark._opcode("f32[2,3]{1,0} add(f32[2,3]{1,0} %a, f32[2,3]{1,0} %b)") == "add"
+    assert benchmark._opcode("(f32[4]{0}, s32[4]{0}) sort(f32[4]{0} %x, s32[4]{0} %i), "
+                             "dimensions={0}") == "sort"
+
+    def fn(x, w, idx):
+        return jnp.take_along_axis(x @ w, idx, axis=1), jnp.argsort(x, axis=1)
+
+    x, w = jnp.ones((4, 8)), jnp.ones((8, 8))
+    compiled = jax.jit(fn).lower(x, w, jnp.zeros((4, 2), jnp.int32)).compile()
+    ops = benchmark.hlo_instruction_ops(compiled.as_text())
+    categories = {benchmark.op_category(o) for o in ops.values()}
+    assert {"masking (gather/scatter/sort)", "matmul / conv"} <= categories

@@ -4,7 +4,6 @@ import os
 import re
 
 import pytest
-from ml_collections import config_flags  # noqa: F401  (the loader main.py uses)
 
 from mim_jax import objectives, train
 from mim_jax.data import config as data_config

@@ -19,7 +19,6 @@ transformers = pytest.importorskip("transformers")
 from mim_jax import masking, models, objectives  # noqa: E402
 from mim_jax.convert import simmim_params_from_hf_vit, vit_params_from_hf_beit  # noqa: E402
 from mim_jax.convert.hf_swin import config_from_hf, swin_params_from_hf  # noqa: E402
-from mim_jax.models import vit  # noqa: E402
 from mim_jax.objectives import simmim  # noqa: E402
 
 IMAGE, PATCH, MASK_PATCH = 32, 4, 8

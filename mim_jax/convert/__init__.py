@@ -4,11 +4,13 @@ All converters take plain mappings of torch tensors or numpy arrays and return f
 trees / dicts, so torch is only needed to read .pth files (load_torch_state_dict).
 """
 from mim_jax.convert.hf_mae import encoder_params_to_hf, mae_params_from_hf, mae_params_to_hf
+from mim_jax.convert.hf_swin import config_from_hf, swin_params_from_hf, swin_params_to_hf
 from mim_jax.convert.hf_vit import simmim_params_from_hf_vit, vit_params_from_hf_beit
 from mim_jax.convert.official_mae import (load_torch_state_dict, mae_params_from_official,
                                           mae_params_to_official)
 
 __all__ = [
+    "config_from_hf",
     "encoder_params_to_hf",
     "load_torch_state_dict",
     "mae_params_from_hf",
@@ -16,5 +18,7 @@ __all__ = [
     "mae_params_to_hf",
     "mae_params_to_official",
     "simmim_params_from_hf_vit",
+    "swin_params_from_hf",
+    "swin_params_to_hf",
     "vit_params_from_hf_beit",
 ]

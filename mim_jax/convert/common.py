@@ -107,6 +107,26 @@ def block(*, norm1: str, qkv: Plan, proj: str, norm2: str, fc1: str, fc2: str,
 
 # ---------------------------------------------------------------- key bookkeeping
 
+def rename_keys(state_dict: Mapping[str, Any], renames) -> Tuple[Dict[str, Any], Dict[str, str]]:
+    """Applies (compiled regex, replacement) pairs in order to every key.
+
+    Used to accept checkpoints saved under older transformers names. Returns the renamed
+    dict and new name -> original name (for error messages); two keys that land on the same
+    name (one weight under its old and new names) raise.
+    """
+    out: Dict[str, Any] = {}
+    origin: Dict[str, str] = {}
+    for key, value in state_dict.items():
+        new = key
+        for pattern, repl in renames:
+            new = pattern.sub(repl, new)
+        if new in out:
+            raise ValueError(f"state dict holds both {origin[new]!r} and {key!r}, which are "
+                             f"the same weight under old and new transformers names.")
+        out[new], origin[new] = value, key
+    return out, origin
+
+
 def plan_leaves(plan: Plan, path: Tuple[str, ...] = ()) -> List[Tuple[Tuple[str, ...], Leaf]]:
     out = []
     for name, node in plan.items():

@@ -27,21 +27,13 @@ _LEGACY_RENAMES = (
 )
 
 
-def _current_names(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    origin: Dict[str, str] = {}
-    for key, value in state_dict.items():
-        new = key
-        for pattern, repl in _LEGACY_RENAMES:
-            new = pattern.sub(repl, new)
-        if new in out:
-            raise ValueError(f"state dict holds both {origin[new]!r} and {key!r}, which are "
-                             f"the same weight under old and new transformers names.")
-        out[new], origin[new] = value, key
-    return out
+def current_names(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+    """ViT-family state dict with transformers 4.x layer names renamed to 5.x names."""
+    return common.rename_keys(state_dict, _LEGACY_RENAMES)[0]
 
 
-def _block(prefix: str, num_heads: int) -> common.Plan:
+def vit_block(prefix: str, num_heads: int) -> common.Plan:
+    """Plan of one transformers ViT / ViTMAE layer (5.x names) as our Block."""
     attn = f"{prefix}attention."
     return common.block(
         norm1=f"{prefix}layernorm_before",
@@ -58,7 +50,7 @@ def _layout(prefix: str) -> mae_layout.MAELayout:
         return {
             "patch_embed": common.patch_conv(f"{emb}patch_embeddings.projection"),
             "cls_token": common.tensor(f"{emb}cls_token"),
-            "transformer": {f"block_{i}": _block(f"{prefix}layers.{i}.", heads)
+            "transformer": {f"block_{i}": vit_block(f"{prefix}layers.{i}.", heads)
                             for i in range(depth)},
             "norm": common.layernorm(f"{prefix}layernorm"),
         }
@@ -67,7 +59,7 @@ def _layout(prefix: str) -> mae_layout.MAELayout:
         return {
             "decoder_embed": common.linear("decoder.decoder_embed"),
             "mask_token": common.tensor("decoder.mask_token"),
-            "transformer": {f"block_{i}": _block(f"decoder.decoder_layers.{i}.", heads)
+            "transformer": {f"block_{i}": vit_block(f"decoder.decoder_layers.{i}.", heads)
                             for i in range(depth)},
             "decoder_norm": common.layernorm("decoder.decoder_norm"),
             "decoder_pred": common.linear("decoder.decoder_pred"),
@@ -91,7 +83,7 @@ def mae_params_from_hf(state_dict: Mapping[str, Any], *, num_heads: int,
     model.scan=True expects. Missing keys raise ValueError; unexpected ones too unless
     strict=False. Position embeddings are checked against our fixed sin-cos table.
     """
-    state_dict = _current_names(state_dict)
+    state_dict = current_names(state_dict)
     prefix = "vit." if any(k.startswith("vit.") for k in state_dict) else ""
     with_decoder = any(k.startswith("decoder.") for k in state_dict)
     return mae_layout.import_mae(state_dict, _layout(prefix), num_heads=num_heads,

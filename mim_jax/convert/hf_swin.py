@@ -18,7 +18,7 @@ order: channel c * r * r + i * r + j becomes pixel (h * r + i, w * r + j) of ima
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional
 
 import jax
 import numpy as np
@@ -43,21 +43,6 @@ _LEGACY_RENAMES = tuple((re.compile(old), new) for old, new in (
 _INDEX_RE = re.compile(
     r"^(?P<prefix>.*)encoder\.layers\.(?P<stage>\d+)\.blocks\.(?P<block>\d+)\."
     r"attention\.relative_position_bias\.relative_position_index$")
-
-
-def _current_names(state_dict: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[str, str]]:
-    """5.x names -> values, and 5.x names -> the caller's names (for error messages)."""
-    out: Dict[str, Any] = {}
-    origin: Dict[str, str] = {}
-    for key, value in state_dict.items():
-        new = key
-        for pattern, repl in _LEGACY_RENAMES:
-            new = pattern.sub(repl, new)
-        if new in out:
-            raise ValueError(f"state dict holds both {origin[new]!r} and {key!r}, which are "
-                             f"the same weight under old and new transformers names.")
-        out[new], origin[new] = value, key
-    return out, origin
 
 
 def _no_bias_linear(key: str) -> common.Plan:
@@ -173,7 +158,7 @@ def swin_params_from_hf(state_dict: Mapping[str, Any], *, config: swin.SwinConfi
     come from `config` (HF config: num_heads, window_size) and every shape is checked against
     it. Missing keys raise ValueError; unexpected ones too unless strict=False.
     """
-    state, origin = _current_names(state_dict)
+    state, origin = common.rename_keys(state_dict, _LEGACY_RENAMES)
     if prefix is None:
         prefix = "swin." if any(k.startswith("swin.") for k in state) else ""
     mask_token = f"{prefix}embeddings.mask_token" in state

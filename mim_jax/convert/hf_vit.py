@@ -21,7 +21,6 @@ are not imported (ours are computed) but must equal ours.
 """
 from __future__ import annotations
 
-import collections
 import math
 import re
 from typing import Any, Dict, Mapping
@@ -119,7 +118,7 @@ def simmim_params_from_hf_vit(state_dict: Mapping[str, Any], *, num_heads: int,
     pooler) too unless strict=False.
     """
     num_heads = _check_heads(num_heads)
-    state = hf_mae._current_names(state_dict)
+    state = hf_mae.current_names(state_dict)
     prefix = _prefix(state, "vit")
     emb = f"{prefix}embeddings."
     depth = _depth(state, f"{prefix}layers.", VIT)
@@ -127,7 +126,7 @@ def simmim_params_from_hf_vit(state_dict: Mapping[str, Any], *, num_heads: int,
         "patch_embed": common.patch_conv(f"{emb}patch_embeddings.projection"),
         "cls_token": common.tensor(f"{emb}cls_token"),
         "pos_embed": common.tensor(f"{emb}position_embeddings"),
-        "transformer": {f"block_{i}": hf_mae._block(f"{prefix}layers.{i}.", num_heads)
+        "transformer": {f"block_{i}": hf_mae.vit_block(f"{prefix}layers.{i}.", num_heads)
                         for i in range(depth)},
         "norm": common.layernorm(f"{prefix}layernorm"),
     }
@@ -155,19 +154,8 @@ def simmim_params_from_hf_vit(state_dict: Mapping[str, Any], *, num_heads: int,
 # ---------------------------------------------------------------- BEiT
 
 def _current_beit_names(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
-    renamed: Dict[str, Any] = {}
-    origin: Dict[str, list] = collections.defaultdict(list)
-    for key, value in state_dict.items():
-        new = key
-        for pattern, repl in _BEIT_LEGACY_RENAMES:
-            new = pattern.sub(repl, new)
-        renamed[new] = value
-        origin[new].append(key)
-    clashes = [keys for keys in origin.values() if len(keys) > 1]
-    if clashes:
-        raise ValueError(f"state dict holds the same weights under old and new transformers "
-                         f"names: {clashes}.")
-    return hf_mae._current_names(renamed)
+    renamed, _ = common.rename_keys(state_dict, _BEIT_LEGACY_RENAMES)
+    return hf_mae.current_names(renamed)
 
 
 def _check_index_buffers(state: Dict[str, Any]) -> None:

@@ -14,9 +14,7 @@ from mim_jax.data.config import default_data_config, validate_data_config
 
 
 def _pipeline():
-    from mim_jax.data import tf_setup  # noqa: F401  (first: hides GPUs from TensorFlow)
-    from mim_jax.data import mnist5k  # noqa: F401  (registers the TFDS builder)
-    from mim_jax.data import pipeline
+    from mim_jax.data import pipeline  # imports TensorFlow and hides accelerators from it
 
     return pipeline
 
@@ -29,7 +27,6 @@ def prepare(data_cfg) -> None:
     """
     if data_cfg.name in (synthetic.NAME, "folder"):
         return
-    _pipeline()
     from mim_jax.data import sources
 
     sources.make_source(data_cfg)  # a TFDS source prepares its dataset when it is missing
