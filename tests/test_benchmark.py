@@ -124,14 +124,18 @@ def test_train_mode_writes_json(tmp_path):
     cmd = [sys.executable, "-m", "mim_jax.benchmark", "--config", "configs/mae.py:quickstart",
            "--config.data.name=synthetic", "--config.model.depth=1",
            "--config.objective.decoder_depth=1", "--batch=8", "--steps=2", "--warmup=1",
-           f"--json_out={out}"]
+           "--data", f"--json_out={out}"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "masking share of step" in proc.stdout
     result = json.loads(out.read_text())
     assert result["mode"] == "train"
-    assert result["input_pipeline_loop"] is None  # synthetic data: on-device figure only
+    # --data: the loop fed by the (TF-free, host) synthetic source next to on-device data.
+    loop = result["input_pipeline_loop"]
+    assert loop["data"] == "synthetic"
+    assert loop["pipeline"]["images_per_sec"] > 0
+    assert loop["on_device_synthetic"]["images_per_sec"] > 0
     step = result["train_step"]
     assert set(step) >= {"compile", "step_time", "images_per_sec", "flops", "mfu", "memory",
                          "masking", "peak_flops_source", "achieved_flops_per_sec"}
