@@ -3,7 +3,8 @@
 Run from the repository root (configs/ is imported as a package from the working directory):
 
   # Train step on on-device synthetic images (+ the real input pipeline unless data is synthetic)
-  python -m mim_jax.benchmark --config configs/mae.py:variant=B/16 --batch 256 --json_out b16.json
+  python -m mim_jax.benchmark --config configs/mae.py:variant=B/16 --batch 256 \
+      --config.data.name=synthetic --json_out b16.json
   python -m mim_jax.benchmark --config configs/mae.py:quickstart --steps 20
 
   # Input pipeline alone: JPEG decode + RandomResizedCrop + flip at 224 px, images/s per core
@@ -540,15 +541,22 @@ def profile_ops(runner: StepRunner, compiled, steps: int, top: int = 12) -> dict
     for name, seconds in durations.items():
         category = op_category(ops[name])
         by_category[category] = by_category.get(category, 0.0) + seconds
-    ranked = sorted(durations.items(), key=lambda kv: -kv[1])[:top]
+    ranked = sorted(durations.items(), key=lambda kv: -kv[1])
+    describe = lambda n, v: {"name": n, "seconds_per_step": v / steps, "share": v / total,
+                             "category": op_category(ops[n]),
+                             "opcodes": sorted(o for o in ops[n]
+                                               if o not in ("parameter", "fusion"))}
+    by_kind = {}
+    for name, seconds in ranked:
+        kind = by_kind.setdefault(op_category(ops[name]), [])
+        if len(kind) < 3:
+            kind.append(describe(name, seconds))
     return {
         "steps": steps, "thunk_seconds_per_step": total / steps,
         "categories": {c: {"seconds_per_step": v / steps, "share": v / total}
                        for c, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
-        "top_ops": [{"name": n, "seconds_per_step": v / steps, "share": v / total,
-                     "category": op_category(ops[n]),
-                     "opcodes": sorted(o for o in ops[n] if o not in ("parameter", "fusion"))}
-                    for n, v in ranked],
+        "top_ops": [describe(n, v) for n, v in ranked[:top]],
+        "top_ops_by_category": by_kind,
         "method": "jax.profiler trace of the XLA CPU thunks; each thunk classified by the HLO "
                   "opcodes it runs; shares are of the summed thunk time",
     }
@@ -614,13 +622,11 @@ def loop_throughput(runner: StepRunner, next_batch: Callable[[], dict], batch_si
             "batch_wait_s_per_step": wait / steps}
 
 
-def benchmark_pipeline_loop(config, runner: StepRunner, device_batch: dict, steps: int,
-                            warmup: int) -> dict:
+def benchmark_pipeline_loop(config, train_data, runner: StepRunner, device_batch: dict,
+                            steps: int, warmup: int) -> dict:
     """The loop with the real input pipeline (host batch -> global array -> step) next to the
     same loop fed the on-device synthetic batch."""
     mesh = sharding.make_mesh()
-    train_data = data.create_train_iterator(config.data, global_batch_size=config.batch_size,
-                                            seed=config.seed)
     real = loop_throughput(runner, lambda: sharding.global_batch(next(train_data), mesh),
                            config.batch_size, steps, warmup)
     synthetic = loop_throughput(runner, lambda: device_batch, config.batch_size, steps, warmup)
@@ -631,14 +637,17 @@ def benchmark_pipeline_loop(config, runner: StepRunner, device_batch: dict, step
 def run_train(config, threads: int, use_data: Optional[bool]) -> dict:
     result = {"mode": "train", "environment": environment(threads),
               "model": describe_model(config)}
+    if use_data is None:
+        use_data = config.data.name != SYNTHETIC
+    # Opened first, so that a dataset that is not there fails before minutes of measuring.
+    train_data = (data.create_train_iterator(config.data, global_batch_size=config.batch_size,
+                                             seed=config.seed) if use_data else None)
     result["train_step"] = benchmark_train_step(config, _STEPS.value, _WARMUP.value,
                                                 _PEAK_FLOPS.value, _PROFILE.value)
     runner, device_batch = result["train_step"].pop("_runner")
-    if use_data is None:
-        use_data = config.data.name != SYNTHETIC
     result["input_pipeline_loop"] = (
-        benchmark_pipeline_loop(config, runner, device_batch, _STEPS.value, _WARMUP.value)
-        if use_data else None)
+        benchmark_pipeline_loop(config, train_data, runner, device_batch, _STEPS.value,
+                                _WARMUP.value) if use_data else None)
     result["train_step"]["memory"] = peak_memory(jax.devices()[0])  # after everything ran
     return result
 
@@ -1100,6 +1109,10 @@ def _profile_rows(profile: Optional[dict]) -> list:
     rows += [(f"  top op {i + 1}", f"{op['name']} [{', '.join(op['opcodes'][:6])}] "
                                    f"{_fmt_pct(op['share'])}")
              for i, op in enumerate(profile["top_ops"][:3])]
+    rows += [(f"  top {kind.split(' ')[0]} op", f"{ops[0]['name']} [{', '.join(ops[0]['opcodes'][:6])}]"
+                                                 f" {_fmt_pct(ops[0]['share'])}")
+             for kind, ops in profile["top_ops_by_category"].items()
+             if kind != "matmul / conv"]
     return rows
 
 
