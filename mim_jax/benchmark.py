@@ -38,7 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import flax
 import jax
@@ -264,14 +264,11 @@ def apply_overrides(config, batch: Optional[int], image_size: Optional[int],
 
 
 def describe_model(config) -> dict:
-    arch = flops.vit_arch(config)
+    arch = flops.backbone_arch(config)
     obj = config.objective
-    return {"objective": obj.name, "variant": config.model.variant, "width": arch.width,
-            "depth": arch.depth, "heads": arch.num_heads, "mlp_dim": arch.mlp_dim,
-            "patch_size": arch.patch_size, "image_size": arch.image_size,
-            "channels": arch.channels, "mask_ratio": obj.get("mask_ratio"),
-            "decoder": f"{obj.get('decoder_depth')}x{obj.get('decoder_width')} "
-                       f"heads {obj.get('decoder_heads')}",
+    return {"objective": obj.name, "backbone": config.model.get("name", "vit"),
+            "variant": config.model.variant, "arch": dataclasses.asdict(arch),
+            "image_size": arch.image_size, "objective_config": obj.to_dict(),
             "dtype": config.model.get("dtype", "float32"),
             "remat": config.model.get("remat", False), "scan": config.model.get("scan", False),
             "batch_size": config.batch_size, "accum_steps": config.get("accum_steps", 1)}
@@ -374,11 +371,19 @@ def flops_report(config, compiled, per_device_batch: int) -> dict:
 # --------------------------------------------------------------------------- masking share
 
 
-def masking_program(batch_size: int, num_patches: int, mask_ratio: float, enc_width: int,
-                    dec_width: int, with_backward: bool):
-    """The masking work of one MAE step, isolated: random_masking, the encoder's gather of
-    visible tokens and the decoder's unshuffle (concat mask tokens + gather), plus (with
-    `with_backward`) their gradients, i.e. the scatter-adds the train step runs for them."""
+@dataclasses.dataclass(frozen=True)
+class MaskingWork:
+    """The masking work of one train step, isolated: `forward(key, *inputs)` ->
+    (outputs, aux); inputs and outputs are float arrays of the given shapes."""
+    forward: Callable
+    inputs: Tuple[Tuple[int, ...], ...]
+    outputs: Tuple[Tuple[int, ...], ...]
+
+
+def mae_masking_work(batch_size: int, num_patches: int, mask_ratio: float, enc_width: int,
+                     dec_width: int) -> MaskingWork:
+    """random_masking, the encoder's gather of the visible tokens and the decoder's unshuffle
+    (mask tokens appended, then gathered back into patch order)."""
     keep = masking.num_visible(num_patches, mask_ratio)
 
     def forward(key, enc_tokens, dec_visible, mask_token):
@@ -389,36 +394,63 @@ def masking_program(batch_size: int, num_patches: int, mask_ratio: float, enc_wi
         unshuffled = jnp.take_along_axis(full, m.ids_restore[..., None], axis=1)
         return (kept, unshuffled), m.mask
 
-    def program(key, enc_tokens, dec_visible, mask_token, cotangents):
-        if not with_backward:
-            return forward(key, enc_tokens, dec_visible, mask_token)
-        outs, vjp, mask = jax.vjp(lambda *a: forward(key, *a), enc_tokens, dec_visible,
-                                  mask_token, has_aux=True)
-        return outs, mask, vjp(cotangents)
+    return MaskingWork(
+        forward, inputs=((batch_size, num_patches, enc_width), (batch_size, keep, dec_width),
+                         (1, 1, dec_width)),
+        outputs=((batch_size, keep, enc_width), (batch_size, num_patches, dec_width)))
 
-    shapes = {"enc_tokens": (batch_size, num_patches, enc_width),
-              "dec_visible": (batch_size, keep, dec_width),
-              "cot_kept": (batch_size, keep, enc_width),
-              "cot_unshuffled": (batch_size, num_patches, dec_width)}
-    return program, shapes
+
+def simmim_masking_work(batch_size: int, image_size: int, mask_patch_size: int,
+                        patch_size: int, mask_ratio: float, width: int) -> MaskingWork:
+    """simmim_mask and the replacement of the masked patch embeddings by the mask token."""
+    tokens = (image_size // patch_size)**2
+
+    def forward(key, embeddings, mask_token):
+        token_mask = masking.simmim_mask(key, batch_size, image_size, mask_patch_size,
+                                         patch_size, mask_ratio)
+        w = token_mask[..., None].astype(embeddings.dtype)
+        return (embeddings * (1 - w) + mask_token * w,), token_mask
+
+    return MaskingWork(forward, inputs=((batch_size, tokens, width), (1, 1, width)),
+                       outputs=((batch_size, tokens, width),))
+
+
+def masking_work_for(config) -> MaskingWork:
+    obj, arch = config.objective, flops.backbone_arch(config)
+    if obj.name == "mae":
+        return mae_masking_work(config.batch_size, arch.num_patches, obj.mask_ratio,
+                                arch.width, obj.decoder_width)
+    if obj.name == "simmim":
+        width = arch.embed_dim if hasattr(arch, "embed_dim") else arch.width
+        return simmim_masking_work(config.batch_size, arch.image_size, obj.mask_patch_size,
+                                   arch.patch_size, obj.mask_ratio, width)
+    raise ValueError(f"objective.name={obj.name!r}: no masking workload defined; "
+                     "supported: ['mae', 'simmim'].")
+
+
+def masking_program(work: MaskingWork, with_backward: bool):
+    """(key, inputs, cotangents) -> outputs (and, with the backward, the input gradients: the
+    scatter-adds / selects the train step runs for the masking)."""
+    def program(key, inputs, cotangents):
+        if not with_backward:
+            return work.forward(key, *inputs)
+        outs, vjp, aux = jax.vjp(lambda *a: work.forward(key, *a), *inputs, has_aux=True)
+        return outs, aux, vjp(cotangents)
+    return program
 
 
 def measure_masking(config, mesh, steps: int, warmup: int) -> dict:
-    arch = flops.vit_arch(config)
-    obj = config.objective
+    work = masking_work_for(config)
+    rows, repl = sharding.batch_sharded(mesh), sharding.replicated(mesh)
+    keys = iter(jax.random.split(jax.random.key(7), len(work.inputs) + len(work.outputs)))
+    place = lambda shape: jax.device_put(
+        jax.random.normal(next(keys), shape), rows if shape[0] == config.batch_size else repl)
+    inputs = tuple(place(s) for s in work.inputs)
+    cotangents = tuple(place(s) for s in work.outputs)
     out = {}
     for label, backward in (("forward", False), ("forward_backward", True)):
-        program, shapes = masking_program(config.batch_size, arch.num_patches, obj.mask_ratio,
-                                          arch.width, obj.decoder_width, backward)
-        rows = sharding.batch_sharded(mesh)
-        keys = jax.random.split(jax.random.key(7), 4)
-        make = lambda k, s: jax.device_put(jax.random.normal(k, s), rows)
-        args = (jax.random.key(3), make(keys[0], shapes["enc_tokens"]),
-                make(keys[1], shapes["dec_visible"]),
-                jax.random.normal(keys[2], (1, 1, obj.decoder_width)),
-                (make(keys[3], shapes["cot_kept"]),
-                 make(keys[3], shapes["cot_unshuffled"])))
-        compiled = jax.jit(program).lower(*args).compile()
+        args = (jax.random.key(3), inputs, cotangents)
+        compiled = jax.jit(masking_program(work, backward)).lower(*args).compile()
         calls = measure_each(lambda: jax.block_until_ready(compiled(*args)), steps, warmup)
         out[label] = call_summary(calls)
     return out
@@ -593,8 +625,9 @@ def benchmark_train_step(config, steps: int, warmup: int, peak_override=None,
         masking_times,
         share_of_step=masking_times["forward_backward"]["median_s"] / step_times["median_s"],
         share_of_step_min=masking_times["forward_backward"]["min_s"] / step_times["min_s"],
-        method="isolated jitted masking (random_masking + encoder gather + decoder unshuffle, "
-               "with their gradients) timed alone / full step, medians")
+        method="the objective's masking (MAE: random_masking + encoder gather + decoder "
+               "unshuffle; SimMIM: simmim_mask + mask-token replacement), with its gradients, "
+               "jitted and timed alone on the step's shapes / the full step")
     if profile:
         result["profile"] = profile_ops(runner, compiled, min(steps, 3))
     # Reused by the input-pipeline loop; popped before output.
@@ -939,6 +972,10 @@ def run_compare_torch(config, threads: int) -> dict:
         raise ValueError("--mode=compare_torch compares on the CPU; run with JAX_PLATFORMS=cpu.")
     if config.model.get("dtype", "float32") != "float32":
         raise ValueError(f"model.dtype={config.model.dtype!r}: compare_torch is float32 only.")
+    if config.objective.name != "mae" or config.model.get("name", "vit") != "vit":
+        raise ValueError(f"objective.name={config.objective.name!r} / model.name="
+                         f"{config.model.get('name', 'vit')!r}: compare_torch compares the MAE "
+                         "ViT with transformers' ViTMAEForPreTraining; use configs/mae.py.")
     setup = build_train_setup(config)
     compiled, compile_times = compile_step(setup)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.state.params))
@@ -1106,13 +1143,10 @@ def _profile_rows(profile: Optional[dict]) -> list:
                                         "/step")]
     rows += [(f"  {name}", f"{_fmt_seconds(c['seconds_per_step'])}/step ({_fmt_pct(c['share'])})")
              for name, c in profile["categories"].items()]
-    rows += [(f"  top op {i + 1}", f"{op['name']} [{', '.join(op['opcodes'][:6])}] "
-                                   f"{_fmt_pct(op['share'])}")
-             for i, op in enumerate(profile["top_ops"][:3])]
-    rows += [(f"  top {kind.split(' ')[0]} op", f"{ops[0]['name']} [{', '.join(ops[0]['opcodes'][:6])}]"
-                                                 f" {_fmt_pct(ops[0]['share'])}")
-             for kind, ops in profile["top_ops_by_category"].items()
-             if kind != "matmul / conv"]
+    describe = lambda op: f"{op['name']} [{', '.join(op['opcodes'][:6])}] {_fmt_pct(op['share'])}"
+    rows += [(f"  top op {i + 1}", describe(op)) for i, op in enumerate(profile["top_ops"][:3])]
+    rows += [(f"  top {kind.split(' ')[0]} op", describe(ops[0]))
+             for kind, ops in profile["top_ops_by_category"].items() if kind != "matmul / conv"]
     return rows
 
 

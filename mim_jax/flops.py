@@ -9,13 +9,14 @@ they are memory-bound and would only inflate MFU. A training step counts 3x the 
 
 Per transformer block over n tokens of width d with MLP width m:
   qkv 6nd^2 + out-projection 2nd^2 + MLP 4ndm + attention 4n^2d
-which is the familiar 24nd^2 + 4n^2d for m = 4d.
+which is the familiar 24nd^2 + 4n^2d for m = 4d. Swin blocks attend within windows of w tokens,
+so their attention term is 4nwd; its patch merging is a Dense from 4d to 2d on n/4 tokens.
 """
 from __future__ import annotations
 
 from typing import Optional
 
-from mim_jax import masking
+from mim_jax import masking, models
 from mim_jax.models import vit
 
 TRAIN_TO_FORWARD = 3.0
@@ -25,11 +26,13 @@ def dense_flops(tokens: int, d_in: int, d_out: int) -> float:
     return 2.0 * tokens * d_in * d_out
 
 
-def block_flops(tokens: int, width: int, mlp_dim: int) -> float:
-    """Forward FLOPs of one pre-norm transformer block (matmuls only)."""
+def block_flops(tokens: int, width: int, mlp_dim: int, attended: Optional[int] = None) -> float:
+    """Forward FLOPs of one pre-norm transformer block (matmuls only); each token attends to
+    `attended` tokens (all `tokens` by default, the window size for Swin)."""
+    attended = tokens if attended is None else attended
     projections = dense_flops(tokens, width, 3 * width) + dense_flops(tokens, width, width)
     mlp = dense_flops(tokens, width, mlp_dim) + dense_flops(tokens, mlp_dim, width)
-    attention = 2 * 2.0 * tokens * tokens * width  # Q K^T and A V, summed over heads
+    attention = 2 * 2.0 * tokens * attended * width  # Q K^T and A V, summed over heads
     return projections + mlp + attention
 
 
@@ -37,9 +40,10 @@ def transformer_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> floa
     return depth * block_flops(tokens, width, mlp_dim)
 
 
-def patch_embed_flops(arch: vit.ViTConfig) -> float:
-    """The stride-p convolution is a Dense from p*p*C to width on every patch."""
-    return dense_flops(arch.num_patches, arch.patch_size**2 * arch.channels, arch.width)
+def patch_embed_flops(arch) -> float:
+    """The stride-p convolution is a Dense from p*p*C to the embedding width on every patch."""
+    width = arch.width if hasattr(arch, "width") else arch.embed_dim
+    return dense_flops(arch.num_patches, arch.patch_size**2 * arch.channels, width)
 
 
 def vit_forward_flops(arch: vit.ViTConfig, cls_token: bool = True) -> dict:
@@ -69,6 +73,32 @@ def mae_forward_flops(arch: vit.ViTConfig, mask_ratio: float, decoder_width: int
     }
 
 
+def swin_forward_flops(arch) -> dict:
+    """Forward FLOPs per image of a Swin encoder (a models.swin.SwinConfig) on all patches."""
+    encoder = merging = 0.0
+    for stage in range(arch.num_stages):
+        tokens, width = arch.stage_resolution(stage)**2, arch.stage_dim(stage)
+        encoder += arch.depths[stage] * block_flops(tokens, width, int(arch.mlp_ratio * width),
+                                                    attended=arch.stage_window(stage)**2)
+        if stage < arch.num_stages - 1:
+            merging += dense_flops(tokens // 4, 4 * width, 2 * width)
+    return {"patch_embed": patch_embed_flops(arch), "encoder": encoder,
+            "patch_merging": merging}
+
+
+def simmim_forward_flops(arch, cls_token: bool = True) -> dict:
+    """SimMIM: the encoder on every patch (masked ones hold the mask token), then a 1x1 conv
+    from the final feature map to stride^2 * C pixels per position."""
+    if hasattr(arch, "embed_dim"):  # Swin
+        out = swin_forward_flops(arch)
+        positions, width, stride = arch.feature_size**2, arch.num_features, arch.stride
+    else:
+        out = vit_forward_flops(arch, cls_token)
+        positions, width, stride = arch.num_patches, arch.width, arch.patch_size
+    out["decoder"] = dense_flops(positions, width, stride**2 * arch.channels)
+    return out
+
+
 def vit_arch(config) -> vit.ViTConfig:
     """The encoder's resolved hyper-parameters (variant + overrides) of an experiment config."""
     model_cfg = config.model
@@ -77,12 +107,20 @@ def vit_arch(config) -> vit.ViTConfig:
         **{k: model_cfg.get(k) for k in ("patch_size", "width", "depth", "num_heads", "mlp_dim")})
 
 
+def backbone_arch(config):
+    """The resolved encoder hyper-parameters (ViTConfig or SwinConfig) of an experiment config."""
+    return models.backbone_from_config(config.model, config.data.image_size,
+                                       config.data.get("channels", 3)).config
+
+
 def forward_flops_breakdown(config) -> dict:
     """Forward FLOPs per image by model part, for the experiment config's objective."""
     obj = config.objective
+    if obj.name == "simmim":
+        return simmim_forward_flops(backbone_arch(config), config.model.get("cls_token", True))
     if obj.name != "mae":
         raise ValueError(f"objective.name={obj.name!r} has no analytic FLOP count; "
-                         "supported: ['mae'].")
+                         "supported: ['mae', 'simmim'].")
     width = obj.decoder_width
     return mae_forward_flops(
         vit_arch(config), obj.mask_ratio, decoder_width=width, decoder_depth=obj.decoder_depth,

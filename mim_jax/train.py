@@ -15,7 +15,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mim_jax import checkpointing, data, evaluators, objectives, optim, reporting, sharding
+from mim_jax import (checkpointing, data, evaluators, flops, objectives, optim, reporting,
+                     sharding)
 
 
 @flax.struct.dataclass
@@ -166,7 +167,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         in_shardings=(repl, sharding.batch_sharded(mesh)), out_shardings=(repl, repl),
         donate_argnums=(0,))
     evals = evaluators.create(config, objective, mesh, workdir, writers, eval_rng)
-    progress = reporting.Progress(total_steps, start_step, config.batch_size)
+    peak = flops.device_peak_flops(jax.devices()[0])
+    progress = reporting.Progress(
+        total_steps, start_step, config.batch_size, flops.model_flops_per_image(config),
+        peak * jax.device_count() if peak else None)  # MFU only where the peak is known
 
     def check_finite():
         if int(jax.device_get(state.nonfinite_steps)):

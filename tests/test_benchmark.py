@@ -27,6 +27,14 @@ def test_vit_forward_flops_match_reference(variant, reference):
     assert total == pytest.approx(reference, rel=0.01)
 
 
+# The Swin paper's figures at 224 px, window 7, are multiply-adds (GMAC): T 4.5, S 8.7, B 15.4.
+@pytest.mark.parametrize("variant,gmac", [("T", 4.5), ("S", 8.7), ("B", 15.4)])
+def test_swin_forward_flops_match_reference(variant, gmac):
+    from mim_jax.models import swin
+    arch = swin.resolve_swin_config(variant, 224, 3)
+    assert sum(flops.swin_forward_flops(arch).values()) / 2e9 == pytest.approx(gmac, rel=0.01)
+
+
 def test_block_flops_is_24nd2_plus_4n2d_for_mlp_4d():
     n, d = 197, 768
     assert flops.block_flops(n, d, 4 * d) == 24 * n * d**2 + 4 * n**2 * d
@@ -69,6 +77,22 @@ def test_analytic_flops_agree_with_xla_cost_analysis():
     assert 0.95 <= xla_train / flops.model_flops_per_image(config) <= 1.2
 
 
+def test_simmim_analytic_flops_agree_with_xla_cost_analysis():
+    from configs import simmim as simmim_config
+    config = simmim_config.get_config("quickstart")
+    config.model.update(embed_dim=64, depths=(2, 2), num_heads=(2, 4))
+    obj = objectives.build(config)
+    params = obj.init(jax.random.key(0))
+    batch = {"image": jnp.zeros((4, *obj.image_shape))}
+
+    def forward(params, batch):
+        return obj.loss_fn(params, batch, {"mask": jax.random.key(1)}, train=False)[0]
+
+    analytic = sum(flops.forward_flops_breakdown(config).values())
+    # Swin adds window shifts, relative-position biases and masks on top of the matmuls.
+    assert 1.0 <= _xla_flops_per_image(forward, params, batch, batch=4) / analytic <= 1.25
+
+
 def test_peak_flops_table_and_mfu():
     assert benchmark.peak_flops_for("NVIDIA H100 80GB HBM3", "gpu")[0] == 989e12
     assert benchmark.peak_flops_for("NVIDIA H200", "gpu")[0] == 989e12
@@ -96,14 +120,13 @@ def test_input_rates_per_core_arithmetic():
 
 
 def test_masking_program_is_the_models_masking():
-    """The isolated program times the same gathers the MAE model runs."""
+    """The isolated MAE program times the same gathers the MAE model runs."""
     b, num, ratio, enc_w, dec_w = 3, 16, 0.75, 8, 4
-    program, shapes = benchmark.masking_program(b, num, ratio, enc_w, dec_w, False)
+    work = benchmark.mae_masking_work(b, num, ratio, enc_w, dec_w)
     keys = jax.random.split(jax.random.key(0), 3)
-    enc = jax.random.normal(keys[0], shapes["enc_tokens"])
-    dec_vis = jax.random.normal(keys[1], shapes["dec_visible"])
-    token = jax.random.normal(keys[2], (1, 1, dec_w))
-    (kept, unshuffled), mask = program(jax.random.key(5), enc, dec_vis, token, None)
+    enc, dec_vis, token = (jax.random.normal(k, s) for k, s in zip(keys, work.inputs))
+    (kept, unshuffled), mask = benchmark.masking_program(work, False)(
+        jax.random.key(5), (enc, dec_vis, token), None)
     m = masking.random_masking(jax.random.key(5), b, num, ratio)
     np.testing.assert_array_equal(kept, jnp.take_along_axis(enc, m.ids_keep[..., None], 1))
     np.testing.assert_array_equal(mask, m.mask)
@@ -112,11 +135,22 @@ def test_masking_program_is_the_models_masking():
         np.testing.assert_array_equal(unshuffled[i, m.ids_keep[i]], dec_vis[i])
         np.testing.assert_array_equal(unshuffled[i, m.mask[i] == 1],
                                       np.broadcast_to(token[0], (num - 4, dec_w)))
-    program_bwd, _ = benchmark.masking_program(b, num, ratio, enc_w, dec_w, True)
-    cot = (jnp.ones(shapes["cot_kept"]), jnp.ones(shapes["cot_unshuffled"]))
-    _, _, (g_enc, g_dec, g_token) = program_bwd(jax.random.key(5), enc, dec_vis, token, cot)
+    cot = tuple(jnp.ones(s) for s in work.outputs)
+    _, _, (g_enc, g_dec, g_token) = benchmark.masking_program(work, True)(
+        jax.random.key(5), (enc, dec_vis, token), cot)
     np.testing.assert_array_equal(g_enc.sum(axis=(1, 2)), np.full(b, 4 * enc_w))
     np.testing.assert_array_equal(g_token, np.full((1, 1, dec_w), b * (num - 4)))
+
+
+def test_simmim_masking_work_replaces_masked_tokens():
+    work = benchmark.simmim_masking_work(2, 32, 16, 4, 0.5, 8)
+    emb, token = jnp.ones(work.inputs[0]), jnp.full(work.inputs[1], 7.0)
+    (out,), token_mask = benchmark.masking_program(work, False)(jax.random.key(0), (emb, token),
+                                                                None)
+    assert out.shape == (2, 64, 8)
+    np.testing.assert_array_equal(out[token_mask], 7.0)
+    np.testing.assert_array_equal(out[~token_mask], 1.0)
+    assert int(token_mask.sum()) == 2 * 2 * 16  # 2 of 4 cells of 16 patches, per sample
 
 
 def test_train_mode_writes_json(tmp_path):
