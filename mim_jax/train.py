@@ -168,8 +168,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
         donate_argnums=(0,))
     evals = evaluators.create(config, objective, mesh, workdir, writers, eval_rng)
     peak = flops.device_peak_flops(jax.devices()[0])
+    try:
+        flops_per_image = flops.model_flops_per_image(config)
+    except ValueError:  # an objective without an analytic count: no MFU, training goes on
+        flops_per_image = None
     progress = reporting.Progress(
-        total_steps, start_step, config.batch_size, flops.model_flops_per_image(config),
+        total_steps, start_step, config.batch_size, flops_per_image,
         peak * jax.device_count() if peak else None)  # MFU only where the peak is known
 
     def check_finite():
