@@ -4,6 +4,7 @@ import os
 # Tests run on CPU in float32; keep XLA from grabbing every core for intra-op threads twice.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import re
 import tempfile
 
 import jax
@@ -55,3 +56,42 @@ def tiny_train_config(data_dir, **overrides):
     c.evaluators.reconstruction.update(every_steps=100, num_images=2)
     c.update(overrides)
     return c
+
+
+def adam_losses(objective, params, batch, rngs, lr: float, steps: int):
+    """Losses of `steps` Adam steps on one fixed batch and mask: a pure optimisation check."""
+    import optax
+    tx = optax.adam(lr)
+
+    @jax.jit
+    def step(params, opt_state):
+        (loss, _), grads = jax.value_and_grad(
+            lambda p: objective.loss_fn(p, batch, rngs, train=True), has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    opt_state, losses = tx.init(params), []
+    for _ in range(steps):
+        params, opt_state, loss = step(params, opt_state)
+        losses.append(float(loss))
+    return losses
+
+
+def legacy_transformers_names(state: dict, root: str) -> dict:
+    """transformers 4.x key names (most Hub files), written out independently of the
+    converters; BEiT's also move the relative position tables."""
+    out = {}
+    for key, value in state.items():
+        key = re.sub(rf"^{root}layers\.", f"{root}encoder.layer.", key)
+        key = re.sub(rf"^{root}shared_position_bias\.", f"{root}encoder.relative_position_bias.",
+                     key)
+        key = re.sub(r"(\.layer\.\d+)\.relative_position_bias\.",
+                     r"\1.attention.attention.relative_position_bias.", key)
+        for new, old in (("attention.q_proj", "attention.attention.query"),
+                         ("attention.k_proj", "attention.attention.key"),
+                         ("attention.v_proj", "attention.attention.value"),
+                         ("attention.o_proj", "attention.output.dense"),
+                         ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense")):
+            key = key.replace(f".{new}.", f".{old}.")
+        out[key] = value
+    return out

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_mae_config
-from mim_jax import benchmark, flops, masking, objectives, sharding
+from mim_jax import flops, masking, objectives
+from mim_jax.benchmark import input_pipeline, masking_share, op_profile, timing, train_step
 from mim_jax.models import vit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +49,7 @@ def test_mae_b16_train_flops_per_image():
 
 
 def _xla_flops_per_image(fn, *args, batch):
-    return benchmark.xla_flops(jax.jit(fn).lower(*args).compile()) / batch
+    return train_step.xla_flops(jax.jit(fn).lower(*args).compile()) / batch
 
 
 def _matmul_heavy_tiny_config():
@@ -94,38 +95,38 @@ def test_simmim_analytic_flops_agree_with_xla_cost_analysis():
 
 
 def test_peak_flops_table_and_mfu():
-    assert benchmark.peak_flops_for("NVIDIA H100 80GB HBM3", "gpu")[0] == 989e12
-    assert benchmark.peak_flops_for("NVIDIA H200", "gpu")[0] == 989e12
-    assert benchmark.peak_flops_for("NVIDIA A100-SXM4-80GB", "gpu")[0] == 312e12
-    assert benchmark.peak_flops_for("TPU v4", "tpu")[0] == 275e12
-    assert benchmark.peak_flops_for("TPU v5 lite", "tpu")[0] == 197e12
-    assert benchmark.peak_flops_for("TPU v5", "tpu")[0] == 459e12
-    assert benchmark.peak_flops_for("TPU v6 lite", "tpu")[0] == 918e12
-    assert benchmark.peak_flops_for("NVIDIA H100 PCIe", "gpu")[0] is None
-    assert benchmark.peak_flops_for("cpu", "cpu")[0] is None
-    assert benchmark.peak_flops_for("cpu", "cpu", 1e12)[0] == 1e12
+    assert flops.peak_flops_for("NVIDIA H100 80GB HBM3", "gpu")[0] == 989e12
+    assert flops.peak_flops_for("NVIDIA H200", "gpu")[0] == 989e12
+    assert flops.peak_flops_for("NVIDIA A100-SXM4-80GB", "gpu")[0] == 312e12
+    assert flops.peak_flops_for("TPU v4", "tpu")[0] == 275e12
+    assert flops.peak_flops_for("TPU v5 lite", "tpu")[0] == 197e12
+    assert flops.peak_flops_for("TPU v5", "tpu")[0] == 459e12
+    assert flops.peak_flops_for("TPU v6 lite", "tpu")[0] == 918e12
+    assert flops.peak_flops_for("NVIDIA H100 PCIe", "gpu")[0] is None
+    assert flops.peak_flops_for("cpu", "cpu")[0] is None
+    assert flops.peak_flops_for("cpu", "cpu", 1e12)[0] == 1e12
     # 1000 img/s x 60 GFLOP on 2 devices of 100 TFLOP/s: 30%.
-    assert benchmark.mfu(1000.0, 60e9, 100e12, 2) == pytest.approx(0.3)
-    assert benchmark.mfu(1000.0, 60e9, None, 2) is None
+    assert timing.mfu(1000.0, 60e9, 100e12, 2) == pytest.approx(0.3)
+    assert timing.mfu(1000.0, 60e9, None, 2) is None
 
 
 def test_input_rates_per_core_arithmetic():
-    rates = benchmark.input_rates(images=1280, seconds=2.0, cores=2, cpu_seconds=3.2)
+    rates = input_pipeline.input_rates(images=1280, seconds=2.0, cores=2, cpu_seconds=3.2)
     assert rates["images_per_sec"] == 640.0
     assert rates["images_per_sec_per_core"] == 320.0
     assert rates["images_per_cpu_second"] == 400.0
-    assert benchmark.per_core(1000.0, 4) == 250.0
+    assert timing.per_core(1000.0, 4) == 250.0
     with pytest.raises(ValueError, match="cores=0"):
-        benchmark.per_core(10.0, 0)
+        timing.per_core(10.0, 0)
 
 
 def test_masking_program_is_the_models_masking():
     """The isolated MAE program times the same gathers the MAE model runs."""
     b, num, ratio, enc_w, dec_w = 3, 16, 0.75, 8, 4
-    work = benchmark.mae_masking_work(b, num, ratio, enc_w, dec_w)
+    work = masking_share.mae_masking_work(b, num, ratio, enc_w, dec_w)
     keys = jax.random.split(jax.random.key(0), 3)
     enc, dec_vis, token = (jax.random.normal(k, s) for k, s in zip(keys, work.inputs))
-    (kept, unshuffled), mask = benchmark.masking_program(work, False)(
+    (kept, unshuffled), mask = masking_share.masking_program(work, False)(
         jax.random.key(5), (enc, dec_vis, token), None)
     m = masking.random_masking(jax.random.key(5), b, num, ratio)
     np.testing.assert_array_equal(kept, jnp.take_along_axis(enc, m.ids_keep[..., None], 1))
@@ -136,16 +137,16 @@ def test_masking_program_is_the_models_masking():
         np.testing.assert_array_equal(unshuffled[i, m.mask[i] == 1],
                                       np.broadcast_to(token[0], (num - 4, dec_w)))
     cot = tuple(jnp.ones(s) for s in work.outputs)
-    _, _, (g_enc, g_dec, g_token) = benchmark.masking_program(work, True)(
+    _, _, (g_enc, g_dec, g_token) = masking_share.masking_program(work, True)(
         jax.random.key(5), (enc, dec_vis, token), cot)
     np.testing.assert_array_equal(g_enc.sum(axis=(1, 2)), np.full(b, 4 * enc_w))
     np.testing.assert_array_equal(g_token, np.full((1, 1, dec_w), b * (num - 4)))
 
 
 def test_simmim_masking_work_replaces_masked_tokens():
-    work = benchmark.simmim_masking_work(2, 32, 16, 4, 0.5, 8)
+    work = masking_share.simmim_masking_work(2, 32, 16, 4, 0.5, 8)
     emb, token = jnp.ones(work.inputs[0]), jnp.full(work.inputs[1], 7.0)
-    (out,), token_mask = benchmark.masking_program(work, False)(jax.random.key(0), (emb, token),
+    (out,), token_mask = masking_share.masking_program(work, False)(jax.random.key(0), (emb, token),
                                                                 None)
     assert out.shape == (2, 64, 8)
     np.testing.assert_array_equal(out[token_mask], 7.0)
@@ -185,8 +186,8 @@ def test_train_mode_writes_json(tmp_path):
 
 
 def test_hlo_opcode_parsing_and_categories():
-    assert benchmark._opcode("f32[2,3]{1,0} add(f32[2,3]{1,0} %a, f32[2,3]{1,0} %b)") == "add"
-    assert benchmark._opcode("(f32[4]{0}, s32[4]{0}) sort(f32[4]{0} %x, s32[4]{0} %i), "
+    assert op_profile._opcode("f32[2,3]{1,0} add(f32[2,3]{1,0} %a, f32[2,3]{1,0} %b)") == "add"
+    assert op_profile._opcode("(f32[4]{0}, s32[4]{0}) sort(f32[4]{0} %x, s32[4]{0} %i), "
                              "dimensions={0}") == "sort"
 
     def fn(x, w, idx):
@@ -194,6 +195,6 @@ def test_hlo_opcode_parsing_and_categories():
 
     x, w = jnp.ones((4, 8)), jnp.ones((8, 8))
     compiled = jax.jit(fn).lower(x, w, jnp.zeros((4, 2), jnp.int32)).compile()
-    ops = benchmark.hlo_instruction_ops(compiled.as_text())
-    categories = {benchmark.op_category(o) for o in ops.values()}
+    ops = op_profile.hlo_instruction_ops(compiled.as_text())
+    categories = {op_profile.op_category(o) for o in ops.values()}
     assert {"masking (gather/scatter/sort)", "matmul / conv"} <= categories

@@ -1,10 +1,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from conftest import tiny_mae_config
+from conftest import adam_losses, tiny_mae_config
 from mim_jax import objectives
 from mim_jax.models import vit
 from mim_jax.objectives import mae
@@ -63,21 +62,7 @@ def test_gradient_steps_lower_the_loss_on_a_fixed_batch():
     obj = objectives.build(tiny_mae_config())
     params = obj.init(jax.random.key(0))
     batch = {"image": _images(8)}
-    rngs = {"mask": jax.random.key(1)}  # fixed mask: a pure optimisation check
-    tx = optax.adam(1e-3)
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def step(params, opt_state):
-        (loss, _), grads = jax.value_and_grad(
-            lambda p: obj.loss_fn(p, batch, rngs, train=True), has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    losses = []
-    for _ in range(30):
-        params, opt_state, loss = step(params, opt_state)
-        losses.append(float(loss))
+    losses = adam_losses(obj, params, batch, {"mask": jax.random.key(1)}, 1e-3, 30)
     assert losses[-1] < 0.7 * losses[0], losses
 
 

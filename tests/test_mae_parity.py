@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conftest import legacy_transformers_names  # noqa: E402
 from mim_jax import masking, objectives  # noqa: E402
 from mim_jax.convert import (encoder_params_to_hf, load_torch_state_dict,  # noqa: E402
                              mae_params_from_hf, mae_params_from_official, mae_params_to_hf,
@@ -228,23 +229,8 @@ def test_hf_full_round_trip(small_model, small_params):
     fresh.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
 
 
-def legacy_hf_names(state: dict) -> dict:
-    """transformers 4.x key names (as in most Hub checkpoints), written out independently."""
-    out = {}
-    for key, value in state.items():
-        key = re.sub(r"^vit\.layers\.", "vit.encoder.layer.", key)
-        for new, old in (("attention.q_proj", "attention.attention.query"),
-                         ("attention.k_proj", "attention.attention.key"),
-                         ("attention.v_proj", "attention.attention.value"),
-                         ("attention.o_proj", "attention.output.dense"),
-                         ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense")):
-            key = key.replace(f".{new}.", f".{old}.")
-        out[key] = value
-    return out
-
-
 def test_hf_legacy_key_names(small_model, small_params):
-    legacy = legacy_hf_names(small_model.state_dict())
+    legacy = legacy_transformers_names(small_model.state_dict(), "vit.")
     assert "vit.encoder.layer.1.attention.attention.query.weight" in legacy
     assert "decoder.decoder_layers.0.output.dense.bias" in legacy
     assert_same_tree(mae_params_from_hf(legacy, **heads(SMALL)), small_params)

@@ -10,12 +10,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conftest import adam_losses, legacy_transformers_names  # noqa: E402
 from mim_jax import masking, models, objectives  # noqa: E402
 from mim_jax.convert import simmim_params_from_hf_vit, vit_params_from_hf_beit  # noqa: E402
 from mim_jax.convert.hf_swin import config_from_hf, swin_params_from_hf  # noqa: E402
@@ -183,7 +183,7 @@ def test_beit_per_layer_bias_absolute_positions_and_mim_head_norm():
     with pytest.raises(ValueError, match="lm_head"):  # BEiT's own head is not ours
         vit_params_from_hf_beit(state, num_heads=4)
     params = vit_params_from_hf_beit(state, num_heads=4, strict=False)
-    legacy = legacy_vit_names(state, "beit.")
+    legacy = legacy_transformers_names(state, "beit.")
     assert "beit.encoder.layer.1.attention.attention.relative_position_bias." \
         "relative_position_bias_table" in legacy
     assert_same_tree(vit_params_from_hf_beit(legacy, num_heads=4, strict=False), params)
@@ -292,44 +292,11 @@ def test_gradient_steps_lower_the_loss(model):
     obj = objectives.build(simmim_config(model))
     params = obj.init(jax.random.key(0))
     batch = {"image": jax.random.uniform(jax.random.key(1), (4, IMAGE, IMAGE, 3))}
-    rngs = {"mask": jax.random.key(2)}  # a fixed mask: a pure optimisation check
-    tx = optax.adam(3e-3)
-
-    @jax.jit
-    def step(params, opt_state):
-        (loss, _), grads = jax.value_and_grad(
-            lambda p: obj.loss_fn(p, batch, rngs, train=True), has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    opt_state, losses = tx.init(params), []
-    for _ in range(15):
-        params, opt_state, loss = step(params, opt_state)
-        losses.append(float(loss))
+    losses = adam_losses(obj, params, batch, {"mask": jax.random.key(2)}, 3e-3, 15)
     assert losses[-1] < 0.7 * losses[0], losses
 
 
 # ------------------------------------------------------------------ converters
-
-def legacy_vit_names(state: dict, root: str) -> dict:
-    """transformers 4.x key names (most Hub files), written out independently; BEiT's also
-    move the relative position tables."""
-    out = {}
-    for key, value in state.items():
-        key = re.sub(rf"^{root}layers\.", f"{root}encoder.layer.", key)
-        key = re.sub(rf"^{root}shared_position_bias\.", f"{root}encoder.relative_position_bias.",
-                     key)
-        key = re.sub(r"(\.layer\.\d+)\.relative_position_bias\.",
-                     r"\1.attention.attention.relative_position_bias.", key)
-        for new, old in (("attention.q_proj", "attention.attention.query"),
-                         ("attention.k_proj", "attention.attention.key"),
-                         ("attention.v_proj", "attention.attention.value"),
-                         ("attention.o_proj", "attention.output.dense"),
-                         ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense")):
-            key = key.replace(f".{new}.", f".{old}.")
-        out[key] = value
-    return out
-
 
 def assert_same_tree(a, b):
     assert same_structure(a, b)
@@ -340,7 +307,7 @@ def assert_same_tree(a, b):
 def test_vit_converter_legacy_names_scan_and_errors(hf_vit):
     state = numpy_state_dict(hf_vit)
     params = simmim_params_from_hf_vit(state, num_heads=4)
-    legacy = legacy_vit_names(state, "vit.")
+    legacy = legacy_transformers_names(state, "vit.")
     assert "vit.encoder.layer.1.attention.attention.query.weight" in legacy
     assert_same_tree(simmim_params_from_hf_vit(legacy, num_heads=4), params)
     scanned = simmim_params_from_hf_vit(state, num_heads=4, scan=True)
@@ -378,7 +345,7 @@ def test_beit_converter_legacy_names_index_buffers_and_errors():
     # 4.x names with the (N, N) index buffers those files carry, from transformers' own rule.
     index = transformers.models.beit.modeling_beit.BeitRelativePositionBias \
         .generate_relative_position_index((GRID, GRID)).numpy()
-    legacy = legacy_vit_names(state, "")
+    legacy = legacy_transformers_names(state, "")
     legacy["encoder.relative_position_bias.relative_position_index"] = index
     assert "encoder.relative_position_bias.relative_position_bias_table" in legacy
     assert "encoder.layer.0.attention.attention.key.weight" in legacy
