@@ -46,7 +46,7 @@ def _quickstart(c):
                   crop_scale=(0.6, 1.0), interpolation="bilinear", flip=False,
                   mean=(0.1307,), std=(0.3081,), shuffle_buffer=5000)
     c.batch_size = 128
-    c.num_epochs = 15.0  # 525 steps
+    c.num_epochs = 12.0  # 420 steps: about 4 minutes on 2 CPU cores, start-up included
     c.warmup_epochs = 1.0
     c.optimizer.update(base_lr=2e-3, lr_batch_divisor=256, weight_decay=0.05)
     c.log_every_steps = 20

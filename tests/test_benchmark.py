@@ -198,3 +198,42 @@ def test_hlo_opcode_parsing_and_categories():
     ops = op_profile.hlo_instruction_ops(compiled.as_text())
     categories = {op_profile.op_category(o) for o in ops.values()}
     assert {"masking (gather/scatter/sort)", "matmul / conv"} <= categories
+
+
+def test_torch_simmim_mask_follows_the_mim_jax_rule():
+    """compare_torch feeds PyTorch a mask drawn by simmim_mask's rule: ceil(r x cells) whole
+    mask cells per sample, upsampled to the model's patch grid."""
+    from mim_jax.benchmark import torch_steps
+    b, size, cell, patch, ratio = 4, 192, 32, 4, 0.6
+    ours = torch_steps.simmim_bool_masked_pos(np.random.default_rng(0), b, size, cell, patch,
+                                              ratio)
+    ref = np.asarray(masking.simmim_mask(jax.random.key(0), b, size, cell, patch, ratio))
+    assert ours.shape == ref.shape == (b, (size // patch) ** 2) and ours.dtype == bool
+    np.testing.assert_array_equal(ours.sum(axis=1), ref.sum(axis=1))  # 22 cells x 64 patches
+    side, scale = size // cell, cell // patch
+    blocks = ours.reshape(b, side, scale, side, scale)
+    assert (blocks.all(axis=(2, 4)) == blocks.any(axis=(2, 4))).all()  # whole cells only
+
+
+def test_compare_torch_pairs():
+    from configs import mae as mae_config
+    from configs import simmim as simmim_config
+    from mim_jax.benchmark import torch_steps
+    assert torch_steps.torch_step_class(mae_config.get_config()) is torch_steps.TorchMAEStep
+    assert (torch_steps.torch_step_class(simmim_config.get_config())
+            is torch_steps.TorchSwinSimMIMStep)
+    with pytest.raises(ValueError, match="compare_torch compares"):
+        torch_steps.torch_step_class(simmim_config.get_config("model=vit_b"))
+
+
+def test_hf_swin_config_is_the_mim_jax_swin():
+    """SwinForMaskedImageModeling of the config has exactly mim_jax SimMIM's parameter count."""
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from configs import simmim as simmim_config
+    from mim_jax.benchmark import torch_steps
+    config = simmim_config.get_config("quickstart")
+    hf = transformers.SwinForMaskedImageModeling(torch_steps.hf_swin_config(config))
+    params = objectives.build(config).init(jax.random.key(0))
+    assert (sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+            == sum(p.numel() for p in hf.parameters()))

@@ -1,0 +1,117 @@
+"""Benchmarks: train-step speed, FLOPs, MFU and memory; input pipeline; PyTorch side by side.
+
+Run from the repository root (configs/ is imported as a package from the working directory):
+
+  # Train step on on-device synthetic images (+ the real input pipeline unless data is synthetic)
+  python -m mim_jax.benchmark --config configs/mae.py:variant=B/16 --batch 256 \
+      --config.data.name=synthetic --json_out b16.json
+  python -m mim_jax.benchmark --config configs/mae.py:quickstart --steps 20
+
+  # Input pipeline alone: JPEG decode + RandomResizedCrop + flip at 224 px, images/s per core
+  python -m mim_jax.benchmark --config configs/mae.py --mode input
+
+  # mim_jax vs Hugging Face PyTorch ViTMAE, one process, same threads / batch / model, float32
+  python -m mim_jax.benchmark --config configs/mae.py --mode compare_torch --batch 16 \
+      --warmup 2 --steps 5
+  # mim_jax SimMIM Swin-B/192 (window 6) vs transformers' SwinForMaskedImageModeling
+  python -m mim_jax.benchmark --config configs/simmim.py --mode compare_torch --batch 16 \
+      --warmup 1 --steps 3
+
+Modes:
+  train          Compile time, steady-state step time, images/s, analytic vs XLA FLOPs, MFU,
+                 peak memory and the share of the step spent in masking; then, with --data or
+                 when config.data.name is not 'synthetic', images/s of the whole loop with the
+                 real input pipeline.
+  input          The input pipeline alone on a generated JPEG dataset (TFDS records or a folder).
+  compare_torch  The mim_jax train step and transformers' PyTorch model + AdamW, timed interleaved
+                 (A, B, A, B, ...) on the CPU with the same thread count: MAE ViT vs
+                 ViTMAEForPreTraining, or SimMIM Swin vs SwinForMaskedImageModeling.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+# JAX only reads its thread and platform settings when the first computation runs (after
+# pin_threads). TensorFlow, TFDS, torch and transformers are imported where they are used, so
+# a train-mode run needs none of them.
+from mim_jax.benchmark.compare_torch import run_compare_torch
+from mim_jax.benchmark.environment import pin_threads
+from mim_jax.benchmark.input_pipeline import run_input
+from mim_jax.benchmark.model_config import apply_overrides
+from mim_jax.benchmark.report import report
+from mim_jax.benchmark.train_mode import run_train
+
+MODES = ("train", "input", "compare_torch")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/mae.py:variant=B/16.", lock_config=False)
+_MODE = flags.DEFINE_enum("mode", "train", MODES, "What to measure.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (train, compare_torch) or batches (input).")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps / batches before timing.")
+_BATCH = flags.DEFINE_integer(
+    "batch", None, "Global batch size. Default: config.batch_size (train), 16 (compare_torch), "
+    "128 (input).")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Overrides config.data.image_size.")
+_VARIANT = flags.DEFINE_string(
+    "variant", None, "Overrides config.model.variant (compare_torch default for a ViT: B/16).")
+_PEAK_FLOPS = flags.DEFINE_float(
+    "peak_flops", None, "Peak FLOP/s of ONE device for MFU; default: the built-in table.")
+_DATA = flags.DEFINE_bool(
+    "data", None, "train: also time the loop with the real input pipeline (default: when "
+    "config.data.name is not 'synthetic').")
+_THREADS = flags.DEFINE_integer(
+    "threads", None, "CPU threads for XLA, PyTorch and tf.data (pins the process to that many "
+    "cores); default: every core this process may use.")
+_PROFILE = flags.DEFINE_bool(
+    "profile", False, "train / compare_torch on the CPU: trace a few mim_jax steps with "
+    "jax.profiler and report where the step time goes, by XLA op kind.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Write every figure as JSON to this path.")
+_INPUT_FORMAT = flags.DEFINE_enum(
+    "input_format", "tfds", ("tfds", "folder"),
+    "input: JPEGs as TFDS records (TFRecord files, like ImageNet in TFDS) or as a folder of files.")
+_INPUT_IMAGES = flags.DEFINE_integer("input_images", 2048, "input: images to generate.")
+_INPUT_DIR = flags.DEFINE_string(
+    "input_dir", None, "input: where the generated dataset lives (reused when present); default: "
+    "a folder in the system temp directory.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    mode = _MODE.value
+    threads = pin_threads(_THREADS.value)  # before JAX, TF or torch start their pools
+    steps, warmup = _STEPS.value, _WARMUP.value
+    if steps <= 0 or warmup < 0:
+        raise ValueError(f"--steps={steps} must be > 0 and --warmup={warmup} >= 0.")
+    config = _CONFIG.value
+    batch = _BATCH.value if _BATCH.value is not None else (16 if mode == "compare_torch" else None)
+    vit = config.model.get("name", "vit") == "vit"
+    variant = _VARIANT.value or ("B/16" if mode == "compare_torch" and vit else None)
+    if mode == "input":
+        apply_overrides(config, None, _IMAGE_SIZE.value, None)
+        result = run_input(config, threads, _BATCH.value, steps, warmup, _INPUT_FORMAT.value,
+                           _INPUT_IMAGES.value, _INPUT_DIR.value)
+    elif mode == "train":
+        apply_overrides(config, batch, _IMAGE_SIZE.value, variant)
+        result = run_train(config, threads, _DATA.value, steps, warmup, _PEAK_FLOPS.value,
+                           _PROFILE.value)
+    else:
+        apply_overrides(config, batch, _IMAGE_SIZE.value, variant)
+        result = run_compare_torch(config, threads, steps, warmup, _PROFILE.value)
+    result["command"] = " ".join(["python -m mim_jax.benchmark"] + sys.argv[1:])
+    report(result, _JSON_OUT.value)
+
+
+def run():
+    # Configs import `configs.common`: make the repository root importable from anywhere.
+    sys.path.insert(0, os.getcwd())
+    flags.mark_flag_as_required("config")
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

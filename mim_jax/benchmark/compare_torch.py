@@ -1,0 +1,68 @@
+"""--mode compare_torch: the mim_jax train step next to the PyTorch (transformers) one."""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from mim_jax import flops
+from mim_jax.benchmark.environment import environment, usable_cores
+from mim_jax.benchmark.masking_share import measure_masking
+from mim_jax.benchmark.model_config import describe_model
+from mim_jax.benchmark.op_profile import profile_ops
+from mim_jax.benchmark.torch_steps import torch_step_class
+from mim_jax.benchmark.timing import call_summary, interleaved_calls, paired_ratios
+from mim_jax.benchmark.train_step import (StepRunner, build_train_setup, compile_step,
+                                          flops_report, xla_memory)
+
+
+def run_compare_torch(config, threads: int, steps: int, warmup: int,
+                      profile: bool = False) -> dict:
+    import torch
+    torch.set_num_threads(threads)
+    if jax.devices()[0].platform != "cpu":
+        raise ValueError("--mode=compare_torch compares on the CPU; run with JAX_PLATFORMS=cpu.")
+    if config.model.get("dtype", "float32") != "float32":
+        raise ValueError(f"model.dtype={config.model.dtype!r}: compare_torch is float32 only.")
+    torch_step_cls = torch_step_class(config)  # fails before minutes of compiling
+    setup = build_train_setup(config)
+    compiled, compile_times = compile_step(setup)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.state.params))
+    jax_step = StepRunner(compiled, setup.state, setup.batch)
+    torch_step = torch_step_cls(config, jax.device_get(setup.batch["image"]))
+    calls = interleaved_calls({"mim_jax": jax_step, "torch": torch_step}, steps, warmup)
+    jax_t, torch_t = call_summary(calls["mim_jax"]), call_summary(calls["torch"])
+    masking_times = measure_masking(config, setup.mesh, steps, warmup)
+    op_profile = profile_ops(jax_step, compiled, min(steps, 2)) if profile else None
+    train_flops = flops.model_flops_per_image(config)
+    per_sec = lambda t: config.batch_size / t["median_s"]
+    masking_s = masking_times["forward_backward"]
+    return {
+        "mode": "compare_torch", "environment": environment(threads),
+        "model": describe_model(config),
+        "threads": {"xla_cpu_pool (PJRT_NPROC)": int(os.environ["PJRT_NPROC"]),
+                    "torch.get_num_threads": torch.get_num_threads(),
+                    "process_affinity_cores": usable_cores()},
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")
+                       or k == "LD_PRELOAD"},
+        "mim_jax": {"step_time": jax_t, "images_per_sec": per_sec(jax_t),
+                    "compile": compile_times, "parameters": n_params,
+                    "xla_memory": xla_memory(compiled),
+                    "final_loss": float(jax_step.metrics["loss"]),
+                    "achieved_flops_per_sec": per_sec(jax_t) * train_flops},
+        "torch": dict(torch_step.describe(), step_time=torch_t, images_per_sec=per_sec(torch_t),
+                      final_loss=torch_step.loss,
+                      achieved_flops_per_sec=per_sec(torch_t) * train_flops),
+        "torch_over_mim_jax": torch_t["median_s"] / jax_t["median_s"],
+        "torch_over_mim_jax_paired_wall": paired_ratios(calls["torch"], calls["mim_jax"],
+                                                        "wall_s"),
+        "torch_over_mim_jax_cpu": torch_t["cpu_median_s"] / jax_t["cpu_median_s"],
+        "flops": flops_report(config, compiled, config.batch_size // setup.mesh.devices.size),
+        "masking": dict(masking_times,
+                        share_of_step=masking_s["median_s"] / jax_t["median_s"],
+                        share_of_step_min=masking_s["min_s"] / jax_t["min_s"]),
+        "order": "interleaved per round: mim_jax, torch",
+        "profile": op_profile,
+    }
+

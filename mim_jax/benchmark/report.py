@@ -1,0 +1,157 @@
+"""The benchmark's output: a two-column table on stdout and, optionally, every figure as JSON."""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.3f} s"
+
+
+def _fmt_flops(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x / 1e9:.2f} GFLOP"
+
+
+def _fmt_pct(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def _step_line(t: dict) -> str:
+    return f"median {_fmt_seconds(t['median_s'])}, min {_fmt_seconds(t['min_s'])}"
+
+
+def _train_rows(r: dict) -> list:
+    t, f = r["train_step"], r["train_step"]["flops"]
+    rows = [
+        ("model", f"{r['model']['objective']} {r['model']['variant']} @ "
+                  f"{r['model']['image_size']} px, batch {r['model']['batch_size']}, "
+                  f"{r['model']['dtype']}"),
+        ("trace + lower", _fmt_seconds(t["compile"]["trace_lower_s"])),
+        ("XLA compile", _fmt_seconds(t["compile"]["compile_s"])),
+        ("step time", _step_line(t["step_time"])),
+        ("per step", _cpu_line(t["step_time"])),
+        ("XLA temp buffer", "n/a" if not t["xla_memory"]
+         else f"{t['xla_memory']['temp'] / 2**30:.2f} GiB"),
+        ("images/s (on-device synthetic)", f"{t['images_per_sec']:.1f}"),
+        ("train FLOPs/img analytic", _fmt_flops(f["analytic_train_per_image"])),
+        ("train FLOPs/img XLA", _fmt_flops(f["xla_train_per_image"])),
+        ("XLA / analytic", "n/a" if f["xla_over_analytic"] is None
+         else f"{f['xla_over_analytic']:.3f}"),
+        ("achieved (analytic)", f"{t['achieved_flops_per_sec'] / 1e12:.4f} TFLOP/s"),
+        ("MFU", _fmt_pct(t["mfu"]) + f"  [{t['peak_flops_source']}"
+                + ("; --peak_flops sets one]" if t["mfu"] is None else "]")),
+        ("peak memory", f"{t['memory']['bytes'] / 2**30:.2f} GiB  [{t['memory']['source']}]"),
+        ("masking fwd+bwd (isolated)", _step_line(t["masking"]["forward_backward"])),
+        ("masking share of step", f"{_fmt_pct(t['masking']['share_of_step'])} (median), "
+                                  f"{_fmt_pct(t['masking']['share_of_step_min'])} (min)"),
+    ]
+    rows += _profile_rows(t.get("profile"))
+    loop = r.get("input_pipeline_loop")
+    if loop:
+        real, synthetic = loop["pipeline"], loop["on_device_synthetic"]
+        rows += [
+            (f"loop images/s, {loop['data']} pipeline",
+             f"{real['images_per_sec']:.1f} (waits {_fmt_seconds(real['batch_wait_s_per_step'])}"
+             "/step for a batch)"),
+            ("loop images/s, on-device synthetic", f"{synthetic['images_per_sec']:.1f}"),
+            ("pipeline / synthetic", f"{loop['pipeline_over_synthetic']:.3f}"),
+        ]
+    return rows
+
+
+def _stage_rows(stages: dict) -> list:
+    if "error" in stages:
+        return [("stages", stages["error"])]
+    return [(f"  {name}", f"{s['cpu_ms_per_image']:.2f} ms CPU/img "
+                          f"({s['images_per_cpu_second']:.0f} img per CPU-second)")
+            for name, s in stages.items()]
+
+
+def _input_rows(r: dict) -> list:
+    d, i = r["dataset"], r["input"]
+    return [
+        ("dataset", f"{d['images']} {d['description']}, mean {d['mean_pixels'] ** 0.5:.0f} px "
+                    f"side, {d['mean_bytes'] / 1024:.1f} KiB"),
+        ("augmentation", f"decode+RandomResizedCrop{tuple(r['augmentation']['crop_scale'])} "
+                         f"{r['augmentation']['interpolation']} -> "
+                         f"{r['augmentation']['image_size']} px, flip, normalise"),
+        ("images/s", f"{i['images_per_sec']:.1f} ({i['images']} images)"),
+        ("tf.data threads (cores)", str(i["cores"])),
+        ("images/s per core", f"{i['images_per_sec_per_core']:.1f}"),
+        ("images per process CPU-second", "n/a" if i["images_per_cpu_second"] is None
+         else f"{i['images_per_cpu_second']:.1f}"),
+        ("stages, one thread (cumulative)", ""),
+    ] + _stage_rows(r["stages_one_thread"])
+
+
+def _cpu_line(t: dict) -> str:
+    return (f"CPU median {t['cpu_median_s']:.2f} s (user {t['user_median_s']:.2f}, "
+            f"kernel {t['sys_median_s']:.2f}), {t['minor_faults_median']:.0f} page faults")
+
+
+def _model_label(model: dict) -> str:
+    """'MAE B/16' or 'SimMIM Swin-B window 6'."""
+    if model["objective"] == "mae":
+        return f"MAE {model['variant']}"
+    label = f"{model['objective']} {model['backbone']}-{model['variant']}"
+    window = model["arch"].get("window_size")
+    return label.replace("simmim", "SimMIM").replace("swin", "Swin") + (
+        f" window {window}" if window else "")
+
+
+def _compare_rows(r: dict) -> list:
+    j, t, paired = r["mim_jax"], r["torch"], r["torch_over_mim_jax_paired_wall"]
+    return [
+        ("model", f"{_model_label(r['model'])} @ {r['model']['image_size']} px, batch "
+                  f"{r['model']['batch_size']}, float32, CPU"),
+        ("threads", ", ".join(f"{k} {v}" for k, v in r["threads"].items())),
+        ("malloc env", ", ".join(f"{k}={v}" for k, v in r["malloc_env"].items()) or "default"),
+        ("mim_jax step", _step_line(j["step_time"]) + f"  ({j['images_per_sec']:.2f} img/s)"),
+        ("torch step", _step_line(t["step_time"]) + f"  ({t['images_per_sec']:.2f} img/s, "
+                       f"attn {t['attn_implementation']})"),
+        ("torch / mim_jax (median)", f"{r['torch_over_mim_jax']:.3f}"),
+        ("torch / mim_jax (per round)", f"median {paired['median']:.3f}, range "
+                                        f"{paired['min']:.3f}-{paired['max']:.3f}"),
+        ("mim_jax per step", _cpu_line(j["step_time"])),
+        ("torch per step", _cpu_line(t["step_time"])),
+        ("torch / mim_jax (CPU time)", f"{r['torch_over_mim_jax_cpu']:.3f}"),
+        ("XLA temp buffer", "n/a" if not j["xla_memory"]
+         else f"{j['xla_memory']['temp'] / 2**30:.2f} GiB"),
+        ("train FLOPs/img analytic / XLA", f"{_fmt_flops(r['flops']['analytic_train_per_image'])}"
+                                           f" / {_fmt_flops(r['flops']['xla_train_per_image'])}"),
+        ("achieved mim_jax / torch", f"{j['achieved_flops_per_sec'] / 1e9:.1f} / "
+                                     f"{t['achieved_flops_per_sec'] / 1e9:.1f} GFLOP/s"),
+        ("masking fwd+bwd (isolated)", _step_line(r["masking"]["forward_backward"])),
+        ("masking share of mim_jax step", f"{_fmt_pct(r['masking']['share_of_step'])} (median),"
+                                          f" {_fmt_pct(r['masking']['share_of_step_min'])} (min)"),
+    ] + _profile_rows(r.get("profile"))
+
+
+def _profile_rows(profile: Optional[dict]) -> list:
+    if not profile:
+        return []
+    if "error" in profile:
+        return [("profile", profile["error"])]
+    rows = [("profile: XLA thunk time", f"{_fmt_seconds(profile['thunk_seconds_per_step'])}"
+                                        "/step")]
+    rows += [(f"  {name}", f"{_fmt_seconds(c['seconds_per_step'])}/step ({_fmt_pct(c['share'])})")
+             for name, c in profile["categories"].items()]
+    describe = lambda op: f"{op['name']} [{', '.join(op['opcodes'][:6])}] {_fmt_pct(op['share'])}"
+    rows += [(f"  top op {i + 1}", describe(op)) for i, op in enumerate(profile["top_ops"][:3])]
+    rows += [(f"  top {kind.split(' ')[0]} op", describe(ops[0]))
+             for kind, ops in profile["top_ops_by_category"].items() if kind != "matmul / conv"]
+    return rows
+
+
+def format_table(rows) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)} | {v}" for k, v in rows)
+
+
+def report(result: dict, json_out: Optional[str]) -> None:
+    rows = {"train": _train_rows, "input": _input_rows, "compare_torch": _compare_rows}
+    print(format_table(rows[result["mode"]](result)), flush=True)
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(result, f, indent=2, default=str)

@@ -1,0 +1,129 @@
+"""The trainer's jitted train step without data: setup, compile, runner, XLA cost figures."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from mim_jax import flops, objectives, optim, sharding, train
+
+
+def xla_flops(compiled) -> Optional[float]:
+    """FLOPs of one call of a compiled executable by XLA's cost analysis (one device's share)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per partition
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+def xla_memory(compiled) -> Optional[dict]:
+    """Buffer sizes XLA planned for one call: arguments, outputs, temporaries (bytes)."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if stats is None:
+        return None
+    return {name: int(getattr(stats, f"{name}_size_in_bytes"))
+            for name in ("argument", "output", "alias", "temp")}
+
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    objective: object
+    mesh: object
+    step: object  # the jitted (not yet lowered) train step
+    state: object
+    batch: dict  # on-device synthetic images, sharded like the trainer's batch
+
+
+def _synthetic_device_batch(objective, batch_size: int, mesh, seed: int) -> dict:
+    shape = (batch_size, *objective.image_shape)
+    make = jax.jit(lambda key: jax.random.normal(key, shape),
+                   out_shardings=sharding.batch_sharded(mesh))
+    return {"image": make(jax.random.key(seed + 1))}
+
+
+def build_train_setup(config) -> TrainSetup:
+    """The trainer's own state, optimizer and jitted step (donated state), without data."""
+    objective = objectives.build(config)
+    mesh = sharding.make_mesh()
+    accum = config.get("accum_steps", 1)
+    sharding.check_batch_divisible(config.batch_size, accum, mesh)
+    peak_lr = optim.peak_learning_rate(config.optimizer, config.batch_size)
+    # The schedule only sets the learning-rate value; its length does not change the compute.
+    schedule = optim.make_schedule(peak_lr, total_steps=10_000, warmup_steps=100)
+    tx = optim.make_optimizer(config.optimizer, schedule)
+    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+    repl = sharding.replicated(mesh)
+
+    def init_state(rng):
+        params = objective.init(rng)
+        return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                opt_state=tx.init(params),
+                                nonfinite_steps=jnp.zeros((), jnp.int32))
+
+    state = jax.jit(init_state, out_shardings=repl)(init_rng)
+    step = jax.jit(train.make_train_step(objective, tx, schedule, accum, step_rng, mesh),
+                   in_shardings=(repl, sharding.batch_sharded(mesh)), out_shardings=(repl, repl),
+                   donate_argnums=(0,))
+    batch = _synthetic_device_batch(objective, config.batch_size, mesh, config.seed)
+    return TrainSetup(objective, mesh, step, state, batch)
+
+
+def compile_step(setup: TrainSetup):
+    """-> (compiled step, {'trace_lower_s', 'compile_s'})."""
+    start = time.perf_counter()
+    lowered = setup.step.lower(setup.state, setup.batch)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    done = time.perf_counter()
+    return compiled, {"trace_lower_s": lowered_at - start, "compile_s": done - lowered_at}
+
+
+class StepRunner:
+    """Calls a compiled step on its own (donated) state; each call blocks on the result."""
+
+    def __init__(self, compiled, state, batch):
+        self._compiled, self.state, self._batch = compiled, state, batch
+        self.metrics = None
+
+    def __call__(self, batch=None):
+        self.state, self.metrics = self._compiled(self.state,
+                                                  self._batch if batch is None else batch)
+        jax.block_until_ready(self.metrics)
+        return self.metrics
+
+    def async_call(self, batch):
+        self.state, self.metrics = self._compiled(self.state, batch)
+
+
+def flops_report(config, compiled, per_device_batch: int) -> dict:
+    forward = flops.forward_flops_breakdown(config)
+    analytic = flops.model_flops_per_image(config)
+    measured = xla_flops(compiled)
+    xla_per_image = measured / per_device_batch if measured is not None else None
+    loops = [name for name, on in (("model.scan", config.model.get("scan", False)),
+                                   ("accum_steps > 1", config.get("accum_steps", 1) > 1)) if on]
+    return {
+        "xla_note": (f"{' and '.join(loops)}: XLA's cost analysis may count a loop body once, "
+                     "so its figure can be low" if loops else None),
+        "analytic_train_per_image": analytic,
+        "analytic_forward_per_image": sum(forward.values()),
+        "analytic_forward_breakdown": forward,
+        "xla_train_per_image": xla_per_image,
+        "xla_over_analytic": xla_per_image / analytic if xla_per_image else None,
+        "convention": "analytic: matmuls only, 2 FLOPs per multiply-add, train = 3x forward; "
+                      "XLA: compiled.cost_analysis()['flops'] of the whole step (all ops, "
+                      "incl. optimizer) / per-device batch",
+    }
+
