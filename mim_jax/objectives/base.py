@@ -36,8 +36,8 @@ class Objective:
 
     def init(self, rng: jax.Array, batch_size: int = 1):
         """Parameters for this objective's model (a pure function of `rng`)."""
-        params_rng, *stream_rngs = jax.random.split(rng, 1 + len(RNG_STREAMS))
-        rngs = {"params": params_rng, **dict(zip(RNG_STREAMS, stream_rngs))}
+        params_rng, stream_rng = jax.random.split(rng)
+        rngs = {"params": params_rng, **make_rngs(stream_rng)}
         images = jnp.zeros((batch_size, *self.image_shape), jnp.float32)
         return self.model.init(rngs, images, *self.init_args(batch_size), train=False)["params"]
 
