@@ -49,7 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
         weight_decay=0.05, grad_clip_norm=0.0, min_lr=0.0))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, asynchronous=True))
     c.evaluators = ml_collections.ConfigDict(dict(
-        reconstruction=dict(every_steps=1000, num_images=8)))
+        reconstruction=dict(type="reconstruction", every_steps=1000, num_images=8,
+                            error_images=256)))
 
     c.model = vit_model_config("B/16")
     c.data = default_data_config()
@@ -82,3 +83,11 @@ def swin_model_config(variant: str, window_size: int) -> ml_collections.ConfigDi
         _backbone_common("swin", variant), window_size=window_size,
         embed_dim=config_dict.placeholder(int), depths=config_dict.placeholder(tuple),
         num_heads=config_dict.placeholder(tuple)))
+
+
+def quickstart_probes(every_steps: int) -> dict:
+    """kNN and cached-feature linear probe on the bundled digits (4,500 train / 500 test)."""
+    common = dict(every_steps=every_steps, train_split="train", eval_split="test",
+                  max_train_examples=0, max_eval_examples=0, pool="gap", batch_size=500)
+    return dict(knn=dict(common, type="knn", k=20, temperature=0.07),
+                linear_probe=dict(common, type="linear_probe", epochs=100, lr=1e-3))

@@ -23,7 +23,7 @@ def get_config(arg=None):
     c = common.base_config()
     c.objective = dict(name="simmim", mask_ratio=0.6, mask_patch_size=32)
     if arg.quickstart:
-        return _quickstart(c)
+        return _quickstart_vit(c) if arg.model == "vit" else _quickstart(c)
     if arg.model == "swin_b":
         c.model = common.swin_model_config("B", window_size=6)
         image_size = 192
@@ -69,4 +69,15 @@ def _quickstart(c):
     c.log_every_steps = 20
     c.checkpoint.update(every_steps=200, keep=2)
     c.evaluators.reconstruction.update(every_steps=100, num_images=8)
+    c.evaluators.update(common.quickstart_probes(every_steps=1000))
+    return c
+
+
+def _quickstart_vit(c):
+    """The MAE quickstart's ViT (width 128, 4 blocks, patch 4) with SimMIM at 28 px."""
+    _quickstart(c)
+    c.model = common.vit_model_config("Ti/4")
+    c.model.update(width=128, depth=4, num_heads=4, mlp_dim=512)
+    c.data.image_size = 28
+    c.objective.update(mask_patch_size=4)
     return c

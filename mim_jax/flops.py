@@ -113,8 +113,22 @@ def backbone_arch(config):
                                        config.data.get("channels", 3)).config
 
 
+def classifier_forward_flops(arch, cls_token: bool, num_classes: int) -> dict:
+    """Fine-tuning / linear probe: the encoder on every patch, then a linear head."""
+    if hasattr(arch, "embed_dim"):  # Swin
+        out, width = swin_forward_flops(arch), arch.num_features
+    else:
+        out, width = vit_forward_flops(arch, cls_token), arch.width
+    out["head"] = dense_flops(1, width, num_classes)
+    return out
+
+
 def forward_flops_breakdown(config) -> dict:
-    """Forward FLOPs per image by model part, for the experiment config's objective."""
+    """Forward FLOPs per image by model part, for the experiment config's objective (or its
+    classifier, for fine-tuning)."""
+    if config.get("finetune") is not None:
+        return classifier_forward_flops(backbone_arch(config), config.model.get("cls_token", True),
+                                        config.finetune.get("num_classes") or 1000)
     obj = config.objective
     if obj.name == "simmim":
         return simmim_forward_flops(backbone_arch(config), config.model.get("cls_token", True))

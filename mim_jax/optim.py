@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 # Parameters the references exclude from weight decay besides biases and norm scales.
@@ -44,12 +45,129 @@ def make_schedule(peak_lr: float, total_steps: int, warmup_steps: int, min_lr: f
     return schedule
 
 
-def make_optimizer(opt_cfg, schedule) -> optax.GradientTransformation:
-    if opt_cfg.name != "adamw":
-        raise ValueError(f"optimizer.name={opt_cfg.name!r} is not supported; allowed: ['adamw'].")
+OPTIMIZERS = ("adamw", "lars")
+
+
+def make_optimizer(opt_cfg, schedule, params=None) -> optax.GradientTransformation:
+    """AdamW (pretraining, fine-tuning) or LARS (linear probe) from config.optimizer.
+
+    `optimizer.layer_decay` in (0, 1) turns on layer-wise lr decay; it needs `params` (or their
+    abstract shapes) to number the layers.
+    """
+    if opt_cfg.name not in OPTIMIZERS:
+        raise ValueError(f"optimizer.name={opt_cfg.name!r} is not supported; allowed: "
+                         f"{list(OPTIMIZERS)}.")
     parts = []
     if opt_cfg.get("grad_clip_norm"):
         parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip_norm))
-    parts.append(optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.get("eps", 1e-8),
-                             weight_decay=opt_cfg.weight_decay, mask=decay_mask))
+    if opt_cfg.name == "lars":
+        parts.append(lars(schedule, momentum=opt_cfg.get("momentum", 0.9),
+                          weight_decay=opt_cfg.weight_decay))
+        return optax.chain(*parts)
+    parts += [optax.scale_by_adam(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.get("eps", 1e-8)),
+              optax.add_decayed_weights(opt_cfg.weight_decay, mask=decay_mask)]
+    decay = opt_cfg.get("layer_decay", 1.0)
+    if decay != 1.0:
+        if params is None:
+            raise ValueError("optimizer.layer_decay needs the parameter tree to number layers.")
+        parts.append(scale_by_tree(layer_decay_scales(params, decay)))
+    # adamw == scale_by_adam -> add_decayed_weights -> scale_by_learning_rate (optax's own
+    # definition), written out so the layer scale can sit before the learning rate.
+    parts.append(optax.scale_by_learning_rate(schedule))
     return optax.chain(*parts)
+
+
+def _names(path):
+    return [getattr(k, "key", str(k)) for k in path]
+
+
+def _count_blocks(tree, prefix="block_"):
+    return sum(1 for k in tree if k.startswith(prefix))
+
+
+def layer_ids(params):
+    """Layer index of every parameter for layer-wise lr decay, and the top index.
+
+    The references' rule: patch embedding, CLS / mask tokens and positions are layer 0, block
+    i of a ViT is layer i + 1, everything after the last block (final norm, fc_norm, head) is
+    the top layer, depth + 1. For Swin (SimMIM's rule) blocks are numbered across stages and a
+    stage's patch merging sits with the last block of that stage. Scanned ViT blocks (leading
+    depth axis) get an id array of shape [depth, 1, ...]. Returns (ids tree, top).
+    """
+    encoder = params.get("encoder", params)
+    if "transformer" in encoder:  # ViT
+        blocks = encoder["transformer"]
+        if "blocks" in blocks:
+            depth = jax.tree.leaves(blocks["blocks"])[0].shape[0]
+        else:
+            depth = _count_blocks(blocks)
+        stage_starts = None
+    elif any(k.startswith("stage_") for k in encoder):  # Swin
+        depths = [_count_blocks(encoder[f"stage_{i}"])
+                  for i in range(sum(k.startswith("stage_") for k in encoder))]
+        depth = sum(depths)
+        stage_starts = np.concatenate([[0], np.cumsum(depths)])
+    else:
+        raise ValueError(f"layer-wise lr decay knows ViT and Swin encoders; got parameters "
+                         f"{sorted(encoder)}.")
+    top = depth + 1
+    in_encoder = "encoder" in params
+
+    def rule(path, leaf):
+        names = _names(path)
+        if in_encoder:
+            if names[0] != "encoder":
+                return top  # fc_norm, head, ...
+            names = names[1:]
+        first = names[0]
+        if first in ("patch_embed", "patch_norm", "cls_token", "mask_token", "pos_embed",
+                     "rel_pos_bias"):
+            return 0
+        if first == "transformer":
+            if names[1] == "blocks":
+                n = leaf.shape[0]
+                return np.arange(1, n + 1).reshape((n,) + (1,) * (leaf.ndim - 1))
+            return int(names[1][len("block_"):]) + 1
+        if first.startswith("stage_"):
+            stage = int(first[len("stage_"):])
+            if names[1] == "downsample":
+                return int(stage_starts[stage + 1])
+            return int(stage_starts[stage]) + int(names[1][len("block_"):]) + 1
+        return top
+    return jax.tree_util.tree_map_with_path(rule, params), top
+
+
+def layer_decay_scales(params, decay: float):
+    """Per-parameter lr multipliers decay ** (top - layer id) (1 for the head)."""
+    ids, top = layer_ids(params)
+    return jax.tree.map(lambda i: np.asarray(decay, np.float32) ** (top - np.asarray(i)), ids)
+
+
+def scale_by_tree(scales) -> optax.GradientTransformation:
+    """Multiplies each update by a fixed per-parameter factor (layer-wise lr decay).
+
+    Placed before the learning rate (and after weight decay is added), it scales the whole
+    step of a parameter, which is what a per-group lr does in the PyTorch references.
+    """
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales), state
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def lars(schedule, *, momentum: float = 0.9, weight_decay: float = 0.0,
+         trust_coefficient: float = 0.001) -> optax.GradientTransformation:
+    """LARS as in the MAE linear-probe code: weight decay and the trust ratio apply to
+    matrices only (ndim > 1), momentum accumulates the unscaled step and the lr multiplies
+    the momentum buffer (so a changing lr does not rescale past steps, unlike optax.lars)."""
+    matrices = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=matrices),
+        optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient),
+                     matrices),
+        optax.trace(decay=momentum),
+        optax.scale_by_learning_rate(schedule))

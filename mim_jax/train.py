@@ -1,10 +1,11 @@
 """Objective-agnostic pretraining loop: jit-compiled, data-parallel, exactly resumable."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable, Optional
 
 import flax
 import jax
@@ -27,6 +28,22 @@ class TrainState:
     # Steps whose loss or gradient was not finite; such updates are skipped, so the state (and
     # every checkpoint) keeps the last good parameters. The host stops the run when it is > 0.
     nonfinite_steps: jax.Array
+    # Variables that are not trained by the optimizer: BatchNorm statistics, a frozen encoder
+    # (linear probe). Empty for the pretraining objectives.
+    model_state: Any = dataclasses.field(default_factory=dict)
+    # Exponential moving average of the parameters (None when off).
+    ema_params: Any = None
+
+
+@dataclasses.dataclass
+class Task:
+    """What the loop trains: pretraining builds it from config.objective, fine-tuning and
+    linear probing (mim_jax.finetune) from config.finetune. The loop itself is shared."""
+    objective: objectives.Objective
+    with_labels: bool = False  # the data iterator yields 'label'
+    # (params, model_state) of a fresh run -> the starting ones (e.g. a pretrained encoder).
+    start_from: Optional[Callable] = None
+    ema_decay: float = 0.0
 
 
 def _micro_batches(batch, accum_steps: int, mesh):
@@ -40,26 +57,32 @@ def _micro_batches(batch, accum_steps: int, mesh):
     return jax.tree.map(split, batch)
 
 
-def make_train_step(objective, tx, schedule, accum_steps: int, base_rng, mesh):
+def make_train_step(objective, tx, schedule, accum_steps: int, base_rng, mesh,
+                    ema_decay: float = 0.0):
     """(state, batch) -> (state, metrics); `batch` is the global batch of one optimizer step."""
     grad_fn = jax.value_and_grad(objective.loss_fn, has_aux=True)
 
-    def loss_and_grads(params, batch, key):
-        (_, aux), grads = grad_fn(params, batch, objectives.make_rngs(key), True)
-        return grads, aux["metrics"]
+    def loss_and_grads(params, model_state, batch, key):
+        kwargs = {"model_state": model_state} if objective.stateful else {}
+        (_, aux), grads = grad_fn(params, batch, objectives.make_rngs(key), True, **kwargs)
+        return grads, aux["metrics"], aux.get("model_state", model_state)
 
     def train_step(state: TrainState, batch):
         key = jax.random.fold_in(base_rng, state.step)
         if accum_steps == 1:
-            grads, metrics = loss_and_grads(state.params, batch, key)
+            grads, metrics, model_state = loss_and_grads(state.params, state.model_state, batch,
+                                                         key)
         else:
-            def body(acc, xs):
+            def body(carry, xs):
+                acc, model_state = carry
                 i, micro = xs
-                grads, metrics = loss_and_grads(state.params, micro, jax.random.fold_in(key, i))
-                return jax.tree.map(jnp.add, acc, grads), metrics
+                grads, metrics, model_state = loss_and_grads(
+                    state.params, model_state, micro, jax.random.fold_in(key, i))
+                return (jax.tree.map(jnp.add, acc, grads), model_state), metrics
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            grads, metrics = jax.lax.scan(
-                body, zeros, (jnp.arange(accum_steps), _micro_batches(batch, accum_steps, mesh)))
+            (grads, model_state), metrics = jax.lax.scan(
+                body, (zeros, state.model_state),
+                (jnp.arange(accum_steps), _micro_batches(batch, accum_steps, mesh)))
             # Each micro-batch loss is a mean over an equal number of masked patches, so the
             # mean of micro-batch gradients is the large-batch gradient.
             grads = jax.tree.map(lambda g: g / accum_steps, grads)
@@ -69,10 +92,15 @@ def make_train_step(objective, tx, schedule, accum_steps: int, base_rng, mesh):
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        ema = state.ema_params
+        if ema is not None:
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
         new_state = TrainState(
             step=state.step + 1, params=keep_new(params, state.params),
             opt_state=keep_new(opt_state, state.opt_state),
-            nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
+            nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+            model_state=keep_new(model_state, state.model_state),
+            ema_params=None if ema is None else keep_new(ema, state.ema_params))
         metrics = dict(metrics, grad_norm=grad_norm, param_norm=optax.global_norm(params),
                        lr=schedule(state.step))
         return new_state, metrics
@@ -81,7 +109,7 @@ def make_train_step(objective, tx, schedule, accum_steps: int, base_rng, mesh):
 
 
 def validate_config(config):
-    """Every check that can fail before compute; returns the built objective."""
+    """Every check that can fail before compute; returns the task to train."""
     for field in ("batch_size", "log_every_steps"):
         if not isinstance(config[field], int) or config[field] <= 0:
             raise ValueError(f"{field}={config[field]!r} must be a positive integer.")
@@ -93,10 +121,17 @@ def validate_config(config):
         raise ValueError("num_epochs and total_steps are both 0: set one of them > 0.")
     if config.optimizer.base_lr <= 0:
         raise ValueError(f"optimizer.base_lr={config.optimizer.base_lr!r} must be > 0.")
-    objective = objectives.build(config)
+    decay = config.optimizer.get("layer_decay", 1.0)
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"optimizer.layer_decay={decay!r} must be in (0, 1] (1 = off).")
+    if config.get("finetune") is not None:
+        from mim_jax import finetune  # the fine-tuning / linear-probe task
+        task = finetune.build_task(config)
+    else:
+        task = Task(objective=objectives.build(config))
     data.validate_data_config(config.data)
     evaluators.validate(config)
-    return objective
+    return task
 
 
 def _total_steps(config, steps_per_epoch: int):
@@ -119,8 +154,10 @@ def _write_run_info(workdir, config, params):
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-    """Pretrains `config.objective` in `workdir`, resuming from its latest checkpoint."""
-    objective = validate_config(config)
+    """Pretrains `config.objective` (or, with a config.finetune block, fine-tunes / probes a
+    classifier) in `workdir`, resuming from its latest checkpoint."""
+    task = validate_config(config)
+    objective = task.objective
     mesh = sharding.make_mesh()
     accum = config.get("accum_steps", 1)
     sharding.check_batch_divisible(config.batch_size, accum, mesh)
@@ -134,23 +171,31 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ckpt = checkpointing.Checkpointer(workdir, **config.checkpoint)
     start_step = ckpt.latest_step() or 0
     train_data = data.create_train_iterator(
-        config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step)
+        config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
+        with_labels=task.with_labels)
     total_steps, warmup_steps = _total_steps(config, train_data.steps_per_epoch)
     peak_lr = optim.peak_learning_rate(config.optimizer, config.batch_size)
     schedule = optim.make_schedule(peak_lr, total_steps, warmup_steps,
                                    config.optimizer.get("min_lr", 0.0))
-    tx = optim.make_optimizer(config.optimizer, schedule)
 
     base_rng = jax.random.key(config.seed)
     init_rng, step_rng, eval_rng = jax.random.split(base_rng, 3)
     repl = sharding.replicated(mesh)
+    abstract_params, _ = jax.eval_shape(objective.init_variables, init_rng)
+    tx = optim.make_optimizer(config.optimizer, schedule, abstract_params)
 
-    def init_state(rng):
-        params = objective.init(rng)
+    def init_state(rng, start=None):
+        params, model_state = objective.init_variables(rng) if start is None else start
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params), nonfinite_steps=jnp.zeros((), jnp.int32))
+                          opt_state=tx.init(params), nonfinite_steps=jnp.zeros((), jnp.int32),
+                          model_state=model_state,
+                          ema_params=params if task.ema_decay > 0 else None)
 
-    state = jax.jit(init_state, out_shardings=repl)(init_rng)
+    if start_step or task.start_from is None:
+        state = jax.jit(init_state, out_shardings=repl)(init_rng)
+    else:  # a fresh fine-tuning run: the pretrained encoder goes into the initial parameters
+        start = task.start_from(*jax.device_get(jax.jit(objective.init_variables)(init_rng)))
+        state = jax.jit(init_state, out_shardings=repl)(init_rng, start)
     if start_step:
         logging.info("Resuming from the checkpoint of step %d in %s", start_step, ckpt.directory)
         state = ckpt.restore(checkpointing.abstract_like(state), start_step)
@@ -163,10 +208,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                      config.batch_size, peak_lr)
 
     train_step = jax.jit(
-        make_train_step(objective, tx, schedule, accum, step_rng, mesh),
+        make_train_step(objective, tx, schedule, accum, step_rng, mesh, task.ema_decay),
         in_shardings=(repl, sharding.batch_sharded(mesh)), out_shardings=(repl, repl),
         donate_argnums=(0,))
-    evals = evaluators.create(config, objective, mesh, workdir, writers, eval_rng)
+    evals = evaluators.create(config, objective, mesh, workdir, writers, eval_rng,
+                              steps_per_epoch=train_data.steps_per_epoch)
     peak = flops.device_peak_flops(jax.devices()[0])
     try:
         flops_per_image = flops.model_flops_per_image(config)
@@ -203,7 +249,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 check_finite()
                 ckpt.maybe_save(step, state)
             for ev in evals:
-                ev.maybe_run(step, state.params, force=step == total_steps)
+                ev.maybe_run(step, state, force=step == total_steps)
         if metrics is not None:
             check_finite()
             ckpt.maybe_save(step, state, force=True)

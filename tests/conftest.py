@@ -53,7 +53,8 @@ def tiny_train_config(data_dir, **overrides):
     c.warmup_steps = 2
     c.log_every_steps = 1
     c.checkpoint.update(every_steps=4, asynchronous=False)
-    c.evaluators.reconstruction.update(every_steps=100, num_images=2)
+    c.evaluators = ml_collections.ConfigDict(dict(reconstruction=dict(
+        type="reconstruction", every_steps=100, num_images=2, error_images=8)))
     c.update(overrides)
     return c
 
@@ -95,3 +96,12 @@ def legacy_transformers_names(state: dict, root: str) -> dict:
             key = key.replace(f".{new}.", f".{old}.")
         out[key] = value
     return out
+
+
+# Command-line overrides that keep the quickstarts' kNN / probe evaluators to a few seconds.
+SMALL_PROBES = [f"--config.evaluators.{name}.{field}={value}"
+                for name in ("knn", "linear_probe")
+                for field, value in (("max_train_examples", 64), ("max_eval_examples", 32),
+                                     ("batch_size", 32))] + [
+    "--config.evaluators.linear_probe.epochs=2",
+    "--config.evaluators.reconstruction.error_images=16"]

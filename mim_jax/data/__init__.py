@@ -40,15 +40,18 @@ def create_train_iterator(
     start_step: int = 0,
     process_index=None,
     process_count=None,
+    with_labels: bool = False,
 ):
-    """Per-process training batches {'image': float32 [local_batch, H, W, C]} from step
-    `start_step` on; see pipeline.create_train_iterator for the guarantees."""
+    """Per-process training batches {'image': float32 [local_batch, H, W, C]} (and 'label'
+    int64 [local_batch] with `with_labels`) from step `start_step` on; see
+    pipeline.create_train_iterator for the guarantees."""
     kwargs = dict(
         global_batch_size=global_batch_size,
         seed=seed,
         start_step=start_step,
         process_index=process_index,
         process_count=process_count,
+        with_labels=with_labels,
     )
     if data_cfg.name == synthetic.NAME:
         validate_data_config(data_cfg)
@@ -63,6 +66,25 @@ def fixed_eval_images(data_cfg, num: int) -> np.ndarray:
     return _pipeline().fixed_eval_images(data_cfg, num)
 
 
+def eval_batches(data_cfg, split: str, *, global_batch_size: int, max_examples=None):
+    """One labelled, deterministic pass over `split` (this process's shard), padded to equal
+    batch counts on every process: {'image', 'label', 'valid'}; see pipeline.eval_batches."""
+    if data_cfg.name == synthetic.NAME:
+        return synthetic.eval_batches(data_cfg, global_batch_size=global_batch_size,
+                                      max_examples=max_examples)
+    return _pipeline().eval_batches(data_cfg, split, global_batch_size=global_batch_size,
+                                    max_examples=max_examples)
+
+
+def num_classes(data_cfg):
+    """The number of classes of data.label_key (None when the source does not say)."""
+    if data_cfg.name == synthetic.NAME:
+        return synthetic.NUM_CLASSES
+    from mim_jax.data import sources  # imports TensorFlow
+
+    return sources.num_classes(data_cfg)
+
+
 def denormalize(images, data_cfg) -> np.ndarray:
     """Inverse of the normalisation, clipped to [0, 1] for viewing."""
     mean = np.asarray(data_cfg.mean, np.float32)
@@ -75,6 +97,8 @@ __all__ = [
     "prepare",
     "default_data_config",
     "denormalize",
+    "eval_batches",
     "fixed_eval_images",
+    "num_classes",
     "validate_data_config",
 ]

@@ -31,6 +31,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.split = "train"
     c.eval_split = "test"  # Falls back to `split` when empty / None.
     c.image_key = "image"  # Feature holding the image in TFDS examples.
+    c.label_key = "label"  # Feature holding the class (fine-tuning, kNN / probe evaluators).
     c.image_size = 224
     c.channels = 3  # 1 or 3; inputs are converted as needed.
     # RandomResizedCrop area range as a fraction of the image; None disables
@@ -39,6 +40,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.crop_ratio = (3 / 4, 4 / 3)  # Aspect-ratio (w/h) range of the crop.
     c.interpolation = "bicubic"
     c.flip = True
+    # timm RandAugment policy applied after crop / flip, e.g. 'rand-m9-mstd0.5-inc1' as in
+    # MAE / BEiT fine-tuning (see mim_jax/data/randaugment.py); None = off.
+    c.randaugment = config_dict.placeholder(str)
     c.mean = (0.485, 0.456, 0.406)
     c.std = (0.229, 0.224, 0.225)
     c.shuffle_buffer = 10_000
@@ -132,6 +136,11 @@ def validate_data_config(cfg) -> None:
         raise ValueError(
             f"data.interpolation={interpolation!r} is not allowed; use one of " f"{INTERPOLATIONS}."
         )
+    if cfg.get("randaugment") is not None:
+        # Imported only when set: the module needs TensorFlow, configs alone do not.
+        from mim_jax.data import randaugment  # pylint: disable=g-import-not-at-top
+
+        randaugment.parse_policy(cfg.randaugment)  # ValueError naming data.randaugment.
 
     for field in ("mean", "std"):
         value = cfg.get(field)
@@ -154,6 +163,6 @@ def validate_data_config(cfg) -> None:
     npc = _int_field(cfg, "num_parallel_calls")
     if npc != AUTOTUNE and npc < 1:
         raise ValueError(f"data.num_parallel_calls={npc} must be >= 1 or -1 (AUTOTUNE).")
-    for field in ("split", "image_key"):
+    for field in ("split", "image_key", "label_key"):
         if not isinstance(cfg.get(field), str) or not cfg.get(field):
             raise ValueError(f"data.{field}={cfg.get(field)!r} must be a non-empty string.")

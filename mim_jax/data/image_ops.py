@@ -11,6 +11,7 @@ Every function returns float32 pixels in [0, 255]; normalisation is separate.
 import dataclasses
 from typing import Optional, Tuple
 
+from mim_jax.data import randaugment as randaugment_lib
 from mim_jax.data.tf_setup import tf
 
 
@@ -26,6 +27,7 @@ class ImageSpec:
     flip: bool
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
+    randaugment: Optional[randaugment_lib.RandAugmentSpec] = None  # None: off.
 
     @classmethod
     def from_config(cls, cfg) -> "ImageSpec":
@@ -40,6 +42,11 @@ class ImageSpec:
             flip=bool(cfg.flip),
             mean=tuple(float(v) for v in cfg.mean),
             std=tuple(float(v) for v in cfg.std),
+            randaugment=(
+                None
+                if cfg.get("randaugment") is None
+                else randaugment_lib.parse_policy(cfg.randaugment)
+            ),
         )
 
 
@@ -143,6 +150,12 @@ def train_image(encoded, seed, spec: ImageSpec):
     image = resize(image, spec.image_size, spec.interpolation)
     if spec.flip:
         image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+    if spec.randaugment is not None:
+        # split(seed, 3) extends split(seed, 2) (one counter-based stream): its third key is
+        # independent of the crop and flip keys, which stay as they were.
+        ra_seed = tf.random.experimental.stateless_split(seed, num=3)[2]
+        fill = randaugment_lib.fill_from_mean(spec.mean)
+        image = randaugment_lib.rand_augment(image, ra_seed, spec.randaugment, fill)
     return image
 
 

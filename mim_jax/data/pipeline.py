@@ -54,7 +54,8 @@ class TrainData:
     """Infinite iterator over training batches of one process.
 
     Yields {'image': float32 [local_batch, H, W, C]} normalised with the
-    config's mean / std.  Attributes:
+    config's mean / std, and 'label' int64 [local_batch] when the source
+    was made with a label key.  Attributes:
       num_examples: examples in this process's shard of the split.
       steps_per_epoch: identical on all processes.
       local_batch_size: images per batch on this process.
@@ -120,11 +121,14 @@ class TrainData:
         ds = ds.skip(offset * self.local_batch_size)
         load = self._source.load
 
-        def process(position, ref):
+        def process(position, record):
             seed = tf.stack([tf.constant(augment_key, tf.int64), position])
-            image = image_ops.train_image(load(ref), seed, spec)
+            image = image_ops.train_image(load(record["ref"]), seed, spec)
             image = image_ops.normalize(image, spec.mean, spec.std)
-            return {"image": image, "position": position}
+            out = {"image": image, "position": position}
+            if "label" in record:
+                out["label"] = record["label"]
+            return out
 
         parallel = cfg.num_parallel_calls
         if parallel == config_lib.AUTOTUNE:
@@ -214,13 +218,14 @@ def create_train_iterator(
     start_step: int = 0,
     process_index: Optional[int] = None,
     process_count: Optional[int] = None,
+    with_labels: bool = False,
 ) -> TrainData:
     """Training batches for this process, starting at batch `start_step`.
 
     Each process reads a disjoint shard of `data_cfg.split`; the shards cover
     the split.  `start_step=k` yields exactly what batches k, k+1, ... of a
     fresh iterator would (bitwise, when no image is corrupt), without
-    decoding anything before step k.
+    decoding anything before step k.  `with_labels` adds data.label_key.
     """
     config_lib.validate_data_config(data_cfg)
     process_index, process_count = _resolve_processes(process_index, process_count)
@@ -232,7 +237,7 @@ def create_train_iterator(
     if start_step < 0:
         raise ValueError(f"start_step={start_step} must be >= 0.")
     local_batch = global_batch_size // process_count
-    source = sources.make_source(data_cfg)
+    source = sources.make_source(data_cfg, data_cfg.label_key if with_labels else None)
     split = data_cfg.split
     total = source.num_examples(split)
     # From the total (not this shard) so every process agrees.
@@ -274,8 +279,8 @@ def fixed_eval_images(data_cfg, num: int) -> np.ndarray:
     source = sources.make_source(data_cfg)
     load = source.load
 
-    def process(ref):
-        image = image_ops.eval_image(load(ref), spec)
+    def process(record):
+        image = image_ops.eval_image(load(record["ref"]), spec)
         return image_ops.normalize(image, spec.mean, spec.std)
 
     ds = source.eval_records(split).map(
@@ -291,3 +296,71 @@ def fixed_eval_images(data_cfg, num: int) -> np.ndarray:
             f"data.name={data_cfg.name!r} has only {found} decodable images."
         )
     return images
+
+
+def eval_batches(
+    data_cfg,
+    split: str,
+    *,
+    global_batch_size: int,
+    max_examples: Optional[int] = None,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+) -> Iterator[Dict[str, np.ndarray]]:
+    """One deterministic pass over `split` with labels: this process's shard.
+
+    Yields {'image' [b, H, W, C], 'label' int64 [b], 'valid' bool [b]} with b =
+    global_batch_size / process_count.  The last batches are padded (valid
+    False) and every process yields the same number of batches, so a jitted
+    step over all devices never waits for a finished host.  Images get the
+    eval transform (center square crop, resize); undecodable ones are dropped.
+    `max_examples` caps the split (the first examples of every shard).
+    """
+    config_lib.validate_data_config(data_cfg)
+    process_index, process_count = _resolve_processes(process_index, process_count)
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(
+            f"eval batch size {global_batch_size} must be a positive multiple of the "
+            f"number of processes ({process_count})."
+        )
+    local_batch = global_batch_size // process_count
+    spec = image_ops.ImageSpec.from_config(data_cfg)
+    source = sources.make_source(data_cfg, data_cfg.label_key)
+    total = source.num_examples(split)
+    if max_examples:
+        total = min(total, int(max_examples))
+    # Shards differ by at most one example; all hosts run the largest shard's batch count.
+    per_process = -(-total // process_count)
+    num_batches = -(-per_process // local_batch)
+    load = source.load
+
+    def process(record):
+        image = image_ops.eval_image(load(record["ref"]), spec)
+        return {"image": image_ops.normalize(image, spec.mean, spec.std),
+                "label": record["label"]}
+
+    ds = source.eval_shard_records(split, process_index, process_count)
+    if max_examples:
+        ds = ds.take(per_process)
+    ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.ignore_errors(log_warning=True).batch(local_batch).prefetch(2)
+    ds = ds.with_options(_options())
+    shape = (local_batch, spec.image_size, spec.image_size, spec.channels)
+    produced = 0
+    for batch in ds.as_numpy_iterator():
+        if produced == num_batches:
+            break
+        yield _pad_batch(batch, local_batch, shape)
+        produced += 1
+    empty = {"image": np.zeros(shape, np.float32), "label": np.zeros((0,), np.int64)}
+    for _ in range(num_batches - produced):
+        yield _pad_batch(empty, local_batch, shape)
+
+
+def _pad_batch(batch, size: int, shape) -> Dict[str, np.ndarray]:
+    n = len(batch["label"])
+    image = np.zeros(shape, np.float32)
+    image[:n] = batch["image"]
+    label = np.zeros((size,), np.int64)
+    label[:n] = batch["label"]
+    return {"image": image, "label": label, "valid": np.arange(size) < n}

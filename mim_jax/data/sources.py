@@ -33,10 +33,14 @@ def _deterministic_options() -> tf.data.Options:
 
 
 class TfdsSource:
-    """Any TFDS dataset (prepared on demand for mnist5k or when missing)."""
+    """Any TFDS dataset (prepared on demand for mnist5k or when missing).
 
-    def __init__(self, cfg):
+    Records are {'ref': encoded image} or, with `label_key`, also {'label': int64}.
+    """
+
+    def __init__(self, cfg, label_key: Optional[str] = None):
         self._image_key = cfg.image_key
+        self._label_key = label_key
         download_config = tfds.download.DownloadConfig(
             manual_dir=cfg.manual_dir,
             # Never reach for the network to fetch pre-built data.
@@ -54,6 +58,12 @@ class TfdsSource:
                 f"data.image_key={self._image_key!r} is not a feature of TFDS "
                 f"dataset {cfg.name!r}; available: {sorted(features.keys())}."
             )
+        if label_key is not None and label_key not in features:
+            raise ValueError(
+                f"data.label_key={label_key!r} is not a feature of TFDS dataset "
+                f"{cfg.name!r}; available: {sorted(features.keys())}."
+            )
+
 
     def num_examples(self, split: str) -> int:
         try:
@@ -85,8 +95,10 @@ class TfdsSource:
             decoders={self._image_key: tfds.decode.SkipDecoding()},
             read_config=read_config,
         )
-        key = self._image_key
-        return ds.map(lambda ex: ex[key])
+        key, label_key = self._image_key, self._label_key
+        if label_key is None:
+            return ds.map(lambda ex: {"ref": ex[key]})
+        return ds.map(lambda ex: {"ref": ex[key], "label": tf.cast(ex[label_key], tf.int64)})
 
     def epoch_records(
         self,
@@ -104,6 +116,9 @@ class TfdsSource:
 
     def eval_records(self, split: str) -> tf.data.Dataset:
         return self._read(split, shuffle_seed=None)
+
+    def eval_shard_records(self, split: str, process_index: int, process_count: int):
+        return self._read(tfds.even_splits(split, n=process_count)[process_index], None)
 
     @staticmethod
     def load(ref):
@@ -147,11 +162,26 @@ def _as_bytes(paths: Sequence[str]) -> np.ndarray:
 
 
 class FolderSource:
-    """A directory of the user's own images; splits do not apply."""
+    """A directory of the user's own images; splits do not apply.
 
-    def __init__(self, cfg):
+    Records are {'ref': path} or, with labels, also {'label': class subfolder index}.
+    """
+
+    def __init__(self, cfg, label_key: Optional[str] = None):
         self.folder = cfg.folder
         self.files, self.labels, self.classes = list_image_files(cfg.folder)
+        self._with_labels = label_key is not None
+        if self._with_labels and (not self.classes or (self.labels < 0).any()):
+            raise ValueError(
+                f"data.folder={cfg.folder!r} has no class subfolders for every image; "
+                "labelled training needs FOLDER/CLASS_NAME/IMAGE files."
+            )
+
+    def _records(self, paths, labels) -> tf.data.Dataset:
+        records = {"ref": _as_bytes(paths)}
+        if self._with_labels:
+            records["label"] = np.asarray(labels, np.int64)
+        return tf.data.Dataset.from_tensor_slices(records)
 
     def num_examples(self, split: str) -> int:
         del split  # A folder is a single split.
@@ -159,6 +189,9 @@ class FolderSource:
 
     def _shard(self, process_index: int, process_count: int) -> Sequence[str]:
         return self.files[process_index::process_count]
+
+    def _shard_labels(self, process_index: int, process_count: int) -> np.ndarray:
+        return self.labels[process_index::process_count]
 
     def shard_size(self, split: str, process_index: int, process_count: int) -> int:
         del split
@@ -176,13 +209,19 @@ class FolderSource:
         del split, shuffle_buffer
         # File lists are sorted by class, so a bounded shuffle buffer would mix
         # poorly; a full permutation of the path strings is exact and cheap.
-        shard = _as_bytes(self._shard(process_index, process_count))
+        shard = np.asarray(self._shard(process_index, process_count), dtype=object)
+        labels = self._shard_labels(process_index, process_count)
         order = np.random.default_rng(shuffle_seed).permutation(len(shard))
-        return tf.data.Dataset.from_tensor_slices(shard[order])
+        return self._records(shard[order], labels[order])
 
     def eval_records(self, split: str) -> tf.data.Dataset:
         del split
-        return tf.data.Dataset.from_tensor_slices(_as_bytes(self.files))
+        return self._records(self.files, self.labels)
+
+    def eval_shard_records(self, split: str, process_index: int, process_count: int):
+        del split
+        return self._records(self._shard(process_index, process_count),
+                             self._shard_labels(process_index, process_count))
 
     @staticmethod
     def load(ref):
@@ -190,7 +229,18 @@ class FolderSource:
         return tf.io.read_file(ref)
 
 
-def make_source(cfg):
+def num_classes(cfg) -> Optional[int]:
+    """Classes of data.label_key, read from the dataset's metadata or class folders (nothing
+    is prepared or decoded)."""
     if cfg.name == config_lib.FOLDER:
-        return FolderSource(cfg)
-    return TfdsSource(cfg)
+        return len(list_image_files(cfg.folder)[2]) or None
+    features = tfds.builder(cfg.name, data_dir=cfg.data_dir).info.features
+    key = cfg.label_key
+    return getattr(features[key], "num_classes", None) if key in features else None
+
+
+def make_source(cfg, label_key: Optional[str] = None):
+    """The source of `cfg`; with `label_key` its records carry integer labels too."""
+    if cfg.name == config_lib.FOLDER:
+        return FolderSource(cfg, label_key)
+    return TfdsSource(cfg, label_key)

@@ -11,6 +11,8 @@ import numpy as np
 
 NAME = "synthetic"
 STEPS_PER_EPOCH = 1000
+NUM_CLASSES = 10  # labels (fine-tuning benchmarks) are the image index modulo this
+EVAL_EXAMPLES = 256
 
 
 def _smooth_images(rng, n, size, channels):
@@ -29,6 +31,7 @@ class SyntheticData:
         start_step=0,
         process_index=None,
         process_count=None,
+        with_labels=False,
     ):
         if process_index is None or process_count is None:
             import jax
@@ -42,6 +45,8 @@ class SyntheticData:
         local = global_batch_size // process_count
         rng = np.random.default_rng([seed, process_index])
         self._batch = {"image": _smooth_images(rng, local, data_cfg.image_size, data_cfg.channels)}
+        if with_labels:
+            self._batch["label"] = np.arange(local, dtype=np.int64) % NUM_CLASSES
         self.num_examples = local * STEPS_PER_EPOCH
         self.steps_per_epoch = STEPS_PER_EPOCH
         self.skipped_images = 0
@@ -57,3 +62,17 @@ class SyntheticData:
 def fixed_images(data_cfg, num):
     rng = np.random.default_rng([12345])
     return _smooth_images(rng, num, data_cfg.image_size, data_cfg.channels)
+
+
+def eval_batches(data_cfg, *, global_batch_size, max_examples=None):
+    """A fixed labelled eval set, as data.eval_batches yields it (single process)."""
+    n = min(EVAL_EXAMPLES, max_examples or EVAL_EXAMPLES)
+    images = fixed_images(data_cfg, n)
+    labels = np.arange(n, dtype=np.int64) % NUM_CLASSES
+    for start in range(0, n, global_batch_size):
+        k = min(global_batch_size, n - start)
+        image = np.zeros((global_batch_size,) + images.shape[1:], np.float32)
+        image[:k] = images[start:start + k]
+        label = np.zeros((global_batch_size,), np.int64)
+        label[:k] = labels[start:start + k]
+        yield {"image": image, "label": label, "valid": np.arange(global_batch_size) < k}

@@ -325,6 +325,9 @@ class ViT(nn.Module):
     # Relative position bias: 'none', 'shared' (one for all blocks, BEiT pretraining /
     # SimMIM-ViT) or 'per_layer'.
     rel_pos_bias: str = "none"
+    # False: return the last block's tokens un-normalised, for classifiers that pool first and
+    # normalise after (fc_norm), as the references' global-pool fine-tuning does.
+    final_norm: bool = True
     drop_path_rate: float = 0.0
     remat: bool = False
     scan: bool = False
@@ -407,7 +410,7 @@ class ViT(nn.Module):
                 cls = cls + self.pos[:, :1].astype(x.dtype)
             x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[-1])), x], axis=1)
         x = self.blocks(x, deterministic=not train, attn_bias=attn_bias)
-        return self.norm(x)
+        return self.norm(x) if self.final_norm else x
 
 
 def stack_block_params(params: dict, depth: int, prefix: str = "block_") -> dict:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -12,10 +12,13 @@ import jax.numpy as jnp
 #   batch:  {'image': float32 [B, H, W, C]} (normalised pixels)
 #   rngs:   {'mask': key, 'drop_path': key}
 #   aux:    {'metrics': {name: scalar}} and, with with_outputs=True, 'outputs':
-#           {'reconstruction': [B, H, W, C] normalised pixels, 'mask': [B, H, W, 1] 1 = masked}
+#           {'reconstruction': [B, H, W, C] normalised pixels, 'mask': [B, H, W, 1] 1 = masked,
+#            'prediction', 'target': what the loss compares (same shape), 'loss_mask': where
+#            (broadcastable, 1 = counted)}; the error evaluators use the last three.
 LossFn = Callable[..., Tuple[jax.Array, Mapping[str, Any]]]
 
-RNG_STREAMS = ("mask", "drop_path")
+# 'augment': on-device batch augmentation of fine-tuning (mixup / cutmix / random erasing).
+RNG_STREAMS = ("mask", "drop_path", "augment")
 
 
 def make_rngs(key: jax.Array) -> dict:
@@ -33,6 +36,20 @@ class Objective:
     image_shape: Tuple[int, int, int]  # (H, W, C)
     # Extra positional model inputs after the images, for init (e.g. SimMIM's token mask).
     init_args: Callable[[int], tuple] = lambda batch_size: ()
+    # How the loss compares prediction and target ('mse' or 'l1'): the best constant guess is
+    # the per-element mean or median of the target, which the error evaluator reports.
+    error_metric: str = "mse"
+    # A stateful objective's loss_fn takes model_state=... (variables the optimizer does not
+    # train: BatchNorm statistics, a frozen encoder) and returns the new one in
+    # aux['model_state'].
+    stateful: bool = False
+    # rng -> (params, model_state); the default is init() and no state.
+    init_fn: Optional[Callable] = None
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The encoder module (its parameters are params[encoder_keys[0]])."""
+        return getattr(self.model, self.encoder_keys[0])
 
     def init(self, rng: jax.Array, batch_size: int = 1):
         """Parameters for this objective's model (a pure function of `rng`)."""
@@ -40,6 +57,12 @@ class Objective:
         rngs = {"params": params_rng, **make_rngs(stream_rng)}
         images = jnp.zeros((batch_size, *self.image_shape), jnp.float32)
         return self.model.init(rngs, images, *self.init_args(batch_size), train=False)["params"]
+
+    def init_variables(self, rng: jax.Array):
+        """(params, model_state) of a fresh model: what the trainer starts from."""
+        if self.init_fn is not None:
+            return self.init_fn(rng)
+        return self.init(rng), {}
 
     def encoder_params(self, params):
         return {k: params[k] for k in self.encoder_keys}

@@ -133,14 +133,15 @@ def build(config) -> Objective:
         loss = masked_mse(pred, target, m.mask, norm_pix)
         aux = {"metrics": {"loss": loss, "mask_ratio": jnp.mean(m.mask)}}
         if with_outputs:
-            recon = pred.astype(jnp.float32)
+            recon, loss_target = pred.astype(jnp.float32), target
             if norm_pix:  # show pixels: undo the per-patch normalisation with the target's stats
                 mean, std = patch_stats(target)
-                recon = recon * std + mean
+                recon, loss_target = recon * std + mean, (target - mean) / std
             mask_patches = jnp.broadcast_to(m.mask[..., None], pred.shape[:2] + (p * p,))
             aux["outputs"] = {"reconstruction": unpatchify(recon, p, c),
                               "mask": unpatchify(mask_patches, p, 1),
-                              "prediction": pred, "patch_mask": m.mask}
+                              "prediction": pred.astype(jnp.float32), "patch_mask": m.mask,
+                              "target": loss_target, "loss_mask": m.mask[..., None]}
         return loss, aux
 
     return Objective(name="mae", model=model, loss_fn=loss_fn, encoder_keys=("encoder",),

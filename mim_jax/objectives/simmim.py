@@ -81,9 +81,12 @@ def build(config) -> Objective:
         loss = masked_l1(recon, images, pixel_mask)
         aux = {"metrics": {"loss": loss, "mask_ratio": jnp.mean(token_mask.astype(jnp.float32))}}
         if with_outputs:
-            aux["outputs"] = {"reconstruction": recon.astype(jnp.float32), "mask": pixel_mask}
+            aux["outputs"] = {"reconstruction": recon.astype(jnp.float32), "mask": pixel_mask,
+                              "prediction": recon.astype(jnp.float32),
+                              "target": images.astype(jnp.float32), "loss_mask": pixel_mask}
         return loss, aux
 
     return Objective(name="simmim", model=model, loss_fn=loss_fn, encoder_keys=("encoder",),
                      image_shape=(data_cfg.image_size, data_cfg.image_size, data_cfg.channels),
-                     init_args=lambda b: (jnp.zeros((b, grid * grid), bool),))
+                     init_args=lambda b: (jnp.zeros((b, grid * grid), bool),),
+                     error_metric="l1")

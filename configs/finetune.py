@@ -1,0 +1,125 @@
+"""Supervised fine-tuning of a pretrained encoder (MAE / BEiT / SimMIM recipes).
+
+ImageNet-1K, the papers' recipes (AdamW, layer-wise lr decay, warmup + cosine, RandAugment
+m9-mstd0.5, mixup 0.8 / cutmix 1.0, label smoothing 0.1, random erasing 0.25, drop path,
+global average pool + LayerNorm, head init std 2e-5):
+  MAE ViT-B/16 (100 epochs, batch 1024, base lr 5e-4 x bs/256, layer decay 0.65, drop path 0.1):
+    python -m mim_jax.main --config configs/finetune.py:model=vit_b,pretrained=runs/mae_b16 \
+        --workdir runs/mae_b16_ft
+  MAE ViT-L/16 (50 epochs, base lr 1e-3, layer decay 0.75, drop path 0.2):
+    python -m mim_jax.main --config configs/finetune.py:model=vit_l,pretrained=runs/mae_l16 \
+        --workdir runs/mae_l16_ft
+  SimMIM Swin-B at 224 px, window 7 (100 epochs, batch 2048, base lr 1.25e-3 x bs/512, layer
+  decay 0.9, 20 warmup epochs; the window-6 pretraining tables are resized to window 7):
+    python -m mim_jax.main --config configs/finetune.py:model=swin_b,pretrained=runs/simmim_swinb \
+        --workdir runs/simmim_swinb_ft
+  An official MAE checkpoint works too: pretrained=/path/to/mae_pretrain_vit_base.pth
+
+Quickstart on the bundled digits: the architecture is read from the pretraining run's
+config.json (`pretrained=WORKDIR`); without `pretrained` the same encoder trains from scratch
+(`model=vit` is the MAE quickstart ViT, `model=swin` the SimMIM quickstart Swin):
+  python -m mim_jax.main --config configs/finetune.py:quickstart,pretrained=runs/mae_quickstart \
+      --workdir runs/mae_quickstart_ft
+
+Arguments: model=vit_b|vit_l|swin_b (quickstart: vit|swin), pretrained=PATH, epochs,
+batch, data=imagenet2012, quickstart.
+"""
+import os
+
+import ml_collections
+
+from configs import common
+from configs import mae as mae_config
+from configs import simmim as simmim_config
+
+
+def finetune_block(**overrides) -> ml_collections.ConfigDict:
+    block = dict(mode="finetune", pretrained="", pretrained_step=0, num_classes=0, pool="gap",
+                 head_init_std=2e-5, label_smoothing=0.1, mixup=0.8, cutmix=1.0,
+                 mixup_prob=1.0, mixup_switch_prob=0.5, random_erasing=0.25, ema_decay=0.0)
+    block.update(overrides)
+    return ml_collections.ConfigDict(block)
+
+
+def classification_evaluator(every_epochs: float = 1.0, batch_size: int = 256) -> dict:
+    return dict(classification=dict(type="classification", every_epochs=every_epochs,
+                                     every_steps=1, split="", batch_size=batch_size,
+                                     max_examples=0))
+
+
+def model_of_run(workdir: str):
+    """The model and data blocks of a mim_jax pretraining run (its config.json)."""
+    from mim_jax import checkpointing
+    run = checkpointing.read_run_config(checkpointing.resolve_checkpoint(workdir)[0])
+    return run.model, run.data
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, model="vit_b", pretrained="", epochs=0.0, batch=0,
+                           data="imagenet2012", quickstart=False)
+    c = common.base_config()
+    c.finetune = finetune_block(pretrained=arg.pretrained)
+    c.evaluators = ml_collections.ConfigDict(classification_evaluator())
+    c.optimizer.update(name="adamw", b1=0.9, b2=0.999, weight_decay=0.05, min_lr=1e-6,
+                       layer_decay=0.65)
+    if arg.quickstart:
+        return _quickstart(c, arg)
+    c.data.update(name=arg.data, split="train", eval_split="validation", image_size=224,
+                  channels=3, crop_scale=(0.08, 1.0), interpolation="bicubic", flip=True,
+                  randaugment="rand-m9-mstd0.5-inc1")
+    if arg.model in ("vit_b", "vit_l"):
+        large = arg.model == "vit_l"
+        c.model = common.vit_model_config("L/16" if large else "B/16")
+        c.model.drop_path_rate = 0.2 if large else 0.1
+        c.num_epochs = arg.epochs or (50.0 if large else 100.0)
+        c.batch_size = arg.batch or 1024
+        c.warmup_epochs = 5.0
+        c.optimizer.update(base_lr=1e-3 if large else 5e-4, lr_batch_divisor=256,
+                           layer_decay=0.75 if large else 0.65)
+    elif arg.model == "swin_b":
+        c.model = common.swin_model_config("B", window_size=7)
+        c.model.drop_path_rate = 0.1
+        c.num_epochs = arg.epochs or 100.0
+        c.batch_size = arg.batch or 2048
+        c.warmup_epochs = 20.0
+        c.optimizer.update(base_lr=1.25e-3, lr_batch_divisor=512, layer_decay=0.9,
+                           min_lr=2.5e-7 * c.batch_size / 512, grad_clip_norm=5.0)
+        c.data.interpolation = "bicubic"
+    else:
+        raise ValueError(f"config argument model={arg.model!r}; allowed: 'vit_b', 'vit_l', "
+                         "'swin_b' (quickstart: 'vit', 'swin').")
+    c.log_every_steps = 100
+    c.checkpoint.update(every_steps=2000, keep=2)
+    return c
+
+
+def _quickstart(c, arg):
+    """Fine-tune a quickstart encoder on the 4,500 training digits; top-1 on the 500 test."""
+    run_model = run_data = None
+    model = arg.model
+    if arg.pretrained and os.path.isdir(arg.pretrained):
+        run_model, run_data = model_of_run(arg.pretrained)
+        model = run_model.get("name", "vit")
+    if model in ("vit", "vit_b"):
+        qs = mae_config.get_config("quickstart")
+    elif model == "swin":
+        qs = simmim_config.get_config("quickstart")
+    else:
+        raise ValueError(f"config argument model={arg.model!r}; quickstart allows 'vit', 'swin'.")
+    c.model, c.data = qs.model, qs.data
+    if run_model is not None:  # the pretraining run's architecture and input format
+        c.model.update({k: tuple(v) if isinstance(v, list) else v
+                        for k, v in run_model.items() if v is not None and k in c.model})
+        c.data.update({k: tuple(v) if isinstance(v, list) else v for k, v in run_data.items()
+                       if k in ("image_size", "channels", "mean", "std")})
+    c.data.update(crop_scale=(0.6, 1.0), flip=False, randaugment="rand-m9-mstd0.5-inc1")
+    c.model.drop_path_rate = 0.1
+    c.finetune.update(mixup=0.8, cutmix=1.0, random_erasing=0.25)
+    c.batch_size = arg.batch or 128
+    c.num_epochs = arg.epochs or 8.0
+    c.warmup_epochs = 1.0
+    c.optimizer.update(base_lr=1e-3, lr_batch_divisor=256, layer_decay=0.75, min_lr=1e-6)
+    c.log_every_steps = 35
+    c.checkpoint.update(every_steps=1000, keep=1)
+    c.evaluators.classification.update(every_epochs=2.0, batch_size=500)
+    return c

@@ -1,0 +1,155 @@
+"""Does pretraining help? One table: pretrained encoder vs the same encoder at random init vs
+raw pixels, on kNN, a linear probe and fine-tuning.
+
+  python -m mim_jax.evaluate --config configs/mae.py:quickstart --workdir runs/mae_quickstart
+
+pretrains first when the workdir has no finished run (the same code path as mim_jax.main),
+then on the labelled splits of config.data (train -> eval_split):
+  - kNN (k=20, T=0.07, cosine) and a linear probe on features extracted once (cached), for the
+    pretrained encoder, the same encoder at random initialisation (3 seeds, mean) and raw
+    pixels;
+  - fine-tuning (configs/finetune.py quickstart recipe) of the pretrained encoder and of the
+    same encoder from random initialisation, with the same budget (--finetune_epochs);
+    top-1 of the last epoch is reported (the best epoch is in each run's best.json).
+Writes WORKDIR/evaluation.md and evaluation.json and prints the table.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "The pretraining config, e.g. configs/mae.py:quickstart.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Pretraining workdir (pretrained if missing).")
+_FINETUNE = flags.DEFINE_string("finetune_config", "configs/finetune.py",
+                                "Fine-tuning config file; its quickstart recipe is used.")
+_FT_EPOCHS = flags.DEFINE_float("finetune_epochs", 0.0, "Fine-tuning epochs (0 = the config's).")
+_SEEDS = flags.DEFINE_integer("random_seeds", 3, "Random initialisations averaged.")
+_POOL = flags.DEFINE_enum("pool", "gap", ["gap", "cls"], "Features for kNN and the probe.")
+_SKIP_FT = flags.DEFINE_bool("skip_finetune", False, "Only kNN and the linear probe.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _load_config_file(path_and_arg: str):
+    path, _, arg = path_and_arg.partition(":")
+    spec = importlib.util.spec_from_file_location("finetune_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def _finished(workdir: str) -> bool:
+    return os.path.isfile(os.path.join(workdir, "final_metrics.json"))
+
+
+def _frozen_scores(config, workdir: str, seeds: int, pool: str) -> dict:
+    import jax
+    import numpy as np
+    from mim_jax import checkpointing, objectives, sharding
+    from mim_jax.evaluators import features, knn, probe
+
+    mesh = sharding.make_mesh()
+    objective = objectives.build(config)
+    feature_fn = features.make_feature_fn(objective.encoder, pool, mesh)
+    data_cfg = config.data
+    splits = (data_cfg.split, data_cfg.eval_split)
+
+    def scores(train, test):
+        return {"knn": knn.knn_accuracy(*train, *test), "linear_probe":
+                probe.linear_probe_accuracy(*train, *test)}
+
+    def encoder_scores(params):
+        train, test = (features.extract(feature_fn, params, data_cfg, s, batch_size=500,
+                                        mesh=mesh) for s in splits)
+        return scores(train, test)
+
+    out = {"pretrained": encoder_scores(checkpointing.load_encoder(workdir).params)}
+    key = objective.encoder_keys[0]
+    runs = [encoder_scores(objective.init(jax.random.key(1000 + s))[key]) for s in range(seeds)]
+    out["random_init"] = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
+    out["random_init_runs"] = runs
+    out["raw_pixels"] = scores(*(features.raw_pixels(data_cfg, s) for s in splits))
+    return out
+
+
+def _finetune(workdir: str, ft_config_path: str, pretrained: bool, epochs: float) -> dict:
+    from mim_jax import train
+    arg = f"quickstart,pretrained={workdir}" + (f",epochs={epochs}" if epochs else "")
+    config = _load_config_file(f"{ft_config_path}:{arg}")
+    config.data.data_dir = _CONFIG.value.data.data_dir
+    if not pretrained:
+        config.finetune.pretrained = ""  # same encoder and budget, random initialisation
+    out_dir = os.path.join(workdir, "finetune_pretrained" if pretrained else "finetune_scratch")
+    start = time.perf_counter()
+    train.train_and_evaluate(config, out_dir)
+    history = []
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            if "classification/top1" in record:
+                history.append(record)
+    return {"top1": history[-1]["classification/top1"], "epochs": config.num_epochs,
+            "wall_seconds": time.perf_counter() - start, "workdir": out_dir}
+
+
+def _table(result: dict) -> str:
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"
+    rows = [("pretrained encoder", result["frozen"]["pretrained"],
+             result.get("finetune", {}).get("pretrained")),
+            (f"same encoder, random init (mean of {len(result['frozen']['random_init_runs'])})",
+             result["frozen"]["random_init"], result.get("finetune", {}).get("scratch")),
+            ("raw pixels", result["frozen"]["raw_pixels"], None)]
+    lines = ["| | kNN top-1 (%) | linear probe top-1 (%) | fine-tune top-1 (%) |",
+             "|---|---|---|---|"]
+    for name, frozen, ft in rows:
+        lines.append(f"| {name} | {pct(frozen['knn'])} | {pct(frozen['linear_probe'])} | "
+                     f"{pct(ft['top1'] if ft else None)} |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from mim_jax import train
+    config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
+    result, walls = {"config": str(_FLAGS_CONFIG_ARG()), "workdir": workdir}, {}
+    if not _finished(workdir):
+        start = time.perf_counter()
+        train.train_and_evaluate(config, workdir)
+        walls["pretrain"] = time.perf_counter() - start
+    start = time.perf_counter()
+    result["frozen"] = _frozen_scores(config, workdir, _SEEDS.value, _POOL.value)
+    walls["knn_and_probe"] = time.perf_counter() - start
+    if not _SKIP_FT.value:
+        result["finetune"] = {
+            "pretrained": _finetune(workdir, _FINETUNE.value, True, _FT_EPOCHS.value),
+            "scratch": _finetune(workdir, _FINETUNE.value, False, _FT_EPOCHS.value)}
+        walls.update({f"finetune_{k}": v["wall_seconds"] for k, v in result["finetune"].items()})
+    result["wall_seconds"] = walls
+    table = _table(result)
+    summary = table + "\n\nwall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in walls.items())
+    with open(os.path.join(workdir, "evaluation.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(workdir, "evaluation.md"), "w") as f:
+        f.write(summary + "\n")
+    logging.info("Evaluation written to %s", os.path.join(workdir, "evaluation.md"))
+    print(summary)
+
+
+def _FLAGS_CONFIG_ARG():
+    return flags.FLAGS["config"].serialize().split("=", 1)[-1]
+
+
+def run():
+    sys.path.insert(0, os.getcwd())  # configs/ import configs.common, as with mim_jax.main
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,89 @@
+"""Top-1 / top-5 of a fine-tuned or probed classifier on the validation split; keeps the best.
+
+Config (config.evaluators.NAME, type 'classification'): every_epochs (or every_steps),
+split (default data.eval_split), batch_size, max_examples (0 = all). With an EMA of the
+weights both are evaluated (`ema_top1` ...). The best weights so far (by top-1, EMA included)
+are saved to workdir/best/ with best.json beside them; a resumed run continues that record.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+from absl import logging
+
+from mim_jax import checkpointing
+
+
+class ClassificationEvaluator:
+    def __init__(self, config, eval_cfg, objective, mesh, workdir, writers, rng, *, name: str,
+                 kind: str):
+        del rng, kind
+        from mim_jax import finetune  # finetune imports the trainer; import it lazily
+        self._finetune = finetune
+        self.name = name
+        self.cfg = eval_cfg
+        self.every_steps = eval_cfg.get("every_steps") or 1
+        self.data_cfg = config.data
+        self.objective = objective
+        self.mesh = mesh
+        self.writers = writers
+        self.is_main = jax.process_index() == 0
+        self.predict = finetune.make_predict(objective, mesh)
+        self.best_dir = os.path.join(workdir, "best")
+        self.best_json = os.path.join(workdir, "best.json")
+        self.best = self._read_best()
+
+    def _read_best(self) -> dict:
+        if os.path.isfile(self.best_json):
+            with open(self.best_json) as f:
+                return json.load(f)
+        return {"top1": -1.0}
+
+    def maybe_run(self, step: int, state, force: bool = False):
+        if force or step % self.every_steps == 0:
+            return self.run(step, state)
+        return None
+
+    def _evaluate(self, params, model_state) -> dict:
+        return self._finetune.evaluate_classifier(
+            self.objective, params, model_state, self.data_cfg,
+            self.cfg.get("split") or self.data_cfg.eval_split,
+            batch_size=self.cfg.get("batch_size", 256), mesh=self.mesh,
+            max_examples=self.cfg.get("max_examples") or None, predict=self.predict)
+
+    def run(self, step: int, state) -> dict:
+        results = {"": (self._evaluate(state.params, state.model_state), state.params)}
+        if state.ema_params is not None:
+            results["ema_"] = (self._evaluate(state.ema_params, state.model_state),
+                               state.ema_params)
+        scalars = {f"{self.name}/{prefix}{k}": v for prefix, (m, _) in results.items()
+                   for k, v in m.items() if k != "examples"}
+        prefix, (metrics, params) = max(results.items(), key=lambda kv: kv[1][0]["top1"])
+        if metrics["top1"] > self.best["top1"]:
+            self._save_best(step, prefix, metrics, params, state.model_state)
+        scalars[f"{self.name}/best_top1"] = self.best["top1"]
+        if self.is_main:
+            self.writers.write_scalars(step, scalars)
+            main = results[""][0]
+            logging.info("step %d: %s top-1 %.2f%%, top-5 %.2f%% on %d examples%s (best %.2f%% "
+                         "at step %d)", step, self.name, 100 * main["top1"], 100 * main["top5"],
+                         main["examples"],
+                         f"; EMA top-1 {100 * results['ema_'][0]['top1']:.2f}%"
+                         if "ema_" in results else "",
+                         100 * self.best["top1"], self.best["step"])
+        return {k.split("/", 1)[1]: v for k, v in scalars.items()}
+
+    def _save_best(self, step, prefix, metrics, params, model_state):
+        ckpt = checkpointing.Checkpointer(os.path.dirname(self.best_dir), keep=1,
+                                          asynchronous=False, subdir="best")
+        ckpt.maybe_save(step, {"params": params, "model_state": model_state}, force=True)
+        ckpt.close()
+        self.best = dict(top1=float(metrics["top1"]), top5=float(metrics["top5"]), step=int(step),
+                         weights="ema" if prefix else "online")
+        if self.is_main:
+            tmp = self.best_json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.best, f, indent=2)
+            os.replace(tmp, self.best_json)

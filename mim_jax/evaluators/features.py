@@ -1,0 +1,56 @@
+"""Frozen-encoder features of a labelled split, for kNN and linear-probe evaluation."""
+from __future__ import annotations
+
+from typing import Callable, Tuple
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from mim_jax import data, sharding
+from mim_jax.models.classifier import encoder_has_cls, pool_features
+
+
+def make_feature_fn(encoder: nn.Module, pool: str, mesh) -> Callable:
+    """jitted (encoder_params, images) -> pooled features [B, D] float32, replicated."""
+    has_cls = encoder_has_cls(encoder)
+
+    def features(params, images):
+        out = encoder.apply({"params": params}, images, train=False)
+        return pool_features(out, pool, has_cls).astype(np.float32)
+    return jax.jit(features, out_shardings=sharding.replicated(mesh))
+
+
+def extract(feature_fn, params, data_cfg, split: str, *, batch_size: int, mesh,
+            max_examples=None) -> Tuple[np.ndarray, np.ndarray]:
+    """(features [N, D], labels [N]) of `split` (every process gets all of them)."""
+    feats, labels = [], []
+    for batch in data.eval_batches(data_cfg, split, global_batch_size=batch_size,
+                                   max_examples=max_examples):
+        batch = sharding.global_batch(batch, mesh)
+        f = np.asarray(jax.device_get(feature_fn(params, batch["image"])))
+        rows = _replicated(batch)
+        feats.append(f[rows["valid"]])
+        labels.append(rows["label"][rows["valid"]])
+    return np.concatenate(feats), np.concatenate(labels)
+
+
+def _replicated(batch) -> dict:
+    """The labels and validity of the whole global batch, on every process."""
+    small = {"label": batch["label"], "valid": batch["valid"]}
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return jax.tree.map(np.asarray, multihost_utils.process_allgather(small, tiled=True))
+    return jax.tree.map(np.asarray, jax.device_get(small))
+
+
+def raw_pixels(data_cfg, split: str, *, max_examples=None, batch_size: int = 256):
+    """(flattened normalised pixels [N, H*W*C], labels [N]): the no-learning baseline
+    (single process)."""
+    feats, labels = [], []
+    for batch in data.eval_batches(data_cfg, split, global_batch_size=batch_size,
+                                   max_examples=max_examples):
+        valid = batch["valid"]
+        feats.append(batch["image"][valid].reshape(valid.sum(), -1))
+        labels.append(batch["label"][valid])
+    return np.concatenate(feats), np.concatenate(labels)

@@ -1,0 +1,107 @@
+"""kNN and linear-probe accuracy of the encoder being pretrained, on a labelled dataset.
+
+Config (config.evaluators.NAME):
+  type: 'knn' | 'linear_probe'
+  every_steps: how often (and always at the end of training)
+  train_split / eval_split: labelled splits of config.data (defaults: data.split / eval_split)
+  max_train_examples / max_eval_examples: caps (0 = the whole split)
+  pool: 'cls' | 'gap' features; batch_size: extraction batch
+  k, temperature (knn); epochs, lr (linear_probe on cached features)
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+from absl import logging
+
+from mim_jax.evaluators import features, knn, probe
+
+TYPES = ("knn", "linear_probe")
+
+
+def validate(name: str, cfg, kind: str) -> None:
+    for field in ("batch_size",):
+        value = cfg.get(field, 256)
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"evaluators.{name}.{field}={value!r} must be a positive integer.")
+    pool = cfg.get("pool", "gap")
+    if pool not in ("gap", "cls"):
+        raise ValueError(f"evaluators.{name}.pool={pool!r}; allowed: ['cls', 'gap'].")
+    if kind == "knn":
+        k, t = cfg.get("k", 20), cfg.get("temperature", 0.07)
+        if not isinstance(k, int) or k <= 0:
+            raise ValueError(f"evaluators.{name}.k={k!r} must be a positive integer.")
+        if not t > 0:
+            raise ValueError(f"evaluators.{name}.temperature={t!r} must be > 0.")
+
+
+def evaluate_features(kind: str, train, test, cfg) -> float:
+    """Accuracy in [0, 1] of kNN or a cached-feature linear probe."""
+    (train_x, train_y), (test_x, test_y) = train, test
+    if kind == "knn":
+        return knn.knn_accuracy(train_x, train_y, test_x, test_y, k=cfg.get("k", 20),
+                                temperature=cfg.get("temperature", 0.07))
+    return probe.linear_probe_accuracy(train_x, train_y, test_x, test_y,
+                                       epochs=cfg.get("epochs", 100), lr=cfg.get("lr", 1e-3))
+
+
+class _FeatureCache:
+    """Features of the current step, shared by the kNN and probe evaluators (one extraction)."""
+
+    def __init__(self):
+        self.owner, self.entries = None, {}
+
+    def get(self, params, key, compute):
+        # The cache belongs to one parameter tree (held, so its identity cannot be reused).
+        if self.owner is None or self.owner[0] is not params:
+            self.owner, self.entries = (params,), {}
+        if key not in self.entries:
+            self.entries[key] = compute()
+        return self.entries[key]
+
+
+_CACHE = _FeatureCache()
+
+
+class FrozenFeatureEvaluator:
+    def __init__(self, config, eval_cfg, objective, mesh, workdir, writers, rng, *, name: str,
+                 kind: str):
+        del workdir, rng
+        self.name, self.kind = name, kind
+        self.cfg = eval_cfg
+        self.every_steps = eval_cfg.every_steps
+        self.data_cfg = config.data
+        self.writers = writers
+        self.mesh = mesh
+        self.encoder_key = objective.encoder_keys[0]
+        self.feature_fn = features.make_feature_fn(objective.encoder, eval_cfg.get("pool", "gap"),
+                                                   mesh)
+
+    def maybe_run(self, step: int, state, force: bool = False):
+        if force or step % self.every_steps == 0:
+            return self.run(step, state.params)
+        return None
+
+    def _features(self, step, params, split, max_examples):
+        pool = self.cfg.get("pool", "gap")
+        del step
+        return _CACHE.get(params, (pool, split, max_examples), lambda: features.extract(
+            self.feature_fn, params, self.data_cfg, split,
+            batch_size=self.cfg.get("batch_size", 256), mesh=self.mesh,
+            max_examples=max_examples or None))
+
+    def run(self, step: int, params) -> float:
+        start = time.perf_counter()
+        enc = params[self.encoder_key]
+        train = self._features(step, enc, self.cfg.get("train_split") or self.data_cfg.split,
+                               self.cfg.get("max_train_examples", 0))
+        test = self._features(step, enc, self.cfg.get("eval_split") or self.data_cfg.eval_split,
+                              self.cfg.get("max_eval_examples", 0))
+        acc = evaluate_features(self.kind, train, test, self.cfg)
+        if jax.process_index() == 0:
+            self.writers.write_scalars(step, {f"{self.name}/top1": acc})
+            logging.info("step %d: %s top-1 %.2f%% (%d train / %d eval examples, %.1fs)", step,
+                         self.name, 100 * acc, len(train[1]), len(test[1]),
+                         time.perf_counter() - start)
+        return acc

@@ -1,0 +1,273 @@
+"""Supervised fine-tuning and linear probing of a pretrained encoder.
+
+Run through the same entry point and the same training loop as pretraining (sharding,
+checkpoints, exact resume, metrics); a `config.finetune` block turns the run into one of:
+
+  mode='finetune'      the papers' recipe: encoder -> global average pool (or CLS) -> LayerNorm
+                       -> linear head (init std 2e-5); AdamW with layer-wise lr decay, warmup +
+                       cosine; RandAugment (data.randaugment), random erasing, mixup / cutmix
+                       and label smoothing on device; drop path (model.drop_path_rate);
+                       optional EMA of the weights.
+  mode='linear_probe'  the MAE recipe: frozen encoder -> BatchNorm without affine (eps 1e-6)
+                       -> linear head (init std 0.01), LARS, no weight decay, RRC + flip.
+
+`finetune.pretrained` is a mim_jax pretraining workdir (or one of its checkpoints/STEP
+folders), an official MAE .pth file, or '' for random initialisation (training from scratch,
+the baseline). Top-1 / top-5 on data.eval_split are written every `every_epochs` by the
+'classification' evaluator, which keeps the best weights in workdir/best/.
+
+  python -m mim_jax.main --config configs/finetune.py:pretrained=runs/mae_quickstart \
+      --workdir runs/mae_quickstart_ft
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from mim_jax import augment, checkpointing, data, models
+from mim_jax.models import classifier as classifier_lib
+from mim_jax.models import resize
+from mim_jax.objectives.base import Objective, make_rngs
+
+MODES = ("finetune", "linear_probe")
+
+
+def _encoder(config, for_probe: bool):
+    """The encoder of config.model, configured for classification."""
+    extra = {}
+    if config.model.get("name", "vit") == "vit":
+        # Global pooling normalises after pooling (fc_norm); the CLS probe uses the final norm.
+        extra["final_norm"] = for_probe or config.finetune.pool == "cls"
+    return models.backbone_from_config(config.model, config.data.image_size,
+                                       config.data.channels, **extra)
+
+
+def validate(config) -> None:
+    ft = config.finetune
+    if ft.mode not in MODES:
+        raise ValueError(f"finetune.mode={ft.mode!r}; allowed: {list(MODES)}.")
+    if ft.pool not in classifier_lib.POOLS:
+        raise ValueError(f"finetune.pool={ft.pool!r}; allowed: {list(classifier_lib.POOLS)}.")
+    for field in ("label_smoothing", "random_erasing", "mixup_prob", "mixup_switch_prob"):
+        value = ft.get(field, 0.0)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"finetune.{field}={value!r} must be in [0, 1].")
+    for field in ("mixup", "cutmix"):
+        if ft.get(field, 0.0) < 0:
+            raise ValueError(f"finetune.{field}={ft[field]!r} must be >= 0 (0 = off).")
+    if not 0.0 <= ft.get("ema_decay", 0.0) < 1.0:
+        raise ValueError(f"finetune.ema_decay={ft.ema_decay!r} must be in [0, 1) (0 = off).")
+    if ft.pretrained and not os.path.exists(ft.pretrained):
+        raise ValueError(f"finetune.pretrained={ft.pretrained!r} does not exist; give a "
+                         "pretraining workdir, a checkpoints/STEP folder, an official MAE "
+                         ".pth file, or '' for random initialisation.")
+    if ft.mode == "linear_probe" and not ft.pretrained:
+        logging.warning("linear probe of a randomly initialised encoder (finetune.pretrained "
+                        "is empty): this is the random-init baseline.")
+    if ft.get("num_classes", 0) < 0:
+        raise ValueError(f"finetune.num_classes={ft.num_classes!r} must be >= 0 (0 = from "
+                         "the dataset).")
+
+
+def num_classes(config) -> int:
+    n = config.finetune.get("num_classes") or data.num_classes(config.data)
+    if not n:
+        raise ValueError(f"finetune.num_classes=0 and data.name={config.data.name!r} does not "
+                         "say how many classes data.label_key has: set finetune.num_classes.")
+    return int(n)
+
+
+def pretrained_encoder_params(config, target_params):
+    """finetune.pretrained -> encoder parameters fitted to `target_params` (the encoder of
+    config.model: positions / relative tables resized, shared bias copied per layer)."""
+    path = config.finetune.pretrained
+    if os.path.isfile(path):  # converted reference weights (official MAE layout)
+        from mim_jax import convert
+        heads = models.vit_from_config(config.model, config.data.image_size,
+                                       config.data.channels).config.num_heads
+        state = convert.load_torch_state_dict(path)
+        source = convert.mae_params_from_official(state, num_heads=heads,
+                                                  strict=False)["encoder"]
+        origin = path
+    else:
+        pretrained = checkpointing.load_encoder(path, config.finetune.get("pretrained_step")
+                                                or None)
+        source, origin = pretrained.params, f"{path} (step {pretrained.step}, " \
+                                            f"{pretrained.objective})"
+    params, notes = resize.fit_encoder_params(source, target_params)
+    logging.info("Encoder loaded from %s", origin)
+    for note in notes:
+        logging.info("  %s", note)
+    return params
+
+
+def _soft_targets(key, images, labels, ft, n_classes: int):
+    """Random erasing then mixup / cutmix (timm's order) and smoothed one-hot targets."""
+    erase_key, mix_key = jax.random.split(key)
+    if ft.get("random_erasing", 0.0) > 0:
+        images = augment.random_erasing(erase_key, images, prob=ft.random_erasing)
+    if ft.get("mixup", 0.0) > 0 or ft.get("cutmix", 0.0) > 0:
+        return augment.mixup_cutmix(
+            mix_key, images, labels, num_classes=n_classes, mixup_alpha=ft.mixup,
+            cutmix_alpha=ft.cutmix, switch_prob=ft.mixup_switch_prob, prob=ft.mixup_prob,
+            label_smoothing=ft.label_smoothing)
+    return images, augment.one_hot_smoothed(labels, n_classes, ft.label_smoothing)
+
+
+def _classification_metrics(logits, labels, loss):
+    return {"loss": loss, "train_top1": jnp.mean(jnp.argmax(logits, -1) == labels)}
+
+
+def _finetune_objective(config, n_classes: int) -> Objective:
+    ft = config.finetune
+    encoder = _encoder(config, for_probe=False)
+    # ViT + global pool: no final norm, LayerNorm after pooling (fc_norm). CLS pooling and Swin
+    # keep the encoder's final norm and feed the head directly, as their references do.
+    fc_norm = config.model.get("name", "vit") == "vit" and ft.pool == "gap"
+    model = classifier_lib.Classifier(encoder=encoder, num_classes=n_classes, pool=ft.pool,
+                                      fc_norm=fc_norm, head_init_std=ft.head_init_std,
+                                      dtype=encoder.dtype, param_dtype=encoder.param_dtype)
+    image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+
+    def loss_fn(params, batch, rngs, train: bool, with_outputs: bool = False):
+        images, labels = batch["image"], batch["label"]
+        if train:
+            images, targets = _soft_targets(rngs["augment"], images, labels, ft, n_classes)
+        else:
+            targets = jax.nn.one_hot(labels, n_classes)
+        logits = model.apply({"params": params}, images, train=train, rngs=rngs)
+        loss = optax.softmax_cross_entropy(logits, targets).mean()
+        aux = {"metrics": _classification_metrics(logits, labels, loss)}
+        if with_outputs:
+            aux["outputs"] = {"logits": logits}
+        return loss, aux
+
+    return Objective(name="finetune", model=model, loss_fn=loss_fn, encoder_keys=("encoder",),
+                     image_shape=image_shape)
+
+
+class _Probe(classifier_lib.nn.Module):
+    """Frozen encoder features -> ProbeHead; the encoder's params live in the model state."""
+    encoder: classifier_lib.nn.Module
+    num_classes: int
+    pool: str
+    head_init_std: float
+
+    @classifier_lib.nn.compact
+    def __call__(self, images, *, train: bool = False):
+        feats = classifier_lib.pool_features(self.encoder(images, train=False), self.pool,
+                                             classifier_lib.encoder_has_cls(self.encoder))
+        return classifier_lib.ProbeHead(self.num_classes, self.head_init_std,
+                                        name="probe")(jax.lax.stop_gradient(feats), train=train)
+
+
+def _probe_objective(config, n_classes: int) -> Objective:
+    ft = config.finetune
+    encoder = _encoder(config, for_probe=True)
+    model = _Probe(encoder=encoder, num_classes=n_classes, pool=ft.pool,
+                   head_init_std=ft.head_init_std)
+    image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+
+    def init_fn(rng):
+        variables = model.init({"params": rng, **make_rngs(rng)},
+                               jnp.zeros((1, *image_shape), jnp.float32), train=False)
+        params = variables["params"]
+        # Only the head trains; the encoder and BatchNorm statistics are model state.
+        return ({"probe": params["probe"]},
+                {"encoder": params["encoder"], "batch_stats": variables["batch_stats"]})
+
+    def loss_fn(params, batch, rngs, train: bool, with_outputs: bool = False,
+                model_state=None):
+        variables = {"params": {"probe": params["probe"], "encoder": model_state["encoder"]},
+                     "batch_stats": model_state["batch_stats"]}
+        labels = batch["label"]
+        if train:
+            logits, updates = model.apply(variables, batch["image"], train=True, rngs=rngs,
+                                          mutable=["batch_stats"])
+            model_state = dict(model_state, batch_stats=updates["batch_stats"])
+        else:
+            logits = model.apply(variables, batch["image"], train=False, rngs=rngs)
+        targets = augment.one_hot_smoothed(labels, n_classes, ft.get("label_smoothing", 0.0))
+        loss = optax.softmax_cross_entropy(logits, targets).mean()
+        aux = {"metrics": _classification_metrics(logits, labels, loss),
+               "model_state": model_state}
+        if with_outputs:
+            aux["outputs"] = {"logits": logits}
+        return loss, aux
+
+    return Objective(name="linear_probe", model=model, loss_fn=loss_fn,
+                     encoder_keys=("encoder",), image_shape=image_shape, stateful=True,
+                     init_fn=init_fn)
+
+
+def build_task(config):
+    """The train.Task of a config.finetune block."""
+    from mim_jax import train  # train imports this module lazily; avoid the cycle at import
+    validate(config)
+    n_classes = num_classes(config)
+    ft = config.finetune
+    if ft.mode == "finetune":
+        objective = _finetune_objective(config, n_classes)
+
+        def start_from(params, model_state):
+            if ft.pretrained:
+                params = dict(params, encoder=pretrained_encoder_params(config,
+                                                                        params["encoder"]))
+            return params, model_state
+    else:
+        objective = _probe_objective(config, n_classes)
+
+        def start_from(params, model_state):
+            if ft.pretrained:
+                model_state = dict(model_state, encoder=pretrained_encoder_params(
+                    config, model_state["encoder"]))
+            return params, model_state
+    return train.Task(objective=objective, with_labels=True, start_from=start_from,
+                      ema_decay=ft.get("ema_decay", 0.0))
+
+
+def top_k_correct(logits, labels, valid, k: int):
+    """Number of valid rows whose label is among the k highest logits."""
+    top = jax.lax.top_k(logits, min(k, logits.shape[-1]))[1]
+    hit = jnp.any(top == labels[:, None], axis=-1)
+    return jnp.sum(hit & valid)
+
+
+def evaluate_classifier(objective, params, model_state, data_cfg, split: str, *,
+                        batch_size: int, mesh, max_examples: Optional[int] = None,
+                        predict=None) -> dict:
+    """top-1 / top-5 (in [0, 1]) and the loss of the classifier on `split`."""
+    from mim_jax import sharding
+    if predict is None:
+        predict = make_predict(objective, mesh)
+    totals = np.zeros(4)
+    for batch in data.eval_batches(data_cfg, split, global_batch_size=batch_size,
+                                   max_examples=max_examples):
+        batch = sharding.global_batch(batch, mesh)
+        totals += np.asarray(jax.device_get(predict(params, model_state, batch)))
+    n = max(totals[3], 1.0)
+    return {"top1": totals[0] / n, "top5": totals[1] / n, "loss": totals[2] / n,
+            "examples": int(totals[3])}
+
+
+def make_predict(objective, mesh):
+    from mim_jax import sharding
+    kwargs = lambda ms: {"model_state": ms} if objective.stateful else {}
+
+    def predict(params, model_state, batch):
+        rngs = make_rngs(jax.random.key(0))
+        _, aux = objective.loss_fn(params, {"image": batch["image"], "label": batch["label"]},
+                                   rngs, False, with_outputs=True, **kwargs(model_state))
+        logits, labels, valid = aux["outputs"]["logits"], batch["label"], batch["valid"]
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return jnp.stack([top_k_correct(logits, labels, valid, 1),
+                          top_k_correct(logits, labels, valid, 5),
+                          jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)]).astype(
+                              jnp.float32)
+    return jax.jit(predict, out_shardings=sharding.replicated(mesh))

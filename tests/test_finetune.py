@@ -1,0 +1,181 @@
+"""Fine-tuning and linear probing through the shared trainer: loading, resume, main."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_train_config
+from mim_jax import checkpointing, data, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tfds_dir, tmp_path_factory):
+    """A tiny MAE pretraining run (8 steps) to fine-tune from."""
+    workdir = str(tmp_path_factory.mktemp("pretrain"))
+    train.train_and_evaluate(tiny_train_config(tfds_dir), workdir)
+    return workdir
+
+
+def tiny_finetune_config(tfds_dir, pretrained, mode="finetune", **overrides):
+    from configs import finetune as finetune_config, linear_probe as probe_config
+    arg = f"quickstart,pretrained={pretrained}"
+    c = (finetune_config if mode == "finetune" else probe_config).get_config(arg)
+    c.data.update(data_dir=tfds_dir, shuffle_buffer=256)
+    c.batch_size = 16
+    c.total_steps = 8
+    c.warmup_steps = 2
+    c.log_every_steps = 1
+    c.checkpoint.update(every_steps=4, asynchronous=False)
+    c.evaluators.classification.update(every_epochs=0.0, every_steps=4, max_examples=64,
+                                       batch_size=32)
+    c.update(overrides)
+    return c
+
+
+def _records(workdir):
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            out.setdefault(rec["step"], {}).update(rec)
+    return out
+
+
+def test_load_encoder_returns_the_pretrained_encoder(pretrained_run):
+    enc = checkpointing.load_encoder(pretrained_run)
+    assert enc.objective == "mae" and enc.step == 8
+    raw = checkpointing.restore_raw(os.path.join(pretrained_run, "checkpoints"), 8)
+    for a, b in zip(jax.tree.leaves(enc.params), jax.tree.leaves(raw["encoder"])):
+        np.testing.assert_array_equal(a, b)
+    # A checkpoints/STEP folder works too.
+    again = checkpointing.load_encoder(os.path.join(pretrained_run, "checkpoints", "8"))
+    assert again.step == 8
+
+
+def test_load_encoder_names_mismatched_parameters(pretrained_run, tmp_path):
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    os.symlink(os.path.join(pretrained_run, "checkpoints"), changed / "checkpoints")
+    config = json.load(open(os.path.join(pretrained_run, "config.json")))
+    config["model"]["width"] = 48
+    config["model"]["num_heads"] = 2
+    json.dump(config, open(changed / "config.json", "w"))
+    with pytest.raises(ValueError) as e:
+        checkpointing.load_encoder(str(changed))
+    assert "patch_embed/kernel (4, 4, 1, 32) != (4, 4, 1, 48)" in str(e.value)
+    assert "norm/scale (32,) != (48,)" in str(e.value)
+
+
+def test_finetune_starts_from_the_pretrained_encoder(tfds_dir, pretrained_run, tmp_path):
+    cfg = tiny_finetune_config(tfds_dir, pretrained_run, total_steps=1,
+                               optimizer=dict(base_lr=1e-30))  # effectively no update
+    cfg.optimizer.update(layer_decay=0.75)
+    workdir = str(tmp_path / "ft")
+    train.train_and_evaluate(cfg, workdir)
+    params = checkpointing.restore_raw(os.path.join(workdir, "checkpoints"), 1)
+    pretrained = checkpointing.load_encoder(pretrained_run).params
+    np.testing.assert_allclose(params["encoder"]["patch_embed"]["kernel"],
+                               pretrained["patch_embed"]["kernel"], atol=1e-6)
+    assert "norm" not in params["encoder"]  # global pooling normalises after pooling
+    assert os.path.isfile(os.path.join(workdir, "best.json"))
+    rec = _records(workdir)[1]
+    assert 0.0 <= rec["classification/top1"] <= rec["classification/top5"] <= 1.0
+
+
+def _preempted_then_resumed(cfg, workdir, monkeypatch, die_at=6):
+    class Preempted(Exception):
+        pass
+
+    real = data.create_train_iterator
+
+    def dying(*args, **kwargs):
+        it = real(*args, **kwargs)
+        limit = die_at - kwargs["start_step"]
+
+        class Wrapped:
+            steps_per_epoch = it.steps_per_epoch
+            skipped_images = 0
+            count = 0
+
+            def __next__(self):
+                if Wrapped.count == limit:
+                    raise Preempted()
+                Wrapped.count += 1
+                return next(it)
+        return Wrapped()
+
+    monkeypatch.setattr(data, "create_train_iterator", dying)
+    with pytest.raises(Preempted):
+        train.train_and_evaluate(cfg, workdir)
+    monkeypatch.setattr(data, "create_train_iterator", real)
+    assert checkpointing.Checkpointer(workdir).latest_step() == 4
+    train.train_and_evaluate(cfg, workdir)
+
+
+@pytest.mark.parametrize("mode", ["finetune", "linear_probe"])
+def test_finetune_and_probe_resume_exactly(tfds_dir, pretrained_run, tmp_path, monkeypatch,
+                                           mode):
+    overrides = {}
+    if mode == "finetune":
+        overrides["finetune"] = dict(ema_decay=0.9)
+    cfg = tiny_finetune_config(tfds_dir, pretrained_run, mode, **overrides)
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train.train_and_evaluate(cfg, straight)
+    _preempted_then_resumed(cfg, resumed, monkeypatch)
+    a, b = _records(straight), _records(resumed)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in a:
+        assert a[step]["loss"] == b[step]["loss"], step
+    for key in ("classification/top1", "classification/loss"):
+        assert a[8][key] == b[8][key]
+    if mode == "finetune":
+        assert "classification/ema_top1" in a[8]
+    else:  # the encoder is frozen: its checkpointed copy never moves
+        before = checkpointing.load_encoder(pretrained_run).params
+        state = checkpointing.restore_raw(os.path.join(straight, "checkpoints"), 8,
+                                          subtree="model_state")
+        np.testing.assert_array_equal(state["encoder"]["patch_embed"]["kernel"],
+                                      before["patch_embed"]["kernel"])
+
+
+def test_pretrain_then_finetune_through_main(tfds_dir, tmp_path):
+    """The README path: pretrain with main, then fine-tune that workdir with main."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    pre, ft = str(tmp_path / "pre"), str(tmp_path / "ft")
+    common = [f"--config.data.data_dir={tfds_dir}", "--config.batch_size=16",
+              "--config.total_steps=4", "--config.warmup_steps=1", "--config.log_every_steps=2",
+              "--config.checkpoint.asynchronous=False"]
+    subprocess.run([sys.executable, "-m", "mim_jax.main", "--config",
+                    "configs/mae.py:quickstart", "--workdir", pre, *common,
+                    "--config.model.width=32", "--config.model.depth=1",
+                    "--config.model.num_heads=2", "--config.model.mlp_dim=64",
+                    "--config.objective.decoder_width=16", "--config.objective.decoder_depth=1",
+                    "--config.objective.decoder_heads=2",
+                    "--config.evaluators.reconstruction.every_steps=100",
+                    "--config.evaluators.reconstruction.error_images=16",
+                    "--config.evaluators.knn.every_steps=4",
+                    "--config.evaluators.knn.max_train_examples=64",
+                    "--config.evaluators.knn.max_eval_examples=32",
+                    "--config.evaluators.linear_probe.every_steps=4",
+                    "--config.evaluators.linear_probe.max_train_examples=64",
+                    "--config.evaluators.linear_probe.max_eval_examples=32",
+                    "--config.evaluators.linear_probe.epochs=2"],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    pre_records = _records(pre)
+    assert "knn/top1" in pre_records[4] and "masked_error_ratio" in pre_records[4]
+    subprocess.run([sys.executable, "-m", "mim_jax.main", "--config",
+                    f"configs/finetune.py:quickstart,pretrained={pre}", "--workdir", ft, *common,
+                    "--config.evaluators.classification.every_epochs=0",
+                    "--config.evaluators.classification.every_steps=2",
+                    "--config.evaluators.classification.max_examples=32"],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    records = _records(ft)
+    assert np.isfinite(records[4]["loss"]) and "classification/top1" in records[4]
+    best = json.load(open(os.path.join(ft, "best.json")))
+    assert best["step"] in (2, 4)
