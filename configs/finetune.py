@@ -114,11 +114,13 @@ def _quickstart(c, arg):
                        if k in ("image_size", "channels", "mean", "std")})
     c.data.update(crop_scale=(0.6, 1.0), flip=False, randaugment="rand-m9-mstd0.5-inc1")
     c.model.drop_path_rate = 0.1
-    c.finetune.update(mixup=0.8, cutmix=1.0, random_erasing=0.25)
+    # A 4-epoch budget on 4,500 digits: mixup / cutmix (ImageNet's 100-epoch regularisers)
+    # would leave the classifier half-trained, so they are off here; the rest is the recipe.
+    c.finetune.update(mixup=0.0, cutmix=0.0, random_erasing=0.25)
     c.batch_size = arg.batch or 128
-    c.num_epochs = arg.epochs or 8.0
-    c.warmup_epochs = 1.0
-    c.optimizer.update(base_lr=1e-3, lr_batch_divisor=256, layer_decay=0.75, min_lr=1e-6)
+    c.num_epochs = arg.epochs or 4.0
+    c.warmup_epochs = 0.5
+    c.optimizer.update(base_lr=4e-3, lr_batch_divisor=256, layer_decay=0.75, min_lr=1e-6)
     c.log_every_steps = 35
     c.checkpoint.update(every_steps=1000, keep=1)
     c.evaluators.classification.update(every_epochs=2.0, batch_size=500)

@@ -116,7 +116,8 @@ def _table(result: dict) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from mim_jax import train
+    from mim_jax import reporting, train
+    logging.get_absl_handler().addFilter(reporting.QuietLibraries())
     config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
     result, walls = {"config": str(_FLAGS_CONFIG_ARG()), "workdir": workdir}, {}
     if not _finished(workdir):

@@ -5,12 +5,13 @@ JAX_COORDINATOR_ADDRESS etc.); see launch/ for ready-made scripts.
 """
 from __future__ import annotations
 
-import logging as std_logging
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from mim_jax import reporting
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/mae.py:quickstart.", lock_config=True)
@@ -25,17 +26,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(std_logging.Filter):
-    """Drops INFO chatter of orbax (a dozen lines per checkpoint); warnings still show."""
-
-    def filter(self, record):
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    logging.get_absl_handler().addFilter(reporting.QuietLibraries())
     import jax  # after absl has parsed flags, so JAX picks up its own flags and env
     if _DISTRIBUTED.value:
         if os.environ.get("JAX_PLATFORMS", "") == "cpu":

@@ -6,12 +6,20 @@ and tensorboard); accelerator hosts without TensorFlow still get the console and
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import time
 from typing import Any, Mapping, Optional
 
 import numpy as np
 from absl import logging
+
+
+class QuietLibraries(std_logging.Filter):
+    """Drops INFO chatter of orbax (a dozen lines per checkpoint); warnings still show."""
+
+    def filter(self, record):
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
 def _to_python(value):

@@ -47,14 +47,19 @@ def tiny_train_config(data_dir, **overrides):
     c = mae_config.get_config("quickstart")
     c.model.update(width=32, depth=1, num_heads=2, mlp_dim=64)
     c.objective.update(decoder_width=16, decoder_depth=1, decoder_heads=2)
+    c.evaluators = ml_collections.ConfigDict(dict(reconstruction=dict(
+        type="reconstruction", every_steps=100, num_images=2, error_images=8)))
+    return short_run(c, data_dir, **overrides)
+
+
+def short_run(c, data_dir, **overrides):
+    """8 steps of batch 16 with checkpoints at 4 and 8: what the trainer tests run."""
     c.data.update(data_dir=data_dir, shuffle_buffer=256)
     c.batch_size = 16
     c.total_steps = 8
     c.warmup_steps = 2
     c.log_every_steps = 1
     c.checkpoint.update(every_steps=4, asynchronous=False)
-    c.evaluators = ml_collections.ConfigDict(dict(reconstruction=dict(
-        type="reconstruction", every_steps=100, num_images=2, error_images=8)))
     c.update(overrides)
     return c
 

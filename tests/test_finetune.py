@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_train_config
+from conftest import short_run, tiny_train_config
 from mim_jax import checkpointing, data, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,16 +26,9 @@ def tiny_finetune_config(tfds_dir, pretrained, mode="finetune", **overrides):
     from configs import finetune as finetune_config, linear_probe as probe_config
     arg = f"quickstart,pretrained={pretrained}"
     c = (finetune_config if mode == "finetune" else probe_config).get_config(arg)
-    c.data.update(data_dir=tfds_dir, shuffle_buffer=256)
-    c.batch_size = 16
-    c.total_steps = 8
-    c.warmup_steps = 2
-    c.log_every_steps = 1
-    c.checkpoint.update(every_steps=4, asynchronous=False)
     c.evaluators.classification.update(every_epochs=0.0, every_steps=4, max_examples=64,
                                        batch_size=32)
-    c.update(overrides)
-    return c
+    return short_run(c, tfds_dir, **overrides)
 
 
 def _records(workdir):

@@ -210,6 +210,18 @@ def _resolve_processes(process_index, process_count):
     return process_index, process_count
 
 
+def _check_batch(data_cfg, global_batch_size, process_index, process_count, what):
+    """Validates the config and the batch split -> (process_index, process_count, local)."""
+    config_lib.validate_data_config(data_cfg)
+    process_index, process_count = _resolve_processes(process_index, process_count)
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(
+            f"{what}={global_batch_size} must be a positive multiple of the "
+            f"number of processes ({process_count})."
+        )
+    return process_index, process_count, global_batch_size // process_count
+
+
 def create_train_iterator(
     data_cfg,
     *,
@@ -227,16 +239,10 @@ def create_train_iterator(
     fresh iterator would (bitwise, when no image is corrupt), without
     decoding anything before step k.  `with_labels` adds data.label_key.
     """
-    config_lib.validate_data_config(data_cfg)
-    process_index, process_count = _resolve_processes(process_index, process_count)
-    if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(
-            f"batch_size={global_batch_size} must be a positive multiple of the "
-            f"number of processes ({process_count})."
-        )
+    process_index, process_count, local_batch = _check_batch(
+        data_cfg, global_batch_size, process_index, process_count, "batch_size")
     if start_step < 0:
         raise ValueError(f"start_step={start_step} must be >= 0.")
-    local_batch = global_batch_size // process_count
     source = sources.make_source(data_cfg, data_cfg.label_key if with_labels else None)
     split = data_cfg.split
     total = source.num_examples(split)
@@ -316,14 +322,8 @@ def eval_batches(
     eval transform (center square crop, resize); undecodable ones are dropped.
     `max_examples` caps the split (the first examples of every shard).
     """
-    config_lib.validate_data_config(data_cfg)
-    process_index, process_count = _resolve_processes(process_index, process_count)
-    if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(
-            f"eval batch size {global_batch_size} must be a positive multiple of the "
-            f"number of processes ({process_count})."
-        )
-    local_batch = global_batch_size // process_count
+    process_index, process_count, local_batch = _check_batch(
+        data_cfg, global_batch_size, process_index, process_count, "eval batch size")
     spec = image_ops.ImageSpec.from_config(data_cfg)
     source = sources.make_source(data_cfg, data_cfg.label_key)
     total = source.num_examples(split)
