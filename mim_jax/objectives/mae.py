@@ -140,7 +140,7 @@ def build(config) -> Objective:
             mask_patches = jnp.broadcast_to(m.mask[..., None], pred.shape[:2] + (p * p,))
             aux["outputs"] = {"reconstruction": unpatchify(recon, p, c),
                               "mask": unpatchify(mask_patches, p, 1),
-                              "prediction": pred.astype(jnp.float32), "patch_mask": m.mask,
+                              "prediction": pred, "patch_mask": m.mask,
                               "target": loss_target, "loss_mask": m.mask[..., None]}
         return loss, aux
 
