@@ -119,7 +119,7 @@ def main(argv):
     from mim_jax import reporting, train
     logging.get_absl_handler().addFilter(reporting.QuietLibraries())
     config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
-    result, walls = {"config": str(_FLAGS_CONFIG_ARG()), "workdir": workdir}, {}
+    result, walls = {"config": flags.FLAGS["config"].serialize(), "workdir": workdir}, {}
     if not _finished(workdir):
         start = time.perf_counter()
         train.train_and_evaluate(config, workdir)
@@ -141,10 +141,6 @@ def main(argv):
         f.write(summary + "\n")
     logging.info("Evaluation written to %s", os.path.join(workdir, "evaluation.md"))
     print(summary)
-
-
-def _FLAGS_CONFIG_ARG():
-    return flags.FLAGS["config"].serialize().split("=", 1)[-1]
 
 
 def run():

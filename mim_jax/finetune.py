@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -152,14 +153,14 @@ def _finetune_objective(config, n_classes: int) -> Objective:
                      image_shape=image_shape)
 
 
-class _Probe(classifier_lib.nn.Module):
+class _Probe(nn.Module):
     """Frozen encoder features -> ProbeHead; the encoder's params live in the model state."""
-    encoder: classifier_lib.nn.Module
+    encoder: nn.Module
     num_classes: int
     pool: str
     head_init_std: float
 
-    @classifier_lib.nn.compact
+    @nn.compact
     def __call__(self, images, *, train: bool = False):
         feats = classifier_lib.pool_features(self.encoder(images, train=False), self.pool,
                                              classifier_lib.encoder_has_cls(self.encoder))

@@ -21,10 +21,9 @@ TYPES = ("knn", "linear_probe")
 
 
 def validate(name: str, cfg, kind: str) -> None:
-    for field in ("batch_size",):
-        value = cfg.get(field, 256)
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"evaluators.{name}.{field}={value!r} must be a positive integer.")
+    batch = cfg.get("batch_size", 256)
+    if not isinstance(batch, int) or batch <= 0:
+        raise ValueError(f"evaluators.{name}.batch_size={batch!r} must be a positive integer.")
     pool = cfg.get("pool", "gap")
     if pool not in ("gap", "cls"):
         raise ValueError(f"evaluators.{name}.pool={pool!r}; allowed: ['cls', 'gap'].")
