@@ -1,4 +1,5 @@
-"""Objective-agnostic pretraining loop: jit-compiled, data-parallel, exactly resumable."""
+"""The training loop: jit-compiled, data-parallel, exactly resumable. It runs pretraining
+objectives and the fine-tuning / linear-probe tasks of mim_jax.finetune alike."""
 from __future__ import annotations
 
 import dataclasses

@@ -150,6 +150,8 @@ def test_gradient_accumulation_matches_large_batch():
     ("batch_size", 0, r"batch_size=0 must be a positive integer"),
     ("accum_steps", 3, r"batch_size=16 is not divisible by accum_steps=3"),
     ("evaluators.reconstruction.every_steps", 0, r"every_steps=0 must be a positive integer"),
+    ("evaluators.reconstruction.every_epochs", -1.0, r"every_epochs=-1.0 must be a number >= 0"),
+    ("optimizer.layer_decay", 1.5, r"optimizer.layer_decay=1.5 must be in \(0, 1\]"),
 ])
 def test_bad_config_fails_before_compute(tfds_dir, tmp_path, field, value, match):
     cfg = tiny_train_config(tfds_dir)

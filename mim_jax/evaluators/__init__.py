@@ -2,7 +2,9 @@
 
 Each block has a `type` (defaults to its NAME): 'reconstruction' (images + masked-region error
 against the best constant guess), 'knn' or 'linear_probe' (frozen-encoder accuracy on a
-labelled split), 'classification' (top-1 / top-5 of a fine-tuned classifier, best kept). Results go to the same metric writers as the training scalars.
+labelled split), 'classification' (top-1 / top-5 of a fine-tuned classifier, best kept).
+Results go to the same metric writers as the training scalars. The period is `every_steps`, or
+`every_epochs` when that is > 0.
 """
 from __future__ import annotations
 
@@ -30,10 +32,11 @@ def validate(config) -> None:
         if kind not in _EVALUATORS:
             raise ValueError(f"evaluators.{name}.type={kind!r} is not a known evaluator; "
                              f"allowed: {names()}.")
-        every = cfg.get("every_steps")
-        if cfg.get("every_epochs"):
-            pass  # validated by the evaluator's own block
-        elif not isinstance(every, int) or every <= 0:
+        every, epochs = cfg.get("every_steps"), cfg.get("every_epochs") or 0
+        if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or epochs < 0:
+            raise ValueError(f"evaluators.{name}.every_epochs={epochs!r} must be a number >= 0 "
+                             "(0 = use every_steps).")
+        if not epochs and (not isinstance(every, int) or every <= 0):
             raise ValueError(f"evaluators.{name}.every_steps={every!r} must be a positive "
                              "integer.")
         if kind == "reconstruction":
@@ -56,12 +59,8 @@ def create(config, objective, mesh, workdir, writers, rng, steps_per_epoch: int 
     out = []
     for name, cfg in config.get("evaluators", {}).items():
         kind = evaluator_type(name, cfg)
-        period = every_steps(cfg, steps_per_epoch)
-        if kind == "reconstruction":
-            ev = ReconstructionEvaluator(config, cfg, objective, mesh, workdir, writers, rng)
-        else:
-            ev = _EVALUATORS[kind](config, cfg, objective, mesh, workdir, writers, rng,
-                                   name=name, kind=kind)
-        ev.every_steps = period
+        ev = _EVALUATORS[kind](config, cfg, objective, mesh, workdir, writers, rng,
+                               name=name, kind=kind)
+        ev.every_steps = every_steps(cfg, steps_per_epoch)
         out.append(ev)
     return out

@@ -24,7 +24,7 @@ class ClassificationEvaluator:
         self._finetune = finetune
         self.name = name
         self.cfg = eval_cfg
-        self.every_steps = eval_cfg.get("every_steps") or 1
+        self.every_steps = 1  # evaluators.create sets the resolved period
         self.data_cfg = config.data
         self.objective = objective
         self.mesh = mesh

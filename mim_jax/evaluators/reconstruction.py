@@ -53,8 +53,10 @@ def best_constant(targets, metric: str) -> np.ndarray:
 
 
 class ReconstructionEvaluator:
-    def __init__(self, config, eval_cfg, objective, mesh, workdir, writers, rng):
-        self.every_steps = eval_cfg.every_steps
+    def __init__(self, config, eval_cfg, objective, mesh, workdir, writers, rng, *,
+                 name: str = "reconstruction", kind: str = "reconstruction"):
+        del name, kind  # one reconstruction evaluator per run; its scalars are unprefixed
+        self.every_steps = eval_cfg.every_steps  # evaluators.create sets the resolved period
         self.data_cfg = config.data
         self.writers = writers
         self.outdir = os.path.join(workdir, "reconstructions")

@@ -69,7 +69,7 @@ class FrozenFeatureEvaluator:
         del workdir, rng
         self.name, self.kind = name, kind
         self.cfg = eval_cfg
-        self.every_steps = eval_cfg.every_steps
+        self.every_steps = 1  # evaluators.create sets the resolved period
         self.data_cfg = config.data
         self.writers = writers
         self.mesh = mesh
