@@ -27,7 +27,11 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         elif isinstance(default, bool):
             out[key] = value.lower() in ("1", "true", "yes")
         elif isinstance(default, (int, float)):
-            out[key] = type(default)(value)
+            try:
+                out[key] = type(default)(value)
+            except ValueError:
+                raise ValueError(f"config argument {key}={value!r} must be a "
+                                 f"{type(default).__name__} (like {default!r}).") from None
         else:
             out[key] = value
     return out

@@ -1,33 +1,129 @@
-"""Orbax CheckpointManager wrapper: periodic async saves, keep-last-K, auto-resume.
+"""Orbax CheckpointManager wrapper: periodic async saves, keep-last-K, verified auto-resume.
 
 Orbax writes each step into a temporary directory and renames it only once every host has
 finished, so a checkpoint interrupted mid-write is never listed, and so never restored.
+On top of that, every checkpoint carries an integrity fingerprint of its arrays (computed on
+device when saving, stored in the step's metadata): a restore recomputes it and also requires
+every value to be finite. A checkpoint that cannot be read or fails either check is moved to
+WORKDIR/checkpoints_damaged/ with a warning, and the newest good one is restored instead.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import shutil
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+
+from mim_jax.errors import CheckpointError, ConfigError, one_line
+
+FINGERPRINT_KEY = "mim_jax_fingerprint"
+def validate_config(cfg) -> None:
+    """config.checkpoint: cadence and retention."""
+    for field in ("every_steps", "keep"):
+        value = cfg.get(field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"checkpoint.{field}={value!r} must be an integer >= 1.")
+    if not isinstance(cfg.get("asynchronous", True), bool):
+        raise ConfigError(f"checkpoint.asynchronous={cfg.asynchronous!r} must be true or false.")
+
+
+def _leaf_fingerprint(x):
+    """A uint32 checksum of the bits of one array: sum of bits x odd position weights
+    (mod 2^32), so flipping any single bit always changes it. Runs on device, sharded."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(0x9E3779B1) | jnp.uint32(1)
+    return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+def _leaf_finite(x):
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.all(jnp.isfinite(x))
+    return jnp.asarray(True)
+
+
+@jax.jit
+def _fingerprint_and_finite(tree):
+    return jax.tree.map(_leaf_fingerprint, tree), jax.tree.map(_leaf_finite, tree)
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _by_path(tree) -> dict:
+    """{'opt_state/0/mu/encoder/...': leaf}: the same names whether the tree is the live
+    TrainState (attributes, tuples) or the nested dicts orbax restores without a target."""
+    return {"/".join(_key_name(k) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def fingerprint(state) -> dict:
+    """{leaf path: uint32 checksum} of a state (host ints); also checks every value is finite
+    (a non-finite state must never be saved: raises CheckpointError naming the leaves)."""
+    sums, finite = jax.device_get(_fingerprint_and_finite(state))
+    bad = [k for k, ok in _by_path(finite).items() if not bool(ok)]
+    if bad:
+        raise CheckpointError(f"refusing to save a state with non-finite values in {bad[:5]}.")
+    return {k: int(v) for k, v in _by_path(sums).items()}
+
+
+def _verify(state, expected: Optional[dict]) -> Optional[str]:
+    """None if `state` is finite and matches the fingerprint `expected`, else the reason."""
+    sums, finite = jax.device_get(_fingerprint_and_finite(state))
+    bad = [k for k, ok in _by_path(finite).items() if not bool(ok)]
+    if bad:
+        return f"non-finite values in {', '.join(bad[:3])}"
+    if expected is None:
+        return None
+    got = {k: int(v) for k, v in _by_path(sums).items()}
+    wrong = sorted(k for k in got.keys() | expected.keys() if got.get(k) != expected.get(k))
+    if wrong:
+        return f"integrity fingerprint mismatch in {', '.join(wrong[:3])}"
+    return None
+
+
+def _structure_mismatch(saved_metadata, abstract_state) -> list:
+    """Leaves whose saved shape / presence differs from the state the config builds."""
+    saved = {k: tuple(getattr(m, "shape", ()) or ()) for k, m in _by_path(saved_metadata).items()}
+    want = {k: tuple(s.shape) for k, s in _by_path(abstract_state).items()}
+    out = [f"{k} missing" for k in sorted(want.keys() - saved.keys())]
+    out += [f"{k} unexpected" for k in sorted(saved.keys() - want.keys())]
+    out += [f"{k} {saved[k]} != {want[k]}" for k in sorted(want.keys() & saved.keys())
+            if saved[k] != want[k]]
+    return out
 
 
 class Checkpointer:
     def __init__(self, workdir: str, *, keep: int = 3, every_steps: int = 1000,
                  asynchronous: bool = True, subdir: str = "checkpoints"):
-        if keep < 1:
-            raise ValueError(f"checkpoint.keep={keep} must be >= 1.")
-        if every_steps < 1:
-            raise ValueError(f"checkpoint.every_steps={every_steps} must be >= 1.")
+        validate_config(dict(keep=keep, every_steps=every_steps, asynchronous=asynchronous))
         self.every_steps = every_steps
         self.directory = os.path.join(os.path.abspath(workdir), subdir)
+        self.damaged_directory = self.directory + "_damaged"
+        self._pending_step = None  # the step of the save that may still be in flight
         self._manager = ocp.CheckpointManager(
             self.directory,
+            # Declared up front so item metadata can be read before the first save/restore.
+            item_handlers=ocp.StandardCheckpointHandler(),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous))
+                max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous,
+                # Partial writes of a failed or killed save take disk space; drop them.
+                cleanup_tmp_directories=True))
 
     def latest_step(self) -> Optional[int]:
         return self._manager.latest_step()
@@ -35,24 +131,198 @@ class Checkpointer:
     def all_steps(self):
         return list(self._manager.all_steps())
 
+    def _saved_fingerprint(self, step: int) -> Optional[dict]:
+        custom = self._manager.metadata(step).custom_metadata or {}
+        return custom.get(FINGERPRINT_KEY)
+
+    def _restore_verified(self, abstract_state, step: int, legacy: bool):
+        """The state of `step`, or raises _Damaged with the reason."""
+        try:
+            expected = self._saved_fingerprint(step)
+        except Exception as e:  # unreadable step metadata
+            raise _Damaged(f"its metadata cannot be read ({_short(e)})") from e
+        if expected is None and not legacy:
+            raise _Damaged("it has no integrity fingerprint (its metadata is damaged)")
+        try:
+            saved = _metadata_tree(self._manager.item_metadata(step))
+        except Exception as e:
+            raise _Damaged(f"its array metadata cannot be read ({_short(e)})") from e
+        if saved is None:
+            raise _Damaged("it holds no state (an empty or incomplete step directory)")
+        if abstract_state is not None:
+            mismatch = _structure_mismatch(saved, abstract_state)
+            if mismatch:
+                # Not damage: the config builds a different state. Never move it away.
+                raise ConfigError(
+                    f"the checkpoint of step {step} in {self.directory} holds a different "
+                    f"model/optimizer state than this config builds ({'; '.join(mismatch[:4])}"
+                    f"{'; ...' if len(mismatch) > 4 else ''}): use the config of that run or a "
+                    "new --workdir.")
+        try:
+            state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        except Exception as e:
+            raise _Damaged(f"it cannot be read ({_short(e)})") from e
+        reason = _verify(state, expected)
+        if reason:
+            raise _Damaged(reason)
+        return state
+
     def restore(self, abstract_state: Any, step: Optional[int] = None):
-        """Restores into the shapes/shardings of `abstract_state` (jax.ShapeDtypeStruct tree)."""
-        step = self.latest_step() if step is None else step
-        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        """Restores into the shapes/shardings of `abstract_state` (jax.ShapeDtypeStruct tree).
+
+        `step` None: the newest checkpoint that reads back intact; damaged newer ones are moved
+        to checkpoints_damaged/ with a warning. Returns (state, step), (None, None) when the
+        directory holds no checkpoint at all, and raises CheckpointError when it holds some but
+        none is good (a run never silently starts over)."""
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        if step is not None:
+            steps = [step]
+        if not steps:
+            return None, None
+        legacy = not any(self._has_fingerprint(s) for s in steps)
+        reasons = []
+        for candidate in steps:
+            try:
+                state = self._restore_verified(abstract_state, candidate, legacy)
+            except _Damaged as e:
+                reasons.append(f"step {candidate}: {e}")
+                logging.warning("The checkpoint of step %d in %s is unusable (%s); moving it to "
+                                "%s and trying the previous one.", candidate, self.directory, e,
+                                self.damaged_directory)
+                self._quarantine(candidate)
+                continue
+            if legacy:
+                logging.warning("The checkpoints in %s predate integrity fingerprints: step %d "
+                                "was checked for finite values only.", self.directory, candidate)
+            return state, candidate
+        raise CheckpointError(
+            f"no checkpoint in {self.directory} can be restored ({'; '.join(reasons)}); they "
+            f"were moved to {self.damaged_directory}. To start this run over, use a new "
+            "--workdir (or remove the checkpoints directories of this one).")
+
+    def _has_fingerprint(self, step: int) -> bool:
+        try:
+            return self._saved_fingerprint(step) is not None
+        except Exception:
+            return False
+
+    def _quarantine(self, step: int):
+        """Moves a damaged step out of orbax's sight (kept for inspection, never deleted):
+        otherwise it would stay "latest" and block the save of its step number."""
+        if jax.process_index() == 0:
+            source = os.path.join(self.directory, str(step))
+            target = os.path.join(self.damaged_directory, str(step))
+            suffix = 1
+            while os.path.exists(target):
+                target = os.path.join(self.damaged_directory, f"{step}.{suffix}")
+                suffix += 1
+            os.makedirs(self.damaged_directory, exist_ok=True)
+            if os.path.exists(source):
+                shutil.move(source, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"quarantined checkpoint {step}")
+        self._manager.reload()
 
     def maybe_save(self, step: int, state: Any, *, force: bool = False) -> bool:
+        """Starts a (possibly asynchronous) save of `state`; a failure of an earlier async save
+        surfaces here or in check_for_errors as a CheckpointError."""
         if not force and step % self.every_steps:
             return False
         if step in self._manager.all_steps():
             return False
-        return self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        self.wait()  # orbax would wait for the save in flight anyway; its failure is its own
+        custom = {FINGERPRINT_KEY: fingerprint(state)}
+        self._check_can_write(step, state)
+        try:
+            saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=True,
+                                       custom_metadata=custom)
+        except Exception as e:
+            raise self._save_error(step, e) from e
+        self._pending_step = step
+        return saved
+
+    def _check_can_write(self, step: int, state: Any):
+        """Refuse a save that cannot succeed before it starts (read-only or full disk): a write
+        that fails inside orbax's threads is reported many times over and can hang the exit
+        for minutes; old checkpoints are only deleted after a save succeeds, so it needs room
+        for a whole new one."""
+        probe = os.path.join(self.directory, f".write_probe_{os.getpid()}")
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"0")
+            os.remove(probe)
+        except OSError as e:
+            raise self._save_error(step, e) from e
+        needed = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
+        needed = int(needed * 1.05) + (64 << 10)  # metadata, manifests
+        free = shutil.disk_usage(self.directory).free
+        if free < needed:
+            raise self._save_error(step, OSError(
+                f"not enough free space: the state needs ~{needed / 2**20:.1f} MiB, "
+                f"{free / 2**20:.1f} MiB are free"))
+
+    def check_for_errors(self):
+        """Raises CheckpointError if an asynchronous save has failed (disk full, permissions);
+        cheap enough to call every step."""
+        try:
+            self._manager.check_for_errors()
+        except Exception as e:
+            raise self._save_error(self._pending_step, e) from e
+
+    def _save_error(self, step, error) -> CheckpointError:
+        good = [s for s in self._manager.all_steps() if s != step]
+        previous = (f"the checkpoint of step {max(good)} is intact and a rerun resumes from it "
+                    "once the cause is fixed" if good else
+                    "there is no earlier checkpoint: fix the cause and rerun")
+        return CheckpointError(
+            f"saving the checkpoint of step {step} to {self.directory} failed: {_short(error)}; "
+            f"{previous}.")
 
     def wait(self):
-        self._manager.wait_until_finished()
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_error(self._pending_step, e) from e
 
     def close(self):
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for the save in flight (raising CheckpointError if it failed) and releases
+        orbax's threads either way."""
+        try:
+            self.wait()
+        finally:
+            try:
+                self._manager.close()
+            except Exception as e:  # the save error was reported by wait()
+                logging.debug("Closing the checkpoint manager: %s", e)
+
+
+def _metadata_tree(metadata):
+    """The saved tree of shapes/dtypes from orbax's item metadata (None if there is none)."""
+    if metadata is None:
+        return None
+    try:
+        return metadata.tree
+    except (AttributeError, KeyError):
+        pass
+    if hasattr(metadata, "keys") and "default" in metadata.keys():  # a Composite of items
+        return _metadata_tree(metadata["default"])
+    return metadata
+
+
+class _Damaged(Exception):
+    """A checkpoint that cannot be read back intact."""
+
+
+def _short(error: BaseException) -> str:
+    """The root cause of an exception chain, on one line, without orbax's wrapping."""
+    for _ in range(20):  # follow the chain to its root; bounded in case it loops
+        nxt = error.__cause__ or error.__context__
+        if nxt is None or nxt is error:
+            break
+        error = nxt
+    text = one_line(str(error)) or type(error).__name__
+    return (text[:300] + "...") if len(text) > 300 else text
 
 
 def abstract_like(tree):
@@ -87,8 +357,11 @@ def resolve_checkpoint(path: str, step: Optional[int] = None):
 
 
 def read_run_config(workdir: str):
+    """The config a run's checkpoints were written with (the newest recorded one)."""
     import ml_collections
-    with open(os.path.join(workdir, "config.json")) as f:
+
+    from mim_jax import workdir as workdir_lib
+    with open(workdir_lib.latest_record(workdir) or os.path.join(workdir, "config.json")) as f:
         return ml_collections.ConfigDict(json.load(f))
 
 
@@ -104,7 +377,11 @@ def restore_raw(directory: str, step: int, subtree: str = "params"):
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                           metadata)
     restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+    expected = (manager.metadata(step).custom_metadata or {}).get(FINGERPRINT_KEY)
     manager.close()
+    problem = _verify(restored, expected)
+    if problem:
+        raise CheckpointError(f"the checkpoint {directory}/{step} is damaged: {problem}.")
     return jax.tree.map(np.asarray, restored[subtree])
 
 

@@ -1,10 +1,16 @@
 """Optimizers, learning-rate schedules and weight-decay masks."""
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from mim_jax.errors import ConfigError
+
+OPTIMIZERS = ("adamw", "lars")
 
 # Parameters the references exclude from weight decay besides biases and norm scales.
 _NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "relative_position_bias_table")
@@ -27,6 +33,35 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(rule, params)
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_config(opt_cfg) -> None:
+    """config.optimizer: every field's type and range, before anything is built."""
+    name = opt_cfg.get("name")
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer.name={name!r} is not supported; allowed: {list(OPTIMIZERS)}.")
+
+    def check(field, ok, allowed, default=None):
+        value = opt_cfg.get(field, default)
+        if not (_number(value) and math.isfinite(value) and ok(value)):
+            raise ConfigError(f"optimizer.{field}={value!r} must be {allowed}.")
+
+    check("base_lr", lambda v: v > 0, "a finite number > 0")
+    check("lr_batch_divisor", lambda v: v > 0, "a finite number > 0", 256)
+    check("weight_decay", lambda v: v >= 0, "a finite number >= 0", 0.0)
+    check("min_lr", lambda v: v >= 0, "a finite number >= 0", 0.0)
+    check("grad_clip_norm", lambda v: v >= 0, "a finite number >= 0 (0 = off)", 0.0)
+    check("layer_decay", lambda v: 0 < v <= 1, "in (0, 1] (1 = off)", 1.0)
+    if name == "lars":
+        check("momentum", lambda v: 0 <= v < 1, "in [0, 1)", 0.9)
+    else:
+        check("b1", lambda v: 0 <= v < 1, "in [0, 1)", 0.9)
+        check("b2", lambda v: 0 <= v < 1, "in [0, 1)", 0.999)
+        check("eps", lambda v: v > 0, "a finite number > 0", 1e-8)
+
+
 def peak_learning_rate(opt_cfg, global_batch_size: int) -> float:
     """lr = base_lr x global_batch / lr_batch_divisor (256 for MAE/BEiT, 512 for SimMIM)."""
     return opt_cfg.base_lr * global_batch_size / opt_cfg.lr_batch_divisor
@@ -45,7 +80,6 @@ def make_schedule(peak_lr: float, total_steps: int, warmup_steps: int, min_lr: f
     return schedule
 
 
-OPTIMIZERS = ("adamw", "lars")
 
 
 def make_optimizer(opt_cfg, schedule, params=None) -> optax.GradientTransformation:

@@ -3,7 +3,6 @@ objectives and the fine-tuning / linear-probe tasks of mim_jax.finetune alike.""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Callable, Optional
@@ -18,7 +17,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mim_jax import (checkpointing, data, evaluators, flops, objectives, optim, reporting,
-                     sharding)
+                     sharding, workdir as workdir_lib)
+from mim_jax.errors import ConfigError, RunError
+
+
+class NonFiniteError(RunError, FloatingPointError):
+    """A step produced a non-finite loss, gradient or state; its update was skipped."""
 
 
 @flax.struct.dataclass
@@ -58,6 +62,15 @@ def _micro_batches(batch, accum_steps: int, mesh):
     return jax.tree.map(split, batch)
 
 
+def _state_ok(tree) -> jax.Array:
+    """True when the global L2 norm of the tree's float leaves is finite in float32: catches
+    NaN/inf and also an exploded state (|x| > ~1e19), which would only turn into NaN a step
+    later, after it may already have been checkpointed."""
+    leaves = [x.astype(jnp.float32) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.isfinite(optax.global_norm(leaves)) if leaves else jnp.asarray(True)
+
+
 def make_train_step(objective, tx, schedule, accum_steps: int, base_rng, mesh,
                     ema_decay: float = 0.0):
     """(state, batch) -> (state, metrics); `batch` is the global batch of one optimizer step."""
@@ -91,7 +104,10 @@ def make_train_step(objective, tx, schedule, accum_steps: int, base_rng, mesh,
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        # An update may be finite in the gradient and still break the state (a huge lr, an
+        # overflowing moment): then it is skipped too, so no checkpoint ever holds a NaN/inf.
+        finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+                  & _state_ok(params) & _state_ok(opt_state))
         keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         ema = state.ema_params
         if ema is not None:
@@ -109,42 +125,73 @@ def make_train_step(objective, tx, schedule, accum_steps: int, base_rng, mesh,
     return train_step
 
 
-def validate_config(config):
-    """Every check that can fail before compute; returns the task to train."""
-    for field in ("batch_size", "log_every_steps"):
-        if not isinstance(config[field], int) or config[field] <= 0:
-            raise ValueError(f"{field}={config[field]!r} must be a positive integer.")
+def _check_run_fields(config) -> None:
+    for field in ("batch_size", "log_every_steps", "accum_steps", "seed"):
+        value = config.get(field, 1)
+        minimum = 0 if field == "seed" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{field}={value!r} must be an integer >= {minimum}.")
     for field in ("num_epochs", "total_steps", "warmup_epochs", "warmup_steps"):
         value = config.get(field, 0)
-        if value is not None and value < 0:
-            raise ValueError(f"{field}={value!r} must be >= 0.")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
+                or value == float("inf"):
+            raise ConfigError(f"{field}={value!r} must be a finite number >= 0.")
     if not config.get("total_steps") and not config.get("num_epochs"):
-        raise ValueError("num_epochs and total_steps are both 0: set one of them > 0.")
-    if config.optimizer.base_lr <= 0:
-        raise ValueError(f"optimizer.base_lr={config.optimizer.base_lr!r} must be > 0.")
-    decay = config.optimizer.get("layer_decay", 1.0)
-    if not 0.0 < decay <= 1.0:
-        raise ValueError(f"optimizer.layer_decay={decay!r} must be in (0, 1] (1 = off).")
-    if config.get("finetune") is not None:
-        from mim_jax import finetune  # the fine-tuning / linear-probe task
-        task = finetune.build_task(config)
-    else:
-        task = Task(objective=objectives.build(config))
-    data.validate_data_config(config.data)
-    evaluators.validate(config)
-    return task
+        raise ConfigError("num_epochs=0 and total_steps=0: set one of them > 0.")
+    # Warmup longer than the run: checked here where both are in the same unit, and against
+    # the steps per epoch once the data is known (_total_steps).
+    pairs = [("warmup_steps", "total_steps")]
+    if not config.get("total_steps") and not config.get("warmup_steps"):
+        pairs.append(("warmup_epochs", "num_epochs"))  # only then do both set the lengths
+    for warmup, length in pairs:
+        if config.get(warmup) and config.get(length) and config[warmup] > config[length]:
+            raise ConfigError(f"{warmup}={config[warmup]!r} is longer than the run "
+                              f"({length}={config[length]!r}): it must be <= {length}.")
+    if config.batch_size % config.get("accum_steps", 1):
+        raise ConfigError(f"accum_steps={config.accum_steps} must divide batch_size="
+                          f"{config.batch_size}.")
+
+
+def validate_config(config):
+    """Every check that can fail before the data is touched or anything compiles; each block
+    is checked by the module that owns it. Returns the task to train; raises ConfigError."""
+    try:
+        _check_run_fields(config)
+        optim.validate_config(config.optimizer)
+        checkpointing.validate_config(config.checkpoint)
+        data.validate_data_config(config.data)
+        evaluators.validate(config)
+        if config.get("finetune") is not None:
+            from mim_jax import finetune  # the fine-tuning / linear-probe task
+            return finetune.build_task(config)
+        return Task(objective=objectives.build(config))
+    except ConfigError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        # The owners' checks raise ValueError; a missing or mistyped field surfaces as one of
+        # the others while building the model. All are config errors, reported on one line.
+        raise ConfigError(_config_message(e)) from e
+
+
+def _config_message(error: Exception) -> str:
+    if isinstance(error, (KeyError, AttributeError)):
+        return f"the config lacks a field the run needs: {error}."
+    return str(error)
 
 
 def _total_steps(config, steps_per_epoch: int):
     total = config.get("total_steps") or int(round(config.num_epochs * steps_per_epoch))
     warmup = config.get("warmup_steps") or int(round(config.get("warmup_epochs", 0) *
                                                      steps_per_epoch))
+    if warmup > total:  # e.g. a short total_steps against a warmup in epochs: allowed
+        logging.warning("The warmup (%d steps) is longer than the run (%d steps): the learning "
+                        "rate never reaches its peak.", warmup, total)
     return total, warmup
 
 
-def _write_run_info(workdir, config, params):
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+def _write_parameter_counts(workdir, params):
     counts = {"/".join(getattr(k, "key", str(k)) for k in path): int(np.prod(x.shape))
               for path, x in jax.tree_util.tree_leaves_with_path(params)}
     total = sum(counts.values())
@@ -154,33 +201,83 @@ def _write_run_info(workdir, config, params):
     return total
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def _restore(ckpt, config, task, init_rng):
+    """(state, step) of the newest good checkpoint (restored replicated), or (None, None).
+
+    Runs before the data pipeline exists: the optimizer state's structure does not depend on
+    the schedule's values, so a placeholder schedule describes it."""
+    if not ckpt.all_steps():
+        return None, None
+    abstract_params, abstract_model_state = jax.eval_shape(task.objective.init_variables,
+                                                           init_rng)
+    tx = optim.make_optimizer(config.optimizer, optim.make_schedule(1.0, 1, 0), abstract_params)
+    ema = task.ema_decay > 0
+    abstract = jax.eval_shape(lambda p, m: TrainState(
+        step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+        nonfinite_steps=jnp.zeros((), jnp.int32), model_state=m,
+        ema_params=p if ema else None), abstract_params, abstract_model_state)
+    repl = sharding.replicated(sharding.make_mesh())
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
+                            abstract)
+    return ckpt.restore(abstract)
+
+
+def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False) -> dict:
     """Pretrains `config.objective` (or, with a config.finetune block, fine-tunes / probes a
-    classifier) in `workdir`, resuming from its latest checkpoint."""
+    classifier) in `workdir`, resuming from its newest good checkpoint.
+
+    Raises ConfigError (bad config, or a workdir started with another config unless
+    `allow_config_change`), CheckpointError (no restorable checkpoint, a failed save) or
+    NonFiniteError (a non-finite step) with a one-line message; nothing else is expected."""
     task = validate_config(config)
     objective = task.objective
     mesh = sharding.make_mesh()
     accum = config.get("accum_steps", 1)
-    sharding.check_batch_divisible(config.batch_size, accum, mesh)
+    try:
+        sharding.check_batch_divisible(config.batch_size, accum, mesh)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
+    ckpt = checkpointing.Checkpointer(workdir, **config.checkpoint)
+    try:
+        return _run(config, workdir, task, objective, mesh, accum, is_main, ckpt,
+                    allow_config_change)
+    finally:
+        # Let an in-flight async save finish (or fail) cleanly; an unfinished one is never
+        # listed, so a crash here can only lose progress, not corrupt the workdir.
+        ckpt.close()
+
+
+def _run(config, workdir, task, objective, mesh, accum, is_main, ckpt, allow_config_change):
+    changes = workdir_lib.check(workdir, config, resume_step=ckpt.latest_step(),
+                                allow_change=allow_config_change, is_main=is_main)
+    base_rng = jax.random.key(config.seed)
+    init_rng, step_rng, eval_rng = jax.random.split(base_rng, 3)
+    # Restore (verifying, falling back past damaged checkpoints) before touching the data.
+    restored, start_step = _restore(ckpt, config, task, init_rng)
+    finished = None if changes else workdir_lib.finished_metrics(workdir, start_step)
+    if finished is not None:
+        logging.info("The run in %s finished at step %d; nothing to do (its final metrics are "
+                     "in %s).", workdir, start_step, workdir_lib.FINAL_METRICS)
+        return {k: v for k, v in finished.items() if k not in ("step", "wall_seconds")}
+    start_step = start_step or 0
 
     if is_main:
         data.prepare(config.data)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("dataset prepared")
-    ckpt = checkpointing.Checkpointer(workdir, **config.checkpoint)
-    start_step = ckpt.latest_step() or 0
-    train_data = data.create_train_iterator(
-        config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
-        with_labels=task.with_labels)
+    try:
+        train_data = data.create_train_iterator(
+            config.data, global_batch_size=config.batch_size, seed=config.seed,
+            start_step=start_step, with_labels=task.with_labels)
+    except ValueError as e:  # a split or batch size the prepared dataset cannot serve
+        raise ConfigError(str(e)) from e
     total_steps, warmup_steps = _total_steps(config, train_data.steps_per_epoch)
     peak_lr = optim.peak_learning_rate(config.optimizer, config.batch_size)
     schedule = optim.make_schedule(peak_lr, total_steps, warmup_steps,
                                    config.optimizer.get("min_lr", 0.0))
 
-    base_rng = jax.random.key(config.seed)
-    init_rng, step_rng, eval_rng = jax.random.split(base_rng, 3)
     repl = sharding.replicated(mesh)
     abstract_params, _ = jax.eval_shape(objective.init_variables, init_rng)
     tx = optim.make_optimizer(config.optimizer, schedule, abstract_params)
@@ -192,17 +289,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
                           model_state=model_state,
                           ema_params=params if task.ema_decay > 0 else None)
 
-    if start_step or task.start_from is None:
+    if restored is not None:
+        logging.info("Resuming from the checkpoint of step %d in %s", start_step, ckpt.directory)
+        state = restored
+    elif task.start_from is None:
         state = jax.jit(init_state, out_shardings=repl)(init_rng)
     else:  # a fresh fine-tuning run: the pretrained encoder goes into the initial parameters
         start = task.start_from(*jax.device_get(jax.jit(objective.init_variables)(init_rng)))
         state = jax.jit(init_state, out_shardings=repl)(init_rng, start)
-    if start_step:
-        logging.info("Resuming from the checkpoint of step %d in %s", start_step, ckpt.directory)
-        state = ckpt.restore(checkpointing.abstract_like(state), start_step)
     writers = reporting.create_writers(workdir, is_main)
     if is_main:
-        n_params = _write_run_info(workdir, config, state.params)
+        n_params = _write_parameter_counts(workdir, state.params)
         writers.write_texts(start_step, {"config": f"```\n{config}\n```"})
         logging.info("%s: %s parameters, %d steps (%d per epoch), global batch %d, peak lr %.3g",
                      objective.name, f"{n_params:,}", total_steps, train_data.steps_per_epoch,
@@ -225,45 +322,43 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     def check_finite():
         if int(jax.device_get(state.nonfinite_steps)):
-            raise FloatingPointError(
-                f"non-finite loss or gradient before step {step}; the update was skipped and "
-                f"the last checkpoint (step {ckpt.latest_step()}) holds the last good state. "
-                "Lower the learning rate, enable optimizer.grad_clip_norm, or use float32.")
+            last = ckpt.latest_step()
+            raise NonFiniteError(
+                f"non-finite loss, gradient or updated state before step {step}; the update "
+                "was skipped, so no checkpoint holds a non-finite value"
+                f"{f' (the last is step {last})' if last else ''}. Lower the learning rate, "
+                "enable optimizer.grad_clip_norm, or use float32.")
 
     metrics, step = None, start_step
-    try:
-        t_start = time.perf_counter()
-        for step in range(start_step + 1, total_steps + 1):
-            batch = sharding.global_batch(next(train_data), mesh)
-            state, metrics = train_step(state, batch)
-            if step == start_step + 1:
-                jax.block_until_ready(metrics)  # exclude compilation from throughput
-                progress.start(step)
-            if step % config.log_every_steps == 0 or step == total_steps:
-                check_finite()
-                scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                scalars.update(progress.report(step))
-                scalars["skipped_images"] = train_data.skipped_images
-                writers.write_scalars(step, scalars)
-                logging.info(progress.line(step, scalars, scalars["loss"]))
-            if step % ckpt.every_steps == 0:
-                check_finite()
-                ckpt.maybe_save(step, state)
-            for ev in evals:
-                ev.maybe_run(step, state, force=step == total_steps)
-        if metrics is not None:
+    t_start = time.perf_counter()
+    for step in range(start_step + 1, total_steps + 1):
+        batch = sharding.global_batch(next(train_data), mesh)
+        state, metrics = train_step(state, batch)
+        ckpt.check_for_errors()  # a failed async save stops the run at once
+        if step == start_step + 1:
+            jax.block_until_ready(metrics)  # exclude compilation from throughput
+            progress.start(step)
+        if step % config.log_every_steps == 0 or step == total_steps:
             check_finite()
-            ckpt.maybe_save(step, state, force=True)
-    finally:
-        # Let an in-flight async save finish (or fail) cleanly; an unfinished one is never
-        # listed, so a crash here can only lose progress, not corrupt the workdir.
-        ckpt.close()
+            scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            scalars.update(progress.report(step))
+            scalars["skipped_images"] = train_data.skipped_images
+            writers.write_scalars(step, scalars)
+            logging.info(progress.line(step, scalars, scalars["loss"]))
+        if step % ckpt.every_steps == 0:
+            check_finite()
+            ckpt.maybe_save(step, state)
+        for ev in evals:
+            ev.maybe_run(step, state, force=step == total_steps)
+    if metrics is not None:
+        check_finite()
+        ckpt.maybe_save(step, state, force=True)
+    ckpt.wait()  # the final save must have landed before the run counts as finished
     writers.flush()
     wall = time.perf_counter() - t_start
     logging.info("Done: %d steps in %s.", step - start_step, reporting.format_duration(wall))
     final = {k: float(v) for k, v in jax.device_get(metrics or {}).items()}
     if is_main:
-        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-            json.dump(dict(final, step=int(step), wall_seconds=wall), f, indent=2)
+        workdir_lib.write_final_metrics(workdir, dict(final, step=int(step), wall_seconds=wall))
     writers.close()
     return final

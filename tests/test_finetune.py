@@ -66,7 +66,7 @@ def test_load_encoder_names_mismatched_parameters(pretrained_run, tmp_path):
 
 
 def test_finetune_starts_from_the_pretrained_encoder(tfds_dir, pretrained_run, tmp_path):
-    cfg = tiny_finetune_config(tfds_dir, pretrained_run, total_steps=1,
+    cfg = tiny_finetune_config(tfds_dir, pretrained_run, total_steps=1, warmup_steps=1,
                                optimizer=dict(base_lr=1e-30))  # effectively no update
     cfg.optimizer.update(layer_decay=0.75)
     workdir = str(tmp_path / "ft")

@@ -106,11 +106,12 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tfds_dir, tmp_path,
 
     monkeypatch.setattr(data, "create_train_iterator", poisoned)
     workdir = str(tmp_path / "nan")
-    with pytest.raises(FloatingPointError, match="non-finite loss or gradient before step 6"):
+    with pytest.raises(FloatingPointError, match="non-finite loss, gradient or updated state before step 6"):
         train.train_and_evaluate(cfg, workdir)
     ckpt = checkpointing.Checkpointer(workdir)
     assert ckpt.all_steps() == [4]
-    restored = ckpt.restore(None)
+    restored, step = ckpt.restore(None)
+    assert step == 4
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored["params"]))
 
 
@@ -146,9 +147,9 @@ def test_gradient_accumulation_matches_large_batch():
     ("data.name", "no_such_dataset", r"data.name='no_such_dataset' is unknown"),
     ("objective.name", "nope", r"objective.name='nope' is not a known objective"),
     ("model.variant", "Q/16", r"variant='Q/16' is not a ViT variant"),
-    ("total_steps", -5, r"total_steps=-5 must be >= 0"),
-    ("batch_size", 0, r"batch_size=0 must be a positive integer"),
-    ("accum_steps", 3, r"batch_size=16 is not divisible by accum_steps=3"),
+    ("total_steps", -5, r"total_steps=-5 must be a finite number >= 0"),
+    ("batch_size", 0, r"batch_size=0 must be an integer >= 1"),
+    ("accum_steps", 3, r"accum_steps=3 must divide batch_size=16"),
     ("evaluators.reconstruction.every_steps", 0, r"every_steps=0 must be a positive integer"),
     ("evaluators.reconstruction.every_epochs", -1.0, r"every_epochs=-1.0 must be a number >= 0"),
     ("optimizer.layer_decay", 1.5, r"optimizer.layer_decay=1.5 must be in \(0, 1\]"),

@@ -1,0 +1,23 @@
+"""Errors a user must act on. `python -m mim_jax.main` prints them as ONE line (no traceback)
+and exits with `exit_code`; anything else that escapes is a bug and keeps its traceback."""
+from __future__ import annotations
+
+
+class RunError(Exception):
+    """The run cannot go on and the message says why and what to do."""
+    exit_code = 1
+
+
+class ConfigError(RunError, ValueError):
+    """A config field, command-line value or workdir that cannot work: found before any
+    compute. A ValueError too, so callers that catch ValueError keep working."""
+    exit_code = 2
+
+
+class CheckpointError(RunError):
+    """No checkpoint can be restored, or one could not be saved."""
+
+
+def one_line(message: str) -> str:
+    """Messages may wrap for readability in code; the user sees them on one line."""
+    return " ".join(str(message).split())

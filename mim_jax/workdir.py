@@ -1,0 +1,127 @@
+"""A workdir's identity: the config it was started with, and whether a new run may go on in it.
+
+The first run records its config in WORKDIR/config.json. A later run compares its own config
+with the newest record and refuses, naming every changed field, when a field that changes what
+the run computes differs; --allow_config_change accepts the change and records the new config
+next to the old one (config.stepN.json, N = the step it resumes from), never overwriting.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Optional
+
+from absl import logging
+
+from mim_jax.errors import ConfigError
+
+RECORD = "config.json"
+_CHANGE_RECORD = re.compile(r"^config\.step(\d+)\.json$")
+FINAL_METRICS = "final_metrics.json"
+
+# Fields that change how a run executes or reports, not what it computes: they may differ
+# freely between the runs of one workdir.
+OPERATIONAL = ("log_every_steps", "checkpoint", "evaluators", "accum_steps", "data.data_dir",
+               "data.manual_dir", "data.prefetch", "data.num_parallel_calls", "model.remat",
+               "model.attention_impl")
+
+
+def flatten(config) -> dict:
+    """{'optimizer.base_lr': 1e-3, ...} of a ConfigDict, as JSON would store it."""
+    tree = json.loads(config.to_json_best_effort()) if not isinstance(config, dict) else config
+    out = {}
+
+    def walk(prefix, node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else key, value)
+        else:
+            out[prefix] = node
+    walk("", tree)
+    return out
+
+
+def _operational(field: str) -> bool:
+    return any(field == p or field.startswith(p + ".") for p in OPERATIONAL)
+
+
+def changed_fields(old: dict, new: dict) -> list:
+    """'field: old -> new' for every meaningful field that differs (missing = <unset>)."""
+    out = []
+    for field in sorted(old.keys() | new.keys()):
+        if _operational(field):
+            continue
+        a, b = old.get(field, "<unset>"), new.get(field, "<unset>")
+        if a != b:
+            out.append(f"{field}: {a!r} -> {b!r}")
+    return out
+
+
+def latest_record(workdir: str) -> Optional[str]:
+    """The newest recorded config of `workdir` (config.json or the latest config.stepN.json)."""
+    changes = [(int(m.group(1)), name) for name in os.listdir(workdir)
+               if (m := _CHANGE_RECORD.match(name))] if os.path.isdir(workdir) else []
+    if changes:
+        return os.path.join(workdir, max(changes)[1])
+    path = os.path.join(workdir, RECORD)
+    return path if os.path.isfile(path) else None
+
+
+def _write_json(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)  # never a half-written record
+
+
+def check(workdir: str, config, *, resume_step: Optional[int], allow_change: bool,
+          is_main: bool = True) -> list:
+    """Records `config` for a fresh run; for a resumed one compares it with the record and
+    raises ConfigError listing the changes unless `allow_change`. Returns the changes."""
+    text = config.to_json_best_effort(indent=2)
+    record = latest_record(workdir)
+    if resume_step is None or record is None:
+        # Nothing to resume (or a run that stopped before its first checkpoint): start over.
+        if is_main:
+            _write_json(os.path.join(workdir, RECORD), text)
+        return []
+    try:
+        with open(record) as f:
+            old = flatten(json.load(f))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{record} cannot be read ({e}); restore it, or pass "
+                          "--allow_config_change to continue with this config.") from e
+    changes = changed_fields(old, flatten(config))
+    if changes and not allow_change:
+        shown = "; ".join(changes[:8]) + ("; ..." if len(changes) > 8 else "")
+        raise ConfigError(
+            f"--workdir {workdir} holds a run with another config ({len(changes)} changed: "
+            f"{shown}): rerun with that config, use a new --workdir, or pass "
+            "--allow_config_change to continue this run with the new one.")
+    if changes and is_main:
+        path = os.path.join(workdir, f"config.step{resume_step}.json")
+        _write_json(path, text)
+        final = os.path.join(workdir, FINAL_METRICS)
+        if os.path.exists(final):  # it ended the old config's run, not this one's
+            os.replace(final, os.path.join(workdir, f"final_metrics.step{resume_step}.json"))
+        logging.warning("Continuing from step %d with a changed config (%s); recorded in %s, "
+                        "the earlier config is kept.", resume_step, "; ".join(changes), path)
+    return changes
+
+
+def finished_metrics(workdir: str, latest_step: Optional[int]) -> Optional[dict]:
+    """The final metrics of a run that completed at `latest_step`, else None."""
+    path = os.path.join(workdir, FINAL_METRICS)
+    if latest_step is None or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            final = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return final if final.get("step") == latest_step else None
+
+
+def write_final_metrics(workdir: str, final: dict) -> None:
+    _write_json(os.path.join(workdir, FINAL_METRICS), json.dumps(final, indent=2))

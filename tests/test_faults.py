@@ -1,0 +1,381 @@
+"""Fault injection: damaged checkpoints, non-finite updates, a full disk, kill -9 during an
+asynchronous save, bad configs. Each must cost no work beyond the damaged checkpoint and end
+in one clear line."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_train_config
+from mim_jax import checkpointing, train
+from mim_jax.errors import CheckpointError, ConfigError
+
+_ABSL = re.compile(r"^[IWEF]\d{4} ")  # an absl log record
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# configs/mae.py:quickstart shrunk like conftest.tiny_train_config, on the command line.
+TINY_ARGS = ["--config.model.width=32", "--config.model.depth=1", "--config.model.num_heads=2",
+             "--config.model.mlp_dim=64", "--config.objective.decoder_width=16",
+             "--config.objective.decoder_heads=2", "--config.objective.decoder_depth=1",
+             "--config.evaluators.reconstruction.num_images=2",
+             "--config.evaluators.reconstruction.error_images=8",
+             "--config.evaluators.reconstruction.every_steps=100",
+             "--config.evaluators.knn.every_steps=1000",
+             "--config.evaluators.linear_probe.every_steps=1000",
+             "--config.batch_size=16", "--config.data.shuffle_buffer=256",
+             "--config.log_every_steps=1", "--config.warmup_steps=2"]
+
+
+def _losses(workdir):
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "loss" in rec:
+                out[rec["step"]] = rec["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished_run(tfds_dir, tmp_path_factory):
+    """8 steps, checkpoints at 4 and 8: the run every damage is applied to (a copy of)."""
+    cfg = tiny_train_config(tfds_dir)
+    workdir = str(tmp_path_factory.mktemp("faults") / "base")
+    train.train_and_evaluate(cfg, workdir)
+    return cfg, workdir
+
+
+def _largest_file(directory):
+    files = [os.path.join(d, f) for d, _, names in os.walk(directory) for f in names]
+    return max(files, key=os.path.getsize)
+
+
+def _flip_one_bit(path):
+    with open(path, "r+b") as f:
+        data = bytearray(f.read())
+        data[len(data) // 2] ^= 0x10
+        f.seek(0)
+        f.write(data)
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _empty(step_dir):
+    shutil.rmtree(step_dir)
+    os.mkdir(step_dir)
+
+
+def _write(path, content):
+    with open(path, "wb") as f:
+        f.write(content)
+
+
+# What is done to checkpoints/8 of a finished run.
+DAMAGES = {
+    "truncated array file": lambda d: _truncate(_largest_file(os.path.join(d, "default"))),
+    "deleted array file": lambda d: os.remove(_largest_file(os.path.join(d, "default"))),
+    "one flipped bit": lambda d: _flip_one_bit(_largest_file(os.path.join(d, "default"))),
+    "empty step dir": _empty,
+    "garbage step metadata": lambda d: _write(os.path.join(d, "_CHECKPOINT_METADATA"),
+                                              b"\x00garbage{"),
+    "zero-byte step metadata": lambda d: _write(os.path.join(d, "_CHECKPOINT_METADATA"), b""),
+    "garbage array metadata": lambda d: _write(os.path.join(d, "default", "_METADATA"),
+                                               b"not json"),
+    "missing manifest": lambda d: os.remove(os.path.join(d, "default", "manifest.ocdbt")),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_latest_checkpoint_falls_back_to_previous(finished_run, tmp_path, damage):
+    cfg, base = finished_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(base, workdir)
+    os.remove(os.path.join(workdir, "metrics.jsonl"))  # only what the rerun logs
+    DAMAGES[damage](os.path.join(workdir, "checkpoints", "8"))
+
+    train.train_and_evaluate(cfg, workdir)
+
+    # Steps 5-8 were retrained from step 4, bit for bit as the first time.
+    again, first = _losses(workdir), _losses(base)
+    assert sorted(again) == [5, 6, 7, 8]
+    assert [again[s] for s in again] == [first[s] for s in again]
+    # The damaged step was moved aside (not deleted) and replaced by a good one.
+    assert os.listdir(os.path.join(workdir, "checkpoints_damaged")) == ["8"]
+    state, step = checkpointing.Checkpointer(workdir).restore(None)
+    assert step == 8
+
+
+def test_no_good_checkpoint_stops_and_never_starts_over(finished_run, tmp_path):
+    cfg, base = finished_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(base, workdir)
+    for step in ("4", "8"):
+        _flip_one_bit(_largest_file(os.path.join(workdir, "checkpoints", step, "default")))
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* can be restored \(step 8: "
+                                              r"integrity fingerprint mismatch"):
+        train.train_and_evaluate(cfg, workdir)
+    assert checkpointing.Checkpointer(workdir).all_steps() == []  # nothing new was trained
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints_damaged"))) == ["4", "8"]
+
+
+def test_fingerprint_detects_every_single_bit_flip():
+    state = {"w": np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8),
+             "n": np.arange(5, dtype=np.int32), "h": np.ones(4, jax.numpy.bfloat16)}
+    reference = checkpointing.fingerprint(state)
+    for name in state:
+        flat = state[name].view(np.uint8).reshape(-1)
+        for byte in range(0, flat.size, 3):
+            for bit in range(8):
+                damaged = dict(state)
+                bits = flat.copy()
+                bits[byte] ^= 1 << bit
+                damaged[name] = bits.view(state[name].dtype).reshape(state[name].shape)
+                if not np.all(np.isfinite(np.asarray(damaged[name], np.float32))):
+                    continue  # a flip into NaN/inf is caught by the finiteness check instead
+                assert checkpointing.fingerprint(damaged)[name] != reference[name], (name, byte)
+
+
+@pytest.mark.parametrize("lr", [1e36, 1e30])
+def test_exploding_update_is_skipped_and_never_checkpointed(tfds_dir, tmp_path, lr):
+    cfg = tiny_train_config(tfds_dir, log_every_steps=100)  # only the save checks the count
+    cfg.optimizer.base_lr = lr
+    workdir = str(tmp_path / "run")
+    with pytest.raises(FloatingPointError, match="before step 4; the update was skipped"):
+        train.train_and_evaluate(cfg, workdir)
+    assert checkpointing.Checkpointer(workdir).all_steps() == []
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0.0, -1e-3])
+def test_non_finite_or_non_positive_lr_is_rejected(tfds_dir, tmp_path, value):
+    cfg = tiny_train_config(tfds_dir)
+    cfg.optimizer.base_lr = value
+    with pytest.raises(ConfigError, match=r"optimizer.base_lr=.* must be a finite number > 0"):
+        train.train_and_evaluate(cfg, str(tmp_path / "run"))
+
+
+def test_state_with_non_finite_values_is_never_saved(tmp_path):
+    ckpt = checkpointing.Checkpointer(str(tmp_path), asynchronous=False)
+    with pytest.raises(CheckpointError, match="non-finite values"):
+        ckpt.maybe_save(1, {"w": np.array([1.0, np.nan], np.float32)}, force=True)
+    ckpt.close()
+    assert checkpointing.Checkpointer(str(tmp_path)).all_steps() == []
+
+
+# ---- workdir identity -------------------------------------------------------------------
+
+def test_changed_config_is_refused_with_every_changed_field(finished_run, tmp_path):
+    cfg, base = finished_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(base, workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+        recorded = f.read()
+    changed = cfg.copy_and_resolve_references()
+    changed.batch_size = 32
+    changed.seed = 7
+    changed.objective.mask_ratio = 0.6
+    with pytest.raises(ConfigError) as err:
+        train.train_and_evaluate(changed, workdir)
+    for text in ("batch_size: 16 -> 32", "seed: 0 -> 7", "objective.mask_ratio: 0.75 -> 0.6",
+                 "--allow_config_change"):
+        assert text in str(err.value)
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert f.read() == recorded  # never overwritten
+
+
+def test_allowed_config_change_keeps_both_configs(finished_run, tmp_path):
+    cfg, base = finished_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(base, workdir)
+    longer = cfg.copy_and_resolve_references()
+    longer.total_steps = 12
+    train.train_and_evaluate(longer, workdir, allow_config_change=True)
+    assert checkpointing.Checkpointer(workdir).latest_step() == 12
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["total_steps"] == 8
+    with open(os.path.join(workdir, "config.step8.json")) as f:
+        assert json.load(f)["total_steps"] == 12
+    # The accepted change is now the record: the same config resumes without the flag.
+    train.train_and_evaluate(longer, workdir)
+
+
+def test_rerunning_a_finished_run_changes_nothing(finished_run, tmp_path):
+    cfg, base = finished_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(base, workdir)
+    before = {name: os.path.getmtime(os.path.join(workdir, name))
+              for name in ("final_metrics.json", "config.json", "metrics.jsonl")}
+    final = train.train_and_evaluate(cfg, workdir)
+    assert "loss" in final
+    after = {name: os.path.getmtime(os.path.join(workdir, name)) for name in before}
+    assert after == before
+    assert checkpointing.Checkpointer(workdir).all_steps() == [4, 8]
+
+
+# ---- whole runs through the command line ------------------------------------------------
+
+def _main_cmd(workdir, tfds_dir, *overrides):
+    return [sys.executable, "-m", "mim_jax.main", "--config", "configs/mae.py:quickstart",
+            "--workdir", str(workdir), f"--config.data.data_dir={tfds_dir}", *TINY_ARGS,
+            *overrides]
+
+
+def _env():
+    return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def _errors(stderr):
+    """Lines that are not absl log records: what a user reads as the outcome."""
+    return [line for line in stderr.splitlines() if line.strip() and not _ABSL.match(line)]
+
+
+def _can_mount_tmpfs(path):
+    os.makedirs(path, exist_ok=True)
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)],
+                       check=True, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    subprocess.run(["umount", str(path)], capture_output=True, timeout=30)
+    return True
+
+
+def test_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(tfds_dir, tmp_path):
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    if not _can_mount_tmpfs(ckpt_dir):
+        pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN) to fill a disk")
+    # Size the disk from a real checkpoint: room for step 4 and not for step 8.
+    probe = tmp_path / "probe"
+    run = subprocess.run(_main_cmd(probe, tfds_dir, "--config.total_steps=4",
+                                   "--config.checkpoint.every_steps=4"),
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    size = sum(os.path.getsize(os.path.join(d, f))
+               for d, _, names in os.walk(probe / "checkpoints" / "4") for f in names)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.5) + 8192}", "tmpfs",
+                    str(ckpt_dir)], check=True, timeout=30)
+    try:
+        cmd = _main_cmd(tmp_path / "run", tfds_dir, "--config.total_steps=12",
+                        "--config.checkpoint.every_steps=4", "--config.checkpoint.keep=3")
+        run = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 1, run.stderr[-3000:]
+        errors = _errors(run.stderr)
+        assert len(errors) == 1, errors[:20]
+        assert errors[0].startswith("mim_jax: error: saving the checkpoint of step 8 to "
+                                    f"{ckpt_dir} failed:"), errors[0]
+        assert "space" in errors[0] and "step 4 is intact" in errors[0]
+        assert "Traceback" not in run.stderr
+        # The run stopped at once: no step after the failed save's next one was trained.
+        assert max(_losses(tmp_path / "run")) <= 9
+        assert checkpointing.Checkpointer(str(tmp_path / "run")).all_steps() == [4]
+        state, step = checkpointing.Checkpointer(str(tmp_path / "run")).restore(None)
+        assert step == 4
+    finally:
+        subprocess.run(["umount", "-l", str(ckpt_dir)], capture_output=True, timeout=30)
+    # With space again the same command resumes from step 4 and finishes.
+    run = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert checkpointing.Checkpointer(str(tmp_path / "run")).latest_step() == 12
+
+
+def test_kill_9_during_async_save_resumes_exactly(tfds_dir, tmp_path):
+    overrides = ["--config.total_steps=12", "--config.checkpoint.every_steps=4",
+                 "--config.checkpoint.asynchronous=true"]
+    straight = subprocess.run(_main_cmd(tmp_path / "straight", tfds_dir, *overrides), cwd=ROOT,
+                              env=_env(), capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(_main_cmd(workdir, tfds_dir, *overrides), cwd=ROOT, env=_env(),
+                            stderr=subprocess.PIPE, text=True)
+    killed_at = None
+    for line in proc.stderr:  # the save of step 8 starts right after its step
+        if "step 8/12" in line:
+            proc.send_signal(signal.SIGKILL)
+            killed_at = time.time()
+            break
+    proc.wait(timeout=60)
+    assert killed_at is not None and proc.returncode == -signal.SIGKILL
+    resumed = subprocess.run(_main_cmd(workdir, tfds_dir, *overrides), cwd=ROOT, env=_env(),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _losses(tmp_path / "straight"), _losses(workdir)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    assert [a[s] for s in a] == [b[s] for s in a]  # bitwise, whichever checkpoint survived
+
+
+# ---- bad configs: one line, exit status 2, before any data or compute --------------------
+
+BAD_CONFIGS = [
+    # (what, command-line arguments, text the one line must contain)
+    ("unknown optimizer", ["--config.optimizer.name=sgd"], "optimizer.name='sgd'"),
+    ("lr nan", ["--config.optimizer.base_lr=nan"], "optimizer.base_lr=nan"),
+    ("lr inf", ["--config.optimizer.base_lr=inf"], "optimizer.base_lr=inf"),
+    ("negative weight decay", ["--config.optimizer.weight_decay=-1"],
+     "optimizer.weight_decay=-1"),
+    ("b2 above 1", ["--config.optimizer.b2=1.5"], "optimizer.b2=1.5"),
+    ("warmup longer than run", ["--config.warmup_steps=50", "--config.total_steps=10"],
+     "warmup_steps=50"),
+    ("checkpoint every 0", ["--config.checkpoint.every_steps=0"], "checkpoint.every_steps=0"),
+    ("keep 0", ["--config.checkpoint.keep=0"], "checkpoint.keep=0"),
+    ("no reconstruction images", ["--config.evaluators.reconstruction.num_images=0"],
+     "reconstruction.num_images=0"),
+    ("bad config argument", None, "epochs='abc'"),
+    ("unknown field", ["--config.batch_sise=32"], "batch_sise"),
+    ("mistyped value", ["--config.batch_size=abc"], "config.batch_size=abc"),
+    ("zero batch", ["--config.batch_size=0"], "batch_size=0"),
+    ("unknown objective", ["--config.objective.name=nope"], "objective.name='nope'"),
+    ("unknown dataset", ["--config.data.name=no_such_dataset"], "data.name='no_such_dataset'"),
+]
+
+
+@pytest.mark.parametrize("what,args,expect", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config_is_one_line_exit_2(tfds_dir, tmp_path, what, args, expect):
+    config = "configs/mae.py:quickstart" if args is not None else "configs/mae.py:epochs=abc"
+    cmd = [sys.executable, "-m", "mim_jax.main", "--config", config, "--workdir",
+           str(tmp_path / "run"), f"--config.data.data_dir={tfds_dir}", *(args or [])]
+    start = time.perf_counter()
+    run = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    seconds = time.perf_counter() - start
+    errors = _errors(run.stderr)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert len(errors) == 1 and errors[0].startswith("mim_jax: error: "), errors[:20]
+    assert expect in errors[0], errors[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    print(f"{what}: {seconds:.1f}s: {errors[0]}")
+
+
+def test_read_only_checkpoint_dir_stops_with_one_line(tfds_dir, tmp_path):
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    if not _can_mount_tmpfs(ckpt_dir):
+        pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN) to make it read-only")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(ckpt_dir)],
+                   check=True, timeout=30)
+    try:
+        first = subprocess.run(
+            _main_cmd(tmp_path / "run", tfds_dir, "--config.total_steps=4",
+                      "--config.checkpoint.every_steps=4"),
+            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+        assert first.returncode == 0, first.stderr[-2000:]
+        subprocess.run(["mount", "-o", "remount,ro", str(ckpt_dir)], check=True, timeout=30)
+        run = subprocess.run(
+            _main_cmd(tmp_path / "run", tfds_dir, "--config.total_steps=12",
+                      "--config.checkpoint.every_steps=4", "--allow_config_change"),
+            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+        errors = _errors(run.stderr)
+        assert run.returncode == 1 and len(errors) == 1, errors[:20]
+        assert "Read-only file system" in errors[0] and "step 4 is intact" in errors[0]
+        state, step = checkpointing.Checkpointer(str(tmp_path / "run")).restore(None)
+        assert step == 4
+    finally:
+        subprocess.run(["umount", "-l", str(ckpt_dir)], capture_output=True, timeout=30)
