@@ -162,6 +162,8 @@ def validate_config(config):
         optim.validate_config(config.optimizer)
         checkpointing.validate_config(config.checkpoint)
         data.validate_data_config(config.data)
+        data.check_known_splits(config.data, config.batch_size, jax.process_count())
+        data.check_data_dir(config.data)
         evaluators.validate(config)
         if config.get("finetune") is not None:
             from mim_jax import finetune  # the fine-tuning / linear-probe task

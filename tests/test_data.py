@@ -133,6 +133,8 @@ def test_mnist5k_prepares_offline_with_expected_splits(mnist_dir):
         source = sources.make_source(cfg)
     assert source.num_examples("train") == 4500
     assert source.num_examples("test") == 500
+    # The sizes start-up validation relies on without preparing anything.
+    assert data.KNOWN_SPLITS["mnist5k"] == {s: source.num_examples(s) for s in ("train", "test")}
     digits = _to_uint8(data.fixed_eval_images(cfg, 20), cfg)
     assert digits.shape == (20, 28, 28, 1)
     for digit in digits:

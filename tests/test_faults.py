@@ -336,6 +336,10 @@ BAD_CONFIGS = [
     ("zero batch", ["--config.batch_size=0"], "batch_size=0"),
     ("unknown objective", ["--config.objective.name=nope"], "objective.name='nope'"),
     ("unknown dataset", ["--config.data.name=no_such_dataset"], "data.name='no_such_dataset'"),
+    ("missing split", ["--config.data.split=nope"], "data.split='nope'"),
+    ("batch larger than the data", ["--config.batch_size=8192"], "batch_size=8192"),
+    ("data_dir is a file", ["--config.data.data_dir=" + os.path.abspath(__file__)],
+     "data.data_dir="),
 ]
 
 

@@ -7,6 +7,8 @@ registers the offline `mnist5k` TFDS dataset.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from mim_jax.data import synthetic
@@ -30,6 +32,44 @@ def prepare(data_cfg) -> None:
     from mim_jax.data import sources
 
     sources.make_source(data_cfg)  # a TFDS source prepares its dataset when it is missing
+
+
+# Split sizes known without touching any data: mnist5k is bundled (data/mnist5k.py), so a bad
+# split or an oversized batch fails at start-up, not after TensorFlow has loaded.
+KNOWN_SPLITS = {"mnist5k": {"train": 4500, "test": 500}}
+
+
+def check_known_splits(data_cfg, global_batch_size: int, process_count: int = 1) -> None:
+    """Raises ValueError for a split that does not exist or a batch larger than the split,
+    where the sizes are known statically (other datasets are checked once prepared)."""
+    sizes = KNOWN_SPLITS.get(data_cfg.name)
+    if sizes is None:
+        return
+    for field in ("split", "eval_split"):
+        split = data_cfg.get(field)
+        if split and split not in sizes:
+            raise ValueError(f"data.{field}={split!r} is not a split of {data_cfg.name!r}; "
+                             f"allowed: {sorted(sizes)}.")
+    total = sizes[data_cfg.split]
+    if global_batch_size > total - total % process_count:
+        raise ValueError(f"batch_size={global_batch_size} is larger than the split "
+                         f"data.split={data_cfg.split!r} of {data_cfg.name!r} ({total} "
+                         "examples): it must be <= the examples per epoch.")
+
+
+def check_data_dir(data_cfg) -> None:
+    """data.data_dir must be a directory or creatable as one (TFDS prepares data into it)."""
+    path = data_cfg.get("data_dir")
+    if not path or data_cfg.name in (synthetic.NAME, "folder"):
+        return
+    path = os.path.abspath(os.path.expanduser(path))
+    existing = path
+    while not os.path.exists(existing):  # the nearest ancestor that exists decides
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK) and \
+            existing != path:
+        raise ValueError(f"data.data_dir={data_cfg.data_dir!r} cannot be used: {existing!r} is "
+                         "not a writable directory; pass a directory for the datasets.")
 
 
 def create_train_iterator(
@@ -93,6 +133,8 @@ def denormalize(images, data_cfg) -> np.ndarray:
 
 
 __all__ = [
+    "check_data_dir",
+    "check_known_splits",
     "create_train_iterator",
     "prepare",
     "default_data_config",
