@@ -18,18 +18,6 @@ INTERPOLATIONS = ("bicubic", "bilinear")
 AUTOTUNE = -1
 
 
-def optional_field(default):
-    """A config field that holds a value or None ("off"), settable both ways from the command line.
-
-    config_flags picks the parser of an override from the field's type. A plain tuple default
-    gets the tuple parser, which turns `--config.data.crop_scale=None` into `(None,)`, and a
-    `placeholder(str)` keeps the text 'None'. A reference typed `object` gets ml_collections'
-    literal parser instead: `None` -> None, `(0.3,1.0)` -> a tuple, unparsable text (e.g. a
-    RandAugment policy) -> that string. `validate_data_config` checks what was given.
-    """
-    return config_dict.FieldReference(default, field_type=object)
-
-
 def default_data_config() -> ml_collections.ConfigDict:
     """The data section of an experiment config, with documented defaults."""
     c = ml_collections.ConfigDict()
@@ -47,15 +35,14 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.image_size = 224
     c.channels = 3  # 1 or 3; inputs are converted as needed.
     # RandomResizedCrop area range as a fraction of the image; None disables
-    # cropping (plain resize to image_size): --config.data.crop_scale=None.
-    c.crop_scale = optional_field((0.2, 1.0))
+    # cropping (plain resize to image_size).
+    c.crop_scale = (0.2, 1.0)
     c.crop_ratio = (3 / 4, 4 / 3)  # Aspect-ratio (w/h) range of the crop.
     c.interpolation = "bicubic"
     c.flip = True
     # timm RandAugment policy applied after crop / flip, e.g. 'rand-m9-mstd0.5-inc1' as in
-    # MAE / BEiT fine-tuning (see mim_jax/data/randaugment.py); None = off, also from the
-    # command line (--config.data.randaugment=None), which a str placeholder would read as 'None'.
-    c.randaugment = optional_field(None)
+    # MAE / BEiT fine-tuning (see mim_jax/data/randaugment.py); None = off.
+    c.randaugment = config_dict.placeholder(str)
     c.mean = (0.485, 0.456, 0.406)
     c.std = (0.229, 0.224, 0.225)
     c.shuffle_buffer = 10_000

@@ -74,10 +74,7 @@ def decode_any(encoded, channels: int):
     """Decodes JPEG / PNG / BMP / GIF (first frame) / WebP to uint8."""
     # channels=0 keeps the native layout; the conversion is done by
     # `to_channels` because not every format's decoder can convert itself
-    # (GIF, for one, only produces RGB, and libjpeg cannot turn CMYK into
-    # grayscale).  Natively, a CMYK JPEG comes out as RGB, a palette PNG as
-    # RGB(A), and a 16-bit PNG keeps the high byte of each sample (v >> 8)
-    # because dtype=uint8 asks libpng to strip 16 bits to 8.
+    # (GIF, for one, only produces RGB).
     image = tf.io.decode_image(encoded, channels=0, dtype=tf.uint8, expand_animations=False)
     return to_channels(image, channels)
 
@@ -97,30 +94,6 @@ def _sample_crop(image_shape, seed, scale, ratio):
     return begin[0], begin[1], size[0], size[1]
 
 
-def _decode_jpeg_window(encoded, components, window, channels: int):
-    """Decodes the window [y, x, h, w] of a JPEG with `components` colour
-    components (as `extract_jpeg_shape` reports them) to uint8 [h, w, channels]."""
-
-    def direct():
-        # libjpeg converts while decoding: gray <-> RGB, and YCbCr -> gray
-        # reads only the luma plane, the cheapest way to a gray image.
-        image = tf.image.decode_and_crop_jpeg(encoded, window, channels=channels)
-        return tf.ensure_shape(image, [None, None, channels])
-
-    if channels == 3:
-        return direct()  # TF decodes 4-component (CMYK / YCCK) JPEGs to RGB itself.
-
-    def via_rgb():
-        # libjpeg has no CMYK / YCCK -> grayscale conversion: asked for one
-        # channel it fails ("Unsupported color conversion request"), and the
-        # valid image would be dropped as corrupt.  TF's own CMYK -> RGB path
-        # works, so decode to RGB and make it gray as for any RGB image.
-        image = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
-        return to_channels(image, channels)
-
-    return tf.cond(tf.equal(components, 4), via_rgb, direct)
-
-
 def decode_random_crop(encoded, seed, channels: int, scale, ratio):
     """Decodes a random crop; JPEGs decode only the cropped window."""
 
@@ -128,7 +101,8 @@ def decode_random_crop(encoded, seed, channels: int, scale, ratio):
         shape = tf.image.extract_jpeg_shape(encoded)
         y, x, h, w = _sample_crop(shape, seed, scale, ratio)
         # Decoding only the window is the main CPU saving of this pipeline.
-        return _decode_jpeg_window(encoded, shape[2], tf.stack([y, x, h, w]), channels)
+        image = tf.image.decode_and_crop_jpeg(encoded, tf.stack([y, x, h, w]), channels=channels)
+        return tf.ensure_shape(image, [None, None, channels])
 
     def other():
         image = decode_any(encoded, channels)
