@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import ml_collections
-from ml_collections import config_dict
 
-from mim_jax.data.config import default_data_config
+from mim_jax.data.config import default_data_config, optional_field
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -61,23 +60,25 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# Model fields left None take the variant's value (or the default attention); being optional
+# fields, a config's value can be given back to the variant with e.g. --config.model.width=None.
 def _backbone_common(name: str, variant: str) -> dict:
-    return dict(name=name, variant=variant, patch_size=config_dict.placeholder(int),
+    return dict(name=name, variant=variant, patch_size=optional_field(int),
                 drop_path_rate=0.0, dtype="float32", param_dtype="float32", remat=False,
-                attention_impl=config_dict.placeholder(str))
+                attention_impl=optional_field(str))
 
 
 def vit_model_config(variant: str) -> ml_collections.ConfigDict:
     """ViT: variant 'B/16' etc.; width/depth/num_heads/mlp_dim override it."""
     return ml_collections.ConfigDict(dict(
         _backbone_common("vit", variant),
-        width=config_dict.placeholder(int), depth=config_dict.placeholder(int),
-        num_heads=config_dict.placeholder(int), mlp_dim=config_dict.placeholder(int),
+        width=optional_field(int), depth=optional_field(int),
+        num_heads=optional_field(int), mlp_dim=optional_field(int),
         scan=False,
         pos_embed="sincos",  # 'sincos' (fixed) | 'learned' | 'none'
         cls_token=True,
         qkv_bias="qkv",  # 'qkv' | 'qv' (BEiT-style: no k bias) | 'none'
-        layer_scale_init=config_dict.placeholder(float),
+        layer_scale_init=optional_field(float),  # None: no layer scale
         rel_pos_bias="none"))  # 'none' | 'shared' | 'per_layer'
 
 
@@ -85,8 +86,8 @@ def swin_model_config(variant: str, window_size: int) -> ml_collections.ConfigDi
     """Swin: variant 'T' | 'S' | 'B' | 'L'; embed_dim/depths/num_heads override it."""
     return ml_collections.ConfigDict(dict(
         _backbone_common("swin", variant), window_size=window_size,
-        embed_dim=config_dict.placeholder(int), depths=config_dict.placeholder(tuple),
-        num_heads=config_dict.placeholder(tuple)))
+        embed_dim=optional_field(int), depths=optional_field(tuple),
+        num_heads=optional_field(tuple)))
 
 
 def quickstart_probes(every_steps: int) -> dict:

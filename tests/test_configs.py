@@ -2,7 +2,12 @@
 import glob
 import os
 import re
+import subprocess
+import sys
 
+from absl import flags
+import ml_collections
+from ml_collections import config_flags
 import pytest
 
 from mim_jax import objectives, train
@@ -70,3 +75,137 @@ def test_locked_config_rejects_typo_override():
         c.batch_sise = 3
     with pytest.raises(AttributeError):
         c.model.drop_path = 0.1
+
+
+# ------------------------------------------------ optional fields on the command line ---
+# mim_jax.main reads the config with ml_collections' config_flags (locked config); these
+# parse command lines the same way.
+
+def _parse_command_line(config_arg, *overrides):
+    argv = ["mim_jax.main", "--config", os.path.join(ROOT, "configs", config_arg), *overrides]
+    flag_values = flags.FlagValues()  # Private flags: nothing leaks into absl's global FLAGS.
+    holder = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                             flag_values=flag_values, lock_config=True,
+                                             sys_argv=argv)
+    flag_values(argv)
+    return holder.value
+
+
+def _optional_fields(cfg, prefix=""):
+    """Dotted paths of the fields whose type admits None (see data.config.optional_field)."""
+    paths = []
+    for key in cfg.keys():
+        value = cfg[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            paths += _optional_fields(value, f"{prefix}{key}.")
+            continue
+        field_type = cfg.get_type(key)
+        if isinstance(field_type, tuple) and type(None) in field_type:
+            paths.append(prefix + key)
+    return paths
+
+
+DATA_OPTIONAL = {"data.data_dir", "data.manual_dir", "data.folder", "data.crop_scale",
+                 "data.randaugment"}
+BACKBONE_OPTIONAL = {"model.patch_size", "model.attention_impl"}
+VIT_OPTIONAL = BACKBONE_OPTIONAL | {"model.width", "model.depth", "model.num_heads",
+                                    "model.mlp_dim", "model.layer_scale_init"}
+SWIN_OPTIONAL = BACKBONE_OPTIONAL | {"model.embed_dim", "model.depths", "model.num_heads"}
+
+
+@pytest.mark.parametrize("config_arg,expected", [
+    ("mae.py", DATA_OPTIONAL | VIT_OPTIONAL),
+    ("mae.py:quickstart", DATA_OPTIONAL | VIT_OPTIONAL),
+    ("simmim.py", DATA_OPTIONAL | SWIN_OPTIONAL),
+    ("simmim.py:model=vit_b", DATA_OPTIONAL | VIT_OPTIONAL),
+    ("finetune.py", DATA_OPTIONAL | VIT_OPTIONAL),
+    ("linear_probe.py", DATA_OPTIONAL | VIT_OPTIONAL),
+])
+def test_every_optional_field_can_be_unset_from_command_line(config_arg, expected):
+    path, _, arg = config_arg.partition(":")
+    _, cfg = _load(os.path.join(ROOT, "configs", path), arg or None)
+    assert set(_optional_fields(cfg)) == expected
+    parsed = _parse_command_line(config_arg, *(f"--config.{p}=None" for p in sorted(expected)))
+    for field in expected:
+        holder, name = parsed, field
+        while "." in name:
+            head, name = name.split(".", 1)
+            holder = holder[head]
+        assert holder[name] is None, field
+    data_config.validate_data_config(parsed.data)  # No crop and no RandAugment are valid.
+
+
+def test_crop_scale_none_from_command_line():
+    cfg = _parse_command_line("mae.py", "--config.data.crop_scale=None")
+    assert cfg.data.crop_scale is None
+    assert cfg.is_locked  # As mim_jax.main makes it.
+    data_config.validate_data_config(cfg.data)
+
+
+@pytest.mark.parametrize("text", ["(0.3,1.0)", "0.3,1.0", "(0.3, 1)"])
+def test_crop_scale_tuple_from_command_line(text):
+    cfg = _parse_command_line("mae.py", f"--config.data.crop_scale={text}")
+    assert tuple(cfg.data.crop_scale) == (0.3, 1.0) and isinstance(cfg.data.crop_scale, tuple)
+    data_config.validate_data_config(cfg.data)
+
+
+def test_optional_field_defaults_are_unchanged():
+    assert data_config.default_data_config().crop_scale == (0.2, 1.0)
+    assert data_config.default_data_config().randaugment is None
+    assert _parse_command_line("mae.py").data.crop_scale == (0.2, 1.0)  # No override given.
+    assert _parse_command_line("mae.py:quickstart").data.crop_scale == (0.6, 1.0)
+    ft = _parse_command_line("finetune.py")
+    assert ft.data.randaugment == "rand-m9-mstd0.5-inc1"
+    assert _parse_command_line("simmim.py:model=vit_b").model.layer_scale_init == 0.1
+
+
+def test_optional_fields_keep_their_type_on_the_command_line():
+    cfg = _parse_command_line(
+        "finetune.py", "--config.data.randaugment=None", "--config.data.data_dir=2024",
+        "--config.model.width=64", "--config.model.layer_scale_init=1")
+    assert cfg.data.randaugment is None  # Not the text 'None'.
+    assert cfg.data.data_dir == "2024"  # A str field keeps digits as text.
+    assert cfg.model.width == 64 and cfg.model.layer_scale_init == 1.0
+    assert isinstance(cfg.model.layer_scale_init, float)
+    cfg = _parse_command_line("mae.py:quickstart",
+                              "--config.data.randaugment=rand-m9-mstd0.5-inc1")
+    assert cfg.data.randaugment == "rand-m9-mstd0.5-inc1"
+    cfg = _parse_command_line("simmim.py:quickstart", "--config.model.depths=(2,2)",
+                              "--config.model.num_heads=None")
+    assert cfg.model.depths == (2, 2) and cfg.model.num_heads is None
+    with pytest.raises(flags.IllegalFlagValueError, match="config.model.width=abc"):
+        _parse_command_line("mae.py", "--config.model.width=abc")
+    # Type checks of config files stay: an optional tuple takes a tuple or None only.
+    _, c = _load(os.path.join(ROOT, "configs", "mae.py"), None)
+    with pytest.raises(TypeError):
+        c.data.crop_scale = "0.3,1.0"
+
+
+def test_misspelt_none_is_refused_naming_the_field():
+    cfg = _parse_command_line("mae.py", "--config.data.crop_scale=none")
+    with pytest.raises(ValueError, match=r"data\.crop_scale=\('none',\).*or None to disable"):
+        data_config.validate_data_config(cfg.data)
+
+
+_MAIN_FLAGS_SCRIPT = """
+import sys
+from absl import flags
+import mim_jax.main  # Defines --config exactly as the entry point does.
+flags.FLAGS(sys.argv)
+c = flags.FLAGS.config
+print(repr((c.data.crop_scale, c.data.randaugment, c.model.width)))
+"""
+
+
+def test_entry_point_flags_take_none():
+    """With mim_jax.main's own flag, in a fresh interpreter: the None parser must be known by
+    the time config_flags reads overrides, i.e. once the config file has been loaded."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(
+        [sys.executable, "-c", _MAIN_FLAGS_SCRIPT, "--config", "configs/finetune.py",
+         "--workdir", "unused", "--config.data.crop_scale=None",
+         "--config.data.randaugment=None", "--config.model.width=None"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == repr((None, None, None))

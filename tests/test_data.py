@@ -4,13 +4,17 @@ import collections
 import contextlib
 import io
 import socket
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
 import pytest
 
 import mim_jax.data as data
+from mim_jax.data import image_ops
 from mim_jax.data import sources
+from mim_jax.data.tf_setup import tf
 
 NUM_FOLDER_IMAGES = 24  # Divisible by 1, 2 and 3 processes x batch 4.
 
@@ -331,6 +335,191 @@ def test_eval_images_skip_corrupt(tmp_path):
     cfg = _folder_cfg(str(tmp_path), channels=1, mean=(0.0,), std=(1.0,))
     images = data.fixed_eval_images(cfg, 1)
     np.testing.assert_allclose(images, 80 / 255, atol=1e-5)
+
+
+# ----------------------------------------------------------- image modes ---
+# Every image mode a dataset may hold decodes, for both channel counts, on the three paths
+# the pipeline takes: the random crop (JPEGs decode only the window), training without
+# crop, and eval.  The reference is Pillow's own conversion, Image.convert('L' / 'RGB').
+
+MODE_SIZE = 48  # Square, so the eval centre crop keeps all of it; resizing to it is a no-op.
+
+
+def _smooth_planes(planes, seed):
+    """float [MODE_SIZE, MODE_SIZE, planes] in [0, 1]: smooth waves, so JPEG stays close."""
+    y, x = np.mgrid[0:MODE_SIZE, 0:MODE_SIZE]
+    phase = np.random.default_rng(seed).uniform(0, 2 * np.pi, planes)
+    waves = [np.sin(x / (4 + 3 * k) + phase[k]) + np.cos(y / (6 + 2 * k)) for k in range(planes)]
+    return (np.stack(waves, -1) + 2) / 4
+
+
+def _encoded(image, fmt, **options):
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def _png16(samples):
+    """uint16 [h, w, c] (c = 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA) -> 16-bit PNG bytes.
+
+    Pillow writes only 16-bit gray, so the colour ones are written by hand."""
+    h, w, c = samples.shape
+    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in samples)  # filter 0: none
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(
+            ">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
+
+
+def _round_to_8bit(samples16):
+    # What an 8-bit export holds: v * 255 / 65535 rounded.
+    return np.floor(samples16.astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)
+
+
+# name -> (encoded bytes, reference PIL image, lossy).
+ImageCase = collections.namedtuple("ImageCase", "encoded reference lossy")
+
+
+def _image_cases():
+    rgb_array = np.rint(_smooth_planes(3, 0) * 255).astype(np.uint8)
+    rgb = Image.fromarray(rgb_array)
+    alpha = Image.fromarray(np.rint(_smooth_planes(1, 1)[..., 0] * 255).astype(np.uint8))
+    rgba = rgb.copy()
+    rgba.putalpha(alpha)
+    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    # CMYK with real black (K > 0), not just Pillow's RGB -> CMYK (which leaves K = 0).
+    black = np.rint(_smooth_planes(1, 2) * 120).astype(np.uint8)
+    cmyk = Image.fromarray(np.concatenate([255 - rgb_array, black], -1), "CMYK")
+    encoded = {
+        "cmyk_jpeg": _encoded(cmyk, "JPEG", quality=95),
+        "gray_jpeg": _encoded(rgb.convert("L"), "JPEG", quality=95),
+        "rgb_jpeg": _encoded(rgb, "JPEG", quality=95),
+        "gray_png": _encoded(rgb.convert("L"), "PNG"),
+        "palette_png": _encoded(palette, "PNG"),
+        "palette_transparent_png": _encoded(palette, "PNG", transparency=3),
+        "la_png": _encoded(rgb.convert("LA"), "PNG"),
+        "rgba_png": _encoded(rgba, "PNG"),
+    }
+    cases = {}
+    for name, blob in encoded.items():
+        # Pillow decodes the very same bytes: only the decoders' conversions differ.
+        cases[name] = ImageCase(blob, Image.open(io.BytesIO(blob)), name.endswith("jpeg"))
+    samples16 = np.rint(_smooth_planes(4, 3) * 65535).astype(np.uint16)
+    for name, planes, mode in (("gray16_png", 1, "L"), ("la16_png", 2, "LA"),
+                               ("rgb16_png", 3, "RGB"), ("rgba16_png", 4, "RGBA")):
+        samples = samples16[..., :planes]
+        if planes == 1:
+            blob = _encoded(Image.fromarray(samples[..., 0]), "PNG")  # Pillow mode I;16.
+        else:
+            blob = _png16(samples)
+        # Not Pillow's decoding here: it keeps the high byte of 16-bit colour (v >> 8) and
+        # clips 16-bit gray to 255 in convert('L').  The reference is the rounded 8-bit
+        # image, converted by Pillow like the others.
+        eight = _round_to_8bit(samples)
+        reference = Image.fromarray(eight[..., 0] if planes == 1 else eight, mode)
+        cases[name] = ImageCase(blob, reference, False)
+    return cases
+
+
+IMAGE_CASES = _image_cases()
+
+
+def _mode_spec(channels, crop_scale):
+    # crop_scale (1, 1) with ratio 1 on a square image: the crop path with a full window.
+    return image_ops.ImageSpec(
+        image_size=MODE_SIZE, channels=channels, crop_scale=crop_scale, crop_ratio=(1.0, 1.0),
+        interpolation="bilinear", flip=False, mean=(0.5,) * channels, std=(0.5,) * channels)
+
+
+def _decoded_three_ways(encoded, channels):
+    seed = tf.constant([3, 4], tf.int64)
+    return {
+        "random_crop": image_ops.train_image(encoded, seed, _mode_spec(channels, (1.0, 1.0))),
+        "no_crop": image_ops.train_image(encoded, seed, _mode_spec(channels, None)),
+        "eval": image_ops.eval_image(encoded, _mode_spec(channels, None)),
+    }
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("name", sorted(IMAGE_CASES))
+def test_image_modes_decode_like_pillow(name, channels):
+    case = IMAGE_CASES[name]
+    expected = np.asarray(case.reference.convert("L" if channels == 1 else "RGB"), np.float64)
+    expected = expected.reshape(MODE_SIZE, MODE_SIZE, channels)
+    for path, image in _decoded_three_ways(case.encoded, channels).items():
+        image = image.numpy().astype(np.float64)
+        assert image.shape == expected.shape, path
+        diff = np.abs(image - expected)
+        if case.lossy:
+            # TF decodes JPEGs with libjpeg's fast integer IDCT (its default dct_method),
+            # Pillow with the accurate one, and chroma upsampling and CMYK -> RGB rounding
+            # differ too: a few levels here and there (max 7, mean 1.5 measured), while a
+            # wrong conversion (channels swapped, CMYK not inverted) is off by tens.
+            assert diff.mean() < 2.5, path
+            assert diff.max() <= 12, path
+            assert np.corrcoef(image.ravel(), expected.ravel())[0, 1] > 0.995, path
+        elif channels == 1 and case.reference.mode not in ("L", "LA"):
+            # Colour -> gray: TF weighs in float and truncates, Pillow uses fixed-point
+            # ITU-R 601-2 weights and rounds; they differ by at most one level.
+            assert diff.max() <= 1, path
+        else:
+            np.testing.assert_array_equal(image, expected, err_msg=path)
+
+
+def test_cmyk_jpeg_matches_its_source_colours():
+    """Pillow and TF could agree and both be wrong: check against the known colours."""
+    rgb_array = np.rint(_smooth_planes(3, 0) * 255).astype(np.float64)
+    black = np.rint(_smooth_planes(1, 2) * 120)
+    expected = rgb_array * (255 - black) / 255  # C = 255 - R, so R' = (255 - C)(255 - K) / 255
+    for image in _decoded_three_ways(IMAGE_CASES["cmyk_jpeg"].encoded, 3).values():
+        assert np.abs(image.numpy() - expected).mean() < 3.0  # JPEG loss only.
+
+
+def test_16bit_png_rounds_to_8bit():
+    """A sample between two 8-bit levels goes to the nearer one (TF itself keeps v >> 8)."""
+    samples = np.array([[0, 128, 129, 200, 386, 32767, 32896, 65406, 65407, 65535]], np.uint16)
+    blob = _encoded(Image.fromarray(samples), "PNG")
+    decoded = image_ops.decode_any(blob, 1).numpy()[..., 0]
+    # v * 255 / 65535 = 0, .498, .502, .778, 1.502, 127.498, 128, 254.498, 254.502, 255;
+    # v >> 8 would give 0, 0, 0, 0, 1, 127, 128, 255, 255, 255.
+    np.testing.assert_array_equal(decoded[0], [0, 0, 1, 1, 2, 127, 128, 254, 255, 255])
+    np.testing.assert_array_equal(decoded, _round_to_8bit(samples))
+
+
+def test_8bit_png_pixels_are_exact():
+    array = np.random.default_rng(5).integers(0, 256, (9, 7, 3), np.uint8)
+    blob = _encoded(Image.fromarray(array), "PNG")
+    np.testing.assert_array_equal(image_ops.decode_any(blob, 3).numpy(), array)
+
+
+@pytest.fixture(scope="session")
+def image_modes_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("image_modes")
+    for name, case in IMAGE_CASES.items():
+        suffix = ".jpg" if name.endswith("jpeg") else ".png"
+        (root / (name + suffix)).write_bytes(case.encoded)
+    return str(root)
+
+
+@pytest.mark.parametrize("crop_scale", [None, (0.3, 1.0)], ids=["no_crop", "random_crop"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_no_image_mode_is_counted_as_corrupt(image_modes_folder, channels, crop_scale):
+    cfg = _folder_cfg(image_modes_folder, channels=channels, mean=(0.5,) * channels,
+                      std=(0.25,) * channels, image_size=16, crop_scale=crop_scale)
+    num = len(IMAGE_CASES)
+    # One batch holds every image: it comes out full only if none was dropped.
+    it = data.create_train_iterator(
+        cfg, global_batch_size=num, seed=0, process_index=0, process_count=1)
+    batch = next(it)["image"]
+    assert batch.shape == (num, 16, 16, channels)
+    assert it.skipped_images == 0
+    # Eval drops undecodable images too; fewer than `num` would raise.
+    assert data.fixed_eval_images(cfg, num).shape == (num, 16, 16, channels)
 
 
 # ------------------------------------------------------------ validation ---

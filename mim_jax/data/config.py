@@ -8,8 +8,11 @@ dataset and the TFDS builder *registry*; it never prepares or reads data.
 import os
 import re
 
+from absl import flags
 import ml_collections
 from ml_collections import config_dict
+from ml_collections import config_flags
+from ml_collections.config_flags import tuple_parser
 
 FOLDER = "folder"
 MNIST5K = "mnist5k"
@@ -18,16 +21,71 @@ INTERPOLATIONS = ("bicubic", "bilinear")
 AUTOTUNE = -1
 
 
+# The text that sets an optional field to None on the command line.
+NONE_TEXT = "None"
+
+
+class _NoneOrParser(flags.ArgumentParser):
+    """Command-line value of an optional field: the text None -> None, any other text goes
+    to the parser config_flags uses for fields of the value's own type."""
+
+    def __init__(self, value_parser: flags.ArgumentParser):
+        # absl caches parser instances by their arguments, so they hold no other state.
+        self._value_parser = value_parser
+
+    def parse(self, argument):
+        # config_flags also passes the field's current (already typed) value through here.
+        if argument is None or argument == NONE_TEXT:
+            return None
+        return self._value_parser.parse(argument)
+
+    def flag_type(self):
+        return f"{self._value_parser.flag_type()} or None"
+
+
+# The parsers config_flags itself uses for these types.
+_VALUE_PARSERS = {
+    int: flags.IntegerParser,
+    float: flags.FloatParser,
+    str: flags.ArgumentParser,
+    tuple: tuple_parser.TupleParser,
+}
+
+
+def optional_field(field_type, default=None) -> config_dict.FieldReference:
+    """A config field holding a `field_type` value or None, both settable from the command
+    line: `--config.data.crop_scale=None` as well as `--config.data.crop_scale=(0.3,1.0)`.
+
+    config_flags parses an override by the type of the field.  A plain tuple default would
+    get the tuple parser, which makes `None` into `(None,)`, and `placeholder(str)` keeps the
+    text 'None'.  This field's type is the pair (field_type, NoneType): assignments are still
+    type-checked by ConfigDict, and the parser registered for the pair reads None as None and
+    anything else like a `field_type` field.  One difference for tuples: config_flags'
+    repeated-flag form (`--config.x=1 --config.x=2`) is only for plain tuple fields, and here
+    the last value wins, so a tuple is given whole: `(1,2)` or `1,2`.
+    """
+    if field_type not in _VALUE_PARSERS:
+        raise TypeError(f"optional_field supports {sorted(t.__name__ for t in _VALUE_PARSERS)}, "
+                        f"not {field_type!r}.")
+    optional_type = (field_type, type(None))
+    # Registered here, when the field is made, so it is in place before config_flags
+    # parses any override: it loads the config file (which makes the fields) first.
+    config_flags.register_flag_parser_for_type(
+        optional_type, _NoneOrParser(_VALUE_PARSERS[field_type]()))
+    return config_dict.FieldReference(default, field_type=optional_type)
+
+
 def default_data_config() -> ml_collections.ConfigDict:
     """The data section of an experiment config, with documented defaults."""
     c = ml_collections.ConfigDict()
     # 'mnist5k' (offline, bundled), 'folder' (own images), 'synthetic' or any TFDS name,
     # optionally with config / version, e.g. 'imagenet2012:5.1.0'.
     c.name = MNIST5K
-    # Placeholders keep the fields typed (str) so command-line overrides work.
-    c.data_dir = config_dict.placeholder(str)  # None -> TFDS default dir.
-    c.manual_dir = config_dict.placeholder(str)  # e.g. ImageNet tar files.
-    c.folder = config_dict.placeholder(str)  # Root dir when name == 'folder'.
+    # Optional fields are typed (str here) so command-line overrides work, and None can be
+    # given there too (see `optional_field`).
+    c.data_dir = optional_field(str)  # None -> TFDS default dir.
+    c.manual_dir = optional_field(str)  # e.g. ImageNet tar files.
+    c.folder = optional_field(str)  # Root dir when name == 'folder'.
     c.split = "train"
     c.eval_split = "test"  # Falls back to `split` when empty / None.
     c.image_key = "image"  # Feature holding the image in TFDS examples.
@@ -35,14 +93,15 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.image_size = 224
     c.channels = 3  # 1 or 3; inputs are converted as needed.
     # RandomResizedCrop area range as a fraction of the image; None disables
-    # cropping (plain resize to image_size).
-    c.crop_scale = (0.2, 1.0)
+    # cropping (plain resize to image_size), also as --config.data.crop_scale=None.
+    c.crop_scale = optional_field(tuple, (0.2, 1.0))
     c.crop_ratio = (3 / 4, 4 / 3)  # Aspect-ratio (w/h) range of the crop.
     c.interpolation = "bicubic"
     c.flip = True
     # timm RandAugment policy applied after crop / flip, e.g. 'rand-m9-mstd0.5-inc1' as in
-    # MAE / BEiT fine-tuning (see mim_jax/data/randaugment.py); None = off.
-    c.randaugment = config_dict.placeholder(str)
+    # MAE / BEiT fine-tuning (see mim_jax/data/randaugment.py); None = off, also as
+    # --config.data.randaugment=None.
+    c.randaugment = optional_field(str)
     c.mean = (0.485, 0.456, 0.406)
     c.std = (0.229, 0.224, 0.225)
     c.shuffle_buffer = 10_000
@@ -71,12 +130,14 @@ def _is_registered_tfds_builder(name: str) -> bool:
     return True
 
 
-def _pair(cfg, field):
+def _pair(cfg, field, or_none: str = ""):
     value = cfg.get(field)
     try:
         lo, hi = (float(v) for v in value)
     except (TypeError, ValueError):
-        raise ValueError(f"data.{field}={value!r} must be a pair of numbers (min, max).") from None
+        raise ValueError(
+            f"data.{field}={value!r} must be a pair of numbers (min, max){or_none}."
+        ) from None
     return lo, hi
 
 
@@ -118,7 +179,8 @@ def validate_data_config(cfg) -> None:
         raise ValueError(f"data.channels={channels!r} must be 1 or 3.")
 
     if cfg.get("crop_scale") is not None:
-        lo, hi = _pair(cfg, "crop_scale")
+        # A misspelt None (e.g. 'none') arrives here as text: say what turns cropping off.
+        lo, hi = _pair(cfg, "crop_scale", f", or {NONE_TEXT} to disable cropping")
         if not 0 < lo <= hi <= 1:
             raise ValueError(
                 f"data.crop_scale={tuple(cfg.crop_scale)!r} must satisfy "

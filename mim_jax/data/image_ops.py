@@ -70,13 +70,56 @@ def to_channels(image, channels: int):
     return tf.ensure_shape(out, [None, None, channels])
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# A PNG starts with its signature (8 bytes) and the IHDR chunk: length and type (8 bytes),
+# width and height (8 bytes), then one byte of bit depth.
+_PNG_BIT_DEPTH_OFFSET = 24
+
+
+def _is_16bit_png(encoded):
+    def bit_depth_is_16():
+        depth = tf.strings.substr(encoded, _PNG_BIT_DEPTH_OFFSET, 1)
+        return tf.equal(depth, b"\x10")
+
+    signature = tf.strings.substr(encoded, 0, len(_PNG_SIGNATURE))
+    # Byte 24 is read only from a PNG: reading it from a shorter file (a tiny GIF, say)
+    # would fail and drop a valid image.
+    return tf.cond(
+        tf.equal(signature, _PNG_SIGNATURE), bit_depth_is_16, lambda: tf.constant(False)
+    )
+
+
+def _round_uint16_to_uint8(image):
+    """uint16 -> uint8, v -> round(v * 255 / 65535): 0 and 65535 map to 0 and 255."""
+    # TF's own narrowing (decode_image(dtype=uint8), convert_image_dtype) keeps the high
+    # byte, v // 256: it scales by 1/256 instead of 1/257 and floors, so about a fifth of
+    # the samples end up one level above or below the nearest 8-bit level (the value an
+    # 8-bit export of the image holds).  int32 holds 65535 * 255 + 32767 without overflow.
+    wide = tf.cast(image, tf.int32)
+    return tf.cast((wide * 255 + 32767) // 65535, tf.uint8)
+
+
+def _decode_native(encoded):
+    """Any supported format -> uint8 [h, w, c], c its stored layout (1 to 4)."""
+
+    def png16():
+        return _round_uint16_to_uint8(tf.io.decode_png(encoded, channels=0, dtype=tf.uint16))
+
+    def uint8():
+        # Palette PNGs come out as RGB, or RGBA when they have a transparent colour;
+        # CMYK JPEGs as RGB (TF converts them itself).
+        return tf.io.decode_image(encoded, channels=0, dtype=tf.uint8, expand_animations=False)
+
+    # 8-bit files keep the plain decoder, so their pixels are exactly what they were.
+    return tf.cond(_is_16bit_png(encoded), png16, uint8)
+
+
 def decode_any(encoded, channels: int):
-    """Decodes JPEG / PNG / BMP / GIF (first frame) / WebP to uint8."""
-    # channels=0 keeps the native layout; the conversion is done by
-    # `to_channels` because not every format's decoder can convert itself
-    # (GIF, for one, only produces RGB).
-    image = tf.io.decode_image(encoded, channels=0, dtype=tf.uint8, expand_animations=False)
-    return to_channels(image, channels)
+    """Decodes JPEG / PNG (8 or 16 bit) / BMP / GIF (first frame) / WebP to uint8."""
+    # The stored layout is decoded and `to_channels` converts it, because not every
+    # decoder can convert itself: GIF only produces RGB, and libjpeg has no CMYK ->
+    # grayscale conversion (asked for channels=1 it fails on a valid CMYK JPEG).
+    return to_channels(_decode_native(encoded), channels)
 
 
 def _sample_crop(image_shape, seed, scale, ratio):
@@ -94,6 +137,33 @@ def _sample_crop(image_shape, seed, scale, ratio):
     return begin[0], begin[1], size[0], size[1]
 
 
+# Colour components of a CMYK (or YCCK) JPEG, as `extract_jpeg_shape` reports them.
+_JPEG_CMYK_COMPONENTS = 4
+
+
+def _decode_jpeg_window(encoded, window, components, channels: int):
+    """The window [y, x, h, w] of a JPEG with `components` colour components -> uint8
+    [h, w, channels]; only the window is decoded."""
+
+    def direct():
+        # libjpeg converts while decoding; for gray output of a YCbCr JPEG it reads only
+        # the luma plane, the cheapest way there.
+        return tf.image.decode_and_crop_jpeg(encoded, window, channels=channels)
+
+    def via_rgb():
+        # libjpeg cannot convert CMYK to one channel ("Unsupported color conversion
+        # request"): the valid image would be dropped as corrupt.  TF does convert CMYK
+        # to RGB, and RGB becomes gray as for any colour image.
+        rgb = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
+        return to_channels(rgb, channels)
+
+    if channels == 3:
+        image = direct()  # Gray, YCbCr and CMYK all decode straight to RGB.
+    else:
+        image = tf.cond(tf.equal(components, _JPEG_CMYK_COMPONENTS), via_rgb, direct)
+    return tf.ensure_shape(image, [None, None, channels])
+
+
 def decode_random_crop(encoded, seed, channels: int, scale, ratio):
     """Decodes a random crop; JPEGs decode only the cropped window."""
 
@@ -101,8 +171,7 @@ def decode_random_crop(encoded, seed, channels: int, scale, ratio):
         shape = tf.image.extract_jpeg_shape(encoded)
         y, x, h, w = _sample_crop(shape, seed, scale, ratio)
         # Decoding only the window is the main CPU saving of this pipeline.
-        image = tf.image.decode_and_crop_jpeg(encoded, tf.stack([y, x, h, w]), channels=channels)
-        return tf.ensure_shape(image, [None, None, channels])
+        return _decode_jpeg_window(encoded, tf.stack([y, x, h, w]), shape[2], channels)
 
     def other():
         image = decode_any(encoded, channels)
