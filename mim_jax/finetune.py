@@ -88,20 +88,23 @@ def pretrained_encoder_params(config, target_params):
     """finetune.pretrained -> encoder parameters fitted to `target_params` (the encoder of
     config.model: positions / relative tables resized, shared bias copied per layer)."""
     path = config.finetune.pretrained
-    if os.path.isfile(path):  # converted reference weights (official MAE layout)
-        from mim_jax import convert
-        heads = models.vit_from_config(config.model, config.data.image_size,
-                                       config.data.channels).config.num_heads
-        state = convert.load_torch_state_dict(path)
-        source = convert.mae_params_from_official(state, num_heads=heads,
-                                                  strict=False)["encoder"]
-        origin = path
-    else:
-        pretrained = checkpointing.load_encoder(path, config.finetune.get("pretrained_step")
-                                                or None)
-        source, origin = pretrained.params, f"{path} (step {pretrained.step}, " \
-                                            f"{pretrained.objective})"
-    params, notes = resize.fit_encoder_params(source, target_params)
+    try:
+        if os.path.isfile(path):  # converted reference weights (official MAE layout)
+            from mim_jax import convert
+            heads = models.vit_from_config(config.model, config.data.image_size,
+                                           config.data.channels).config.num_heads
+            state = convert.load_torch_state_dict(path)
+            source = convert.mae_params_from_official(state, num_heads=heads,
+                                                      strict=False)["encoder"]
+            origin = path
+        else:
+            pretrained = checkpointing.load_encoder(
+                path, config.finetune.get("pretrained_step") or None)
+            source, origin = pretrained.params, f"{path} (step {pretrained.step}, " \
+                                                f"{pretrained.objective})"
+        params, notes = resize.fit_encoder_params(source, target_params)
+    except ValueError as e:  # named after the field, so main prints one actionable line
+        raise ValueError(f"finetune.pretrained={path!r}: {e}") from e
     logging.info("Encoder loaded from %s", origin)
     for note in notes:
         logging.info("  %s", note)

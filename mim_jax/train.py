@@ -264,6 +264,14 @@ def _run(config, workdir, task, objective, mesh, accum, is_main, ckpt, allow_con
                      "in %s).", workdir, start_step, workdir_lib.FINAL_METRICS)
         return {k: v for k, v in finished.items() if k not in ("step", "wall_seconds")}
     start_step = start_step or 0
+    start = None
+    if restored is None and task.start_from is not None:
+        # A fresh fine-tuning run: load the pretrained encoder before the data is touched, so
+        # an unusable checkpoint fails at once with one line.
+        try:
+            start = task.start_from(*jax.device_get(jax.jit(objective.init_variables)(init_rng)))
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
 
     if is_main:
         data.prepare(config.data)
@@ -294,10 +302,9 @@ def _run(config, workdir, task, objective, mesh, accum, is_main, ckpt, allow_con
     if restored is not None:
         logging.info("Resuming from the checkpoint of step %d in %s", start_step, ckpt.directory)
         state = restored
-    elif task.start_from is None:
+    elif start is None:
         state = jax.jit(init_state, out_shardings=repl)(init_rng)
     else:  # a fresh fine-tuning run: the pretrained encoder goes into the initial parameters
-        start = task.start_from(*jax.device_get(jax.jit(objective.init_variables)(init_rng)))
         state = jax.jit(init_state, out_shardings=repl)(init_rng, start)
     writers = reporting.create_writers(workdir, is_main)
     if is_main:

@@ -383,3 +383,32 @@ def test_read_only_checkpoint_dir_stops_with_one_line(tfds_dir, tmp_path):
         assert step == 4
     finally:
         subprocess.run(["umount", "-l", str(ckpt_dir)], capture_output=True, timeout=30)
+
+
+@pytest.mark.parametrize("content", ["pickled module", "truncated"])
+def test_unusable_pretrained_file_fails_before_the_data_with_one_line(tfds_dir, tmp_path,
+                                                                       content):
+    """finetune.pretrained pointing at a file mim_jax will not or cannot read: one line naming
+    the field and the reason, exit 2, before the dataset is prepared or anything trains."""
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "weights.pth"
+    if content == "pickled module":
+        torch.save(torch.nn.Linear(2, 2), path)
+        expect = "torch.nn.modules.linear.Linear"
+    else:
+        torch.save({"model": {"w": torch.zeros(1000)}}, path)
+        path.write_bytes(path.read_bytes()[:300])
+        expect = "not a readable PyTorch checkpoint"
+    empty_data = tmp_path / "no_data"  # nothing prepared here: a run reaching the data fails
+    empty_data.mkdir()
+    cmd = [sys.executable, "-m", "mim_jax.main", "--config",
+           f"configs/finetune.py:quickstart,pretrained={path}", "--workdir",
+           str(tmp_path / "ft"), f"--config.data.data_dir={empty_data}"]
+    run = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    errors = _errors(run.stderr)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert len(errors) == 1 and errors[0].startswith("mim_jax: error: finetune.pretrained="), \
+        errors[:20]
+    assert expect in errors[0], errors[0]
+    assert not any(empty_data.iterdir())  # the dataset was never prepared
+    assert not list((tmp_path / "ft").glob("checkpoints/[0-9]*"))  # nothing trained or saved

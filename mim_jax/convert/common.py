@@ -26,13 +26,37 @@ class Leaf:
 
 
 def to_numpy(value) -> np.ndarray:
-    """torch tensor / jax array / numpy -> float32 numpy, without importing torch."""
+    """torch tensor / jax array / numpy -> float32 numpy, without importing torch.
+
+    May share memory with `value` (used for reading); `load` and `dump` copy what they return.
+    """
     if hasattr(value, "detach"):  # torch: numpy() cannot represent bfloat16, so upcast first
         value = value.detach().cpu()
         if value.is_floating_point():
             value = value.float()
         value = value.numpy()
     return np.asarray(value, dtype=np.float32)
+
+
+def dtype_name(value) -> str:
+    """'float32', 'bfloat16', 'float16', ... for torch tensors, jax and numpy arrays alike."""
+    return str(getattr(value, "dtype", "float32")).replace("torch.", "")
+
+
+# Largest rounding error of a value in [-1, 1] stored in each dtype (half an ulp at 1, with
+# margin), so fixed tables (sin-cos positions) saved in low precision still compare equal,
+# while a different table (error O(1)) never does.
+_ROUNDING_TOLERANCE = {"float16": 1e-3, "half": 1e-3, "bfloat16": 8e-3}
+
+
+def rounding_tolerance(value) -> float:
+    return _ROUNDING_TOLERANCE.get(dtype_name(value), 1e-5)
+
+
+def owned(value) -> np.ndarray:
+    """A C-contiguous float32 copy: converted parameters never alias the caller's tensors (a
+    later in-place update of a torch model must not change them) nor read-only jax buffers."""
+    return np.array(value, dtype=np.float32, order="C", copy=True)
 
 
 # ---------------------------------------------------------------- per-layer transforms
@@ -165,21 +189,57 @@ def check_keys(present: Iterable[str], expected: Iterable[str], strict: bool,
                          + "; ".join(parts) + ".")
 
 
-def load(plan: Plan, state_dict: Mapping[str, Any]) -> dict:
-    """Plan + checkpoint -> our nested parameter dict (float32 numpy)."""
+def _shape_of(node) -> Tuple[int, ...]:
+    return tuple(int(d) for d in np.shape(node))
+
+
+def expected_shapes(tree: Mapping) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
+    """Flattened path -> shape of a tree of arrays / jax.ShapeDtypeStructs (our layout)."""
+    return {path: _shape_of(leaf) for path, leaf in _flatten(tree).items()}
+
+
+def load(plan: Plan, state_dict: Mapping[str, Any], *,
+         expected: Mapping[Tuple[str, ...], Tuple[int, ...]] = None, what: str = "checkpoint",
+         target: str = "the model") -> dict:
+    """Plan + checkpoint -> our nested parameter dict (float32 numpy arrays owning their memory).
+
+    With `expected` (path -> shape, see expected_shapes), every converted parameter is checked
+    against it and every path of it must be produced. All problems are collected and raised as
+    one ValueError, so a checkpoint that does not fit lists every offending key at once instead
+    of failing later at apply time.
+    """
     out: dict = {}
-    for path, leaf in plan_leaves(plan):
-        node = out
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
+    problems = []
+    leaves = plan_leaves(plan)
+    for path, leaf in leaves:
+        name = "/".join(path)
+        shapes = ", ".join(f"{k} {_shape_of(state_dict[k])}" for k in leaf.keys)
         arrays = [to_numpy(state_dict[k]) for k in leaf.keys]
         try:
             value = leaf.to_ours(*arrays)
         except ValueError as err:  # e.g. a width not divisible by the given num_heads
-            shapes = {k: a.shape for k, a in zip(leaf.keys, arrays)}
-            raise ValueError(f"cannot convert {shapes} to parameter {'/'.join(path)}: {err}") \
-                from err
-        node[path[-1]] = np.ascontiguousarray(value, dtype=np.float32)
+            problems.append(f"{name}: cannot convert {shapes} ({err})")
+            continue
+        if expected is not None:
+            want = expected.get(path)
+            if want is None:
+                problems.append(f"{name}: {shapes} has no counterpart in the target")
+                continue
+            if tuple(value.shape) != want:
+                problems.append(f"{name}: {shapes} converts to {tuple(value.shape)}, "
+                                f"expected {want}")
+                continue
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = owned(value)
+    if expected is not None:
+        planned = {path for path, _ in leaves}
+        problems += [f"{'/'.join(path)} {shape}: not in the checkpoint"
+                     for path, shape in expected.items() if path not in planned]
+    if problems:
+        raise ValueError(f"{what} does not fit {target} ({len(problems)} problem"
+                         f"{'s' if len(problems) > 1 else ''}): " + "; ".join(problems) + ".")
     return out
 
 
@@ -206,5 +266,5 @@ def dump(plan: Plan, params: Mapping, what: str) -> Dict[str, np.ndarray]:
     out = {}
     for path, leaf in leaves:
         for key, value in zip(leaf.keys, leaf.to_theirs(to_numpy(flat[path]))):
-            out[key] = np.ascontiguousarray(value, dtype=np.float32)
+            out[key] = owned(value)
     return out

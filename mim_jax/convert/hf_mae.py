@@ -73,7 +73,7 @@ def _layout(prefix: str) -> mae_layout.MAELayout:
 
 def mae_params_from_hf(state_dict: Mapping[str, Any], *, num_heads: int,
                        decoder_num_heads: Optional[int] = None, scan: bool = False,
-                       strict: bool = True) -> dict:
+                       strict: bool = True, expected: Optional[Mapping] = None) -> dict:
     """ViTMAEForPreTraining (or bare ViTMAEModel) state dict -> mim_jax MAE parameters.
 
     Values may be torch tensors or numpy arrays; the result is float32 numpy. A state dict
@@ -81,14 +81,17 @@ def mae_params_from_hf(state_dict: Mapping[str, Any], *, num_heads: int,
     counts are not stored in checkpoints, so they are arguments (HF config:
     num_attention_heads / decoder_num_attention_heads). scan=True stacks the blocks as
     model.scan=True expects. Missing keys raise ValueError; unexpected ones too unless
-    strict=False. Position embeddings are checked against our fixed sin-cos table.
+    strict=False. Position embeddings are checked against our fixed sin-cos table (with a
+    tolerance that fits a float16 / bfloat16 checkpoint). Every tensor's shape is checked
+    against `expected` (the target model's parameter tree, e.g. from jax.eval_shape) when
+    given, else against the sizes the checkpoint implies; all mismatches are listed at once.
     """
     state_dict = current_names(state_dict)
     prefix = "vit." if any(k.startswith("vit.") for k in state_dict) else ""
     with_decoder = any(k.startswith("decoder.") for k in state_dict)
     return mae_layout.import_mae(state_dict, _layout(prefix), num_heads=num_heads,
                                  decoder_num_heads=decoder_num_heads, with_decoder=with_decoder,
-                                 scan=scan, strict=strict)
+                                 scan=scan, strict=strict, expected=expected)
 
 
 def encoder_params_to_hf(encoder_params: Mapping, *, image_size: int,

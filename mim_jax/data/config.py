@@ -199,10 +199,9 @@ def validate_data_config(cfg) -> None:
             f"data.interpolation={interpolation!r} is not allowed; use one of " f"{INTERPOLATIONS}."
         )
     if cfg.get("randaugment") is not None:
-        # Imported only when set: the module needs TensorFlow, configs alone do not.
-        from mim_jax.data import randaugment  # pylint: disable=g-import-not-at-top
+        from mim_jax.data import randaugment_policy  # pylint: disable=g-import-not-at-top
 
-        randaugment.parse_policy(cfg.randaugment)  # ValueError naming data.randaugment.
+        randaugment_policy.parse_policy(cfg.randaugment)  # ValueError naming data.randaugment.
 
     for field in ("mean", "std"):
         value = cfg.get(field)
