@@ -9,6 +9,10 @@ import os
 import sys
 import threading
 
+if __name__ == "__main__":  # first of all: glibc reads its MALLOC_* policy only at start-up
+    from mim_jax.allocator import reexec_with_cpu_allocator
+    reexec_with_cpu_allocator()
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 

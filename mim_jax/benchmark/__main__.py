@@ -32,6 +32,10 @@ from __future__ import annotations
 import os
 import sys
 
+if __name__ == "__main__":  # first of all: glibc reads its MALLOC_* policy only at start-up
+    from mim_jax.allocator import reexec_with_cpu_allocator
+    reexec_with_cpu_allocator()
+
 from absl import app, flags
 from ml_collections import config_flags
 
