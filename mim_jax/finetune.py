@@ -249,7 +249,7 @@ def evaluate_classifier(objective, params, model_state, data_cfg, split: str, *,
     """top-1 / top-5 (in [0, 1]) and the loss of the classifier on `split`."""
     from mim_jax import sharding
     if predict is None:
-        predict = make_predict(objective, mesh)
+        predict = make_predict(objective, mesh, data_cfg)
     totals = np.zeros(4)
     for batch in data.eval_batches(data_cfg, split, global_batch_size=batch_size,
                                    max_examples=max_examples):
@@ -260,13 +260,16 @@ def evaluate_classifier(objective, params, model_state, data_cfg, split: str, *,
             "examples": int(totals[3])}
 
 
-def make_predict(objective, mesh):
+def make_predict(objective, mesh, data_cfg):
+    """jitted (params, model_state, batch) -> [top-1 hits, top-5 hits, summed loss, valid rows];
+    batch['image'] (uint8 from data.eval_batches) is normalised inside with `data_cfg`."""
     from mim_jax import sharding
     kwargs = lambda ms: {"model_state": ms} if objective.stateful else {}
 
     def predict(params, model_state, batch):
         rngs = make_rngs(jax.random.key(0))
-        _, aux = objective.loss_fn(params, {"image": batch["image"], "label": batch["label"]},
+        images = data.normalize_images(batch["image"], data_cfg)
+        _, aux = objective.loss_fn(params, {"image": images, "label": batch["label"]},
                                    rngs, False, with_outputs=True, **kwargs(model_state))
         logits, labels, valid = aux["outputs"]["logits"], batch["label"], batch["valid"]
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)

@@ -72,11 +72,17 @@ def _state_ok(tree) -> jax.Array:
 
 
 def make_train_step(objective, tx, schedule, accum_steps: int, base_rng, mesh,
-                    ema_decay: float = 0.0):
-    """(state, batch) -> (state, metrics); `batch` is the global batch of one optimizer step."""
+                    ema_decay: float = 0.0, data_cfg=None):
+    """(state, batch) -> (state, metrics); `batch` is the global batch of one optimizer step.
+
+    batch['image'] is normalised here, on the device, by data.normalize_images with
+    `data_cfg`'s mean / std: uint8 pixels as the pipelines yield them (then `data_cfg` is
+    required), or floats that are already normalised."""
     grad_fn = jax.value_and_grad(objective.loss_fn, has_aux=True)
 
     def loss_and_grads(params, model_state, batch, key):
+        # Per micro-batch: only one micro-batch of float32 images is live at a time.
+        batch = data.normalize_batch(batch, data_cfg)
         kwargs = {"model_state": model_state} if objective.stateful else {}
         (_, aux), grads = grad_fn(params, batch, objectives.make_rngs(key), True, **kwargs)
         return grads, aux["metrics"], aux.get("model_state", model_state)
@@ -315,7 +321,8 @@ def _run(config, workdir, task, objective, mesh, accum, is_main, ckpt, allow_con
                      config.batch_size, peak_lr)
 
     train_step = jax.jit(
-        make_train_step(objective, tx, schedule, accum, step_rng, mesh, task.ema_decay),
+        make_train_step(objective, tx, schedule, accum, step_rng, mesh, task.ema_decay,
+                        data_cfg=config.data),
         in_shardings=(repl, sharding.batch_sharded(mesh)), out_shardings=(repl, repl),
         donate_argnums=(0,))
     evals = evaluators.create(config, objective, mesh, workdir, writers, eval_rng,

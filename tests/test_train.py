@@ -100,7 +100,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tfds_dir, tmp_path,
                 self.n += 1
                 batch = next(it)
                 if self.n == 6:  # step 6 sees a NaN image
-                    batch = {"image": np.full_like(batch["image"], np.nan)}
+                    # Floats reach the model as they are (taken as already normalised).
+                    batch = {"image": np.full(batch["image"].shape, np.nan, np.float32)}
                 return batch
         return It()
 
@@ -141,6 +142,46 @@ def test_gradient_accumulation_matches_large_batch():
         delta = lambda s: jax.tree.map(jnp.subtract, s.params, params)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
                      delta(new_state), delta(results[0][0]))
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_train_step_normalises_uint8_like_precomputed_images(accum):
+    """The step normalises uint8 pixels itself (data.normalize_images, on the device): its
+    result is that of the same step fed the images normalised beforehand, on the host."""
+    cfg = tiny_mae_config()
+    cfg.data.mean, cfg.data.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    obj = objectives.build(cfg)
+    params = obj.init(jax.random.key(0))
+    pixels = np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3), np.uint8)
+    mean, std = np.float32(cfg.data.mean), np.float32(cfg.data.std)
+    precomputed = (pixels.astype(np.float32) / np.float32(255) - mean) / std
+    # XLA turns the division by 255 / std into a multiplication: at most one float32 ulp.
+    np.testing.assert_allclose(jax.jit(lambda x: data.normalize_images(x, cfg.data))(pixels),
+                               precomputed, rtol=0, atol=1e-6)
+    schedule = optim.make_schedule(1.0, 10, 0)
+    tx = optax.sgd(schedule)  # lr 1: the update is the gradient (Adam would amplify ulps)
+    mesh = sharding.make_mesh()
+    step = jax.jit(train.make_train_step(obj, tx, schedule, accum, jax.random.key(3), mesh,
+                                         data_cfg=cfg.data))
+
+    def run(images):
+        state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                 opt_state=tx.init(params),
+                                 nonfinite_steps=jnp.zeros((), jnp.int32))
+        state, metrics = step(state, {"image": images})
+        delta = jax.tree.map(jnp.subtract, state.params, params)
+        return jax.device_get((delta, metrics))
+
+    (d_uint8, m_uint8), (d_float, m_float) = run(pixels), run(precomputed)
+    for k in m_float:
+        np.testing.assert_allclose(m_uint8[k], m_float[k], rtol=1e-5, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+                 d_uint8, d_float)
+    with pytest.raises(ValueError, match="data config"):  # uint8 needs mean / std
+        jax.jit(train.make_train_step(obj, tx, schedule, 1, jax.random.key(3), mesh))(
+            train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                             opt_state=tx.init(params), nonfinite_steps=jnp.zeros((), jnp.int32)),
+            {"image": pixels})
 
 
 @pytest.mark.parametrize("field,value,match", [

@@ -6,7 +6,7 @@ import os
 import jax
 import numpy as np
 
-from mim_jax import flops
+from mim_jax import data, flops
 from mim_jax.benchmark.environment import environment, usable_cores
 from mim_jax.benchmark.masking_share import measure_masking
 from mim_jax.benchmark.model_config import describe_model
@@ -30,7 +30,9 @@ def run_compare_torch(config, threads: int, steps: int, warmup: int,
     compiled, compile_times = compile_step(setup)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.state.params))
     jax_step = StepRunner(compiled, setup.state, setup.batch)
-    torch_step = torch_step_cls(config, jax.device_get(setup.batch["image"]))
+    # The same images as the JAX step sees after its on-device normalisation.
+    torch_step = torch_step_cls(config, np.asarray(data.normalize_images(
+        jax.device_get(setup.batch["image"]), config.data)))
     calls = interleaved_calls({"mim_jax": jax_step, "torch": torch_step}, steps, warmup)
     jax_t, torch_t = call_summary(calls["mim_jax"]), call_summary(calls["torch"])
     masking_times = measure_masking(config, setup.mesh, steps, warmup)

@@ -33,10 +33,10 @@ def _stage_functions(data_cfg) -> dict:
         "decode crop window only": crop,
         f"+ resize to {size} ({interp}, antialias)":
             lambda e, s: image_ops.resize(crop(e, s), size, interp),
-        "+ flip + normalise (the pipeline's map)": lambda e, s: image_ops.normalize(
+        "+ flip + uint8 (the pipeline's map)":
+            lambda e, s: image_ops.to_uint8(image_ops.train_image(e, s, spec)),
+        "what-if: the map normalising on the host (float32 out)": lambda e, s: image_ops.normalize(
             image_ops.train_image(e, s, spec), spec.mean, spec.std),
-        "what-if: the map without normalise (normalise on device)":
-            lambda e, s: image_ops.train_image(e, s, spec),
         f"what-if: crop + {interp} resize without antialias":
             lambda e, s: raw_resize(crop(e, s), interp, False),
         "what-if: crop + bilinear resize with antialias":

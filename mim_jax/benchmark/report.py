@@ -75,7 +75,8 @@ def _input_rows(r: dict) -> list:
                     f"side, {d['mean_bytes'] / 1024:.1f} KiB"),
         ("augmentation", f"decode+RandomResizedCrop{tuple(r['augmentation']['crop_scale'])} "
                          f"{r['augmentation']['interpolation']} -> "
-                         f"{r['augmentation']['image_size']} px, flip, normalise"),
+                         f"{r['augmentation']['image_size']} px, flip, uint8 "
+                         "(normalised on the device)"),
         ("images/s", f"{i['images_per_sec']:.1f} ({i['images']} images)"),
         ("tf.data threads (cores)", str(i["cores"])),
         ("images/s per core", f"{i['images_per_sec_per_core']:.1f}"),

@@ -47,9 +47,10 @@ class TrainSetup:
 
 
 def _synthetic_device_batch(objective, batch_size: int, mesh, seed: int) -> dict:
+    """Random uint8 pixels, as the pipelines yield them: the step normalises them itself."""
     shape = (batch_size, *objective.image_shape)
-    make = jax.jit(lambda key: jax.random.normal(key, shape),
-                   out_shardings=sharding.batch_sharded(mesh))
+    make = jax.jit(lambda key: jax.random.randint(key, shape, 0, 256, jnp.int32).astype(
+        jnp.uint8), out_shardings=sharding.batch_sharded(mesh))
     return {"image": make(jax.random.key(seed + 1))}
 
 
@@ -73,7 +74,8 @@ def build_train_setup(config) -> TrainSetup:
                                 nonfinite_steps=jnp.zeros((), jnp.int32))
 
     state = jax.jit(init_state, out_shardings=repl)(init_rng)
-    step = jax.jit(train.make_train_step(objective, tx, schedule, accum, step_rng, mesh),
+    step = jax.jit(train.make_train_step(objective, tx, schedule, accum, step_rng, mesh,
+                                         data_cfg=config.data),
                    in_shardings=(repl, sharding.batch_sharded(mesh)), out_shardings=(repl, repl),
                    donate_argnums=(0,))
     batch = _synthetic_device_batch(objective, config.batch_size, mesh, config.seed)

@@ -82,7 +82,7 @@ def create_train_iterator(
     process_count=None,
     with_labels: bool = False,
 ):
-    """Per-process training batches {'image': float32 [local_batch, H, W, C]} (and 'label'
+    """Per-process training batches {'image': uint8 [local_batch, H, W, C]} (and 'label'
     int64 [local_batch] with `with_labels`) from step `start_step` on; see
     pipeline.create_train_iterator for the guarantees."""
     kwargs = dict(
@@ -125,11 +125,45 @@ def num_classes(data_cfg):
     return sources.num_classes(data_cfg)
 
 
-def denormalize(images, data_cfg) -> np.ndarray:
-    """Inverse of the normalisation, clipped to [0, 1] for viewing."""
+def normalize_images(images, data_cfg):
+    """The one place where pixels are normalised, on the device: call it at the start of every
+    jitted computation that consumes batch["image"].
+
+    The pipelines emit uint8 pixels (4x fewer host -> device bytes than float32, and no
+    per-pixel float work on the host); an integer array becomes float32 (x / 255 - mean) / std
+    with the config's data.mean / data.std (in [0, 1] units, one value per channel). A
+    floating array is taken as already normalised and only cast to float32. Works on numpy
+    and jax arrays, inside and outside jit (the dtype is static)."""
+    import jax.numpy as jnp
+
+    images = jnp.asarray(images)
+    if jnp.issubdtype(images.dtype, jnp.floating):
+        return images.astype(jnp.float32)
+    if data_cfg is None:
+        raise ValueError("uint8 images need the data config (its mean / std) to be normalised.")
+    if images.dtype != jnp.uint8:
+        raise TypeError(f"images of dtype {images.dtype}: expected uint8 pixels in [0, 255] "
+                        "or already-normalised floats.")
     mean = np.asarray(data_cfg.mean, np.float32)
     std = np.asarray(data_cfg.std, np.float32)
-    return np.clip(np.asarray(images, np.float32) * std + mean, 0.0, 1.0)
+    # The same float32 arithmetic as the host pipeline used (image_ops.normalize).
+    return (images.astype(jnp.float32) / 255.0 - mean) / std
+
+
+def normalize_batch(batch: dict, data_cfg) -> dict:
+    """`batch` with its 'image' passed through normalize_images (other entries untouched)."""
+    return dict(batch, image=normalize_images(batch["image"], data_cfg))
+
+
+def denormalize(images, data_cfg) -> np.ndarray:
+    """Pixels in [0, 1] for viewing: uint8 pipeline output / 255, or the inverse of the
+    normalisation of floats, clipped to [0, 1]."""
+    images = np.asarray(images)
+    if np.issubdtype(images.dtype, np.integer):
+        return images.astype(np.float32) / 255.0
+    mean = np.asarray(data_cfg.mean, np.float32)
+    std = np.asarray(data_cfg.std, np.float32)
+    return np.clip(images.astype(np.float32) * std + mean, 0.0, 1.0)
 
 
 __all__ = [
@@ -141,6 +175,8 @@ __all__ = [
     "denormalize",
     "eval_batches",
     "fixed_eval_images",
+    "normalize_batch",
+    "normalize_images",
     "num_classes",
     "validate_data_config",
 ]

@@ -5,7 +5,9 @@ an image's augmentation depends only on that seed -- not on thread
 scheduling, parallelism or how many elements were processed before it.
 This is what makes resuming at an arbitrary step bitwise exact.
 
-Every function returns float32 pixels in [0, 255]; normalisation is separate.
+Every function returns float32 pixels in [0, 255]; `to_uint8` rounds them for the
+host -> device transfer, and normalisation happens on the device
+(mim_jax.data.normalize_images).
 """
 
 import dataclasses
@@ -141,20 +143,22 @@ def _sample_crop(image_shape, seed, scale, ratio):
 _JPEG_CMYK_COMPONENTS = 4
 
 
-def _decode_jpeg_window(encoded, window, components, channels: int):
+def _decode_jpeg_window(encoded, window, components, channels: int, ratio: int = 1):
     """The window [y, x, h, w] of a JPEG with `components` colour components -> uint8
-    [h, w, channels]; only the window is decoded."""
+    [h, w, channels]; only the window is decoded.  With `ratio` 2, 4 or 8 libjpeg decodes
+    the image scaled down by that factor in the DCT domain (far cheaper than a full decode)
+    and `window` is in the coordinates of that scaled image."""
 
     def direct():
         # libjpeg converts while decoding; for gray output of a YCbCr JPEG it reads only
         # the luma plane, the cheapest way there.
-        return tf.image.decode_and_crop_jpeg(encoded, window, channels=channels)
+        return tf.image.decode_and_crop_jpeg(encoded, window, channels=channels, ratio=ratio)
 
     def via_rgb():
         # libjpeg cannot convert CMYK to one channel ("Unsupported color conversion
         # request"): the valid image would be dropped as corrupt.  TF does convert CMYK
         # to RGB, and RGB becomes gray as for any colour image.
-        rgb = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
+        rgb = tf.image.decode_and_crop_jpeg(encoded, window, channels=3, ratio=ratio)
         return to_channels(rgb, channels)
 
     if channels == 3:
@@ -181,15 +185,106 @@ def decode_random_crop(encoded, seed, channels: int, scale, ratio):
     return tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
 
 
+# tf.image.resize(..., antialias=True) is ScaleAndTranslate with these kernels.
+_SCALE_AND_TRANSLATE_KERNELS = {"bicubic": "keyscubic", "bilinear": "triangle"}
+# DCT-domain scale factors libjpeg offers (TF's `ratio`), largest first.
+_JPEG_RATIOS = (8, 4, 2)
+
+
+def _jpeg_ratio_index(h, w, size: int):
+    """Branch index into (1,) + _JPEG_RATIOS[::-1]: the largest r in 2, 4, 8 with the window
+    at least r x the output size in both dimensions (0: decode at full scale)."""
+    short = tf.minimum(h, w)
+    index = tf.constant(0)
+    for i, r in enumerate(_JPEG_RATIOS[::-1], start=1):
+        index = tf.where(short >= r * size, i, index)
+    return index
+
+
+def _decode_jpeg_crop_resized(encoded, shape, window, size: int, interpolation: str,
+                              channels: int):
+    """The crop `window` (y, x, h, w) of a JPEG of `shape`, resized to [size, size] float32.
+
+    A window at least 2x (4x, 8x) the output in both dimensions is decoded at 1/2 (1/4, 1/8)
+    scale by libjpeg's scaled IDCT -- the full-resolution IDCT, chroma upsampling and colour
+    conversion, and 3/4 or more of the antialiased resize's input are skipped (the entropy
+    decoding is not: ~15-30% less CPU per large image) -- and the exact (sub-pixel) window is
+    then resampled from it with the same antialiased kernel as `resize`.  The result matches the
+    full-resolution path to within a few levels (see tests/test_data.py)."""
+    y, x, h, w = window
+    kernel = _SCALE_AND_TRANSLATE_KERNELS[interpolation]
+
+    def full():
+        image = _decode_jpeg_window(encoded, tf.stack([y, x, h, w]), shape[2], channels)
+        return resize(image, size, interpolation)
+
+    def scaled(r):
+        def branch():
+            # libjpeg's scaled size is ceil(side / r).  Decode the r-aligned cover of the
+            # window: scaled pixel i holds original pixels [i r, (i + 1) r).
+            rows, cols = (shape[0] + r - 1) // r, (shape[1] + r - 1) // r
+            y0, x0 = y // r, x // r
+            y1 = tf.minimum((y + h + r - 1) // r, rows)
+            x1 = tf.minimum((x + w + r - 1) // r, cols)
+            image = _decode_jpeg_window(encoded, tf.stack([y0, x0, y1 - y0, x1 - x0]),
+                                        shape[2], channels, ratio=r)
+            # The window in the decoded image's (continuous) coordinates: start
+            # (y - y0 r) / r, extent h / r; ScaleAndTranslate maps output pixel centres
+            # o + 0.5 to input (o + 0.5 - translation) / scale.
+            extent = tf.cast(tf.stack([h, w]), tf.float32) / r
+            start = tf.cast(tf.stack([y - y0 * r, x - x0 * r]), tf.float32) / r
+            scale = tf.constant(float(size)) / extent
+            out = tf.raw_ops.ScaleAndTranslate(
+                images=tf.expand_dims(image, 0), size=tf.constant([size, size]), scale=scale,
+                translation=-start * scale, kernel_type=kernel, antialias=True)[0]
+            return tf.clip_by_value(out, 0.0, 255.0)
+        return branch
+
+    branches = [full] + [scaled(r) for r in _JPEG_RATIOS[::-1]]
+    out = tf.switch_case(_jpeg_ratio_index(h, w, size), branches)
+    return tf.ensure_shape(out, [size, size, channels])
+
+
+def random_crop_resized(encoded, seed, channels: int, scale, ratio, size: int,
+                        interpolation: str):
+    """RandomResizedCrop: a random window resized to float32 [size, size, channels].
+
+    JPEGs decode only the window, and a large window at a reduced DCT scale; other formats
+    decode whole, then crop and resize."""
+
+    def jpeg():
+        shape = tf.image.extract_jpeg_shape(encoded)
+        window = _sample_crop(shape, seed, scale, ratio)
+        return _decode_jpeg_crop_resized(encoded, shape, window, size, interpolation, channels)
+
+    def other():
+        image = decode_any(encoded, channels)
+        y, x, h, w = _sample_crop(tf.shape(image), seed, scale, ratio)
+        return resize(image[y : y + h, x : x + w, :], size, interpolation)
+
+    out = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+    return tf.ensure_shape(out, [size, size, channels])
+
+
 def resize(image, size: int, interpolation: str):
     """uint8 [h, w, c] -> float32 [size, size, c] in [0, 255]."""
 
+    def resample(antialias):
+        def fn():
+            out = tf.image.resize(image, (size, size), method=interpolation,
+                                  antialias=antialias)
+            # Bicubic overshoots; keep pixel values valid.
+            return tf.clip_by_value(out, 0.0, 255.0)
+        return fn
+
     def scale():
         # antialias=True: downscaling large crops without it aliases badly
-        # (PIL, which reference MAE recipes use, always filters).
-        out = tf.image.resize(image, (size, size), method=interpolation, antialias=True)
-        # Bicubic overshoots; keep pixel values valid.
-        return tf.clip_by_value(out, 0.0, 255.0)
+        # (PIL, which reference MAE recipes use, always filters).  Antialiasing only
+        # widens the kernel where the image shrinks, so an enlargement in both dimensions
+        # takes the plain kernel (ResizeBicubic / ResizeBilinear): the same result up to
+        # float rounding (tests/test_data.py) at about half the CPU time.
+        enlarge = tf.logical_and(shape[0] <= size, shape[1] <= size)
+        return tf.cond(enlarge, resample(False), resample(True))
 
     shape = tf.shape(image)
     # Already the right size (pre-resized data, uncropped small images): keep
@@ -211,12 +306,10 @@ def train_image(encoded, seed, spec: ImageSpec):
     """Encoded bytes + int64[2] seed -> augmented float32 [S, S, C]."""
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
     if spec.crop_scale is None:
-        image = decode_any(encoded, spec.channels)
+        image = resize(decode_any(encoded, spec.channels), spec.image_size, spec.interpolation)
     else:
-        image = decode_random_crop(
-            encoded, crop_seed, spec.channels, spec.crop_scale, spec.crop_ratio
-        )
-    image = resize(image, spec.image_size, spec.interpolation)
+        image = random_crop_resized(encoded, crop_seed, spec.channels, spec.crop_scale,
+                                    spec.crop_ratio, spec.image_size, spec.interpolation)
     if spec.flip:
         image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
     if spec.randaugment is not None:
@@ -234,7 +327,14 @@ def eval_image(encoded, spec: ImageSpec):
     return resize(image, spec.image_size, spec.interpolation)
 
 
+def to_uint8(image):
+    """float32 pixels -> uint8, rounded half to even and clipped to [0, 255] (what PIL's
+    resize, which the reference timm pipelines use, hands on)."""
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
 def normalize(image, mean, std):
+    """Reference (host, float32) normalisation; the pipelines normalise on the device."""
     mean = tf.constant(mean, tf.float32)
     std = tf.constant(std, tf.float32)
     return (image / 255.0 - mean) / std

@@ -53,9 +53,9 @@ def _options() -> tf.data.Options:
 class TrainData:
     """Infinite iterator over training batches of one process.
 
-    Yields {'image': float32 [local_batch, H, W, C]} normalised with the
-    config's mean / std, and 'label' int64 [local_batch] when the source
-    was made with a label key.  Attributes:
+    Yields {'image': uint8 [local_batch, H, W, C]} (rounded pixels, normalised
+    on the device by mim_jax.data.normalize_images), and 'label' int64
+    [local_batch] when the source was made with a label key.  Attributes:
       num_examples: examples in this process's shard of the split.
       steps_per_epoch: identical on all processes.
       local_batch_size: images per batch on this process.
@@ -123,8 +123,7 @@ class TrainData:
 
         def process(position, record):
             seed = tf.stack([tf.constant(augment_key, tf.int64), position])
-            image = image_ops.train_image(load(record["ref"]), seed, spec)
-            image = image_ops.normalize(image, spec.mean, spec.std)
+            image = image_ops.to_uint8(image_ops.train_image(load(record["ref"]), seed, spec))
             out = {"image": image, "position": position}
             if "label" in record:
                 out["label"] = record["label"]
@@ -270,7 +269,7 @@ def create_train_iterator(
 
 
 def fixed_eval_images(data_cfg, num: int) -> np.ndarray:
-    """First `num` images of the eval split: float32 [num, H, W, C], normalised.
+    """First `num` images of the eval split: uint8 [num, H, W, C] (normalise on the device).
 
     No randomness (center square crop, resize), identical on every process and
     every call -- meant for reconstruction figures.  Uses data.eval_split, or
@@ -286,8 +285,7 @@ def fixed_eval_images(data_cfg, num: int) -> np.ndarray:
     load = source.load
 
     def process(record):
-        image = image_ops.eval_image(load(record["ref"]), spec)
-        return image_ops.normalize(image, spec.mean, spec.std)
+        return image_ops.to_uint8(image_ops.eval_image(load(record["ref"]), spec))
 
     ds = source.eval_records(split).map(
         process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
@@ -315,7 +313,7 @@ def eval_batches(
 ) -> Iterator[Dict[str, np.ndarray]]:
     """One deterministic pass over `split` with labels: this process's shard.
 
-    Yields {'image' [b, H, W, C], 'label' int64 [b], 'valid' bool [b]} with b =
+    Yields {'image' uint8 [b, H, W, C], 'label' int64 [b], 'valid' bool [b]} with b =
     global_batch_size / process_count.  The last batches are padded (valid
     False) and every process yields the same number of batches, so a jitted
     step over all devices never waits for a finished host.  Images get the
@@ -336,8 +334,7 @@ def eval_batches(
 
     def process(record):
         image = image_ops.eval_image(load(record["ref"]), spec)
-        return {"image": image_ops.normalize(image, spec.mean, spec.std),
-                "label": record["label"]}
+        return {"image": image_ops.to_uint8(image), "label": record["label"]}
 
     ds = source.eval_shard_records(split, process_index, process_count)
     if max_examples:
@@ -352,14 +349,14 @@ def eval_batches(
             break
         yield _pad_batch(batch, local_batch, shape)
         produced += 1
-    empty = {"image": np.zeros(shape, np.float32), "label": np.zeros((0,), np.int64)}
+    empty = {"image": np.zeros(shape, np.uint8), "label": np.zeros((0,), np.int64)}
     for _ in range(num_batches - produced):
         yield _pad_batch(empty, local_batch, shape)
 
 
 def _pad_batch(batch, size: int, shape) -> Dict[str, np.ndarray]:
     n = len(batch["label"])
-    image = np.zeros(shape, np.float32)
+    image = np.zeros(shape, np.uint8)
     image[:n] = batch["image"]
     label = np.zeros((size,), np.int64)
     label[:n] = batch["label"]

@@ -2,7 +2,9 @@
 
 Each process yields one fixed batch of smooth random images (low-frequency patterns, so an
 objective can still learn something) at every step; an "epoch" is `synthetic_steps_per_epoch`
-steps. Select it with data.name='synthetic'.
+steps. Select it with data.name='synthetic'. Like the real pipelines it yields uint8 pixels,
+normalised on the device (mim_jax.data.normalize_images); the pixels are chosen so that the
+normalised images are the smooth standard-normal fields (up to rounding and clipping).
 """
 
 from __future__ import annotations
@@ -15,10 +17,15 @@ NUM_CLASSES = 10  # labels (fine-tuning benchmarks) are the image index modulo t
 EVAL_EXAMPLES = 256
 
 
-def _smooth_images(rng, n, size, channels):
+def _smooth_images(rng, n, data_cfg):
+    size, channels = data_cfg.image_size, data_cfg.channels
     low = rng.standard_normal((n, 4, 4, channels)).astype(np.float32)
     up = np.repeat(np.repeat(low, -(-size // 4), axis=1), -(-size // 4), axis=2)
-    return up[:, :size, :size]
+    # uint8 pixels whose normalisation (x / 255 - mean) / std is close to the field.
+    mean = np.asarray(data_cfg.mean, np.float32)
+    std = np.asarray(data_cfg.std, np.float32)
+    pixels = np.rint(255.0 * (mean + std * up[:, :size, :size]))
+    return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
 class SyntheticData:
@@ -44,7 +51,7 @@ class SyntheticData:
             )
         local = global_batch_size // process_count
         rng = np.random.default_rng([seed, process_index])
-        self._batch = {"image": _smooth_images(rng, local, data_cfg.image_size, data_cfg.channels)}
+        self._batch = {"image": _smooth_images(rng, local, data_cfg)}
         if with_labels:
             self._batch["label"] = np.arange(local, dtype=np.int64) % NUM_CLASSES
         self.num_examples = local * STEPS_PER_EPOCH
@@ -61,7 +68,7 @@ class SyntheticData:
 
 def fixed_images(data_cfg, num):
     rng = np.random.default_rng([12345])
-    return _smooth_images(rng, num, data_cfg.image_size, data_cfg.channels)
+    return _smooth_images(rng, num, data_cfg)
 
 
 def eval_batches(data_cfg, *, global_batch_size, max_examples=None):
@@ -71,7 +78,7 @@ def eval_batches(data_cfg, *, global_batch_size, max_examples=None):
     labels = np.arange(n, dtype=np.int64) % NUM_CLASSES
     for start in range(0, n, global_batch_size):
         k = min(global_batch_size, n - start)
-        image = np.zeros((global_batch_size,) + images.shape[1:], np.float32)
+        image = np.zeros((global_batch_size,) + images.shape[1:], np.uint8)
         image[:k] = images[start:start + k]
         label = np.zeros((global_batch_size,), np.int64)
         label[:k] = labels[start:start + k]

@@ -30,7 +30,7 @@ class ClassificationEvaluator:
         self.mesh = mesh
         self.writers = writers
         self.is_main = jax.process_index() == 0
-        self.predict = finetune.make_predict(objective, mesh)
+        self.predict = finetune.make_predict(objective, mesh, config.data)
         self.best_dir = os.path.join(workdir, "best")
         self.best_json = os.path.join(workdir, "best.json")
         self.best = self._read_best()

@@ -11,11 +11,13 @@ from mim_jax import data, sharding
 from mim_jax.models.classifier import encoder_has_cls, pool_features
 
 
-def make_feature_fn(encoder: nn.Module, pool: str, mesh) -> Callable:
-    """jitted (encoder_params, images) -> pooled features [B, D] float32, replicated."""
+def make_feature_fn(encoder: nn.Module, pool: str, mesh, data_cfg) -> Callable:
+    """jitted (encoder_params, images) -> pooled features [B, D] float32, replicated; the
+    images (uint8 from data.eval_batches) are normalised inside with `data_cfg`."""
     has_cls = encoder_has_cls(encoder)
 
     def features(params, images):
+        images = data.normalize_images(images, data_cfg)
         out = encoder.apply({"params": params}, images, train=False)
         return pool_features(out, pool, has_cls).astype(np.float32)
     return jax.jit(features, out_shardings=sharding.replicated(mesh))
@@ -51,6 +53,7 @@ def raw_pixels(data_cfg, split: str, *, max_examples=None, batch_size: int = 256
     for batch in data.eval_batches(data_cfg, split, global_batch_size=batch_size,
                                    max_examples=max_examples):
         valid = batch["valid"]
-        feats.append(batch["image"][valid].reshape(valid.sum(), -1))
+        pixels = np.asarray(data.normalize_images(batch["image"][valid], data_cfg))
+        feats.append(pixels.reshape(valid.sum(), -1))
         labels.append(batch["label"][valid])
     return np.concatenate(feats), np.concatenate(labels)

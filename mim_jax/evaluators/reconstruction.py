@@ -70,7 +70,11 @@ class ReconstructionEvaluator:
         rngs = make_rngs(rng)
         repl = sharding.replicated(mesh)
 
+        data_cfg = self.data_cfg
+
         def outputs(params, images):
+            # uint8 from data.fixed_eval_images, normalised on the device.
+            images = data.normalize_images(images, data_cfg)
             _, aux = objective.loss_fn(params, {"image": images}, rngs, False, with_outputs=True)
             return aux.get("outputs")
         self._outputs = jax.jit(outputs, out_shardings=repl)

@@ -75,7 +75,7 @@ class FrozenFeatureEvaluator:
         self.mesh = mesh
         self.encoder_key = objective.encoder_keys[0]
         self.feature_fn = features.make_feature_fn(objective.encoder, eval_cfg.get("pool", "gap"),
-                                                   mesh)
+                                                   mesh, config.data)
 
     def maybe_run(self, step: int, state, force: bool = False):
         if force or step % self.every_steps == 0:
