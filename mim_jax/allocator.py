@@ -4,8 +4,8 @@ XLA:CPU allocates a step's scratch buffers anew at every step and glibc's defaul
 large freed blocks back to the OS at once, so every step pays for fresh pages again: ~1M
 minor page faults and ~20-30% of a ViT-B step on CPU (BENCHMARKS.md). glibc reads its policy
 from MALLOC_* variables only at process start, so the entry points (`python -m mim_jax.main`,
-`python -m mim_jax.benchmark`, the test suite) call `reexec_with_cpu_allocator()` first: it
-re-executes the same command line once with the variables set. Importing mim_jax as a library
+`python -m mim_jax.evaluate`, `python -m mim_jax.benchmark`, the test suite) call
+`reexec_with_cpu_allocator()` first: it re-executes the same command line once with the variables set. Importing mim_jax as a library
 never re-executes anything.
 
 It does nothing when a MALLOC_* variable is already set (the user's choice wins), when

@@ -21,6 +21,10 @@ import os
 import sys
 import time
 
+if __name__ == "__main__":  # first of all: glibc reads its MALLOC_* policy only at start-up
+    from mim_jax.allocator import reexec_with_cpu_allocator
+    reexec_with_cpu_allocator()
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -56,8 +60,8 @@ def _frozen_scores(config, workdir: str, seeds: int, pool: str) -> dict:
 
     mesh = sharding.make_mesh()
     objective = objectives.build(config)
-    feature_fn = features.make_feature_fn(objective.encoder, pool, mesh)
     data_cfg = config.data
+    feature_fn = features.make_feature_fn(objective.encoder, pool, mesh, data_cfg)
     splits = (data_cfg.split, data_cfg.eval_split)
 
     def scores(train, test):

@@ -80,7 +80,7 @@ def test_analytic_flops_agree_with_xla_cost_analysis():
 
 def test_simmim_analytic_flops_agree_with_xla_cost_analysis():
     from configs import simmim as simmim_config
-    config = simmim_config.get_config("quickstart")
+    config = simmim_config.get_config("quickstart,model=swin")
     config.model.update(embed_dim=64, depths=(2, 2), num_heads=(2, 4))
     obj = objectives.build(config)
     params = obj.init(jax.random.key(0))
@@ -232,7 +232,7 @@ def test_hf_swin_config_is_the_mim_jax_swin():
     transformers = pytest.importorskip("transformers")
     from configs import simmim as simmim_config
     from mim_jax.benchmark import torch_steps
-    config = simmim_config.get_config("quickstart")
+    config = simmim_config.get_config("quickstart,model=swin")
     hf = transformers.SwinForMaskedImageModeling(torch_steps.hf_swin_config(config))
     params = objectives.build(config).init(jax.random.key(0))
     assert (sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))

@@ -170,7 +170,7 @@ def test_optional_fields_keep_their_type_on_the_command_line():
     cfg = _parse_command_line("mae.py:quickstart",
                               "--config.data.randaugment=rand-m9-mstd0.5-inc1")
     assert cfg.data.randaugment == "rand-m9-mstd0.5-inc1"
-    cfg = _parse_command_line("simmim.py:quickstart", "--config.model.depths=(2,2)",
+    cfg = _parse_command_line("simmim.py:quickstart,model=swin", "--config.model.depths=(2,2)",
                               "--config.model.num_heads=None")
     assert cfg.model.depths == (2, 2) and cfg.model.num_heads is None
     with pytest.raises(flags.IllegalFlagValueError, match="config.model.width=abc"):
@@ -209,3 +209,18 @@ def test_entry_point_flags_take_none():
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == repr((None, None, None))
+
+
+def test_simmim_quickstart_is_the_vit_with_reference_mask_geometry():
+    """The quickstart masks 8 px cells = 2 x 2 patches of 4 px, as the reference's ViT-B/16
+    recipe masks 32 px cells = 2 x 2 patches (README: with 1-patch cells the encoder does not
+    beat its random init); the Swin variant stays available."""
+    from configs import simmim
+    vit_cfg = simmim.get_config("quickstart")
+    assert vit_cfg.model.name == "vit" and vit_cfg.model.patch_size in (None, 4)
+    assert vit_cfg.objective.mask_patch_size == 2 * 4 and vit_cfg.data.image_size == 32
+    assert vit_cfg.objective.mask_ratio == 0.5
+    assert simmim.get_config("quickstart,model=vit").to_dict() == vit_cfg.to_dict()
+    assert simmim.get_config("quickstart,model=swin").model.name == "swin"
+    with pytest.raises(ValueError, match="model='vit_b' with quickstart"):
+        simmim.get_config("quickstart,model=vit_b")

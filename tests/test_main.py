@@ -80,8 +80,8 @@ def test_two_processes_train_one_global_batch(tfds_dir, tmp_path):
 
 def test_simmim_quickstart_through_main_learns_and_writes_png(tfds_dir, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    cmd = [sys.executable, "-m", "mim_jax.main", "--config", "configs/simmim.py:quickstart",
-           "--workdir", str(tmp_path / "w"), f"--config.data.data_dir={tfds_dir}",
+    cmd = [sys.executable, "-m", "mim_jax.main", "--config",
+           "configs/simmim.py:quickstart,model=swin", "--workdir", str(tmp_path / "w"), f"--config.data.data_dir={tfds_dir}",
            "--config.model.embed_dim=16", "--config.model.num_heads=(2, 4)",
            "--config.total_steps=40", "--config.batch_size=32", "--config.log_every_steps=1",
            "--config.evaluators.reconstruction.every_steps=40", *SMALL_PROBES]
