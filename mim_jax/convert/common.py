@@ -213,20 +213,22 @@ def load(plan: Plan, state_dict: Mapping[str, Any], *,
     leaves = plan_leaves(plan)
     for path, leaf in leaves:
         name = "/".join(path)
-        shapes = ", ".join(f"{k} {_shape_of(state_dict[k])}" for k in leaf.keys)
+
+        def shapes(leaf=leaf):  # for messages only
+            return ", ".join(f"{k} {_shape_of(state_dict[k])}" for k in leaf.keys)
         arrays = [to_numpy(state_dict[k]) for k in leaf.keys]
         try:
             value = leaf.to_ours(*arrays)
         except ValueError as err:  # e.g. a width not divisible by the given num_heads
-            problems.append(f"{name}: cannot convert {shapes} ({err})")
+            problems.append(f"{name}: cannot convert {shapes()} ({err})")
             continue
         if expected is not None:
             want = expected.get(path)
             if want is None:
-                problems.append(f"{name}: {shapes} has no counterpart in the target")
+                problems.append(f"{name}: {shapes()} has no counterpart in the target")
                 continue
             if tuple(value.shape) != want:
-                problems.append(f"{name}: {shapes} converts to {tuple(value.shape)}, "
+                problems.append(f"{name}: {shapes()} converts to {tuple(value.shape)}, "
                                 f"expected {want}")
                 continue
         node = out

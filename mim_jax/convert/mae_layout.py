@@ -128,16 +128,8 @@ def _unscanned_shapes(tree: Mapping) -> dict:
     """A target tree given with scan=True ('blocks' stacked on a leading depth axis) -> the
     per-block shapes the conversion produces before stacking."""
     tree = dict(tree)
-    blocks = tree.get("transformer", {}).get("blocks") if isinstance(
-        tree.get("transformer"), Mapping) else None
-    if blocks is None:
-        return tree
-    depth = int(jax.tree.leaves(blocks)[0].shape[0])
-    transformer = {k: v for k, v in tree["transformer"].items() if k != "blocks"}
-    for i in range(depth):
-        transformer[f"block_{i}"] = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(tuple(x.shape[1:]), x.dtype), blocks)
-    tree["transformer"] = transformer
+    if "blocks" in tree.get("transformer", {}):
+        tree["transformer"] = jax.eval_shape(vit.unstack_block_params, dict(tree["transformer"]))
     return tree
 
 

@@ -177,12 +177,15 @@ def decode_random_crop(encoded, seed, channels: int, scale, ratio):
         # Decoding only the window is the main CPU saving of this pipeline.
         return _decode_jpeg_window(encoded, tf.stack([y, x, h, w]), shape[2], channels)
 
-    def other():
-        image = decode_any(encoded, channels)
-        y, x, h, w = _sample_crop(tf.shape(image), seed, scale, ratio)
-        return image[y : y + h, x : x + w, :]
+    return tf.cond(tf.io.is_jpeg(encoded), jpeg,
+                   lambda: _decode_whole_then_crop(encoded, seed, channels, scale, ratio))
 
-    return tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+
+def _decode_whole_then_crop(encoded, seed, channels: int, scale, ratio):
+    """Non-JPEG formats cannot decode a window: decode everything, then crop."""
+    image = decode_any(encoded, channels)
+    y, x, h, w = _sample_crop(tf.shape(image), seed, scale, ratio)
+    return image[y : y + h, x : x + w, :]
 
 
 # tf.image.resize(..., antialias=True) is ScaleAndTranslate with these kernels.
@@ -258,9 +261,8 @@ def random_crop_resized(encoded, seed, channels: int, scale, ratio, size: int,
         return _decode_jpeg_crop_resized(encoded, shape, window, size, interpolation, channels)
 
     def other():
-        image = decode_any(encoded, channels)
-        y, x, h, w = _sample_crop(tf.shape(image), seed, scale, ratio)
-        return resize(image[y : y + h, x : x + w, :], size, interpolation)
+        crop = _decode_whole_then_crop(encoded, seed, channels, scale, ratio)
+        return resize(crop, size, interpolation)
 
     out = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
     return tf.ensure_shape(out, [size, size, channels])
