@@ -30,7 +30,9 @@ setup(
     extras_require={
         # Parity tests against the PyTorch reference implementations. Install torch==2.13.0
         # (the CPU build) first: an unpinned torch pulls multi-GB GPU builds.
-        "test": ["pytest>=8", "torch>=2.4", "transformers>=4.45"],
+        # attrs and requests: what OpenAI's dall_e package (the dVAE tokenizer's reference)
+        # imports; install it itself with --no-deps, as its declared torchvision pulls GPU torch.
+        "test": ["pytest>=8", "torch>=2.4", "transformers>=4.45", "attrs>=19.2", "requests"],
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },

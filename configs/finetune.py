@@ -112,6 +112,9 @@ def _quickstart(c, arg):
                         for k, v in run_model.items() if v is not None and k in c.model})
         c.data.update({k: tuple(v) if isinstance(v, list) else v for k, v in run_data.items()
                        if k in ("image_size", "channels", "mean", "std")})
+        if c.model.get("rel_pos_bias") == "shared":
+            # BEiT / SimMIM-ViT fine-tuning: each block starts from a copy of the shared bias.
+            c.model.rel_pos_bias = "per_layer"
     c.data.update(crop_scale=(0.6, 1.0), flip=False, randaugment="rand-m9-mstd0.5-inc1")
     c.model.drop_path_rate = 0.1
     # A 4-epoch budget on 4,500 digits: mixup / cutmix (ImageNet's 100-epoch regularisers)

@@ -12,8 +12,8 @@ checkpoints, exact resume, metrics); a `config.finetune` block turns the run int
                        -> linear head (init std 0.01), LARS, no weight decay, RRC + flip.
 
 `finetune.pretrained` is a mim_jax pretraining workdir (or one of its checkpoints/STEP
-folders), an official MAE .pth file, or '' for random initialisation (training from scratch,
-the baseline). Top-1 / top-5 on data.eval_split are written every `every_epochs` by the
+folders), an official MAE or BEiT .pth file, or '' for random initialisation (training from
+scratch, the baseline). Top-1 / top-5 on data.eval_split are written every `every_epochs` by the
 'classification' evaluator, which keeps the best weights in workdir/best/.
 
   python -m mim_jax.main --config configs/finetune.py:pretrained=runs/mae_quickstart \
@@ -66,7 +66,7 @@ def validate(config) -> None:
         raise ValueError(f"finetune.ema_decay={ft.ema_decay!r} must be in [0, 1) (0 = off).")
     if ft.pretrained and not os.path.exists(ft.pretrained):
         raise ValueError(f"finetune.pretrained={ft.pretrained!r} does not exist; give a "
-                         "pretraining workdir, a checkpoints/STEP folder, an official MAE "
+                         "pretraining workdir, a checkpoints/STEP folder, an official MAE / BEiT "
                          ".pth file, or '' for random initialisation.")
     if ft.mode == "linear_probe" and not ft.pretrained:
         logging.warning("linear probe of a randomly initialised encoder (finetune.pretrained "
@@ -89,13 +89,14 @@ def pretrained_encoder_params(config, target_params):
     config.model: positions / relative tables resized, shared bias copied per layer)."""
     path = config.finetune.pretrained
     try:
-        if os.path.isfile(path):  # converted reference weights (official MAE layout)
+        if os.path.isfile(path):  # reference weights (official MAE or BEiT layout)
             from mim_jax import convert
             heads = models.vit_from_config(config.model, config.data.image_size,
                                            config.data.channels).config.num_heads
             state = convert.load_torch_state_dict(path)
-            source = convert.mae_params_from_official(state, num_heads=heads,
-                                                      strict=False)["encoder"]
+            read = (convert.beit_params_from_official if convert.is_official_beit(state)
+                    else convert.mae_params_from_official)
+            source = read(state, num_heads=heads, strict=False)["encoder"]
             origin = path
         else:
             pretrained = checkpointing.load_encoder(

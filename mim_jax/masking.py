@@ -86,3 +86,119 @@ def simmim_mask(key: jax.Array, batch_size: int, image_size: int, mask_patch_siz
     grid = cell_mask.reshape(batch_size, cells_side, 1, cells_side, 1)
     grid = jnp.broadcast_to(grid, (batch_size, cells_side, scale, cells_side, scale))
     return grid.reshape(batch_size, (cells_side * scale) ** 2)
+
+
+# The reference draws at most this many candidate blocks per step before it stops masking.
+_BLOCK_ATTEMPTS = 10
+
+
+def _check_block_args(batch_size, grid_h, grid_w, num_masking_patches, min_num_patches,
+                      max_num_patches, min_aspect, max_aspect) -> None:
+    def positive_int(name, value, upper=None):
+        if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1
+                or (upper is not None and value > upper)):
+            allowed = "a positive int" + (f" <= {upper}" if upper is not None else "")
+            raise ValueError(f"{name}={value!r} must be {allowed}.")
+
+    for name, value in (("batch_size", batch_size), ("grid_h", grid_h), ("grid_w", grid_w)):
+        positive_int(name, value)
+    positive_int("num_masking_patches", num_masking_patches, grid_h * grid_w)
+    if max_num_patches is not None:
+        positive_int("max_num_patches", max_num_patches)
+    # Above the block budget is allowed, as in the reference: areas are then drawn from
+    # [budget, min_num_patches] and only blocks adding <= budget patches are kept.
+    if (isinstance(min_num_patches, bool) or not isinstance(min_num_patches, (int, float))
+            or not min_num_patches > 0):
+        raise ValueError(f"min_num_patches={min_num_patches!r} must be a number > 0.")
+    if (isinstance(min_aspect, bool) or not isinstance(min_aspect, (int, float))
+            or not min_aspect > 0):
+        raise ValueError(f"min_aspect={min_aspect!r} must be a number > 0.")
+    if max_aspect is not None and (isinstance(max_aspect, bool)
+                                   or not isinstance(max_aspect, (int, float))
+                                   or not max_aspect >= min_aspect):
+        raise ValueError(f"max_aspect={max_aspect!r} must be None (1 / min_aspect) or a number "
+                         f">= min_aspect={min_aspect}.")
+
+
+def block_mask(key: jax.Array, batch_size: int, grid_h: int, grid_w: int,
+               num_masking_patches: int, min_num_patches: float = 16,
+               max_num_patches: Optional[int] = None, min_aspect: float = 0.3,
+               max_aspect: Optional[float] = None, exact: bool = False) -> jax.Array:
+    """BEiT blockwise masking. Returns [B, grid_h * grid_w] bool, row-major, True = masked.
+
+    Per sample, until num_masking_patches are masked: a step draws up to 10 rectangles
+    (area ~ U(min_num_patches, budget), aspect log-uniform in [min_aspect, max_aspect],
+    h = round(sqrt(area * aspect)), w = round(sqrt(area / aspect)), top-left uniform) and keeps
+    the first one smaller than the grid that masks between 1 and `budget` new patches, where
+    budget = min(patches still to mask, max_num_patches). Masking stops early at the first
+    step where no attempt is kept, so the count may end below the target, never above it.
+    exact=True is BEiT v2: the shortfall is then filled with uniformly drawn unmasked patches
+    (v2 also has a branch removing a surplus, which the budget rule makes unreachable).
+    """
+    _check_block_args(batch_size, grid_h, grid_w, num_masking_patches, min_num_patches,
+                      max_num_patches, min_aspect, max_aspect)
+    target = num_masking_patches
+    max_block = target if max_num_patches is None else max_num_patches
+    log_aspect = (np.log(min_aspect), np.log(1.0 / min_aspect if max_aspect is None
+                                              else max_aspect))
+    rows = jnp.arange(grid_h)[None, :, None]
+    cols = jnp.arange(grid_w)[None, None, :]
+
+    def add_block(mask, key, budget):
+        # The attempts of one step all see the same mask (it changes only when one is kept),
+        # so they are drawn and tested together and the first acceptable one is applied.
+        # That is the reference's sequential loop, without an inner loop on device.
+        # Drawn flat: a 2-D draw per sample becomes 3-D under vmap, which XLA:CPU compiles
+        # several times slower.
+        u_area, u_aspect, u_top, u_left = jax.random.uniform(
+            key, (4 * _BLOCK_ATTEMPTS,)).reshape(4, _BLOCK_ATTEMPTS)
+        # lo + (hi - lo) * u, like random.uniform: still valid when budget < min_num_patches.
+        area = min_num_patches + (budget - min_num_patches) * u_area
+        aspect = jnp.exp(log_aspect[0] + (log_aspect[1] - log_aspect[0]) * u_aspect)
+        # jnp.round rounds halves to even, as Python's round() does.
+        h = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
+        w = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
+        fits = (h < grid_h) & (w < grid_w)
+        # Uniform over 0..grid - size inclusive, as random.randint (the minimum guards against
+        # u * n rounding up to n in float32).
+        top = jnp.minimum(jnp.floor(u_top * (grid_h - h + 1)), grid_h - h).astype(jnp.int32)
+        left = jnp.minimum(jnp.floor(u_left * (grid_w - w + 1)), grid_w - w).astype(jnp.int32)
+        top, left, h, w = (x[:, None, None] for x in (top, left, h, w))
+        block = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+        new = jnp.sum(block & ~mask, axis=(1, 2))
+        ok = fits & (new > 0) & (new <= budget)
+        first = jnp.argmax(ok)  # the first acceptable attempt, if any
+        kept = ok[first]
+        return mask | (block[first] & kept), jnp.where(kept, new[first], 0)
+
+    def one_sample(key):
+        k_blocks, k_fill = jax.random.split(key)
+
+        def keep_going(state):
+            _, count, _, stalled = state
+            return (count < target) & ~stalled
+
+        def step(state):
+            mask, count, i, _ = state
+            budget = jnp.minimum(target - count, max_block)
+            mask, delta = add_block(mask, jax.random.fold_in(k_blocks, i), budget)
+            return mask, count + delta, i + 1, delta == 0
+
+        init = (jnp.zeros((grid_h, grid_w), bool), jnp.int32(0), jnp.int32(0), jnp.bool_(False))
+        mask, count, _, _ = jax.lax.while_loop(keep_going, step, init)
+        mask = mask.reshape(-1)
+        if exact:
+            # Top-(target - count) of fixed uniform noise over the unmasked patches, one per
+            # iteration: a uniform random subset, as v2's choice without replacement. The
+            # shortfall is small, and this is several times faster than a sort on CPU.
+            noise = jax.random.uniform(k_fill, mask.shape)
+
+            def fill_one(state):
+                mask, count = state
+                pick = jnp.argmax(jnp.where(mask, -1.0, noise))
+                return mask.at[pick].set(True), count + 1
+
+            mask, _ = jax.lax.while_loop(lambda s: s[1] < target, fill_one, (mask, count))
+        return mask
+
+    return jax.vmap(one_sample)(jax.random.split(key, batch_size))

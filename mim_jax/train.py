@@ -174,7 +174,8 @@ def validate_config(config):
         if config.get("finetune") is not None:
             from mim_jax import finetune  # the fine-tuning / linear-probe task
             return finetune.build_task(config)
-        return Task(objective=objectives.build(config))
+        objective = objectives.build(config)
+        return Task(objective=objective, start_from=objective.start_from)
     except ConfigError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as e:

@@ -1,4 +1,5 @@
 """Shared test fixtures: tiny configs that exercise the real code paths."""
+import json
 import os
 
 # Tests run on CPU in float32; keep XLA from grabbing every core for intra-op threads twice.
@@ -62,6 +63,19 @@ def short_run(c, data_dir, **overrides):
     c.checkpoint.update(every_steps=4, asynchronous=False)
     c.update(overrides)
     return c
+
+
+def logged_losses(workdir, *extra: str):
+    """{step: loss} from a run's metrics.jsonl (or {step: (loss, *extra)}); a step logged again
+    after a resume overwrites the earlier record. Evaluator records carry no loss: skipped."""
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "loss" in rec:
+                out[rec["step"]] = (rec["loss"], *(rec[k] for k in extra)) if extra \
+                    else rec["loss"]
+    return out
 
 
 def adam_losses(objective, params, batch, rngs, lr: float, steps: int):

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_train_config
+from conftest import logged_losses, tiny_train_config
 from mim_jax import checkpointing, train
 from mim_jax.errors import CheckpointError, ConfigError
 
@@ -31,16 +31,6 @@ TINY_ARGS = ["--config.model.width=32", "--config.model.depth=1", "--config.mode
              "--config.evaluators.linear_probe.every_steps=1000",
              "--config.batch_size=16", "--config.data.shuffle_buffer=256",
              "--config.log_every_steps=1", "--config.warmup_steps=2"]
-
-
-def _losses(workdir):
-    out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            if "loss" in rec:
-                out[rec["step"]] = rec["loss"]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +96,7 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(finished_run, tmp_path
     train.train_and_evaluate(cfg, workdir)
 
     # Steps 5-8 were retrained from step 4, bit for bit as the first time.
-    again, first = _losses(workdir), _losses(base)
+    again, first = logged_losses(workdir), logged_losses(base)
     assert sorted(again) == [5, 6, 7, 8]
     assert [again[s] for s in again] == [first[s] for s in again]
     # The damaged step was moved aside (not deleted) and replaced by a good one.
@@ -276,7 +266,7 @@ def test_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(tfds_di
         assert "space" in errors[0] and "step 4 is intact" in errors[0]
         assert "Traceback" not in run.stderr
         # The run stopped at once: no step after the failed save's next one was trained.
-        assert max(_losses(tmp_path / "run")) <= 9
+        assert max(logged_losses(tmp_path / "run")) <= 9
         assert checkpointing.Checkpointer(str(tmp_path / "run")).all_steps() == [4]
         state, step = checkpointing.Checkpointer(str(tmp_path / "run")).restore(None)
         assert step == 4
@@ -309,7 +299,7 @@ def test_kill_9_during_async_save_resumes_exactly(tfds_dir, tmp_path):
     resumed = subprocess.run(_main_cmd(workdir, tfds_dir, *overrides), cwd=ROOT, env=_env(),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = _losses(tmp_path / "straight"), _losses(workdir)
+    a, b = logged_losses(tmp_path / "straight"), logged_losses(workdir)
     assert sorted(a) == sorted(b) == list(range(1, 13))
     assert [a[s] for s in a] == [b[s] for s in a]  # bitwise, whichever checkpoint survived
 

@@ -1,4 +1,3 @@
-import json
 import os
 
 import jax
@@ -7,19 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import tiny_mae_config, tiny_train_config
+from conftest import logged_losses, tiny_mae_config, tiny_train_config
 from mim_jax import checkpointing, data, objectives, optim, sharding, train
-
-
-def _losses(workdir):
-    """Per-step losses from metrics.jsonl; a re-run step (after resume) overwrites."""
-    out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            if "loss" in rec:  # evaluator records carry other scalars
-                out[rec["step"]] = rec["loss"]
-    return out
 
 
 def test_resume_is_exact(tfds_dir, tmp_path, monkeypatch):
@@ -54,10 +42,10 @@ def test_resume_is_exact(tfds_dir, tmp_path, monkeypatch):
         train.train_and_evaluate(cfg, resumed)
     monkeypatch.setattr(data, "create_train_iterator", real)
     assert checkpointing.Checkpointer(resumed).latest_step() == 4
-    assert max(_losses(resumed)) == 6
+    assert max(logged_losses(resumed)) == 6
     train.train_and_evaluate(cfg, resumed)
 
-    a, b = _losses(straight), _losses(resumed)
+    a, b = logged_losses(straight), logged_losses(resumed)
     assert sorted(a) == sorted(b) == list(range(1, 9))
     assert [a[s] for s in range(1, 9)] == [b[s] for s in range(1, 9)]  # bitwise
     assert len(set(a.values())) == 8  # the losses really move
@@ -71,7 +59,7 @@ def test_end_to_end_run_writes_checkpoint_png_and_logs(tfds_dir, tmp_path):
     cfg.checkpoint.every_steps = 20
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(cfg, workdir)
-    losses = _losses(workdir)
+    losses = logged_losses(workdir)
     first, last = np.mean([losses[s] for s in range(1, 6)]), np.mean(
         [losses[s] for s in range(36, 41)])
     assert last < 0.85 * first, (first, last)

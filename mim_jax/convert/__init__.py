@@ -3,15 +3,24 @@
 All converters take plain mappings of torch tensors or numpy arrays and return float32 numpy
 trees / dicts, so torch is only needed to read .pth files (load_torch_state_dict).
 """
+from mim_jax.convert.hf_beit import (beit_params_from_hf, beit_params_to_hf,
+                                     vit_params_from_hf_beit)
 from mim_jax.convert.hf_mae import encoder_params_to_hf, mae_params_from_hf, mae_params_to_hf
 from mim_jax.convert.hf_swin import config_from_hf, swin_params_from_hf, swin_params_to_hf
-from mim_jax.convert.hf_vit import simmim_params_from_hf_vit, vit_params_from_hf_beit
+from mim_jax.convert.hf_vit import simmim_params_from_hf_vit
+from mim_jax.convert.official_beit import (beit_params_from_official, beit_params_to_official,
+                                           is_official_beit)
 from mim_jax.convert.official_mae import (load_torch_state_dict, mae_params_from_official,
                                           mae_params_to_official)
 
 __all__ = [
+    "beit_params_from_hf",
+    "beit_params_from_official",
+    "beit_params_to_hf",
+    "beit_params_to_official",
     "config_from_hf",
     "encoder_params_to_hf",
+    "is_official_beit",
     "load_torch_state_dict",
     "mae_params_from_hf",
     "mae_params_from_official",

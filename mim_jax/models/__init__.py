@@ -42,9 +42,11 @@ def vit_from_config(model_cfg, image_size: int, channels: int, **extra) -> vit.V
     options = dict(pos_embed=model_cfg.get("pos_embed", "sincos"),
                    cls_token=model_cfg.get("cls_token", True), qkv_bias=_QKV_BIAS[qkv_bias],
                    layer_scale_init=model_cfg.get("layer_scale_init"),
-                   rel_pos_bias=model_cfg.get("rel_pos_bias", "none"))
+                   rel_pos_bias=model_cfg.get("rel_pos_bias", "none"),
+                   init_style=model_cfg.get("init_style", "xavier"))
     for field, allowed in (("pos_embed", ("sincos", "learned", "none")),
-                           ("rel_pos_bias", ("none", "shared", "per_layer"))):
+                           ("rel_pos_bias", ("none", "shared", "per_layer")),
+                           ("init_style", vit.INIT_STYLES)):
         if options[field] not in allowed:
             raise ValueError(f"model.{field}={options[field]!r}; allowed: {list(allowed)}.")
     options.update(extra)

@@ -95,7 +95,9 @@ def fit_encoder_params(pretrained, target) -> Tuple[dict, list]:
         name = "/".join(key)
         value = src.get(key)
         if value is None and key[-2:] == ("rel_pos_bias", "table") and shared is not None:
-            value = shared  # shared (pretraining) -> per-block bias (fine-tuning), as BEiT
+            value = np.asarray(shared)  # shared (pretraining) -> per-block (fine-tuning), as BEiT
+            if len(want.shape) == value.ndim + 1:  # scanned blocks: one copy per block
+                value = np.broadcast_to(value, (want.shape[0],) + value.shape)
             notes.append(f"{name}: copied from the shared relative position bias")
         if value is None:
             problems.append(f"{name} {tuple(want.shape)} is missing")

@@ -29,6 +29,24 @@ LAYER_NORM_EPS = 1e-6
 # Reference init (official MAE): xavier-uniform on every Linear, computed on the 2-D
 # (fan_in, fan_out) view even when our kernels keep head axes separate.
 xavier_uniform = nn.initializers.xavier_uniform
+# BEiT's init: every Linear / conv weight and the tokens from a normal of std 0.02 truncated at
+# +/- 1 std (the reference calls timm's trunc_normal_ with a=-std, b=std).
+INIT_STYLES = ("xavier", "beit")
+BEIT_INIT_STD = 0.02
+
+
+def beit_trunc_normal():
+    return nn.initializers.truncated_normal(BEIT_INIT_STD, lower=-1.0, upper=1.0)
+
+
+def kernel_init(style: str, in_axis=-2, out_axis=-1):
+    """The weight initialiser of an init style, for a kernel with these fan axes."""
+    if style == "beit":
+        return beit_trunc_normal()
+    if style == "xavier":
+        return nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=in_axis,
+                                                out_axis=out_axis)
+    raise ValueError(f"init_style={style!r}; allowed: {list(INIT_STYLES)}.")
 
 
 def parse_variant(variant: str) -> dict:
@@ -125,6 +143,7 @@ class QKVProjection(nn.Module):
     use_bias: Any = True  # True, False, or 'qv' (BEiT: q and v biases, k bias fixed at zero)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    init_style: str = "xavier"
 
     @nn.compact
     def __call__(self, x):
@@ -132,9 +151,8 @@ class QKVProjection(nn.Module):
             raise ValueError(f"qkv_bias={self.use_bias!r}; allowed: True, False, 'qv'.")
         shape = (3, self.num_heads, self.head_dim)
         # xavier-uniform on the 2-D (D, 3D) view, as the reference's fused Linear.
-        kernel = self.param("kernel", nn.initializers.variance_scaling(
-            1.0, "fan_avg", "uniform", in_axis=0, out_axis=(1, 2, 3)),
-            (x.shape[-1], *shape), self.param_dtype)
+        kernel = self.param("kernel", kernel_init(self.init_style, 0, (1, 2, 3)),
+                            (x.shape[-1], *shape), self.param_dtype)
         y = jnp.einsum("bnd,dthk->bnthk", x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype)
@@ -150,6 +168,7 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
+    init_style: str = "xavier"
 
     @nn.compact
     def __call__(self, x, bias=None):
@@ -158,15 +177,15 @@ class Attention(nn.Module):
             raise ValueError(f"width={width} is not divisible by num_heads={self.num_heads}.")
         head_dim = width // self.num_heads
         qkv = QKVProjection(self.num_heads, head_dim, self.qkv_bias, self.dtype, self.param_dtype,
-                            name="qkv")(x)
+                            self.init_style, name="qkv")(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if bias is not None:
             bias = bias.astype(q.dtype)
         out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=self.attention_impl)
         return nn.DenseGeneral(
             features=width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-            name="proj",
-            kernel_init=xavier_uniform())(out)
+            # DenseGeneral initialises on the flattened 2-D (D, D) view: default fan axes.
+            name="proj", kernel_init=kernel_init(self.init_style))(out)
 
 
 class Block(nn.Module):
@@ -183,6 +202,7 @@ class Block(nn.Module):
     rel_pos_cls: bool = True
     # Static switch: with stochastic depth off no 'drop_path' RNG is needed or drawn.
     use_drop_path: bool = False
+    init_style: str = "xavier"
 
     @nn.compact
     def __call__(self, x, drop_rate=0.0, deterministic: bool = True, attn_bias=None):
@@ -196,10 +216,11 @@ class Block(nn.Module):
             epsilon=LAYER_NORM_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         dense = lambda features, name: nn.Dense(
             features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-            kernel_init=xavier_uniform())
+            kernel_init=kernel_init(self.init_style))
 
         y = Attention(self.num_heads, self.qkv_bias, self.dtype, self.param_dtype,
-                      self.attention_impl, name="attn")(norm("norm1")(x), attn_bias)
+                      self.attention_impl, self.init_style, name="attn")(norm("norm1")(x),
+                                                                        attn_bias)
         y = self._scale(y, "ls1", width)
         x = x + DropPath(name="drop_path1")(y, drop_rate, no_drop)
 
@@ -236,15 +257,27 @@ class Transformer(nn.Module):
     attention_impl: Optional[str] = None
     rel_pos_grid: Optional[int] = None  # per-block relative position bias
     rel_pos_cls: bool = True
+    init_style: str = "xavier"
+
+    # Drop-path rates follow linspace(0, drop_path_rate, rate_depth)[rate_offset:][:depth]
+    # (None: depth): a head stacked on top of an encoder continues its rule (BEiT v2's CLS head).
+    rate_depth: Optional[int] = None
+    rate_offset: int = 0
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True, attn_bias=None):
-        rates = np.linspace(0.0, self.drop_path_rate, self.depth) if self.depth > 1 else [0.0]
+    def __call__(self, x, deterministic: bool = True, attn_bias=None, capture: Optional[int] = None):
+        """Returns the last block's tokens or, with `capture`=k, (them, block k's output)."""
+        n = self.rate_depth or self.depth
+        rates = np.linspace(0.0, self.drop_path_rate, n) if n > 1 else np.zeros(1)
+        rates = rates[self.rate_offset:self.rate_offset + self.depth]
+        if capture is not None and not 1 <= capture <= self.depth:
+            raise ValueError(f"capture={capture} must be a block number in [1, {self.depth}].")
         block_kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, qkv_bias=self.qkv_bias,
                             layer_scale_init=self.layer_scale_init, dtype=self.dtype,
                             param_dtype=self.param_dtype, attention_impl=self.attention_impl,
                             use_drop_path=self.drop_path_rate > 0,
-                            rel_pos_grid=self.rel_pos_grid, rel_pos_cls=self.rel_pos_cls)
+                            rel_pos_grid=self.rel_pos_grid, rel_pos_cls=self.rel_pos_cls,
+                            init_style=self.init_style)
         block_cls = Block
         if self.remat:
             # `deterministic` (arg 3 counting self) must stay a Python bool inside remat.
@@ -252,18 +285,22 @@ class Transformer(nn.Module):
                                  policy=jax.checkpoint_policies.nothing_saveable)
         if self.scan:
             def body(module, carry, rate):
-                return module(carry, rate, deterministic, attn_bias), None
+                out = module(carry, rate, deterministic, attn_bias)
+                return out, (out if capture is not None else None)
 
             scanned = nn.scan(body, variable_axes={"params": 0},
                               split_rngs={"params": True, "drop_path": True},
                               length=self.depth)
-            x, _ = scanned(block_cls(**block_kwargs, name="blocks"), x,
-                           jnp.asarray(rates, jnp.float32))
-            return x
+            x, states = scanned(block_cls(**block_kwargs, name="blocks"), x,
+                                jnp.asarray(rates, jnp.float32))
+            return x if capture is None else (x, states[capture - 1])
+        captured = None
         for i in range(self.depth):
             x = block_cls(**block_kwargs, name=f"block_{i}")(x, float(rates[i]), deterministic,
                                                              attn_bias)
-        return x
+            if i + 1 == capture:
+                captured = x
+        return x if capture is None else (x, captured)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,9 +371,13 @@ class ViT(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: Optional[str] = None
+    # 'xavier' (MAE / SimMIM) or 'beit' (truncated normal; see also rescale_beit_init).
+    init_style: str = "xavier"
 
     def setup(self):
         cfg = self.config
+        if self.init_style not in INIT_STYLES:
+            raise ValueError(f"init_style={self.init_style!r}; allowed: {list(INIT_STYLES)}.")
         if self.pos_embed not in ("sincos", "learned", "none"):
             raise ValueError(f"pos_embed={self.pos_embed!r}; allowed: 'sincos', 'learned', 'none'.")
         if self.rel_pos_bias not in ("none", "shared", "per_layer"):
@@ -349,9 +390,9 @@ class ViT(nn.Module):
         self.patch_embed = nn.Conv(
             cfg.width, (cfg.patch_size,) * 2, strides=(cfg.patch_size,) * 2, padding="VALID",
             dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed",
-            kernel_init=nn.initializers.variance_scaling(
-                1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3))
-        token_init = nn.initializers.normal(0.02)
+            kernel_init=kernel_init(self.init_style, (0, 1, 2), 3))
+        token_init = (beit_trunc_normal() if self.init_style == "beit"
+                      else nn.initializers.normal(0.02))
         if self.cls_token:
             self.cls = self.param("cls_token", token_init, (1, 1, cfg.width), self.param_dtype)
         if self.use_mask_token:
@@ -372,7 +413,7 @@ class ViT(nn.Module):
             layer_scale_init=self.layer_scale_init, remat=self.remat, scan=self.scan,
             dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
             rel_pos_grid=cfg.grid if self.rel_pos_bias == "per_layer" else None,
-            rel_pos_cls=self.cls_token, name="transformer")
+            rel_pos_cls=self.cls_token, init_style=self.init_style, name="transformer")
         self.norm = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype,
                                  param_dtype=self.param_dtype, name="norm")
 
@@ -394,7 +435,15 @@ class ViT(nn.Module):
             x = x + self.pos[:, int(self.cls_token):].astype(x.dtype)
         return x
 
-    def __call__(self, images, *, ids_keep=None, token_mask=None, train: bool = False):
+    def relative_position_bias(self):
+        """The shared relative position bias [1, heads, N, N], or None (for heads that run
+        extra blocks over this encoder's tokens, like BEiT v2's CLS head)."""
+        return self.shared_rel_pos() if self.rel_pos_bias == "shared" else None
+
+    def __call__(self, images, *, ids_keep=None, token_mask=None, train: bool = False,
+                 capture: Optional[int] = None):
+        """Tokens [B, (1+)L, D]. With `capture`=k: (last block's tokens, block k's tokens), both
+        before the final norm (BEiT v2's CLS head; apply `self.norm` where needed)."""
         if ids_keep is not None and token_mask is not None:
             raise ValueError("pass ids_keep (drop tokens) or token_mask (replace tokens), not both.")
         if ids_keep is not None and self.rel_pos_bias != "none":
@@ -409,7 +458,9 @@ class ViT(nn.Module):
             if self.pos_embed != "none":
                 cls = cls + self.pos[:, :1].astype(x.dtype)
             x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[-1])), x], axis=1)
-        x = self.blocks(x, deterministic=not train, attn_bias=attn_bias)
+        x = self.blocks(x, deterministic=not train, attn_bias=attn_bias, capture=capture)
+        if capture is not None:
+            return x
         return self.norm(x) if self.final_norm else x
 
 
@@ -429,3 +480,23 @@ def unstack_block_params(params: dict, prefix: str = "block_") -> dict:
     for i in range(depth):
         out[f"{prefix}{i}"] = jax.tree.map(lambda x: x[i], stacked)
     return out
+
+
+
+def rescale_beit_init(blocks: dict, first_layer: int = 1) -> dict:
+    """BEiT's init fix-up: the attention output projection and fc2 kernels of layer i (counted
+    from `first_layer`) divided by sqrt(2 i), so the residual stream's variance does not grow
+    with depth. `blocks` is a Transformer's params ('block_k' or scanned 'blocks')."""
+    def scaled(block, factor):
+        col = lambda x: x * jnp.asarray(factor, x.dtype).reshape(
+            np.shape(factor) + (1,) * (x.ndim - np.ndim(factor)))
+        attn = dict(block["attn"], proj=dict(block["attn"]["proj"],
+                                             kernel=col(block["attn"]["proj"]["kernel"])))
+        return dict(block, attn=attn, fc2=dict(block["fc2"], kernel=col(block["fc2"]["kernel"])))
+
+    if "blocks" in blocks:  # scanned: one factor per entry of the leading depth axis
+        depth = blocks["blocks"]["fc2"]["kernel"].shape[0]
+        layers = np.arange(first_layer, first_layer + depth)
+        return dict(blocks, blocks=scaled(blocks["blocks"], 1.0 / np.sqrt(2.0 * layers)))
+    return {k: (scaled(v, 1.0 / np.sqrt(2.0 * (first_layer + int(k.split("_")[1]))))
+                if k.startswith("block_") else v) for k, v in blocks.items()}

@@ -45,6 +45,10 @@ class Objective:
     stateful: bool = False
     # rng -> (params, model_state); the default is init() and no state.
     init_fn: Optional[Callable] = None
+    # Host-side (params, model_state) of a fresh run -> the starting ones, run once before the
+    # data is touched: loads frozen weights an objective needs (BEiT's tokenizer, VQ-KD's
+    # teacher). Raises ValueError naming the config field when they cannot be loaded.
+    start_from: Optional[Callable] = None
 
     @property
     def encoder(self) -> nn.Module:
