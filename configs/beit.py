@@ -23,7 +23,8 @@ Arguments: version=1|2, variant=B/16|L/16, epochs, batch=2048, data=imagenet2012
 Deliberate differences: the learning rate is per-step warmup + half-cycle cosine (as the
 reference) but the warmup is 10 epochs for v1 too (its script also has a 10k-step option); v1's
 112 px tokenizer view is resized on device from the 224 px crop (the reference resizes the crop
-twice on the host); colour jitter is not applied (the input pipeline has none yet).
+twice on the host); colour jitter (0.4) is applied to the crop after the flip (the reference
+jitters the whole image before cropping: the contrast's mean grey differs slightly).
 """
 from configs import common
 from configs import vqkd as vqkd_config
@@ -62,7 +63,8 @@ def get_config(arg=None):
                        weight_decay=0.05, grad_clip_norm=3.0, min_lr=1e-5)
     c.data.update(name=arg.data, split="train", eval_split="validation", image_size=224,
                   channels=3, crop_scale=(0.08, 1.0) if arg.version == 1 else (0.2, 1.0),
-                  crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic", flip=True)
+                  crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic", flip=True,
+                  color_jitter=0.4)
     c.log_every_steps = 100
     c.checkpoint.update(every_steps=5000, keep=3)
     c.evaluators = {}  # no pixel reconstruction to show; MIM accuracy is logged every step

@@ -75,7 +75,9 @@ def _frozen_scores(config, workdir: str, seeds: int, pool: str) -> dict:
 
     out = {"pretrained": encoder_scores(checkpointing.load_encoder(workdir).params)}
     key = objective.encoder_keys[0]
-    runs = [encoder_scores(objective.init(jax.random.key(1000 + s))[key]) for s in range(seeds)]
+    # The objective's own init (BEiT rescales it after init), at other seeds than the run's.
+    runs = [encoder_scores(objective.init_variables(jax.random.key(1000 + s))[0][key])
+            for s in range(seeds)]
     out["random_init"] = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
     out["random_init_runs"] = runs
     out["raw_pixels"] = scores(*(features.raw_pixels(data_cfg, s) for s in splits))

@@ -230,3 +230,43 @@ def test_train_image_wiring(fmt):
         np.testing.assert_array_equal(image_ops.train_image(encoded, seed, on), expected)
     assert ra.fill_from_mean((0.485, 0.456, 0.406)) == FILL
 
+
+
+# ------------------------------------------------------------------- colour jitter ---
+
+def _jitter_draws(seed, strength):
+    """The factors and order color_jitter draws for `seed` (its documented rule)."""
+    factor_seed, order_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    factors = tf.random.stateless_uniform([3], factor_seed, max(0.0, 1.0 - strength),
+                                          1.0 + strength).numpy()
+    order = np.argsort(tf.random.stateless_uniform([3], order_seed).numpy())
+    return factors, order
+
+
+def test_color_jitter_is_pil_enhance_in_the_drawn_order():
+    """torchvision's ColorJitter on PIL is ImageEnhance Brightness / Contrast / Color with
+    factors in [1 - s, 1 + s], in a random order: ours gives PIL's pixels for the same draws."""
+    image = _random_image(3, seed=4)
+    orders = set()
+    for i in range(40):
+        seed = tf.constant([11, i], tf.int64)
+        factors, order = _jitter_draws(seed, 0.4)
+        assert np.all((factors >= 0.6) & (factors <= 1.4))
+        orders.add(tuple(order))
+        expected = _pil(image)
+        for j in order:
+            enhancer = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)[j]
+            expected = enhancer(expected).enhance(float(factors[j]))
+        got = ra.color_jitter(tf.constant(image, tf.float32), seed, 0.4).numpy()
+        np.testing.assert_allclose(got, np.asarray(expected), atol=1.0)
+    assert len(orders) == 6  # every order of the three occurs
+
+
+def test_color_jitter_config_wiring():
+    cfg = data.default_data_config()
+    assert cfg.color_jitter == 0.0
+    cfg.color_jitter = -0.1
+    with pytest.raises(ValueError, match=r"data\.color_jitter=-0\.1 must be a number >= 0"):
+        data.validate_data_config(cfg)
+    cfg.color_jitter = 0.4
+    assert image_ops.ImageSpec.from_config(cfg).color_jitter == 0.4

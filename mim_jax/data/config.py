@@ -102,6 +102,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     # MAE / BEiT fine-tuning (see mim_jax/data/randaugment.py); None = off, also as
     # --config.data.randaugment=None.
     c.randaugment = optional_field(str)
+    # torchvision ColorJitter(x, x, x) (brightness, contrast, saturation; BEiT pretraining uses
+    # 0.4), applied to the crop after the flip; 0 = off.
+    c.color_jitter = 0.0
     c.mean = (0.485, 0.456, 0.406)
     c.std = (0.229, 0.224, 0.225)
     c.shuffle_buffer = 10_000
@@ -202,6 +205,10 @@ def validate_data_config(cfg) -> None:
         from mim_jax.data import randaugment_policy  # pylint: disable=g-import-not-at-top
 
         randaugment_policy.parse_policy(cfg.randaugment)  # ValueError naming data.randaugment.
+
+    jitter = cfg.get("color_jitter", 0.0)
+    if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or jitter < 0:
+        raise ValueError(f"data.color_jitter={jitter!r} must be a number >= 0 (0 = off).")
 
     for field in ("mean", "std"):
         value = cfg.get(field)

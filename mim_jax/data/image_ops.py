@@ -30,6 +30,7 @@ class ImageSpec:
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
     randaugment: Optional[randaugment_lib.RandAugmentSpec] = None  # None: off.
+    color_jitter: float = 0.0  # 0: off.
 
     @classmethod
     def from_config(cls, cfg) -> "ImageSpec":
@@ -49,6 +50,7 @@ class ImageSpec:
                 if cfg.get("randaugment") is None
                 else randaugment_lib.parse_policy(cfg.randaugment)
             ),
+            color_jitter=float(cfg.get("color_jitter", 0.0)),
         )
 
 
@@ -314,6 +316,10 @@ def train_image(encoded, seed, spec: ImageSpec):
                                     spec.crop_ratio, spec.image_size, spec.interpolation)
     if spec.flip:
         image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+    if spec.color_jitter > 0:
+        # split(seed, 4)'s fourth key: independent of the crop, flip and RandAugment keys.
+        jitter_seed = tf.random.experimental.stateless_split(seed, num=4)[3]
+        image = randaugment_lib.color_jitter(image, jitter_seed, spec.color_jitter)
     if spec.randaugment is not None:
         # split(seed, 3) extends split(seed, 2) (one counter-based stream): its third key is
         # independent of the crop and flip keys, which stay as they were.

@@ -121,6 +121,23 @@ def brightness(image, factor):
     return _blend(tf.zeros_like(image), image, factor)
 
 
+def color_jitter(image, seed, strength: float):
+    """torchvision's ColorJitter(strength, strength, strength) on a PIL image (BEiT's
+    pretraining input): brightness, contrast and saturation factors each drawn from
+    U[max(0, 1 - strength), 1 + strength] and applied in a random order. float32 [H, W, C] in
+    [0, 255] + int64[2] seed -> same layout, quantised like a uint8 PIL image."""
+    image = tf.clip_by_value(tf.round(image), 0.0, 255.0)
+    factor_seed, order_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    factors = tf.random.stateless_uniform([3], factor_seed, max(0.0, 1.0 - strength),
+                                          1.0 + strength)
+    order = tf.argsort(tf.random.stateless_uniform([3], order_seed))
+    ops = (brightness, contrast, color)
+    for position in range(3):
+        branches = [lambda op=op, j=j, im=image: op(im, factors[j]) for j, op in enumerate(ops)]
+        image = tf.switch_case(order[position], branches)
+    return image
+
+
 def sharpness(image, factor):
     """ImageEnhance.Sharpness: blend with PIL's SMOOTH filter (3x3, centre 5, sum 13)."""
     channels = image.shape[-1]
