@@ -123,6 +123,23 @@ def classifier_forward_flops(arch, cls_token: bool, num_classes: int) -> dict:
     return out
 
 
+def beit_forward_flops(config) -> dict:
+    """BEiT: the encoder on every patch + CLS, the LM head on every patch (as the model computes
+    it), and v2's CLS head (its blocks on 1 + L tokens, then the LM head again). The frozen
+    tokenizer is not counted: it is not part of the trained model."""
+    from mim_jax import objectives  # the vocabulary is the tokenizer's; objectives import models
+    arch, obj = vit_arch(config), config.objective
+    vocab = objectives.build(config).model.vocab_size
+    out = dict(vit_forward_flops(arch, True),
+               lm_head=dense_flops(arch.num_patches, arch.width, vocab))
+    head_layers = obj.get("cls_head_layers", 0)
+    if head_layers:
+        out["cls_head"] = transformer_flops(arch.num_patches + 1, arch.width, head_layers,
+                                            arch.mlp_dim)
+        out["cls_head_lm_head"] = out["lm_head"]
+    return out
+
+
 def forward_flops_breakdown(config) -> dict:
     """Forward FLOPs per image by model part, for the experiment config's objective (or its
     classifier, for fine-tuning)."""
@@ -132,9 +149,11 @@ def forward_flops_breakdown(config) -> dict:
     obj = config.objective
     if obj.name == "simmim":
         return simmim_forward_flops(backbone_arch(config), config.model.get("cls_token", True))
+    if obj.name == "beit":
+        return beit_forward_flops(config)
     if obj.name != "mae":
         raise ValueError(f"objective.name={obj.name!r} has no analytic FLOP count; "
-                         "supported: ['mae', 'simmim'].")
+                         "supported: ['beit', 'mae', 'simmim'].")
     width = obj.decoder_width
     return mae_forward_flops(
         vit_arch(config), obj.mask_ratio, decoder_width=width, decoder_depth=obj.decoder_depth,

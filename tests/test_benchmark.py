@@ -216,12 +216,16 @@ def test_torch_simmim_mask_follows_the_mim_jax_rule():
 
 
 def test_compare_torch_pairs():
+    from configs import beit as beit_config
     from configs import mae as mae_config
     from configs import simmim as simmim_config
     from mim_jax.benchmark import torch_steps
     assert torch_steps.torch_step_class(mae_config.get_config()) is torch_steps.TorchMAEStep
     assert (torch_steps.torch_step_class(simmim_config.get_config())
             is torch_steps.TorchSwinSimMIMStep)
+    for version in ("version=1", "version=2"):
+        assert (torch_steps.torch_step_class(beit_config.get_config(version))
+                is torch_steps.TorchBEiTStep)
     with pytest.raises(ValueError, match="compare_torch compares"):
         torch_steps.torch_step_class(simmim_config.get_config("model=vit_b"))
 
@@ -237,3 +241,82 @@ def test_hf_swin_config_is_the_mim_jax_swin():
     params = objectives.build(config).init(jax.random.key(0))
     assert (sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
             == sum(p.numel() for p in hf.parameters()))
+
+
+def _tiny_beit_config(version: int):
+    """configs/beit.py's quickstart shrunk: 2 blocks of width 64 on a 7 x 7 grid; v1 with a
+    small dVAE (56 px view), v2 with the quickstart VQ-KD and a 1-block CLS head."""
+    from configs import beit as beit_config
+    config = beit_config.get_config("quickstart")
+    config.model.update(depth=2, width=64, num_heads=2, mlp_dim=128, drop_path_rate=0.1)
+    if version == 1:
+        config.objective.tokenizer = beit_config.dall_e_tokenizer()
+        config.objective.tokenizer.update(input_size=56, n_hid=16, n_blk_per_group=1,
+                                          vocab_size=512)
+    else:
+        config.objective.update(cls_head_layers=1, early_layers=1)
+    config.batch_size = 4
+    return config
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_torch_beit_step_is_the_mim_jax_beit(version):
+    """BeitForMaskedImageModeling (+ v2's CLS head) of the config has mim_jax BEiT's parameters
+    but the k-bias slot mim_jax's 'qv' layout keeps at zero (one width per block), and its
+    step trains on blockwise masks and random labels."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from mim_jax.benchmark import torch_steps
+    config = _tiny_beit_config(version)
+    params = objectives.build(config).init(jax.random.key(0))
+    images = np.random.default_rng(0).normal(size=(4, 28, 28, 1)).astype(np.float32)
+    step = torch_steps.TorchBEiTStep(config, images)
+    blocks = config.model.depth + config.objective.cls_head_layers
+    assert (sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+            == step.describe()["parameters"] + blocks * config.model.width)
+    assert step.describe()["model_class"].startswith("BeitForMaskedImageModeling")
+    hf = step.hf_model.config
+    assert (hf.use_mask_token, hf.use_absolute_position_embeddings,
+            hf.use_shared_relative_position_bias, hf.use_relative_position_bias,
+            hf.layer_scale_init_value, hf.layer_norm_eps) == (True, False, True, False, 0.1, 1e-6)
+    assert hf.vocab_size == (512 if version == 1 else objectives.build(config).model.vocab_size)
+    losses = [step() for _ in range(2)]
+    # Random labels: cross-entropy near log(vocab), once per head.
+    heads = 1 + int(version == 2)
+    assert all(abs(loss - heads * np.log(hf.vocab_size)) < 0.5 * heads for loss in losses)
+
+
+def test_torch_beit_mask_follows_the_block_mask_rule():
+    """compare_torch feeds PyTorch blockwise masks drawn by masking.block_mask's rule: the same
+    counts (exact for v2, at most the target for v1) and the same spatial distribution."""
+    from mim_jax.benchmark import torch_steps
+    for exact in (False, True):
+        ours = torch_steps.beit_bool_masked_pos(np.random.default_rng(0), 256, 14, 75, 16,
+                                                exact=exact)
+        ref = np.asarray(masking.block_mask(jax.random.key(0), 256, 14, 14, 75, 16,
+                                            exact=exact))
+        assert ours.shape == ref.shape == (256, 196) and ours.dtype == bool
+        counts = ours.sum(axis=1)
+        assert counts.max() == 75 and (counts.min() == 75 if exact else counts.min() > 60)
+        assert abs(counts.mean() - ref.sum(axis=1).mean()) < 1.0
+        # Blocks land near the centre more often than at the corners, alike on both sides.
+        np.testing.assert_allclose(ours.mean(0), ref.mean(0), atol=0.12)
+
+
+def test_beit_benchmark_batch_carries_token_ids():
+    """The compare_torch batch of a tokenizer objective holds ids, so the step skips the
+    tokenizer; the analytic count adds BEiT's LM head (and v2's CLS head) to the encoder."""
+    from mim_jax import sharding
+    config = _tiny_beit_config(2)
+    obj = objectives.build(config)
+    assert train_step.token_labels_shape(obj) == (49, obj.model.vocab_size)
+    assert train_step.token_labels_shape(objectives.build(tiny_mae_config())) is None
+    batch = train_step._synthetic_device_batch(obj, 4, sharding.make_mesh(), 0,
+                                               precomputed_tokens=True)
+    tokens = np.asarray(batch["tokens"])
+    assert tokens.shape == (4, 49) and tokens.dtype == np.int32
+    assert 0 <= tokens.min() and tokens.max() < obj.model.vocab_size
+    parts = flops.forward_flops_breakdown(config)
+    assert set(parts) == {"patch_embed", "encoder", "lm_head", "cls_head", "cls_head_lm_head"}
+    assert parts["lm_head"] == flops.dense_flops(49, 64, obj.model.vocab_size)
+    assert parts["cls_head"] == parts["encoder"] / 2  # 1 of the encoder's 2 blocks

@@ -1,10 +1,10 @@
-"""BEiT blockwise masking against an independent numpy version of the reference algorithm.
+"""BEiT blockwise masking against a numpy version of the reference algorithm (written from the
+paper and its released code; the benchmark's PyTorch side draws its masks with it too).
 
 The two use different random generators, so masks are compared as distributions over a few
 thousand draws: masked count, per-position coverage, connected blocks and rows/columns touched.
 """
 import functools
-import math
 
 import chex
 import jax
@@ -13,6 +13,7 @@ import pytest
 from scipy import ndimage, stats
 
 from mim_jax import masking
+from mim_jax.benchmark.torch_steps import reference_block_mask as reference_mask
 
 DRAWS = 3000
 # block_mask arguments after the key and batch size: the BEiT ViT-B/16 setting (grid 14x14,
@@ -23,40 +24,6 @@ SETTINGS = {
     "small_7x9": dict(grid_h=7, grid_w=9, num_masking_patches=24, min_num_patches=4,
                       max_num_patches=12, min_aspect=0.5, max_aspect=3.0),
 }
-
-
-def reference_mask(rng, grid_h, grid_w, num_masking_patches, min_num_patches,
-                   max_num_patches=None, min_aspect=0.3, max_aspect=None, exact=False):
-    """The BEiT generator as described by the paper and its released code, in numpy."""
-    target, min_patches = num_masking_patches, min_num_patches
-    max_patches = target if max_num_patches is None else max_num_patches
-    log_lo, log_hi = math.log(min_aspect), math.log(max_aspect or 1 / min_aspect)
-    mask = np.zeros((grid_h, grid_w), bool)
-    count = 0
-    while count < target:
-        budget = min(target - count, max_patches)
-        added = 0
-        for _ in range(10):
-            area = min_patches + (budget - min_patches) * rng.random()
-            aspect = math.exp(rng.uniform(log_lo, log_hi))
-            h = int(round(math.sqrt(area * aspect)))
-            w = int(round(math.sqrt(area / aspect)))
-            if h >= grid_h or w >= grid_w:
-                continue
-            top, left = rng.integers(0, grid_h - h + 1), rng.integers(0, grid_w - w + 1)
-            window = mask[top:top + h, left:left + w]
-            fresh = h * w - int(window.sum())
-            if 0 < fresh <= budget:
-                window[...] = True
-                added = fresh
-                break
-        if not added:
-            break
-        count += added
-    if exact and count < target:
-        free = np.flatnonzero(~mask.ravel())
-        mask.ravel()[rng.choice(free, target - count, replace=False)] = True
-    return mask.ravel()
 
 
 @functools.lru_cache(maxsize=None)

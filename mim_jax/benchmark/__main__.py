@@ -16,6 +16,10 @@ Run from the repository root (configs/ is imported as a package from the working
   # mim_jax SimMIM Swin-B/192 (window 6) vs transformers' SwinForMaskedImageModeling
   python -m mim_jax.benchmark --config configs/simmim.py --mode compare_torch --batch 16 \
       --warmup 1 --steps 3
+  # mim_jax BEiT-B/16 (v1; version=2 for v2) vs transformers' BeitForMaskedImageModeling, and
+  # the mim_jax step with its tokenizer (random weights: the time does not depend on them)
+  python -m mim_jax.benchmark --config configs/beit.py:version=1 --mode compare_torch \
+      --batch 16 --warmup 2 --steps 5
 
 Modes:
   train          Compile time, steady-state step time, images/s, analytic vs XLA FLOPs, MFU,
@@ -25,7 +29,10 @@ Modes:
   input          The input pipeline alone on a generated JPEG dataset (TFDS records or a folder).
   compare_torch  The mim_jax train step and transformers' PyTorch model + AdamW, timed interleaved
                  (A, B, A, B, ...) on the CPU with the same thread count: MAE ViT vs
-                 ViTMAEForPreTraining, or SimMIM Swin vs SwinForMaskedImageModeling.
+                 ViTMAEForPreTraining, SimMIM Swin vs SwinForMaskedImageModeling, or BEiT ViT
+                 vs BeitForMaskedImageModeling. BEiT: both sides get token ids as labels (no
+                 tokenizer), and the mim_jax step that runs its tokenizer (dVAE at 112 px /
+                 VQ-KD) is timed as a third call per round, for the tokenizer's share.
 """
 from __future__ import annotations
 
@@ -73,6 +80,9 @@ _THREADS = flags.DEFINE_integer(
 _PROFILE = flags.DEFINE_bool(
     "profile", False, "train / compare_torch on the CPU: trace a few mim_jax steps with "
     "jax.profiler and report where the step time goes, by XLA op kind.")
+_TOKENIZER_STEP = flags.DEFINE_bool(
+    "tokenizer_step", True, "compare_torch with a tokenizer objective (BEiT): also time the "
+    "mim_jax step that runs the tokenizer, interleaved as a third call per round.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write every figure as JSON to this path.")
 _INPUT_FORMAT = flags.DEFINE_enum(
     "input_format", "tfds", ("tfds", "folder"),
@@ -105,7 +115,8 @@ def main(argv):
                            _PROFILE.value)
     else:
         apply_overrides(config, batch, _IMAGE_SIZE.value, variant)
-        result = run_compare_torch(config, threads, steps, warmup, _PROFILE.value)
+        result = run_compare_torch(config, threads, steps, warmup, _PROFILE.value,
+                                   _TOKENIZER_STEP.value)
     result["command"] = " ".join(["python -m mim_jax.benchmark"] + sys.argv[1:])
     report(result, _JSON_OUT.value)
 

@@ -6,7 +6,7 @@ import os
 import jax
 import numpy as np
 
-from mim_jax import data, flops
+from mim_jax import data, flops, objectives
 from mim_jax.benchmark.environment import environment, usable_cores
 from mim_jax.benchmark.masking_share import measure_masking
 from mim_jax.benchmark.model_config import describe_model
@@ -14,11 +14,36 @@ from mim_jax.benchmark.op_profile import profile_ops
 from mim_jax.benchmark.torch_steps import torch_step_class
 from mim_jax.benchmark.timing import call_summary, interleaved_calls, paired_ratios
 from mim_jax.benchmark.train_step import (StepRunner, build_train_setup, compile_step,
-                                          flops_report, xla_memory)
+                                          flops_report, token_labels_shape, xla_flops,
+                                          xla_memory)
+
+
+def _tokenizer_step(config, per_device_batch: int):
+    """The mim_jax step that runs its tokenizer (what the trainer runs): -> (runner, figures)."""
+    setup = build_train_setup(config)
+    compiled, compile_times = compile_step(setup)
+    measured = xla_flops(compiled)
+    return StepRunner(compiled, setup.state, setup.batch), {
+        "compile": compile_times, "xla_memory": xla_memory(compiled),
+        "xla_train_flops_per_image": (measured / per_device_batch if measured is not None
+                                      else None)}
+
+
+def _cpu_ratio(a: dict, b: dict):
+    """a / b of median process CPU time, None when b's is below the clock's tick (tiny steps)."""
+    return a["cpu_median_s"] / b["cpu_median_s"] if b["cpu_median_s"] > 0 else None
+
+
+def _tokenizer_share(calls: dict, with_tok: dict, without: dict) -> dict:
+    return {"share_of_step": 1.0 - without["median_s"] / with_tok["median_s"],
+            "share_of_step_cpu": (1.0 - without["cpu_median_s"] / with_tok["cpu_median_s"]
+                                  if with_tok["cpu_median_s"] > 0 else None),
+            "with_over_without_paired_wall": paired_ratios(
+                calls["mim_jax_with_tokenizer"], calls["mim_jax"], "wall_s")}
 
 
 def run_compare_torch(config, threads: int, steps: int, warmup: int,
-                      profile: bool = False) -> dict:
+                      profile: bool = False, tokenizer_step: bool = True) -> dict:
     import torch
     torch.set_num_threads(threads)
     if jax.devices()[0].platform != "cpu":
@@ -26,21 +51,29 @@ def run_compare_torch(config, threads: int, steps: int, warmup: int,
     if config.model.get("dtype", "float32") != "float32":
         raise ValueError(f"model.dtype={config.model.dtype!r}: compare_torch is float32 only.")
     torch_step_cls = torch_step_class(config)  # fails before minutes of compiling
-    setup = build_train_setup(config)
+    # A tokenizer objective (BEiT) reads precomputed ids here, as HF's model gets its labels;
+    # the step with the tokenizer is timed as a third call per round (tokenizer_step).
+    tokens = token_labels_shape(objectives.build(config)) is not None
+    setup = build_train_setup(config, precomputed_tokens=tokens)
     compiled, compile_times = compile_step(setup)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.state.params))
     jax_step = StepRunner(compiled, setup.state, setup.batch)
+    per_device = config.batch_size // setup.mesh.devices.size
+    with_tok = _tokenizer_step(config, per_device) if tokens and tokenizer_step else None
     # The same images as the JAX step sees after its on-device normalisation.
     torch_step = torch_step_cls(config, np.asarray(data.normalize_images(
         jax.device_get(setup.batch["image"]), config.data)))
-    calls = interleaved_calls({"mim_jax": jax_step, "torch": torch_step}, steps, warmup)
+    fns = {"mim_jax": jax_step, "torch": torch_step}
+    if with_tok:
+        fns["mim_jax_with_tokenizer"] = with_tok[0]
+    calls = interleaved_calls(fns, steps, warmup)
     jax_t, torch_t = call_summary(calls["mim_jax"]), call_summary(calls["torch"])
     masking_times = measure_masking(config, setup.mesh, steps, warmup)
     op_profile = profile_ops(jax_step, compiled, min(steps, 2)) if profile else None
     train_flops = flops.model_flops_per_image(config)
     per_sec = lambda t: config.batch_size / t["median_s"]
     masking_s = masking_times["forward_backward"]
-    return {
+    result = {
         "mode": "compare_torch", "environment": environment(threads),
         "model": describe_model(config),
         "threads": {"xla_cpu_pool (PJRT_NPROC)": int(os.environ["PJRT_NPROC"]),
@@ -59,12 +92,25 @@ def run_compare_torch(config, threads: int, steps: int, warmup: int,
         "torch_over_mim_jax": torch_t["median_s"] / jax_t["median_s"],
         "torch_over_mim_jax_paired_wall": paired_ratios(calls["torch"], calls["mim_jax"],
                                                         "wall_s"),
-        "torch_over_mim_jax_cpu": torch_t["cpu_median_s"] / jax_t["cpu_median_s"],
-        "flops": flops_report(config, compiled, config.batch_size // setup.mesh.devices.size),
+        "torch_over_mim_jax_cpu": _cpu_ratio(torch_t, jax_t),
+        "flops": flops_report(config, compiled, per_device),
         "masking": dict(masking_times,
                         share_of_step=masking_s["median_s"] / jax_t["median_s"],
                         share_of_step_min=masking_s["min_s"] / jax_t["min_s"]),
-        "order": "interleaved per round: mim_jax, torch",
+        "order": "interleaved per round: " + ", ".join(fns),
         "profile": op_profile,
     }
+    if tokens:
+        result["labels"] = ("precomputed token ids in the batch (mim_jax) / random ids at the "
+                            "masked positions (torch): neither runs a tokenizer")
+    if with_tok:
+        tok_t = call_summary(calls["mim_jax_with_tokenizer"])
+        result["mim_jax_with_tokenizer"] = dict(
+            with_tok[1], step_time=tok_t, images_per_sec=per_sec(tok_t),
+            final_loss=float(with_tok[0].metrics["loss"]),
+            tokenizer=config.objective.tokenizer.get("name"),
+            tokenizer_share=_tokenizer_share(calls, tok_t, jax_t),
+            torch_over_it=torch_t["median_s"] / tok_t["median_s"],
+            torch_over_it_cpu=_cpu_ratio(torch_t, tok_t))
+    return result
 

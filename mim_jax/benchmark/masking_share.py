@@ -55,6 +55,24 @@ def simmim_masking_work(batch_size: int, image_size: int, mask_patch_size: int,
                        outputs=((batch_size, tokens, width),))
 
 
+def beit_masking_work(batch_size: int, grid: int, mask_cfg, width: int) -> MaskingWork:
+    """block_mask (BEiT's blockwise masking) and the replacement of the masked patch
+    embeddings by the mask token."""
+    def forward(key, embeddings, mask_token):
+        token_mask = masking.block_mask(
+            key, batch_size, grid, grid, mask_cfg.num_masking_patches,
+            min_num_patches=mask_cfg.min_num_patches,
+            max_num_patches=mask_cfg.get("max_num_patches"),
+            min_aspect=mask_cfg.get("min_aspect", 0.3), max_aspect=mask_cfg.get("max_aspect"),
+            exact=mask_cfg.get("exact", False))
+        w = token_mask[..., None].astype(embeddings.dtype)
+        return (embeddings * (1 - w) + mask_token * w,), token_mask
+
+    tokens = grid * grid
+    return MaskingWork(forward, inputs=((batch_size, tokens, width), (1, 1, width)),
+                       outputs=((batch_size, tokens, width),))
+
+
 def masking_work_for(config) -> MaskingWork:
     obj, arch = config.objective, flops.backbone_arch(config)
     if obj.name == "mae":
@@ -64,8 +82,10 @@ def masking_work_for(config) -> MaskingWork:
         width = arch.embed_dim if hasattr(arch, "embed_dim") else arch.width
         return simmim_masking_work(config.batch_size, arch.image_size, obj.mask_patch_size,
                                    arch.patch_size, obj.mask_ratio, width)
+    if obj.name == "beit":
+        return beit_masking_work(config.batch_size, arch.grid, obj.mask, arch.width)
     raise ValueError(f"objective.name={obj.name!r}: no masking workload defined; "
-                     "supported: ['mae', 'simmim'].")
+                     "supported: ['mae', 'simmim', 'beit'].")
 
 
 def masking_program(work: MaskingWork, with_backward: bool):

@@ -17,6 +17,10 @@ def _fmt_pct(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
+def _fmt_ratio(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def _step_line(t: dict) -> str:
     return f"median {_fmt_seconds(t['median_s'])}, min {_fmt_seconds(t['min_s'])}"
 
@@ -95,6 +99,12 @@ def _model_label(model: dict) -> str:
     """'MAE B/16' or 'SimMIM Swin-B window 6'."""
     if model["objective"] == "mae":
         return f"MAE {model['variant']}"
+    if model["objective"] == "beit":
+        obj = model["objective_config"]
+        head = obj.get("cls_head_layers", 0)
+        return (f"BEiT {model['variant']}, {obj['tokenizer']['name']} vocabulary"
+                + (f", CLS head {head} blocks over block {obj.get('early_layers')}" if head
+                   else ""))
     label = f"{model['objective']} {model['backbone']}-{model['variant']}"
     window = model["arch"].get("window_size")
     return label.replace("simmim", "SimMIM").replace("swin", "Swin") + (
@@ -116,7 +126,7 @@ def _compare_rows(r: dict) -> list:
                                         f"{paired['min']:.3f}-{paired['max']:.3f}"),
         ("mim_jax per step", _cpu_line(j["step_time"])),
         ("torch per step", _cpu_line(t["step_time"])),
-        ("torch / mim_jax (CPU time)", f"{r['torch_over_mim_jax_cpu']:.3f}"),
+        ("torch / mim_jax (CPU time)", _fmt_ratio(r["torch_over_mim_jax_cpu"])),
         ("XLA temp buffer", "n/a" if not j["xla_memory"]
          else f"{j['xla_memory']['temp'] / 2**30:.2f} GiB"),
         ("train FLOPs/img analytic / XLA", f"{_fmt_flops(r['flops']['analytic_train_per_image'])}"
@@ -126,7 +136,27 @@ def _compare_rows(r: dict) -> list:
         ("masking fwd+bwd (isolated)", _step_line(r["masking"]["forward_backward"])),
         ("masking share of mim_jax step", f"{_fmt_pct(r['masking']['share_of_step'])} (median),"
                                           f" {_fmt_pct(r['masking']['share_of_step_min'])} (min)"),
-    ] + _profile_rows(r.get("profile"))
+    ] + _tokenizer_rows(r) + _profile_rows(r.get("profile"))
+
+
+def _tokenizer_rows(r: dict) -> list:
+    rows = [("labels", r["labels"])] if r.get("labels") else []
+    t = r.get("mim_jax_with_tokenizer")
+    if not t:
+        return rows
+    share, paired = t["tokenizer_share"], t["tokenizer_share"]["with_over_without_paired_wall"]
+    return rows + [
+        (f"mim_jax step + {t['tokenizer']} tokenizer",
+         _step_line(t["step_time"]) + f"  ({t['images_per_sec']:.2f} img/s)"),
+        ("  per step", _cpu_line(t["step_time"])),
+        ("  XLA compile", _fmt_seconds(t["compile"]["compile_s"])),
+        ("  train FLOPs/img XLA", _fmt_flops(t["xla_train_flops_per_image"])),
+        ("tokenizer share of step", f"{_fmt_pct(share['share_of_step'])} (medians), "
+                                    f"{_fmt_pct(share['share_of_step_cpu'])} (CPU time); "
+                                    f"with / without per round: median {paired['median']:.3f}"),
+        ("torch / mim_jax with tokenizer", f"{t['torch_over_it']:.3f} (wall), "
+                                           f"{_fmt_ratio(t['torch_over_it_cpu'])} (CPU)"),
+    ]
 
 
 def _profile_rows(profile: Optional[dict]) -> list:

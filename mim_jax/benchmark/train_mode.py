@@ -48,7 +48,8 @@ def benchmark_train_step(config, steps: int, warmup: int, peak_override=None,
         share_of_step=masking_times["forward_backward"]["median_s"] / step_times["median_s"],
         share_of_step_min=masking_times["forward_backward"]["min_s"] / step_times["min_s"],
         method="the objective's masking (MAE: random_masking + encoder gather + decoder "
-               "unshuffle; SimMIM: simmim_mask + mask-token replacement), with its gradients, "
+               "unshuffle; SimMIM: simmim_mask + mask-token replacement; BEiT: block_mask + "
+               "mask-token replacement), with its gradients, "
                "jitted and timed alone on the step's shapes / the full step")
     if profile:
         result["profile"] = profile_ops(runner, compiled, min(steps, 3))

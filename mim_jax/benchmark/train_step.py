@@ -46,16 +46,41 @@ class TrainSetup:
     batch: dict  # on-device synthetic images, sharded like the trainer's batch
 
 
-def _synthetic_device_batch(objective, batch_size: int, mesh, seed: int) -> dict:
-    """Random uint8 pixels, as the pipelines yield them: the step normalises them itself."""
+def token_labels_shape(objective) -> Optional[tuple]:
+    """(tokens per image, vocabulary size) of an objective that predicts a tokenizer's ids
+    (BEiT), or None."""
+    vocab = getattr(objective.model, "vocab_size", None)
+    if vocab is None:
+        return None
+    return objective.encoder.config.num_patches, int(vocab)
+
+
+def _synthetic_device_batch(objective, batch_size: int, mesh, seed: int,
+                            precomputed_tokens: bool = False) -> dict:
+    """Random uint8 pixels, as the pipelines yield them: the step normalises them itself. With
+    precomputed_tokens, also random int32 'tokens' [B, L] (ids tokenized ahead of time): the
+    objective then skips its tokenizer."""
     shape = (batch_size, *objective.image_shape)
+    rows = sharding.batch_sharded(mesh)
     make = jax.jit(lambda key: jax.random.randint(key, shape, 0, 256, jnp.int32).astype(
-        jnp.uint8), out_shardings=sharding.batch_sharded(mesh))
-    return {"image": make(jax.random.key(seed + 1))}
+        jnp.uint8), out_shardings=rows)
+    batch = {"image": make(jax.random.key(seed + 1))}
+    if precomputed_tokens:
+        labels = token_labels_shape(objective)
+        if labels is None:
+            raise ValueError(f"objective {objective.name!r} predicts no token ids.")
+        length, vocab = labels
+        batch["tokens"] = jax.jit(
+            lambda key: jax.random.randint(key, (batch_size, length), 0, vocab, jnp.int32),
+            out_shardings=rows)(jax.random.key(seed + 2))
+    return batch
 
 
-def build_train_setup(config) -> TrainSetup:
-    """The trainer's own state, optimizer and jitted step (donated state), without data."""
+def build_train_setup(config, precomputed_tokens: bool = False) -> TrainSetup:
+    """The trainer's own state (params and model_state, e.g. a frozen tokenizer: random
+    weights, which cost the same time as real ones), optimizer and jitted step (donated state),
+    without data. precomputed_tokens: the batch carries token ids, so a tokenizer objective
+    (BEiT) does not run its tokenizer in the step."""
     objective = objectives.build(config)
     mesh = sharding.make_mesh()
     accum = config.get("accum_steps", 1)
@@ -68,17 +93,19 @@ def build_train_setup(config) -> TrainSetup:
     repl = sharding.replicated(mesh)
 
     def init_state(rng):
-        params = objective.init(rng)
+        params, model_state = objective.init_variables(rng)
         return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                 opt_state=tx.init(params),
-                                nonfinite_steps=jnp.zeros((), jnp.int32))
+                                nonfinite_steps=jnp.zeros((), jnp.int32),
+                                model_state=model_state)
 
     state = jax.jit(init_state, out_shardings=repl)(init_rng)
     step = jax.jit(train.make_train_step(objective, tx, schedule, accum, step_rng, mesh,
                                          data_cfg=config.data),
                    in_shardings=(repl, sharding.batch_sharded(mesh)), out_shardings=(repl, repl),
                    donate_argnums=(0,))
-    batch = _synthetic_device_batch(objective, config.batch_size, mesh, config.seed)
+    batch = _synthetic_device_batch(objective, config.batch_size, mesh, config.seed,
+                                    precomputed_tokens)
     return TrainSetup(objective, mesh, step, state, batch)
 
 
