@@ -16,10 +16,18 @@ from absl import logging
 
 
 class QuietLibraries(std_logging.Filter):
-    """Drops INFO chatter of orbax (a dozen lines per checkpoint); warnings still show."""
+    """Drops INFO chatter of orbax (a dozen lines per checkpoint); its warnings and errors
+    still show, as one line each: a failed save's traceback from orbax's background thread
+    (logged with logging.exception) is left out, because the trainer reports that failure
+    itself, once, as a CheckpointError."""
 
     def filter(self, record):
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+        if "/orbax/" not in record.pathname:
+            return True
+        if record.levelno < std_logging.WARNING:
+            return False
+        record.exc_info, record.exc_text = None, None
+        return True
 
 
 def _to_python(value):

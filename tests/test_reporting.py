@@ -35,3 +35,26 @@ def test_jsonl_writer_appends(tmp_path):
         w.close()
     assert [json.loads(line) for line in open(path)] == [{"step": 1, "loss": 0.5},
                                                         {"step": 2, "loss": 0.25}]
+
+
+def test_orbax_records_are_one_line_and_info_is_dropped():
+    import logging as std_logging
+    import sys as _sys
+    quiet = reporting.QuietLibraries()
+
+    def record(level, path, exc=False):
+        exc_info = None
+        if exc:
+            try:
+                raise OSError("No space left on device")
+            except OSError:
+                exc_info = _sys.exc_info()
+        return std_logging.LogRecord("absl", level, path, 1, "save failed: %s", ("x",),
+                                     exc_info)
+
+    assert not quiet.filter(record(std_logging.INFO, "/site-packages/orbax/checkpoint/a.py"))
+    failed = record(std_logging.ERROR, "/site-packages/orbax/checkpoint/future.py", exc=True)
+    assert quiet.filter(failed) and failed.exc_info is None
+    assert "\n" not in std_logging.Formatter().format(failed)
+    ours = record(std_logging.ERROR, "/mim_jax/train.py", exc=True)
+    assert quiet.filter(ours) and ours.exc_info is not None  # our own records are untouched
