@@ -1,4 +1,5 @@
-"""Checkpoint converters between mim_jax parameters and PyTorch MAE, SimMIM and BEiT layouts.
+"""Checkpoint converters between mim_jax parameters and PyTorch MAE, SimMIM, BEiT
+and timm ConvNet (SparK) layouts.
 
 All converters take plain mappings of torch tensors or numpy arrays and return float32 numpy
 trees / dicts, so torch is only needed to read .pth files (load_torch_state_dict).
@@ -12,6 +13,8 @@ from mim_jax.convert.official_beit import (beit_params_from_official, beit_param
                                            is_official_beit)
 from mim_jax.convert.official_mae import (load_torch_state_dict, mae_params_from_official,
                                           mae_params_to_official)
+from mim_jax.convert.timm_convnet import (convnet_variables_from_timm,
+                                          convnet_variables_to_timm)
 
 __all__ = [
     "beit_params_from_hf",
@@ -19,6 +22,8 @@ __all__ = [
     "beit_params_to_hf",
     "beit_params_to_official",
     "config_from_hf",
+    "convnet_variables_from_timm",
+    "convnet_variables_to_timm",
     "encoder_params_to_hf",
     "is_official_beit",
     "load_torch_state_dict",

@@ -7,7 +7,7 @@ from mim_jax.models import vit
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _QKV_BIAS = {"qkv": True, "qv": "qv", "none": False}
-BACKBONES = ("vit", "swin")
+BACKBONES = ("vit", "swin", "resnet", "convnext")
 
 
 def dtype_from_name(name: str, field: str):
@@ -64,8 +64,48 @@ def swin_from_config(model_cfg, image_size: int, channels: int, **extra):
     return swin.Swin(config=arch, **_common_kwargs(model_cfg), **extra)
 
 
+def _convnet_arch(model_cfg, image_size: int, resolve, fields, **fixed):
+    """Variant + overrides -> resolved config, errors named with their `model.` field."""
+    if image_size % 32:
+        raise ValueError(f"data.image_size={image_size} is not a multiple of 32, the stride of "
+                         f"model.name={model_cfg.get('name')!r}; allowed: multiples of 32.")
+    overrides = {k: model_cfg.get(k) for k in fields}
+    overrides = {k: (tuple(v) if isinstance(v, (list, tuple)) else v)
+                 for k, v in overrides.items()}
+    try:
+        return resolve(model_cfg.variant, **fixed, **overrides)
+    except ValueError as err:  # the message starts with the field name
+        raise ValueError(f"model.{err}") from None
+
+
+def _convnet_kwargs(model_cfg) -> dict:
+    kwargs = _common_kwargs(model_cfg)
+    del kwargs["attention_impl"]  # validated (None by default) but meaningless for ConvNets
+    return kwargs
+
+
+def resnet_from_config(model_cfg, image_size: int, channels: int, **extra):
+    """A ResNet ('50', '101', '152', '200' + depths / stem_width / widths overrides)."""
+    from mim_jax.models import resnet
+    arch = _convnet_arch(model_cfg, image_size, resnet.resolve_resnet_config,
+                         ("depths", "stem_width", "widths"), channels=channels)
+    return resnet.ResNet(config=arch, **_convnet_kwargs(model_cfg), **extra)
+
+
+def convnext_from_config(model_cfg, image_size: int, channels: int, **extra):
+    """A ConvNeXt ('T', 'S', 'B', 'L' + depths / dims overrides)."""
+    from mim_jax.models import convnext
+    arch = _convnet_arch(model_cfg, image_size, convnext.resolve_convnext_config,
+                         ("depths", "dims"), channels=channels)
+    return convnext.ConvNeXt(config=arch, **_convnet_kwargs(model_cfg), **extra)
+
+
 def backbone_from_config(model_cfg, image_size: int, channels: int, **extra):
     name = model_cfg.get("name", "vit")
+    if name == "resnet":
+        return resnet_from_config(model_cfg, image_size, channels, **extra)
+    if name == "convnext":
+        return convnext_from_config(model_cfg, image_size, channels, **extra)
     if name == "vit":
         return vit_from_config(model_cfg, image_size, channels, **extra)
     if name == "swin":

@@ -1,0 +1,184 @@
+"""ConvNeXt (Liu et al. 2022) in linen, in timm's layout, with SparK's sparse (masked) mode.
+
+Stem conv 4x4/4 + LayerNorm; stages 1-3 start with LayerNorm + conv 2x2/2; blocks are
+depthwise conv 7x7 -> LayerNorm -> Linear 4x -> GELU (exact) -> Linear -> layer scale (init
+1e-6) -> drop path, added to the input. LayerNorm eps 1e-6 everywhere. NHWC throughout.
+Variants 'T', 'S', 'B', 'L' with explicit overrides (depths, dims) for small test models.
+
+`__call__(images, active=None, train=False)` returns the four stage outputs (strides 4, 8, 16,
+32), as SparK's encoder does (no final norm: timm applies it in the head, after pooling). With
+`active` (bool [B, H/32, W/32], True = visible) it is SparK's sparse ConvNeXt: the input, every
+conv output, every LayerNorm output and every block's residual branch are zero at masked
+positions (inside a block, where everything after the depthwise conv is per position, only the
+branch's output needs masking). LayerNorm normalises each position over channels, so it needs no masked statistics,
+only re-masking (it would turn a zero vector into its bias). The MLP's bias makes masked
+positions non-zero inside a block; the branch is masked before it is added, as the reference
+does, so masked positions stay exactly zero between layers.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from mim_jax.models import sparse
+from mim_jax.models.resnet import _check_images, _positive_ints
+from mim_jax.models.swin import trunc_normal
+from mim_jax.models.vit import DropPath
+
+VARIANTS = {
+    "T": dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768)),
+    "S": dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768)),
+    "B": dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)),
+    "L": dict(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536)),
+}
+LAYER_NORM_EPS = 1e-6
+LAYER_SCALE_INIT = 1e-6
+STRIDE = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvNeXtConfig:
+    """Resolved ConvNeXt hyper-parameters; `dims` are the four stage widths."""
+    depths: Tuple[int, ...]
+    dims: Tuple[int, ...]
+    channels: int = 3
+    layer_scale_init: float = LAYER_SCALE_INIT
+
+    def __post_init__(self):
+        object.__setattr__(self, "depths", _positive_ints("depths", self.depths, 4))
+        object.__setattr__(self, "dims", _positive_ints("dims", self.dims, 4))
+        _positive_ints("channels", self.channels)
+        if not self.layer_scale_init > 0:
+            raise ValueError(f"layer_scale_init={self.layer_scale_init!r} must be positive.")
+
+    @property
+    def stage_widths(self) -> Tuple[int, ...]:
+        return self.dims
+
+
+def resolve_convnext_config(variant: str, channels: int = 3, *, depths=None,
+                            dims=None) -> ConvNeXtConfig:
+    """Variant string plus explicit overrides -> ConvNeXtConfig (validated with named errors)."""
+    if not isinstance(variant, str) or variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} is not a ConvNeXt variant; allowed: "
+                         f"{list(VARIANTS)}.")
+    base = dict(VARIANTS[variant])
+    base.update({k: v for k, v in dict(depths=depths, dims=dims).items() if v is not None})
+    return ConvNeXtConfig(channels=channels, **base)
+
+
+def _layer_norm(dtype, param_dtype, name):
+    return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class ConvNeXtBlock(nn.Module):
+    dim: int
+    drop_rate: float = 0.0
+    layer_scale_init: float = LAYER_SCALE_INIT
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, active=None, train: bool = False):
+        dense = lambda features, name: nn.Dense(
+            features, kernel_init=trunc_normal, dtype=self.dtype, param_dtype=self.param_dtype,
+            name=name)
+        y = nn.Conv(self.dim, (7, 7), padding=[(3, 3), (3, 3)], feature_group_count=self.dim,
+                    kernel_init=trunc_normal, dtype=self.dtype, param_dtype=self.param_dtype,
+                    name="dwconv")(x)
+        # Only the depthwise conv mixes positions and its input is masked; everything up to
+        # the branch's final mask is per position, so one mask there is the reference's three.
+        y = _layer_norm(self.dtype, self.param_dtype, "norm")(y)
+        y = dense(self.dim, "fc2")(nn.gelu(dense(4 * self.dim, "fc1")(y), approximate=False))
+        gamma = self.param("gamma", nn.initializers.constant(self.layer_scale_init),
+                           (self.dim,), self.param_dtype)
+        y = sparse.apply_mask(y * jnp.asarray(gamma, y.dtype), active)
+        return x + DropPath(name="drop_path")(y, self.drop_rate,
+                                              not train or self.drop_rate == 0.0)
+
+
+class ConvNeXtStage(nn.Module):
+    """[LayerNorm + conv 2x2/2 downsample] then `depth` blocks."""
+    depth: int
+    dim: int
+    drop_rates: Tuple[float, ...]
+    downsample: bool = True
+    layer_scale_init: float = LAYER_SCALE_INIT
+    remat: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, active=None, train: bool = False):
+        if self.downsample:
+            x = _layer_norm(self.dtype, self.param_dtype, "downsample_norm")(x)
+            x = nn.Conv(self.dim, (2, 2), strides=(2, 2), padding="VALID",
+                        kernel_init=trunc_normal, dtype=self.dtype, param_dtype=self.param_dtype,
+                        name="downsample_conv")(sparse.apply_mask(x, active))
+            x = sparse.apply_mask(x, active)
+        # `train` (arg 3 counting self) must stay a Python bool inside remat.
+        block_cls = nn.remat(ConvNeXtBlock, static_argnums=(3,)) if self.remat else ConvNeXtBlock
+        for j in range(self.depth):
+            x = block_cls(self.dim, self.drop_rates[j], self.layer_scale_init, self.dtype,
+                          self.param_dtype, name=f"block_{j}")(x, active, train)
+        return x
+
+
+class ConvNeXt(nn.Module):
+    """ConvNeXt encoder: images [B, H, W, C] (H, W multiples of 32) -> [f4, f8, f16, f32].
+
+    active: None (dense) or bool [B, H/32, W/32], True = visible (SparK's sparse mode).
+    last_stage_only=True returns only f32, the map that classifier.Classifier pools (timm's
+    head is pool -> LayerNorm eps 1e-6 -> Linear: Classifier with fc_norm=True). Drop-path
+    rates rise linearly from 0 to drop_path_rate over all blocks ('drop_path' RNG stream).
+
+    Parameters: stem_conv, stem_norm, stage_{i}/[downsample_norm, downsample_conv] (i > 0),
+    stage_{i}/block_{j}/{dwconv, norm, fc1, fc2, gamma}.
+    """
+    config: ConvNeXtConfig
+    drop_path_rate: float = 0.0
+    last_stage_only: bool = False
+    remat: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @property
+    def stage_widths(self) -> Tuple[int, ...]:
+        return self.config.stage_widths
+
+    @property
+    def num_features(self) -> int:
+        return self.config.dims[-1]
+
+    @property
+    def stride(self) -> int:
+        return STRIDE
+
+    @nn.compact
+    def __call__(self, images, *, active=None, train: bool = False):
+        cfg = self.config
+        _check_images(images, cfg.channels)
+        sparse.check_active(active, images, STRIDE)
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate={self.drop_path_rate!r} must be in [0, 1).")
+        x = sparse.apply_mask(images.astype(self.dtype), active)
+        x = nn.Conv(cfg.dims[0], (4, 4), strides=(4, 4), padding="VALID",
+                    kernel_init=trunc_normal, dtype=self.dtype, param_dtype=self.param_dtype,
+                    name="stem_conv")(x)
+        x = sparse.apply_mask(_layer_norm(self.dtype, self.param_dtype, "stem_norm")(x), active)
+
+        rates = np.linspace(0.0, self.drop_path_rate, sum(cfg.depths))
+        per_stage = np.split(rates, np.cumsum(cfg.depths)[:-1])
+        features = []
+        for stage, (depth, dim) in enumerate(zip(cfg.depths, cfg.dims)):
+            x = ConvNeXtStage(depth=depth, dim=dim,
+                              drop_rates=tuple(float(r) for r in per_stage[stage]),
+                              downsample=stage > 0, layer_scale_init=cfg.layer_scale_init,
+                              remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype,
+                              name=f"stage_{stage}")(x, active, train)
+            features.append(x)
+        return features[-1] if self.last_stage_only else features
