@@ -53,7 +53,11 @@ def get_config(arg=None):
     del c.model  # the tokenizer's sizes are in objective.tokenizer
     c.objective = ml_collections.ConfigDict(dict(
         name="vqkd", tokenizer=tokenizer_config(arg.quickstart),
-        teacher=dict(checkpoint=optional_field(str), step=optional_field(int)),
+        # A mim_jax run's workdir, or an official MAE .pth with its variant (e.g. 'B/16') and,
+        # unless the data's, its input size and mean / std.
+        teacher=dict(checkpoint=optional_field(str), step=optional_field(int),
+                     variant=optional_field(str), image_size=optional_field(int),
+                     mean=optional_field(tuple), std=optional_field(tuple)),
         # The reference's quantiser: commitment beta 1, EMA decay 0.99, k-means init of 10
         # cosine Lloyd iterations on the first batch, no dead-code restart.
         beta=1.0, decay=0.99, kmeans_init=True, kmeans_iters=10, dead_code_threshold=0.0))

@@ -286,3 +286,27 @@ def test_training_restarts_dead_codes_and_raises_the_cosine(tmp_path, tfds_dir):
     assert mean("perplexity", late) > 15 > mean("perplexity", early)
     assert history[-1]["codebook_usage_ema"] >= 0.9
     assert mean("cosine", late) > history[0]["cosine"] + 0.5
+
+
+def test_teacher_from_an_official_mae_file(tmp_path, tfds_dir):
+    """A converted reference encoder as the teacher: an official MAE .pth (here a random tiny
+    one written by our exporter) with its variant; its weights reach the model state exactly,
+    and a file of another size fails with one line naming the field."""
+    from mim_jax import convert
+    from mim_jax.models import vit
+    c = _vqkd_quickstart(tmp_path, tfds_dir)
+    teacher_vit = vit.ViT(vit.resolve_vit_config("Ti/4", 28, 1))
+    params = teacher_vit.init(jax.random.key(3), np.zeros((1, 28, 28, 1), np.float32))["params"]
+    path = str(tmp_path / "mae_pretrain_tiny.pth")
+    torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in
+                          convert.mae_params_to_official({"encoder": params},
+                                                         image_size=28).items()}}, path)
+    c.objective.teacher.update(checkpoint=path, variant="Ti/4")
+    obj = objectives.build(c)
+    fresh = obj.init_variables(jax.random.key(0))
+    _, state = obj.start_from(*fresh)
+    for a, b in zip(jax.tree.leaves(state["teacher"]), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    c.objective.teacher.variant = "S/4"  # width 384: the file's 192 does not fit
+    with pytest.raises(ValueError, match=r"^objective\.teacher\.checkpoint=.* is unusable: .*"):
+        objectives.build(c).start_from(*fresh)

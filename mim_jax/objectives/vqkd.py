@@ -27,14 +27,19 @@ The teacher is the encoder of any mim_jax pretraining run (objective.teacher.che
 workdir or a checkpoints/STEP folder), rebuilt from that run's config; its target is its final
 (normalised) output at the patch tokens, CLS dropped, which must lie on the tokenizer's grid.
 The reference's CLIP teacher additionally projects with its `proj` matrix; ours has none.
-Images reach the teacher normalised with the teacher run's own data mean / std.
+Images reach the teacher normalised with the teacher run's own data mean / std. A converted
+reference encoder works too: objective.teacher.checkpoint = an official MAE .pth file, with
+objective.teacher.variant (e.g. 'B/16') and optionally image_size / mean / std (default: the
+data's).
 """
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from mim_jax.models import vit
 from mim_jax.models.tokenizers import vqkd as tok
@@ -123,9 +128,11 @@ def validate(obj_cfg) -> dict:
 
 
 class Teacher:
-    """The frozen teacher encoder of a mim_jax pretraining run (module from its config)."""
+    """The frozen teacher encoder: of a mim_jax pretraining run (module from its config.json),
+    or of an official MAE checkpoint file (module from objective.teacher.variant, e.g. 'B/16',
+    at objective.teacher.image_size, normalised with objective.teacher.mean / std)."""
 
-    def __init__(self, teacher_cfg, channels: int, grid: int):
+    def __init__(self, teacher_cfg, channels: int, grid: int, data_cfg=None):
         from mim_jax import checkpointing, objectives
         from mim_jax.models.classifier import encoder_has_cls
 
@@ -140,15 +147,20 @@ class Teacher:
             raise ValueError(f"{FIELD}.teacher.step={step!r} must be None (latest) or an "
                              "integer >= 0.")
         self.path, self.step = path, step
+        self.is_file = os.path.isfile(path)
         try:
-            workdir, _ = checkpointing.resolve_checkpoint(path, step)
-            config = checkpointing.read_run_config(workdir)
-            if config.get("finetune") is not None:
-                raise ValueError("it is a fine-tuning run, not a pretraining one")
-            self.module = objectives.build(config).encoder
+            if self.is_file:
+                data = self._reference_data(teacher_cfg, data_cfg, channels)
+                self.module = self._reference_module(teacher_cfg, data)
+            else:
+                workdir, _ = checkpointing.resolve_checkpoint(path, step)
+                config = checkpointing.read_run_config(workdir)
+                if config.get("finetune") is not None:
+                    raise ValueError("it is a fine-tuning run, not a pretraining one")
+                self.module = objectives.build(config).encoder
+                data = config.data
         except (ValueError, OSError, KeyError, AttributeError, TypeError) as e:
             raise ValueError(f"{self.field}={path!r} is unusable: {e}") from None
-        data = config.data
         self.image_size, self.mean, self.std = data.image_size, data.mean, data.std
         if data.get("channels", 3) != channels:
             raise ValueError(f"{self.field}={path!r}: the teacher takes {data.channels}-channel "
@@ -180,14 +192,42 @@ class Teacher:
         out = self.module.apply({"params": params}, x, train=False)
         return jax.lax.stop_gradient(out[:, int(self.cls):].astype(jnp.float32))
 
+    @staticmethod
+    def _reference_data(teacher_cfg, data_cfg, channels: int):
+        """Input size and normalisation of a reference teacher: the teacher block's, else the
+        data's (an official MAE ViT expects ImageNet mean / std at 224 px)."""
+        pick = lambda name: teacher_cfg.get(name) or (data_cfg.get(name) if data_cfg else None)
+        return ml_collections.ConfigDict(dict(image_size=pick("image_size"),
+                                              mean=tuple(pick("mean")), std=tuple(pick("std")),
+                                              channels=channels))
+
+    @staticmethod
+    def _reference_module(teacher_cfg, data):
+        """An official MAE encoder file holds no architecture: the MAE ViT of `variant`."""
+        from mim_jax import models
+        variant = teacher_cfg.get("variant")
+        if not variant:
+            raise ValueError(f"a checkpoint file needs {FIELD}.teacher.variant (e.g. 'B/16'): "
+                             "official MAE files do not record their architecture")
+        if not data.image_size:
+            raise ValueError(f"{FIELD}.teacher.image_size is unset")
+        return models.vit_from_config(ml_collections.ConfigDict(dict(variant=variant)),
+                                      data.image_size, data.channels)
+
     def load(self, abstract):
-        from mim_jax import checkpointing
+        from mim_jax import checkpointing, convert
         try:
+            if self.is_file:  # official MAE layout, checked against the teacher module
+                state = convert.load_torch_state_dict(self.path)
+                return convert.mae_params_from_official(
+                    state, num_heads=self.module.config.num_heads, strict=False,
+                    expected={"encoder": abstract})["encoder"]
             loaded = checkpointing.load_encoder(self.path, self.step)
             checkpointing.check_shapes(loaded.params, abstract, "its encoder")
         except Exception as e:  # any unreadable / damaged / mismatched checkpoint: one line
             raise ValueError(f"{self.field}={self.path!r} is unusable: {e}") from None
         return loaded.params
+
 
 
 # ---------------------------------------------------------------- the objective
@@ -201,7 +241,7 @@ def build(config) -> Objective:
         raise ValueError(f"{tok.FIELD}.image_size={cfg['image_size']} differs from "
                          f"data.image_size={size}: a trained tokenizer sees the data's images.")
     grid_probe = vit.resolve_vit_config("B/16", size, channels, patch_size=cfg["patch_size"])
-    teacher = Teacher(obj_cfg.get("teacher"), channels, grid_probe.grid)
+    teacher = Teacher(obj_cfg.get("teacher"), channels, grid_probe.grid, data_cfg)
     if cfg["teacher_dim"] not in (None, teacher.width):
         raise ValueError(f"{tok.FIELD}.teacher_dim={cfg['teacher_dim']} differs from the "
                          f"teacher's width {teacher.width}; leave it None.")
