@@ -202,3 +202,26 @@ def block_mask(key: jax.Array, batch_size: int, grid_h: int, grid_w: int,
         return mask
 
     return jax.vmap(one_sample)(jax.random.split(key, batch_size))
+
+
+def spark_num_active(cells: int, mask_ratio: float) -> int:
+    """Visible cells per sample: round(cells x (1 - r)) with Python's round, as the SparK
+    reference (7 x 7 cells at 0.6 -> 20)."""
+    return round(cells * (1 - mask_ratio))
+
+
+def spark_mask(key: jax.Array, batch_size: int, grid_h: int, grid_w: int,
+               mask_ratio: float) -> jax.Array:
+    """SparK: [B, grid_h, grid_w] bool, True = ACTIVE (visible), on the backbone's deepest
+    grid (stride 32 at 224 px: 7 x 7). Exactly spark_num_active cells are kept per sample:
+    per-sample uniform noise -> argsort -> the first ones are kept, as the reference."""
+    check_mask_ratio(mask_ratio)
+    cells = grid_h * grid_w
+    keep = spark_num_active(cells, mask_ratio)
+    if not 0 < keep < cells:
+        raise ValueError(f"mask_ratio={mask_ratio} keeps {keep} of the {grid_h}x{grid_w} cells; "
+                         "at least one must be kept and one masked.")
+    order = jnp.argsort(jax.random.uniform(key, (batch_size, cells)), axis=1)
+    rows = jnp.arange(batch_size)[:, None]
+    active = jnp.zeros((batch_size, cells), bool).at[rows, order[:, :keep]].set(True)
+    return active.reshape(batch_size, grid_h, grid_w)

@@ -4,12 +4,13 @@ from __future__ import annotations
 from typing import Callable, Dict
 
 from mim_jax.objectives.base import Objective, RNG_STREAMS, make_rngs
-from mim_jax.objectives import beit, mae, simmim, vqkd
+from mim_jax.objectives import beit, mae, simmim, spark, vqkd
 
 _BUILDERS: Dict[str, Callable[..., Objective]] = {
     "beit": beit.build,
     "mae": mae.build,
     "simmim": simmim.build,
+    "spark": spark.build,
     "vqkd": vqkd.build,
 }
 
