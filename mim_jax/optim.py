@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import optax
 
 from mim_jax.errors import ConfigError
 
-OPTIMIZERS = ("adamw", "lars")
+OPTIMIZERS = ("adamw", "lamb", "lars")
 
 # Parameters the references exclude from weight decay besides biases and norm scales.
 _NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "relative_position_bias_table")
@@ -51,6 +52,9 @@ def validate_config(opt_cfg) -> None:
     check("base_lr", lambda v: v > 0, "a finite number > 0")
     check("lr_batch_divisor", lambda v: v > 0, "a finite number > 0", 256)
     check("weight_decay", lambda v: v >= 0, "a finite number >= 0", 0.0)
+    if opt_cfg.get("weight_decay_end") is not None:
+        check("weight_decay_end", lambda v: v >= 0,
+              "a finite number >= 0 (unset: weight_decay stays constant)")
     check("min_lr", lambda v: v >= 0, "a finite number >= 0", 0.0)
     check("grad_clip_norm", lambda v: v >= 0, "a finite number >= 0 (0 = off)", 0.0)
     check("layer_decay", lambda v: 0 < v <= 1, "in (0, 1] (1 = off)", 1.0)
@@ -77,36 +81,73 @@ def make_schedule(peak_lr: float, total_steps: int, warmup_steps: int, min_lr: f
         progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
         cos = min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.clip(progress, 0, 1)))
         return jnp.where(step < warmup_steps, warm, cos)
+    # make_optimizer reads the run length from here, so a weight-decay schedule spans the
+    # same steps as the learning rate without a second argument to thread through.
+    schedule.total_steps = total_steps
     return schedule
 
 
+def make_weight_decay_schedule(start: float, end: float, total_steps: int):
+    """Per-step half-cycle cosine from `start` at step 0 to `end` at the last step
+    (total_steps - 1), without warmup: SparK's weight-decay rule (0.04 -> 0.2)."""
+    last = max(total_steps - 1, 1)
+
+    def schedule(step):
+        progress = jnp.clip(jnp.asarray(step, jnp.float32) / last, 0.0, 1.0)
+        return end + (start - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    return schedule
 
 
-def make_optimizer(opt_cfg, schedule, params=None) -> optax.GradientTransformation:
-    """AdamW (pretraining, fine-tuning) or LARS (linear probe) from config.optimizer.
+def weight_decay_rule(opt_cfg, total_steps: Optional[int] = None):
+    """optimizer.weight_decay as a float, or a per-step schedule when weight_decay_end is set."""
+    end = opt_cfg.get("weight_decay_end")
+    if end is None:
+        return opt_cfg.weight_decay
+    if total_steps is None:
+        raise ValueError("optimizer.weight_decay_end needs the run's total steps: pass a "
+                         "schedule from make_schedule or total_steps=.")
+    return make_weight_decay_schedule(opt_cfg.weight_decay, end, total_steps)
+
+
+def make_optimizer(opt_cfg, schedule, params=None,
+                   total_steps: Optional[int] = None) -> optax.GradientTransformation:
+    """AdamW (pretraining, fine-tuning), LAMB (SparK) or LARS (linear probe) from
+    config.optimizer.
 
     `optimizer.layer_decay` in (0, 1) turns on layer-wise lr decay; it needs `params` (or their
-    abstract shapes) to number the layers.
+    abstract shapes) to number the layers. `optimizer.weight_decay_end` (optional) moves the
+    weight decay on a per-step cosine from weight_decay to it over `total_steps` (default: the
+    length of a `schedule` from make_schedule); unset, the weight decay is constant.
     """
     if opt_cfg.name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name={opt_cfg.name!r} is not supported; allowed: "
                          f"{list(OPTIMIZERS)}.")
+    if total_steps is None:
+        total_steps = getattr(schedule, "total_steps", None)
+    weight_decay = weight_decay_rule(opt_cfg, total_steps)
     parts = []
     if opt_cfg.get("grad_clip_norm"):
         parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip_norm))
     if opt_cfg.name == "lars":
         parts.append(lars(schedule, momentum=opt_cfg.get("momentum", 0.9),
-                          weight_decay=opt_cfg.weight_decay))
+                          weight_decay=weight_decay))
         return optax.chain(*parts)
-    parts += [optax.scale_by_adam(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.get("eps", 1e-8)),
-              optax.add_decayed_weights(opt_cfg.weight_decay, mask=decay_mask)]
+    parts.append(optax.scale_by_adam(b1=opt_cfg.b1, b2=opt_cfg.b2,
+                                     eps=opt_cfg.get("eps", 1e-8)))
+    if opt_cfg.name == "lamb":
+        parts.append(decayed_weights(weight_decay, decay_mask, trust_ratio=True))
+    elif callable(weight_decay):
+        parts.append(decayed_weights(weight_decay, decay_mask))
+    else:  # the original AdamW chain, state and all
+        parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
     decay = opt_cfg.get("layer_decay", 1.0)
     if decay != 1.0:
         if params is None:
             raise ValueError("optimizer.layer_decay needs the parameter tree to number layers.")
         parts.append(scale_by_tree(layer_decay_scales(params, decay)))
     # adamw == scale_by_adam -> add_decayed_weights -> scale_by_learning_rate (optax's own
-    # definition), written out so the layer scale can sit before the learning rate.
+    # definition), written out so the layer scale can sit before the learning rate; lamb adds
+    # the trust ratio after the decay, and the layer scale multiplies the lr as a group lr does.
     parts.append(optax.scale_by_learning_rate(schedule))
     return optax.chain(*parts)
 
@@ -193,14 +234,66 @@ def scale_by_tree(scales) -> optax.GradientTransformation:
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def lars(schedule, *, momentum: float = 0.9, weight_decay: float = 0.0,
+class DecayState(NamedTuple):
+    count: jax.Array  # updates applied so far: the weight-decay schedule's step
+
+
+def _stacked(params):
+    """True for leaves of scanned ViT blocks ('blocks'), whose leading axis is the depth."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: "blocks" in _names(path), params)
+
+
+def decayed_weights(weight_decay: Union[float, Callable], mask,
+                    trust_ratio: bool = False) -> optax.GradientTransformation:
+    """Adds weight_decay(step) x param to the update where `mask` (a tree or a function of the
+    params) is True; with `trust_ratio`, LAMB's layer-wise adaptation then scales those
+    updates by ||param|| / ||update|| (1 where either norm is 0).
+
+    The LAMB rule is timm's (SparK's): no clip of the ratio, and only the decayed group is
+    adapted, and only while its weight decay is non-zero. A scanned block's leaf is one tensor
+    per block, so its norms are taken per entry of the leading depth axis.
+    """
+    wd_fn = weight_decay if callable(weight_decay) else (lambda step: weight_decay)
+
+    def init_fn(params):
+        del params
+        return DecayState(count=jnp.zeros((), jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("weight decay needs the parameters: pass params to tx.update.")
+        wd = jnp.asarray(wd_fn(state.count), jnp.float32)
+        masks = mask(params) if callable(mask) else mask
+        stacked = _stacked(params)
+
+        def leaf(u, p, decay, stack):
+            if not decay:
+                return u
+            u = u + wd.astype(u.dtype) * p
+            if not trust_ratio:
+                return u
+            axes = tuple(range(1, p.ndim)) if stack and p.ndim > 1 else None
+            norm = lambda x: jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes,
+                                              keepdims=axes is not None))
+            w, g = norm(p), norm(u)
+            ratio = jnp.where((w > 0) & (g > 0) & (wd != 0), w / jnp.where(g > 0, g, 1.0), 1.0)
+            return u * ratio.astype(u.dtype)
+        updates = jax.tree.map(leaf, updates, params, masks, stacked)
+        return updates, DecayState(count=optax.safe_increment(state.count))
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def lars(schedule, *, momentum: float = 0.9, weight_decay: Union[float, Callable] = 0.0,
          trust_coefficient: float = 0.001) -> optax.GradientTransformation:
     """LARS as in the MAE linear-probe code: weight decay and the trust ratio apply to
     matrices only (ndim > 1), momentum accumulates the unscaled step and the lr multiplies
-    the momentum buffer (so a changing lr does not rescale past steps, unlike optax.lars)."""
+    the momentum buffer (so a changing lr does not rescale past steps, unlike optax.lars).
+    `weight_decay` may be a per-step schedule (make_weight_decay_schedule)."""
     matrices = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    decay = (decayed_weights(weight_decay, matrices) if callable(weight_decay)
+             else optax.add_decayed_weights(weight_decay, mask=matrices))
     return optax.chain(
-        optax.add_decayed_weights(weight_decay, mask=matrices),
+        decay,
         optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient),
                      matrices),
         optax.trace(decay=momentum),
