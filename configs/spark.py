@@ -4,8 +4,10 @@ ImageNet-1K recipe of the reference (224 px; ResNet-50 by default):
   python -m mim_jax.main --config configs/spark.py:model=resnet50 --workdir runs/spark_r50
   python -m mim_jax.main --config configs/spark.py:model=convnext_s --workdir runs/spark_cnxs
 
-Quickstart on the bundled 5,000 MNIST digits (a tiny ResNet, offline, on CPU):
+Quickstart on the bundled 5,000 MNIST digits (a tiny ResNet of total stride 8 at 32 px, offline,
+about 6 minutes on 2 CPU cores), then its kNN / linear probe against random init:
   python -m mim_jax.main --config configs/spark.py:quickstart --workdir runs/spark_quickstart
+  python -m mim_jax.evaluate --config configs/spark.py:quickstart --workdir runs/spark_quickstart --skip_finetune
 
 Arguments: model=resnet50|resnet101|resnet152|resnet200|convnext_s|convnext_b|convnext_l,
 epochs (default 1600 for ResNets, 800 for ConvNeXts), batch=4096, data=imagenet2012, quickstart.
@@ -40,7 +42,9 @@ def convnet_model_config(name: str, variant: str) -> ml_collections.ConfigDict:
     """ResNet (depths / stem_width / widths override the variant) or ConvNeXt (depths / dims)."""
     fields = (("depths", "stem_width", "widths") if name == "resnet" else ("depths", "dims"))
     types = dict(depths=tuple, stem_width=int, widths=tuple, dims=tuple)
-    return ml_collections.ConfigDict(dict(common._backbone_common(name, variant),
+    # ResNet stem_stride: 4 (timm: total stride 32), 2 (no max-pool) or 1 (total stride 8).
+    extra = dict(stem_stride=4) if name == "resnet" else {}
+    return ml_collections.ConfigDict(dict(common._backbone_common(name, variant), **extra,
                                           **{f: optional_field(types[f]) for f in fields}))
 
 

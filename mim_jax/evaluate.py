@@ -68,16 +68,21 @@ def _frozen_scores(config, workdir: str, seeds: int, pool: str) -> dict:
         return {"knn": knn.knn_accuracy(*train, *test), "linear_probe":
                 probe.linear_probe_accuracy(*train, *test)}
 
-    def encoder_scores(params):
+    def encoder_scores(params, model_state):
+        stats = features.encoder_batch_stats(model_state, key)
         train, test = (features.extract(feature_fn, params, data_cfg, s, batch_size=500,
-                                        mesh=mesh) for s in splits)
+                                        mesh=mesh, batch_stats=stats) for s in splits)
         return scores(train, test)
 
-    out = {"pretrained": encoder_scores(checkpointing.load_encoder(workdir).params)}
     key = objective.encoder_keys[0]
+    pretrained = checkpointing.load_encoder(workdir)
+    # A stateful objective's encoder also needs its BatchNorm statistics of that checkpoint.
+    state = (checkpointing.restore_raw(os.path.join(workdir, "checkpoints"), pretrained.step,
+                                       "model_state") if objective.stateful else {})
+    out = {"pretrained": encoder_scores(pretrained.params, state)}
     # The objective's own init (BEiT rescales it after init), at other seeds than the run's.
-    runs = [encoder_scores(objective.init_variables(jax.random.key(1000 + s))[0][key])
-            for s in range(seeds)]
+    inits = (objective.init_variables(jax.random.key(1000 + s)) for s in range(seeds))
+    runs = [encoder_scores(params[key], model_state) for params, model_state in inits]
     out["random_init"] = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
     out["random_init_runs"] = runs
     out["raw_pixels"] = scores(*(features.raw_pixels(data_cfg, s) for s in splits))

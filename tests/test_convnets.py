@@ -332,3 +332,44 @@ def test_bad_inputs_fail_with_named_errors():
         model.apply(variables, images, active=jnp.ones((BATCH, 2, 2)))
     with pytest.raises(ValueError, match=r"images has shape \(2, 48, 48, 3\).*multiples of 32"):
         model.apply(variables, jnp.zeros((BATCH, 48, 48, 3)))
+
+
+# ------------------------------------------------------------------- stem stride option
+
+@pytest.mark.parametrize("stem_stride, strides", [(1, (1, 2, 4, 8)), (2, (2, 4, 8, 16))])
+def test_stem_stride_sets_the_total_stride_and_the_mask_grid(stem_stride, strides):
+    cfg = resnet.ResNetConfig(**dict(vars(RESNET), stem_stride=stem_stride))
+    model = resnet.ResNet(cfg)
+    assert model.stride == strides[-1]
+    images = jnp.asarray(np.random.RandomState(0).randn(BATCH, 32, 32, 3), jnp.float32)
+    variables = model.init(jax.random.key(0), images)
+    # The same parameters as the default stem (only the conv's stride and the pool differ).
+    default = jax.eval_shape(resnet.ResNet(RESNET).init, jax.random.key(0), images)
+    assert (jax.tree_util.tree_map(np.shape, default)
+            == jax.tree_util.tree_map(np.shape, variables))
+    feats = model.apply(variables, images)
+    assert [32 // f.shape[1] for f in feats] == list(strides)
+    grid = 32 // strides[-1]
+    active = jnp.asarray(np.random.RandomState(1).rand(BATCH, grid, grid) < 0.5).at[:, 0, 0].set(
+        True)
+    visible = np.asarray(sparse.upsample_mask(active, 32, 32))
+    noise = np.random.RandomState(2).randn(*images.shape).astype(np.float32) * 100
+    run = lambda x: model.apply(variables, x, active=active, train=True,
+                                mutable=["batch_stats"])[0]
+    for f, fp in zip(run(images), run(np.where(visible, images, noise))):
+        np.testing.assert_array_equal(np.asarray(f), np.asarray(fp))
+    with pytest.raises(ValueError, match=rf"active has shape \(2, 1, 1\).*H/{strides[-1]}"):
+        model.apply(variables, images, active=jnp.ones((BATCH, 1, 1), bool))
+
+
+@pytest.mark.parametrize("stem_stride, image_size, message", [
+    (3, 32, r"^model.stem_stride=3; allowed: \[1, 2, 4\]\.$"),
+    (True, 32, r"^model.stem_stride=True; allowed"),
+    (1, 36, r"^data.image_size=36 is not a multiple of 8, the stride of model.name='resnet'"),
+])
+def test_stem_stride_errors_name_the_field(stem_stride, image_size, message):
+    fields = dict(name="resnet", variant="50", stem_stride=stem_stride)
+    with pytest.raises(ValueError, match=message):
+        models.backbone_from_config(ml_collections.ConfigDict(fields), image_size, 3)
+    if image_size == 36:  # the same field at a multiple of 8 builds
+        assert models.backbone_from_config(ml_collections.ConfigDict(fields), 40, 3).stride == 8

@@ -233,3 +233,60 @@ def test_config_errors_are_one_line(overrides, message):
     with pytest.raises(ValueError, match=message) as err:
         _objective(**overrides)
     assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------- through the trainer's evaluators ---
+
+def test_short_run_through_the_reconstruction_and_knn_evaluators(tfds_dir, tmp_path,
+                                                                 monkeypatch):
+    """The stateful objective in the trainer with evaluators on: the reconstruction evaluator
+    runs the loss on the run's BatchNorm statistics and the kNN evaluator extracts the
+    encoder's last-stage features with them (in eval mode)."""
+    import json
+    import os
+
+    from conftest import short_run
+
+    from configs import spark as spark_config
+    from mim_jax import checkpointing, train
+    from mim_jax.evaluators import features
+
+    c = spark_config.get_config("quickstart")  # total stride 8 on 32 px: a 4 x 4 grid
+    c.model.update(stem_width=8, widths=(4, 8, 8, 16))
+    c.objective.decoder_width = 32
+    c.evaluators = ml_collections.ConfigDict(dict(
+        reconstruction=dict(type="reconstruction", every_steps=4, num_images=2, error_images=8),
+        knn=dict(type="knn", every_steps=100, train_split="train", eval_split="test",
+                 max_train_examples=64, max_eval_examples=32, pool="gap", batch_size=32, k=5,
+                 temperature=0.07)))
+    short_run(c, tfds_dir)
+    seen = []
+    real_extract = features.extract
+
+    def extract(*args, **kwargs):
+        out = real_extract(*args, **kwargs)
+        seen.append((jax.tree.map(np.asarray, kwargs["batch_stats"]), out[0].shape))
+        return out
+    monkeypatch.setattr(features, "extract", extract)
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(c, workdir)
+
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    ratios = {r["step"]: r["masked_error_ratio"] for r in records if "masked_error_ratio" in r}
+    assert sorted(ratios) == [4, 8] and all(0.0 < v < 2.0 for v in ratios.values()), ratios
+    assert sorted(os.listdir(os.path.join(workdir, "reconstructions"))) == [
+        "step_0000004.png", "step_0000008.png"]
+    knn = [r["knn/top1"] for r in records if "knn/top1" in r]
+    assert len(knn) == 1 and 0.0 <= knn[0] <= 1.0
+    # Train and eval features (one extraction each), pooled from the last stage (4 x 16 wide),
+    # on the encoder's statistics of the final step - not those of the initialisation.
+    assert [shape for _, shape in seen] == [(64, 64), (32, 64)]
+    final = checkpointing.restore_raw(os.path.join(workdir, "checkpoints"), 8, "model_state")
+    for stats, _ in seen:
+        same = jax.tree.map(np.array_equal, stats, final["batch_stats"]["encoder"])
+        assert all(jax.tree.leaves(same))
+    _, init_state = spark.build(c).init_variables(jax.random.key(0))
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), seen[0][0],
+                         jax.tree.map(np.asarray, init_state["batch_stats"]["encoder"]))
+    assert any(jax.tree.leaves(moved))

@@ -72,19 +72,23 @@ class ReconstructionEvaluator:
 
         data_cfg = self.data_cfg
 
-        def outputs(params, images):
+        stateful = objective.stateful
+
+        def outputs(params, images, model_state):
             # uint8 from data.fixed_eval_images, normalised on the device.
             images = data.normalize_images(images, data_cfg)
-            _, aux = objective.loss_fn(params, {"image": images}, rngs, False, with_outputs=True)
+            kwargs = {"model_state": model_state} if stateful else {}
+            _, aux = objective.loss_fn(params, {"image": images}, rngs, False, with_outputs=True,
+                                       **kwargs)
             return aux.get("outputs")
         self._outputs = jax.jit(outputs, out_shardings=repl)
 
     def maybe_run(self, step: int, state, force: bool = False):
         if force or step % self.every_steps == 0:
-            return self.run(step, state.params)
+            return self.run(step, state.params, state.model_state)
         return None
 
-    def _load(self, params):
+    def _load(self, params, model_state):
         # Every process loads the same images: the jitted call spans all devices.
         repl = sharding.replicated(self.mesh)
         n = max(self.num_images, self.error_images)
@@ -95,7 +99,7 @@ class ReconstructionEvaluator:
             with train_cfg.unlocked():
                 train_cfg.eval_split = self.data_cfg.split
             train = jax.device_put(data.fixed_eval_images(train_cfg, n), repl)
-            out = self._outputs(params, train)
+            out = self._outputs(params, train, model_state)
             if out is not None and "target" in out:
                 self.constant = best_constant(out["target"], self.metric)
 
@@ -111,10 +115,12 @@ class ReconstructionEvaluator:
         return {"masked_error": model, "masked_error_constant": constant,
                 "masked_error_ratio": model / max(constant, 1e-12)}
 
-    def run(self, step: int, params):
+    def run(self, step: int, params, model_state=None):
+        """`model_state`: the objective's (a stateful one's BatchNorm statistics)."""
+        model_state = {} if model_state is None else model_state
         if self.images is None:
-            self._load(params)
-        out = self._outputs(params, self.images)
+            self._load(params, model_state)
+        out = self._outputs(params, self.images, model_state)
         if out is None or "reconstruction" not in out:
             logging.warning("This objective produces no pixel reconstruction; skipping images.")
             return {}

@@ -51,10 +51,12 @@ class _FeatureCache:
     def __init__(self):
         self.owner, self.entries = None, {}
 
-    def get(self, params, key, compute):
-        # The cache belongs to one parameter tree (held, so its identity cannot be reused).
-        if self.owner is None or self.owner[0] is not params:
-            self.owner, self.entries = (params,), {}
+    def get(self, params, batch_stats, key, compute):
+        # The cache belongs to one parameter tree and its BatchNorm statistics (held, so their
+        # identities cannot be reused).
+        if (self.owner is None or self.owner[0] is not params
+                or self.owner[1] is not batch_stats):
+            self.owner, self.entries = (params, batch_stats), {}
         if key not in self.entries:
             self.entries[key] = compute()
         return self.entries[key]
@@ -79,23 +81,24 @@ class FrozenFeatureEvaluator:
 
     def maybe_run(self, step: int, state, force: bool = False):
         if force or step % self.every_steps == 0:
-            return self.run(step, state.params)
+            return self.run(step, state.params, state.model_state)
         return None
 
-    def _features(self, step, params, split, max_examples):
+    def _features(self, params, batch_stats, split, max_examples):
         pool = self.cfg.get("pool", "gap")
-        del step
-        return _CACHE.get(params, (pool, split, max_examples), lambda: features.extract(
-            self.feature_fn, params, self.data_cfg, split,
-            batch_size=self.cfg.get("batch_size", 256), mesh=self.mesh,
-            max_examples=max_examples or None))
+        return _CACHE.get(params, batch_stats, (pool, split, max_examples),
+                          lambda: features.extract(
+                              self.feature_fn, params, self.data_cfg, split,
+                              batch_size=self.cfg.get("batch_size", 256), mesh=self.mesh,
+                              max_examples=max_examples or None, batch_stats=batch_stats))
 
-    def run(self, step: int, params) -> float:
+    def run(self, step: int, params, model_state=None) -> float:
         start = time.perf_counter()
         enc = params[self.encoder_key]
-        train = self._features(step, enc, self.cfg.get("train_split") or self.data_cfg.split,
+        stats = features.encoder_batch_stats(model_state, self.encoder_key)
+        train = self._features(enc, stats, self.cfg.get("train_split") or self.data_cfg.split,
                                self.cfg.get("max_train_examples", 0))
-        test = self._features(step, enc, self.cfg.get("eval_split") or self.data_cfg.eval_split,
+        test = self._features(enc, stats, self.cfg.get("eval_split") or self.data_cfg.eval_split,
                               self.cfg.get("max_eval_examples", 0))
         acc = evaluate_features(self.kind, train, test, self.cfg)
         if jax.process_index() == 0:

@@ -66,16 +66,19 @@ def swin_from_config(model_cfg, image_size: int, channels: int, **extra):
 
 def _convnet_arch(model_cfg, image_size: int, resolve, fields, **fixed):
     """Variant + overrides -> resolved config, errors named with their `model.` field."""
-    if image_size % 32:
-        raise ValueError(f"data.image_size={image_size} is not a multiple of 32, the stride of "
-                         f"model.name={model_cfg.get('name')!r}; allowed: multiples of 32.")
     overrides = {k: model_cfg.get(k) for k in fields}
     overrides = {k: (tuple(v) if isinstance(v, (list, tuple)) else v)
                  for k, v in overrides.items()}
     try:
-        return resolve(model_cfg.variant, **fixed, **overrides)
+        arch = resolve(model_cfg.variant, **fixed, **overrides)
     except ValueError as err:  # the message starts with the field name
         raise ValueError(f"model.{err}") from None
+    stride = getattr(arch, "stride", 32)
+    if image_size % stride:
+        raise ValueError(f"data.image_size={image_size} is not a multiple of {stride}, the "
+                         f"stride of model.name={model_cfg.get('name')!r}; allowed: multiples "
+                         f"of {stride}.")
+    return arch
 
 
 def _convnet_kwargs(model_cfg) -> dict:
@@ -85,10 +88,11 @@ def _convnet_kwargs(model_cfg) -> dict:
 
 
 def resnet_from_config(model_cfg, image_size: int, channels: int, **extra):
-    """A ResNet ('50', '101', '152', '200' + depths / stem_width / widths overrides)."""
+    """A ResNet ('50', '101', '152', '200' + depths / stem_width / widths / stem_stride
+    overrides; stem_stride 1 or 2 for a total stride of 8 or 16 instead of 32)."""
     from mim_jax.models import resnet
     arch = _convnet_arch(model_cfg, image_size, resnet.resolve_resnet_config,
-                         ("depths", "stem_width", "widths"), channels=channels)
+                         ("depths", "stem_width", "widths", "stem_stride"), channels=channels)
     return resnet.ResNet(config=arch, **_convnet_kwargs(model_cfg), **extra)
 
 

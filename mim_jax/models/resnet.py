@@ -6,7 +6,9 @@ shortcut where the shape changes. NHWC throughout. Variants are depth strings ('
 '152', '200') with explicit overrides (depths, stem and stage widths) for small test models.
 
 `__call__(images, active=None, train=False)` returns the four stage outputs (strides 4, 8, 16,
-32), as SparK's encoder does. With `active` (bool [B, H/32, W/32], True = visible) the network
+32), as SparK's encoder does. `stem_stride` 2 drops the stem's max-pool and 1 also its conv
+stride (total stride 16 or 8 instead of 32: a useful mask grid on 32 px images). With `active`
+(bool [B, H/stride, W/stride], True = visible) the network
 is SparK's sparse encoder: the input and every pooling / BatchNorm output are zero at masked
 positions and BatchNorm statistics come from visible positions only (sparse.MaskedBatchNorm),
 so masked pixels can never change a visible output. Every conv here is followed by a masked
@@ -29,7 +31,8 @@ VARIANTS = {"50": (3, 4, 6, 3), "101": (3, 4, 23, 3), "152": (3, 8, 36, 3),
 EXPANSION = 4
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.9  # flax convention; torch's momentum 0.1
-STRIDE = 32
+STRIDE = 32  # the default total stride (stem_stride 4)
+STEM_STRIDES = (1, 2, 4)
 # timm's init: kaiming-normal (fan_out, ReLU gain) convs; BN scale 1, bias 0.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -53,12 +56,21 @@ class ResNetConfig:
     widths: Tuple[int, ...] = (64, 128, 256, 512)
     channels: int = 3
     zero_init_last: bool = True  # timm: each block's last BN scale starts at 0
+    # 4: conv 7x7/2 + max-pool 3x3/2 (timm); 2: no max-pool; 1: conv stride 1, no max-pool.
+    stem_stride: int = 4
 
     def __post_init__(self):
         object.__setattr__(self, "depths", _positive_ints("depths", self.depths, 4))
         object.__setattr__(self, "widths", _positive_ints("widths", self.widths, 4))
         _positive_ints("stem_width", self.stem_width)
         _positive_ints("channels", self.channels)
+        if isinstance(self.stem_stride, bool) or self.stem_stride not in STEM_STRIDES:
+            raise ValueError(f"stem_stride={self.stem_stride!r}; allowed: {list(STEM_STRIDES)}.")
+
+    @property
+    def stride(self) -> int:
+        """Total stride: of the last stage's map (three stride-2 stages after the stem)."""
+        return 8 * self.stem_stride
 
     @property
     def stage_widths(self) -> Tuple[int, ...]:
@@ -66,13 +78,15 @@ class ResNetConfig:
 
 
 def resolve_resnet_config(variant: str, channels: int = 3, *, depths=None, stem_width=None,
-                          widths=None) -> ResNetConfig:
+                          widths=None, stem_stride=None) -> ResNetConfig:
     """Variant string plus explicit overrides -> ResNetConfig (validated with named errors)."""
     if not isinstance(variant, str) or variant not in VARIANTS:
         raise ValueError(f"variant={variant!r} is not a ResNet variant; allowed: "
                          f"{list(VARIANTS)}.")
-    base = dict(depths=VARIANTS[variant], stem_width=64, widths=(64, 128, 256, 512))
-    overrides = dict(depths=depths, stem_width=stem_width, widths=widths)
+    base = dict(depths=VARIANTS[variant], stem_width=64, widths=(64, 128, 256, 512),
+                stem_stride=4)
+    overrides = dict(depths=depths, stem_width=stem_width, widths=widths,
+                     stem_stride=stem_stride)
     base.update({k: v for k, v in overrides.items() if v is not None})
     return ResNetConfig(channels=channels, **base)
 
@@ -134,10 +148,11 @@ class ResNetStage(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet encoder: images [B, H, W, C] (H, W multiples of 32) -> [f4, f8, f16, f32].
+    """ResNet encoder: images [B, H, W, C] (H, W multiples of 32) -> [f4, f8, f16, f32]
+    (with stem_stride s < 4: multiples of 8s -> [f_s, f_2s, f_4s, f_8s]).
 
-    active: None (dense) or bool [B, H/32, W/32], True = visible (SparK's sparse mode).
-    last_stage_only=True returns only f32 [B, H/32, W/32, stage_widths[-1]], the map that
+    active: None (dense) or bool [B, H/stride, W/stride], True = visible (SparK's sparse mode).
+    last_stage_only=True returns only the last map [B, H/stride, W/stride, stage_widths[-1]], that
     classifier.Classifier pools. Drop-path rates rise linearly from 0 to drop_path_rate over
     all blocks (timm's rule) and use the 'drop_path' RNG stream when training.
     BatchNorm statistics live in the 'batch_stats' collection (mutable when train=True).
@@ -162,23 +177,27 @@ class ResNet(nn.Module):
 
     @property
     def stride(self) -> int:
-        return STRIDE
+        return self.config.stride
 
     @nn.compact
     def __call__(self, images, *, active=None, train: bool = False):
         cfg = self.config
-        _check_images(images, cfg.channels)
-        sparse.check_active(active, images, STRIDE)
+        _check_images(images, cfg.channels, self.stride)
+        sparse.check_active(active, images, self.stride)
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate={self.drop_path_rate!r} must be in [0, 1).")
         x = sparse.apply_mask(images.astype(self.dtype), active)
-        x = nn.Conv(cfg.stem_width, (7, 7), strides=(2, 2), padding=[(3, 3), (3, 3)],
+        conv_stride = 1 if cfg.stem_stride == 1 else 2
+        x = nn.Conv(cfg.stem_width, (7, 7), strides=(conv_stride, conv_stride),
+                    padding=[(3, 3), (3, 3)],
                     use_bias=False, kernel_init=conv_init, dtype=self.dtype,
                     param_dtype=self.param_dtype, name="stem_conv")(x)
         x = sparse.MaskedBatchNorm(BN_MOMENTUM, BN_EPS, dtype=self.dtype,
                                    param_dtype=self.param_dtype, name="stem_bn")(
             x, active, train=train)
-        x = nn.max_pool(nn.relu(x), (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)])
+        x = nn.relu(x)
+        if cfg.stem_stride == 4:
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)])
         x = sparse.apply_mask(x, active)
 
         total, first, features = sum(cfg.depths), 0, []
@@ -195,9 +214,9 @@ class ResNet(nn.Module):
         return features[-1] if self.last_stage_only else features
 
 
-def _check_images(images, channels: int) -> None:
-    if (images.ndim != 4 or images.shape[-1] != channels or images.shape[1] % STRIDE
-            or images.shape[2] % STRIDE):
+def _check_images(images, channels: int, stride: int = STRIDE) -> None:
+    if (images.ndim != 4 or images.shape[-1] != channels or images.shape[1] % stride
+            or images.shape[2] % stride):
         raise ValueError(f"images has shape {tuple(images.shape)}; expected [batch, H, W, "
-                         f"{channels}] (NHWC) with H and W multiples of {STRIDE}.")
+                         f"{channels}] (NHWC) with H and W multiples of {stride}.")
 

@@ -2,9 +2,9 @@
 
 SparK runs a dense ConvNet on the masked image and keeps it from seeing masked regions by
 zeroing every conv / pooling output at masked positions and by normalising with statistics of
-the visible positions only. `active` is a bool [B, h, w] on the stride-32 grid (True =
-visible); at a finer resolution a cell covers a square of positions, so the mask is upsampled by
-repetition. Without a mask (active=None) everything here is the plain dense operation, which is
+the visible positions only. `active` is a bool [B, h, w] on the backbone's deepest grid (stride
+32 by default; True = visible); at a finer resolution a cell covers a square of positions, so
+the mask is upsampled by repetition. Without a mask (active=None) everything here is the plain dense operation, which is
 what fine-tuning runs.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ def upsample_mask(active: jax.Array, height: int, width: int) -> jax.Array:
     b, h, w = active.shape
     if height % h or width % w:
         raise ValueError(f"a {height}x{width} map is not a whole multiple of the {h}x{w} mask "
-                         f"grid; allowed: image sides that are multiples of 32.")
+                         f"grid; allowed: multiples of the grid's sides.")
     rh, rw = height // h, width // w
     up = jnp.broadcast_to(active[:, :, None, :, None], (b, h, rh, w, rw))
     return up.reshape(b, height, width, 1)
