@@ -17,11 +17,14 @@ global average pool + LayerNorm, head init std 2e-5):
 
 Quickstart on the bundled digits: the architecture is read from the pretraining run's
 config.json (`pretrained=WORKDIR`); without `pretrained` the same encoder trains from scratch
-(`model=vit` is the MAE quickstart ViT, `model=swin` the SimMIM quickstart Swin):
+(`model=vit` is the MAE quickstart ViT, `model=swin` the SimMIM quickstart Swin, `model=resnet`
+the SparK quickstart ResNet, `model=convnext` a tiny ConvNeXt on the SparK quickstart's data).
+A SparK run's ResNet starts from its pretrained weights and BatchNorm statistics; ConvNets
+fine-tune without layer-wise lr decay:
   python -m mim_jax.main --config configs/finetune.py:quickstart,pretrained=runs/mae_quickstart \
       --workdir runs/mae_quickstart_ft
 
-Arguments: model=vit_b|vit_l|swin_b (quickstart: vit|swin), pretrained=PATH, epochs,
+Arguments: model=vit_b|vit_l|swin_b (quickstart: vit|swin|resnet|convnext), pretrained=PATH, epochs,
 batch, data=imagenet2012, quickstart.
 """
 import os
@@ -31,6 +34,7 @@ import ml_collections
 from configs import common
 from configs import mae as mae_config
 from configs import simmim as simmim_config
+from configs import spark as spark_config
 
 
 def finetune_block(**overrides) -> ml_collections.ConfigDict:
@@ -100,18 +104,30 @@ def _quickstart(c, arg):
     if arg.pretrained and os.path.isdir(arg.pretrained):
         run_model, run_data = model_of_run(arg.pretrained)
         model = run_model.get("name", "vit")
+    convnet = model in ("resnet", "convnext")
     if model in ("vit", "vit_b"):
         qs = mae_config.get_config("quickstart")
     elif model == "swin":
         qs = simmim_config.get_config("quickstart")
+    elif convnet:  # the SparK quickstart's data (32 px digits) and its ResNet
+        qs = spark_config.get_config("quickstart")
+        if model == "convnext":
+            qs.model = spark_config.convnet_model_config("convnext", "T")
+            qs.model.update(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128))
     else:
-        raise ValueError(f"config argument model={arg.model!r}; quickstart allows 'vit', 'swin'.")
+        raise ValueError(f"config argument model={arg.model!r}; quickstart allows 'vit', "
+                         "'swin', 'resnet', 'convnext'.")
     c.model, c.data = qs.model, qs.data
-    if run_model is not None:  # the pretraining run's architecture and input format
-        c.model.update({k: tuple(v) if isinstance(v, list) else v
-                        for k, v in run_model.items() if v is not None and k in c.model})
-        c.data.update({k: tuple(v) if isinstance(v, list) else v for k, v in run_data.items()
-                       if k in ("image_size", "channels", "mean", "std")})
+    tupled = lambda items: {k: tuple(v) if isinstance(v, list) else v for k, v in items}
+    if run_model is not None and convnet:
+        # The run's whole model block (variant, depths, widths / dims, stem_stride, ...).
+        c.model = ml_collections.ConfigDict(tupled(run_model.items()))
+    elif run_model is not None:  # the pretraining run's architecture
+        c.model.update(tupled((k, v) for k, v in run_model.items()
+                              if v is not None and k in c.model))
+    if run_model is not None:  # and its input format
+        c.data.update(tupled((k, v) for k, v in run_data.items()
+                             if k in ("image_size", "channels", "mean", "std")))
         if c.model.get("rel_pos_bias") == "shared":
             # BEiT / SimMIM-ViT fine-tuning: each block starts from a copy of the shared bias.
             c.model.rel_pos_bias = "per_layer"
@@ -124,6 +140,8 @@ def _quickstart(c, arg):
     c.num_epochs = arg.epochs or 4.0
     c.warmup_epochs = 0.5
     c.optimizer.update(base_lr=4e-3, lr_batch_divisor=256, layer_decay=0.75, min_lr=1e-6)
+    if convnet:
+        c.optimizer.layer_decay = 1.0  # layer-wise lr decay numbers ViT / Swin layers only
     c.log_every_steps = 35
     c.checkpoint.update(every_steps=1000, keep=1)
     c.evaluators.classification.update(every_epochs=2.0, batch_size=500)

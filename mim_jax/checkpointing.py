@@ -340,6 +340,9 @@ class PretrainedEncoder:
     config: Any  # ml_collections.ConfigDict of the pretraining run
     step: int
     objective: str
+    # The encoder's BatchNorm statistics (the run's model_state['batch_stats'][encoder key]:
+    # SparK's ResNets); None for encoders without any.
+    batch_stats: Any = None
 
 
 def resolve_checkpoint(path: str, step: Optional[int] = None):
@@ -386,7 +389,7 @@ def restore_raw(directory: str, step: int, subtree: str = "params"):
 
 
 def load_encoder(path: str, step: Optional[int] = None) -> PretrainedEncoder:
-    """The encoder (module + parameters) of a mim_jax pretraining run.
+    """The encoder (module + parameters, + BatchNorm statistics) of a mim_jax pretraining run.
 
     `path` is the run's workdir (latest checkpoint, or `step`), its checkpoints/ folder, or a
     checkpoints/STEP folder. Works for every objective (MAE, SimMIM with ViT or Swin, ...): the
@@ -407,8 +410,12 @@ def load_encoder(path: str, step: Optional[int] = None) -> PretrainedEncoder:
     key = objective.encoder_keys[0]
     expected = jax.eval_shape(objective.init, jax.random.key(0))[key]
     check_shapes(params.get(key, {}), expected, f"checkpoint {directory}/{step}")
+    batch_stats = None
+    if objective.stateful:  # e.g. SparK: model_state = {'batch_stats': {'encoder': ...}, ...}
+        state = restore_raw(directory, step, subtree="model_state")
+        batch_stats = (state.get("batch_stats") or {}).get(key) or None
     return PretrainedEncoder(module=objective.encoder, params=params[key], config=config,
-                             step=step, objective=objective.name)
+                             step=step, objective=objective.name, batch_stats=batch_stats)
 
 
 def check_shapes(params, expected, what: str) -> None:

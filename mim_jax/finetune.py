@@ -11,6 +11,12 @@ checkpoints, exact resume, metrics); a `config.finetune` block turns the run int
   mode='linear_probe'  the MAE recipe: frozen encoder -> BatchNorm without affine (eps 1e-6)
                        -> linear head (init std 0.01), LARS, no weight decay, RRC + flip.
 
+SparK's ConvNets (model.name resnet / convnext) run dense with only their last stage, average
+pooled: ConvNeXt with timm's head (LayerNorm, then linear), ResNet straight into the linear head.
+A ResNet's BatchNorm statistics are model_state['batch_stats']: fine-tuning trains them (batch
+statistics, running averages kept; evaluation uses the averages), the linear probe keeps them
+frozen in eval mode. Both start from the pretraining run's statistics.
+
 `finetune.pretrained` is a mim_jax pretraining workdir (or one of its checkpoints/STEP
 folders), an official MAE or BEiT .pth file, or '' for random initialisation (training from
 scratch, the baseline). Top-1 / top-5 on data.eval_split are written every `every_epochs` by the
@@ -39,12 +45,30 @@ from mim_jax.objectives.base import Objective, make_rngs
 MODES = ("finetune", "linear_probe")
 
 
+CONVNETS = ("resnet", "convnext")
+
+
+def _is_convnet(config) -> bool:
+    return config.model.get("name", "vit") in CONVNETS
+
+
+def _pool(config) -> str:
+    """finetune.pool; a ConvNet (no CLS token) always averages its last map."""
+    if _is_convnet(config) and config.finetune.pool != "gap":
+        logging.warning("finetune.pool=%r: model.name=%r has no CLS token; its last feature "
+                        "map is average-pooled.", config.finetune.pool, config.model.name)
+        return "gap"
+    return config.finetune.pool
+
+
 def _encoder(config, for_probe: bool):
     """The encoder of config.model, configured for classification."""
     extra = {}
     if config.model.get("name", "vit") == "vit":
         # Global pooling normalises after pooling (fc_norm); the CLS probe uses the final norm.
         extra["final_norm"] = for_probe or config.finetune.pool == "cls"
+    elif _is_convnet(config):  # dense (active=None), only the last stage's map is pooled
+        extra["last_stage_only"] = True
     return models.backbone_from_config(config.model, config.data.image_size,
                                        config.data.channels, **extra)
 
@@ -71,6 +95,10 @@ def validate(config) -> None:
     if ft.mode == "linear_probe" and not ft.pretrained:
         logging.warning("linear probe of a randomly initialised encoder (finetune.pretrained "
                         "is empty): this is the random-init baseline.")
+    if _is_convnet(config) and config.optimizer.get("layer_decay", 1.0) != 1.0:
+        raise ValueError(f"optimizer.layer_decay={config.optimizer.layer_decay!r}: layer-wise "
+                         f"lr decay numbers ViT / Swin layers, not model.name="
+                         f"{config.model.name!r}; set optimizer.layer_decay=1.0.")
     if ft.get("num_classes", 0) < 0:
         raise ValueError(f"finetune.num_classes={ft.num_classes!r} must be >= 0 (0 = from "
                          "the dataset).")
@@ -84,10 +112,14 @@ def num_classes(config) -> int:
     return int(n)
 
 
-def pretrained_encoder_params(config, target_params):
+def pretrained_encoder_params(config, target_params, target_batch_stats=None):
     """finetune.pretrained -> encoder parameters fitted to `target_params` (the encoder of
-    config.model: positions / relative tables resized, shared bias copied per layer)."""
+    config.model: positions / relative tables resized, shared bias copied per layer).
+
+    With `target_batch_stats` (the encoder's BatchNorm statistics: ResNets) returns
+    (params, batch_stats), the statistics the pretraining run kept (SparK's model_state)."""
     path = config.finetune.pretrained
+    stats = None
     try:
         if os.path.isfile(path):  # reference weights (official MAE or BEiT layout)
             from mim_jax import convert
@@ -103,13 +135,27 @@ def pretrained_encoder_params(config, target_params):
                 path, config.finetune.get("pretrained_step") or None)
             source, origin = pretrained.params, f"{path} (step {pretrained.step}, " \
                                                 f"{pretrained.objective})"
+            stats = pretrained.batch_stats
         params, notes = resize.fit_encoder_params(source, target_params)
+        if target_batch_stats:
+            if not stats:
+                raise ValueError("the encoder has BatchNorm layers but the checkpoint keeps "
+                                 "no statistics for them (model_state['batch_stats']).")
+            stats, stat_notes = resize.fit_encoder_params(stats, target_batch_stats)
+            notes += [f"batch_stats {n}" for n in stat_notes]
     except ValueError as e:  # named after the field, so main prints one actionable line
         raise ValueError(f"finetune.pretrained={path!r}: {e}") from e
-    logging.info("Encoder loaded from %s", origin)
+    logging.info("Encoder loaded from %s%s", origin,
+                 " with its BatchNorm statistics" if target_batch_stats else "")
     for note in notes:
         logging.info("  %s", note)
-    return params
+    return (params, stats) if target_batch_stats is not None else params
+
+
+def _with_encoder_stats(model_state, stats):
+    """model_state with its batch_stats['encoder'] replaced by `stats`."""
+    batch_stats = dict(model_state["batch_stats"], encoder=stats)
+    return dict(model_state, batch_stats=batch_stats)
 
 
 def _soft_targets(key, images, labels, ft, n_classes: int):
@@ -132,29 +178,57 @@ def _classification_metrics(logits, labels, loss):
 def _finetune_objective(config, n_classes: int) -> Objective:
     ft = config.finetune
     encoder = _encoder(config, for_probe=False)
+    pool = _pool(config)
     # ViT + global pool: no final norm, LayerNorm after pooling (fc_norm). CLS pooling and Swin
     # keep the encoder's final norm and feed the head directly, as their references do.
-    fc_norm = config.model.get("name", "vit") == "vit" and ft.pool == "gap"
-    model = classifier_lib.Classifier(encoder=encoder, num_classes=n_classes, pool=ft.pool,
+    # ConvNeXt: timm's head (pool -> LayerNorm -> Linear); ResNet: pool -> Linear.
+    name = config.model.get("name", "vit")
+    fc_norm = (name == "vit" and pool == "gap") or name == "convnext"
+    model = classifier_lib.Classifier(encoder=encoder, num_classes=n_classes, pool=pool,
                                       fc_norm=fc_norm, head_init_std=ft.head_init_std,
                                       dtype=encoder.dtype, param_dtype=encoder.param_dtype)
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    # An encoder with BatchNorm (ResNet) keeps its statistics in model_state['batch_stats']:
+    # batch statistics (running averages updated) when training, the averages in evaluation.
+    abstract = jax.eval_shape(
+        lambda key: model.init({"params": key, **make_rngs(key)},
+                               jnp.zeros((1, *image_shape), jnp.float32), train=False),
+        jax.random.key(0))
+    stateful = bool(abstract.get("batch_stats"))
 
-    def loss_fn(params, batch, rngs, train: bool, with_outputs: bool = False):
+    def init_fn(rng):
+        params_rng, stream_rng = jax.random.split(rng)
+        variables = model.init({"params": params_rng, **make_rngs(stream_rng)},
+                               jnp.zeros((1, *image_shape), jnp.float32), train=False)
+        return variables["params"], {"batch_stats": variables["batch_stats"]}
+
+    def loss_fn(params, batch, rngs, train: bool, with_outputs: bool = False,
+                model_state=None):
         images, labels = batch["image"], batch["label"]
         if train:
             images, targets = _soft_targets(rngs["augment"], images, labels, ft, n_classes)
         else:
             targets = jax.nn.one_hot(labels, n_classes)
-        logits = model.apply({"params": params}, images, train=train, rngs=rngs)
+        variables = {"params": params}
+        if stateful:
+            variables["batch_stats"] = model_state["batch_stats"]
+        if stateful and train:
+            logits, updates = model.apply(variables, images, train=True, rngs=rngs,
+                                          mutable=["batch_stats"])
+            model_state = dict(model_state, batch_stats=updates["batch_stats"])
+        else:
+            logits = model.apply(variables, images, train=train, rngs=rngs)
         loss = optax.softmax_cross_entropy(logits, targets).mean()
         aux = {"metrics": _classification_metrics(logits, labels, loss)}
+        if stateful:
+            aux["model_state"] = model_state
         if with_outputs:
             aux["outputs"] = {"logits": logits}
         return loss, aux
 
     return Objective(name="finetune", model=model, loss_fn=loss_fn, encoder_keys=("encoder",),
-                     image_shape=image_shape)
+                     image_shape=image_shape, stateful=stateful,
+                     init_fn=init_fn if stateful else None)
 
 
 class _Probe(nn.Module):
@@ -175,7 +249,7 @@ class _Probe(nn.Module):
 def _probe_objective(config, n_classes: int) -> Objective:
     ft = config.finetune
     encoder = _encoder(config, for_probe=True)
-    model = _Probe(encoder=encoder, num_classes=n_classes, pool=ft.pool,
+    model = _Probe(encoder=encoder, num_classes=n_classes, pool=_pool(config),
                    head_init_std=ft.head_init_std)
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
 
@@ -217,21 +291,31 @@ def build_task(config):
     validate(config)
     n_classes = num_classes(config)
     ft = config.finetune
+    def load_pretrained(encoder, model_state):
+        """The pretrained encoder fitted to `encoder`, and model_state with its BatchNorm
+        statistics (ConvNets) when the model keeps them."""
+        stats = model_state.get("batch_stats", {}).get("encoder")
+        if not stats:
+            return pretrained_encoder_params(config, encoder), model_state
+        encoder, stats = pretrained_encoder_params(config, encoder, stats)
+        return encoder, _with_encoder_stats(model_state, stats)
+
     if ft.mode == "finetune":
         objective = _finetune_objective(config, n_classes)
 
         def start_from(params, model_state):
             if ft.pretrained:
-                params = dict(params, encoder=pretrained_encoder_params(config,
-                                                                        params["encoder"]))
+                encoder, model_state = load_pretrained(params["encoder"], model_state)
+                params = dict(params, encoder=encoder)
             return params, model_state
     else:
         objective = _probe_objective(config, n_classes)
 
         def start_from(params, model_state):
+            # The probe's encoder is frozen (model state), its BatchNorm in eval mode.
             if ft.pretrained:
-                model_state = dict(model_state, encoder=pretrained_encoder_params(
-                    config, model_state["encoder"]))
+                encoder, model_state = load_pretrained(model_state["encoder"], model_state)
+                model_state = dict(model_state, encoder=encoder)
             return params, model_state
     return train.Task(objective=objective, with_labels=True, start_from=start_from,
                       ema_decay=ft.get("ema_decay", 0.0))

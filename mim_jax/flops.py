@@ -117,6 +117,9 @@ def classifier_forward_flops(arch, cls_token: bool, num_classes: int) -> dict:
     """Fine-tuning / linear probe: the encoder on every patch, then a linear head."""
     if hasattr(arch, "embed_dim"):  # Swin
         out, width = swin_forward_flops(arch), arch.num_features
+    elif not hasattr(arch, "num_patches"):  # ResNet / ConvNeXt: no count (no MFU), as SparK's
+        raise ValueError(f"{type(arch).__name__} has no analytic FLOP count; supported: ViT, "
+                         "Swin.")
     else:
         out, width = vit_forward_flops(arch, cls_token), arch.width
     out["head"] = dense_flops(1, width, num_classes)

@@ -172,3 +172,103 @@ def test_pretrain_then_finetune_through_main(tfds_dir, tmp_path):
     assert np.isfinite(records[4]["loss"]) and "classification/top1" in records[4]
     best = json.load(open(os.path.join(ft, "best.json")))
     assert best["step"] in (2, 4)
+
+
+# ------------------------------------------------------------- SparK ConvNet encoders ---
+
+@pytest.fixture(scope="module")
+def spark_run(tfds_dir, tmp_path_factory):
+    """A tiny SparK ResNet pretraining run (4 steps; BatchNorm statistics in model_state)."""
+    import ml_collections
+
+    from configs import spark as spark_config
+    c = spark_config.get_config("quickstart")  # total stride 8 on 32 px
+    c.model.update(stem_width=8, widths=(4, 8, 8, 16))
+    c.objective.decoder_width = 32
+    c.evaluators = ml_collections.ConfigDict()
+    short_run(c, tfds_dir, total_steps=4)
+    workdir = str(tmp_path_factory.mktemp("spark"))
+    train.train_and_evaluate(c, workdir)
+    return workdir
+
+
+def _spark_finetune_config(tfds_dir, run, mode):
+    c = tiny_finetune_config(tfds_dir, run, mode, total_steps=2, warmup_steps=1)
+    c.checkpoint.every_steps = 2
+    c.evaluators.classification.every_steps = 2
+    return c
+
+
+def _assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_spark_finetune_starts_from_the_pretrained_encoder_and_statistics(
+        tfds_dir, spark_run, tmp_path, monkeypatch):
+    from mim_jax import finetune
+    pretrained = checkpointing.load_encoder(spark_run)
+    state = checkpointing.restore_raw(os.path.join(spark_run, "checkpoints"), 4,
+                                      subtree="model_state")
+    assert pretrained.objective == "spark" and pretrained.step == 4
+    _assert_trees_equal(pretrained.batch_stats, state["batch_stats"]["encoder"])
+
+    cfg = _spark_finetune_config(tfds_dir, spark_run, "finetune")
+    assert cfg.model.name == "resnet" and cfg.model.stem_stride == 1
+    assert cfg.data.image_size == 32 and tuple(cfg.model.widths) == (4, 8, 8, 16)
+    # Record the state the trainer starts from (step 0).
+    starts = []
+    real_build = finetune.build_task
+
+    def build_task(config):
+        task = real_build(config)
+        start_from = task.start_from
+        task.start_from = lambda *a: starts.append(start_from(*a)) or starts[-1]
+        return task
+    monkeypatch.setattr(finetune, "build_task", build_task)
+    workdir = str(tmp_path / "ft")
+    train.train_and_evaluate(cfg, workdir)
+    (params, model_state), = starts
+    _assert_trees_equal(params["encoder"], pretrained.params)
+    _assert_trees_equal(model_state["batch_stats"]["encoder"], pretrained.batch_stats)
+    assert "fc_norm" not in params and params["head"]["kernel"].shape == (64, 10)
+    rec = _records(workdir)[2]
+    assert np.isfinite(rec["loss"]) and 0.0 <= rec["classification/top1"] <= 1.0
+    # Fine-tuning trains BatchNorm: the running averages moved with the batch statistics.
+    after = checkpointing.restore_raw(os.path.join(workdir, "checkpoints"), 2,
+                                      subtree="model_state")["batch_stats"]["encoder"]
+    moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(after),
+                                                   jax.tree.leaves(pretrained.batch_stats))]
+    assert any(moved)
+
+
+def test_spark_linear_probe_keeps_the_encoder_and_its_statistics(tfds_dir, spark_run,
+                                                                 tmp_path):
+    pretrained = checkpointing.load_encoder(spark_run)
+    cfg = _spark_finetune_config(tfds_dir, spark_run, "linear_probe")
+    workdir = str(tmp_path / "probe")
+    train.train_and_evaluate(cfg, workdir)
+    rec = _records(workdir)[2]
+    assert np.isfinite(rec["loss"]) and 0.0 <= rec["classification/top1"] <= 1.0
+    state = checkpointing.restore_raw(os.path.join(workdir, "checkpoints"), 2,
+                                      subtree="model_state")
+    # Frozen encoder in eval mode: its weights and statistics are the pretrained ones.
+    _assert_trees_equal(state["encoder"], pretrained.params)
+    _assert_trees_equal(state["batch_stats"]["encoder"], pretrained.batch_stats)
+    assert set(state["batch_stats"]) == {"encoder", "probe"}
+
+
+def test_convnext_classifier_has_timms_head_and_no_state(tfds_dir):
+    from configs import finetune as finetune_config
+    from mim_jax import finetune
+    from mim_jax.objectives.base import make_rngs
+    c = short_run(finetune_config.get_config("quickstart,model=convnext"), tfds_dir)
+    assert c.optimizer.layer_decay == 1.0 and c.data.image_size == 32
+    objective = finetune.build_task(c).objective
+    assert not objective.stateful  # ConvNeXt has no BatchNorm
+    params, model_state = objective.init_variables(jax.random.key(0))
+    assert model_state == {} and params["fc_norm"]["scale"].shape == (128,)
+    batch = {"image": np.zeros((2, 32, 32, 1), np.float32), "label": np.zeros(2, np.int32)}
+    loss, aux = objective.loss_fn(params, batch, make_rngs(jax.random.key(1)), False)
+    assert np.isfinite(loss) and aux["metrics"]["train_top1"].shape == ()
