@@ -22,10 +22,9 @@ from typing import Any, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from mim_jax.models import sparse
-from mim_jax.models.resnet import _check_images, _positive_ints
+from mim_jax.models.resnet import _positive_ints
 from mim_jax.models.swin import trunc_normal
 from mim_jax.models.vit import DropPath
 
@@ -161,22 +160,18 @@ class ConvNeXt(nn.Module):
     @nn.compact
     def __call__(self, images, *, active=None, train: bool = False):
         cfg = self.config
-        _check_images(images, cfg.channels)
-        sparse.check_active(active, images, STRIDE)
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate={self.drop_path_rate!r} must be in [0, 1).")
+        sparse.check_inputs(images, cfg.channels, STRIDE, active, self.drop_path_rate)
         x = sparse.apply_mask(images.astype(self.dtype), active)
         x = nn.Conv(cfg.dims[0], (4, 4), strides=(4, 4), padding="VALID",
                     kernel_init=trunc_normal, dtype=self.dtype, param_dtype=self.param_dtype,
                     name="stem_conv")(x)
         x = sparse.apply_mask(_layer_norm(self.dtype, self.param_dtype, "stem_norm")(x), active)
 
-        rates = np.linspace(0.0, self.drop_path_rate, sum(cfg.depths))
-        per_stage = np.split(rates, np.cumsum(cfg.depths)[:-1])
+        per_stage = sparse.stage_drop_rates(self.drop_path_rate, cfg.depths)
         features = []
         for stage, (depth, dim) in enumerate(zip(cfg.depths, cfg.dims)):
             x = ConvNeXtStage(depth=depth, dim=dim,
-                              drop_rates=tuple(float(r) for r in per_stage[stage]),
+                              drop_rates=per_stage[stage],
                               downsample=stage > 0, layer_scale_init=cfg.layer_scale_init,
                               remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype,
                               name=f"stage_{stage}")(x, active, train)

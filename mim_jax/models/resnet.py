@@ -182,10 +182,7 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, images, *, active=None, train: bool = False):
         cfg = self.config
-        _check_images(images, cfg.channels, self.stride)
-        sparse.check_active(active, images, self.stride)
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate={self.drop_path_rate!r} must be in [0, 1).")
+        sparse.check_inputs(images, cfg.channels, self.stride, active, self.drop_path_rate)
         x = sparse.apply_mask(images.astype(self.dtype), active)
         conv_stride = 1 if cfg.stem_stride == 1 else 2
         x = nn.Conv(cfg.stem_width, (7, 7), strides=(conv_stride, conv_stride),
@@ -200,23 +197,14 @@ class ResNet(nn.Module):
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)])
         x = sparse.apply_mask(x, active)
 
-        total, first, features = sum(cfg.depths), 0, []
+        rates, features = sparse.stage_drop_rates(self.drop_path_rate, cfg.depths), []
         in_width = cfg.stem_width
         for stage, (depth, width) in enumerate(zip(cfg.depths, cfg.widths)):
-            rates = self.drop_path_rate * np.arange(first, first + depth) / max(total - 1, 1)
             x = ResNetStage(depth=depth, width=width, stride=2 if stage else 1,
-                            in_width=in_width, drop_rates=tuple(float(r) for r in rates),
+                            in_width=in_width, drop_rates=rates[stage],
                             zero_init_last=cfg.zero_init_last, remat=self.remat,
                             dtype=self.dtype, param_dtype=self.param_dtype,
                             name=f"stage_{stage}")(x, active, train)
-            in_width, first = EXPANSION * width, first + depth
+            in_width = EXPANSION * width
             features.append(x)
         return features[-1] if self.last_stage_only else features
-
-
-def _check_images(images, channels: int, stride: int = STRIDE) -> None:
-    if (images.ndim != 4 or images.shape[-1] != channels or images.shape[1] % stride
-            or images.shape[2] % stride):
-        raise ValueError(f"images has shape {tuple(images.shape)}; expected [batch, H, W, "
-                         f"{channels}] (NHWC) with H and W multiples of {stride}.")
-

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def upsample_mask(active: jax.Array, height: int, width: int) -> jax.Array:
@@ -45,6 +46,26 @@ def check_active(active: Optional[jax.Array], images: jax.Array, stride: int) ->
     if tuple(active.shape) != want or active.dtype != jnp.bool_:
         raise ValueError(f"active has shape {tuple(active.shape)} and dtype {active.dtype}; "
                          f"expected bool [batch, H/{stride}, W/{stride}] = {list(want)}.")
+
+
+def check_inputs(images: jax.Array, channels: int, stride: int, active: Optional[jax.Array],
+                 drop_path_rate: float) -> None:
+    """What every ConvNet backbone checks before its forward: NHWC images whose sides are
+    multiples of its total stride, the mask on that grid, a drop-path rate in [0, 1)."""
+    if (images.ndim != 4 or images.shape[-1] != channels or images.shape[1] % stride
+            or images.shape[2] % stride):
+        raise ValueError(f"images has shape {tuple(images.shape)}; expected [batch, H, W, "
+                         f"{channels}] (NHWC) with H and W multiples of {stride}.")
+    check_active(active, images, stride)
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate={drop_path_rate!r} must be in [0, 1).")
+
+
+def stage_drop_rates(drop_path_rate: float, depths) -> list:
+    """timm's stochastic-depth rule: rates rise linearly from 0 to drop_path_rate over all
+    blocks; -> one tuple of per-block rates per stage."""
+    rates = np.linspace(0.0, drop_path_rate, sum(depths))
+    return [tuple(float(r) for r in stage) for stage in np.split(rates, np.cumsum(depths)[:-1])]
 
 
 class MaskedBatchNorm(nn.Module):
