@@ -17,9 +17,9 @@ width 768, densify norm BatchNorm (ResNets) / LayerNorm (ConvNeXts); base lr 2e-
 40 warmup epochs, cosine; RandomResizedCrop(0.67-1, bicubic) + flip; drop path 0.05 / 0.08 /
 0.1 / 0.15 (ResNet-50 / 101 / 152 / 200), 0.2 / 0.3 / 0.4 (ConvNeXt-S / B / L);
 LAMB (b2 0.95 for ResNets, 0.999 for ConvNeXts, eps 1e-6, global-norm clip 5, trust ratio on
-decayed weights only) with weight decay rising 0.04 -> 0.2 on a per-step cosine over the run.
-Deliberate difference: the reference's warmup starts at 0.005 x the peak lr (here 0); its
-cosine ends at 0.001 x the peak (min_lr, as there).
+decayed weights only) with weight decay rising 0.04 -> 0.2 on a per-step cosine over the run;
+the warmup starts at 0.005 x the peak lr and the cosine ends at 0.001 x the peak, as there.
+Fine-tuning: configs/finetune.py:model=resnet50,pretrained=WORKDIR (SparK's table).
 """
 import ml_collections
 
@@ -66,7 +66,7 @@ def get_config(arg=None):
     c.warmup_epochs = 40.0
     c.optimizer.update(name="lamb", base_lr=2e-4, lr_batch_divisor=256, b1=0.9, b2=b2,
                        eps=1e-6, weight_decay=0.04, weight_decay_end=0.2, grad_clip_norm=5.0,
-                       min_lr=0.001 * 2e-4 * arg.batch / 256)
+                       min_lr=0.001 * 2e-4 * arg.batch / 256, warmup_start_factor=0.005)
     c.data.update(name=arg.data, split="train", eval_split="validation", image_size=224,
                   channels=3, crop_scale=(0.67, 1.0), crop_ratio=(3 / 4, 4 / 3),
                   interpolation="bicubic", flip=True)

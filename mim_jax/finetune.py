@@ -18,7 +18,8 @@ statistics, running averages kept; evaluation uses the averages), the linear pro
 frozen in eval mode. Both start from the pretraining run's statistics.
 
 `finetune.pretrained` is a mim_jax pretraining workdir (or one of its checkpoints/STEP
-folders), an official MAE or BEiT .pth file, or '' for random initialisation (training from
+folders), an official MAE or BEiT .pth file, a timm-layout ResNet / ConvNeXt .pth (SparK's
+released encoders), or '' for random initialisation (training from
 scratch, the baseline). Top-1 / top-5 on data.eval_split are written every `every_epochs` by the
 'classification' evaluator, which keeps the best weights in workdir/best/.
 
@@ -43,6 +44,10 @@ from mim_jax.models import resize
 from mim_jax.objectives.base import Objective, make_rngs
 
 MODES = ("finetune", "linear_probe")
+# softmax_ce: cross-entropy on soft targets (the MAE / BEiT / SimMIM recipes); bce: per-class
+# binary cross-entropy on the same targets, averaged over classes (timm's BinaryCrossEntropy,
+# SparK's ResNet recipe with LAMB).
+LOSSES = ("softmax_ce", "bce")
 
 
 CONVNETS = ("resnet", "convnext")
@@ -86,19 +91,18 @@ def validate(config) -> None:
     for field in ("mixup", "cutmix"):
         if ft.get(field, 0.0) < 0:
             raise ValueError(f"finetune.{field}={ft[field]!r} must be >= 0 (0 = off).")
+    if ft.get("loss", "softmax_ce") not in LOSSES:
+        raise ValueError(f"finetune.loss={ft.loss!r}; allowed: {list(LOSSES)}.")
     if not 0.0 <= ft.get("ema_decay", 0.0) < 1.0:
         raise ValueError(f"finetune.ema_decay={ft.ema_decay!r} must be in [0, 1) (0 = off).")
     if ft.pretrained and not os.path.exists(ft.pretrained):
         raise ValueError(f"finetune.pretrained={ft.pretrained!r} does not exist; give a "
                          "pretraining workdir, a checkpoints/STEP folder, an official MAE / BEiT "
-                         ".pth file, or '' for random initialisation.")
+                         ".pth file (timm layout for ResNet / ConvNeXt), or '' for random "
+                         "initialisation.")
     if ft.mode == "linear_probe" and not ft.pretrained:
         logging.warning("linear probe of a randomly initialised encoder (finetune.pretrained "
                         "is empty): this is the random-init baseline.")
-    if _is_convnet(config) and config.optimizer.get("layer_decay", 1.0) != 1.0:
-        raise ValueError(f"optimizer.layer_decay={config.optimizer.layer_decay!r}: layer-wise "
-                         f"lr decay numbers ViT / Swin layers, not model.name="
-                         f"{config.model.name!r}; set optimizer.layer_decay=1.0.")
     if ft.get("num_classes", 0) < 0:
         raise ValueError(f"finetune.num_classes={ft.num_classes!r} must be >= 0 (0 = from "
                          "the dataset).")
@@ -121,7 +125,14 @@ def pretrained_encoder_params(config, target_params, target_batch_stats=None):
     path = config.finetune.pretrained
     stats = None
     try:
-        if os.path.isfile(path):  # reference weights (official MAE or BEiT layout)
+        if os.path.isfile(path) and _is_convnet(config):  # timm layout (SparK's releases)
+            from mim_jax import convert
+            arch = _encoder(config, for_probe=False).config
+            variables = convert.convnet_variables_from_timm(
+                convert.load_torch_state_dict(path), config=arch, strict=False)
+            source, origin = variables["params"]["encoder"], path
+            stats = variables.get("batch_stats", {}).get("encoder")
+        elif os.path.isfile(path):  # reference weights (official MAE or BEiT layout)
             from mim_jax import convert
             heads = models.vit_from_config(config.model, config.data.image_size,
                                            config.data.channels).config.num_heads
@@ -171,6 +182,13 @@ def _soft_targets(key, images, labels, ft, n_classes: int):
     return images, augment.one_hot_smoothed(labels, n_classes, ft.label_smoothing)
 
 
+def classification_loss(logits, targets, loss: str = "softmax_ce"):
+    """Mean over the batch of finetune.loss between logits [B, C] and soft targets [B, C]."""
+    if loss == "bce":
+        return optax.sigmoid_binary_cross_entropy(logits, targets).mean()
+    return optax.softmax_cross_entropy(logits, targets).mean()
+
+
 def _classification_metrics(logits, labels, loss):
     return {"loss": loss, "train_top1": jnp.mean(jnp.argmax(logits, -1) == labels)}
 
@@ -218,7 +236,7 @@ def _finetune_objective(config, n_classes: int) -> Objective:
             model_state = dict(model_state, batch_stats=updates["batch_stats"])
         else:
             logits = model.apply(variables, images, train=train, rngs=rngs)
-        loss = optax.softmax_cross_entropy(logits, targets).mean()
+        loss = classification_loss(logits, targets, ft.get("loss", "softmax_ce"))
         aux = {"metrics": _classification_metrics(logits, labels, loss)}
         if stateful:
             aux["model_state"] = model_state

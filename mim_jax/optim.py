@@ -12,6 +12,9 @@ import optax
 from mim_jax.errors import ConfigError
 
 OPTIMIZERS = ("adamw", "lamb", "lars")
+# LAMB's layer-wise adaptation: on weight-decayed tensors while the decay is non-zero (timm's
+# default, SparK pretraining) or on every tensor (timm's always_adapt, SparK's fine-tuning).
+TRUST_RATIO_SCOPES = ("decayed", "all")
 
 # Parameters the references exclude from weight decay besides biases and norm scales.
 _NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "relative_position_bias_table")
@@ -58,6 +61,16 @@ def validate_config(opt_cfg) -> None:
     check("min_lr", lambda v: v >= 0, "a finite number >= 0", 0.0)
     check("grad_clip_norm", lambda v: v >= 0, "a finite number >= 0 (0 = off)", 0.0)
     check("layer_decay", lambda v: 0 < v <= 1, "in (0, 1] (1 = off)", 1.0)
+    check("warmup_start_factor", lambda v: 0 <= v <= 1, "in [0, 1] (the warmup's first lr "
+          "as a fraction of the peak)", 0.0)
+    if name == "lamb":
+        trust = opt_cfg.get("trust_ratio", "decayed")
+        if trust not in TRUST_RATIO_SCOPES:
+            raise ConfigError(f"optimizer.trust_ratio={trust!r} is not supported; allowed: "
+                              f"{list(TRUST_RATIO_SCOPES)}.")
+    if not isinstance(opt_cfg.get("bias_correction", True), bool):
+        raise ConfigError(f"optimizer.bias_correction={opt_cfg.get('bias_correction')!r} must "
+                          "be true or false.")
     if name == "lars":
         check("momentum", lambda v: 0 <= v < 1, "in [0, 1)", 0.9)
     else:
@@ -71,13 +84,16 @@ def peak_learning_rate(opt_cfg, global_batch_size: int) -> float:
     return opt_cfg.base_lr * global_batch_size / opt_cfg.lr_batch_divisor
 
 
-def make_schedule(peak_lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0):
-    """Per-step linear warmup from 0, then half-cycle cosine down to min_lr (the MAE rule)."""
+def make_schedule(peak_lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0,
+                  warmup_start_factor: float = 0.0):
+    """Per-step linear warmup from warmup_start_factor x peak_lr (0: the MAE rule; SparK starts
+    at 0.005), then half-cycle cosine down to min_lr."""
     warmup_steps = min(warmup_steps, total_steps)
+    start = warmup_start_factor * peak_lr
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
-        warm = peak_lr * step / max(warmup_steps, 1)
+        warm = start + (peak_lr - start) * step / max(warmup_steps, 1)
         progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
         cos = min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.clip(progress, 0, 1)))
         return jnp.where(step < warmup_steps, warm, cos)
@@ -132,10 +148,14 @@ def make_optimizer(opt_cfg, schedule, params=None,
         parts.append(lars(schedule, momentum=opt_cfg.get("momentum", 0.9),
                           weight_decay=weight_decay))
         return optax.chain(*parts)
-    parts.append(optax.scale_by_adam(b1=opt_cfg.b1, b2=opt_cfg.b2,
-                                     eps=opt_cfg.get("eps", 1e-8)))
+    if opt_cfg.get("bias_correction", True):
+        parts.append(optax.scale_by_adam(b1=opt_cfg.b1, b2=opt_cfg.b2,
+                                         eps=opt_cfg.get("eps", 1e-8)))
+    else:
+        parts.append(scale_by_adam_uncorrected(opt_cfg.b1, opt_cfg.b2, opt_cfg.get("eps", 1e-8)))
     if opt_cfg.name == "lamb":
-        parts.append(decayed_weights(weight_decay, decay_mask, trust_ratio=True))
+        parts.append(decayed_weights(weight_decay, decay_mask, trust_ratio=True,
+                                     adapt_all=opt_cfg.get("trust_ratio") == "all"))
     elif callable(weight_decay):
         parts.append(decayed_weights(weight_decay, decay_mask))
     else:  # the original AdamW chain, state and all
@@ -160,16 +180,53 @@ def _count_blocks(tree, prefix="block_"):
     return sum(1 for k in tree if k.startswith(prefix))
 
 
+def _convnet_layer_rule(encoder):
+    """(rule(names inside the encoder) -> layer id, top) for SparK's ConvNets, the reference's
+    fine-tuning grouping (downstream_imagenet/models/__init__.py of keyu-tian/SparK).
+
+    ResNet: the stem is layer 0, stage 0 layer 1, stages 1 and 2 in groups of b1 / b2 blocks
+    (2 / 3 for ResNet-50 and -101, 4 / 4 for -152 and -200, 2 / 3 for other depths), stage 3
+    layer N = 2 + groups, the head N + 1. ConvNeXt: the stem is 0, stages 0 and 1 are 1 and 2,
+    stage 2 in groups of 3 blocks from 3, stage 3 N (12 when stage 2 has more than 9 blocks,
+    else 6, raised for custom depths so ids stay increasing); a stage's downsampling goes with
+    its first block; the head N + 1.
+    """
+    depths = [_count_blocks(encoder[f"stage_{i}"]) for i in range(4)]
+    if "stem_bn" in encoder:  # ResNet
+        group = {(4, 6): (2, 3), (4, 23): (2, 3), (8, 36): (4, 4), (24, 36): (4, 4),
+                 (30, 48): (5, 6)}.get((depths[1], depths[2]), (2, 3))
+        n1, n2 = (math.ceil(d / g) for d, g in zip(depths[1:3], group))
+        top_block = 2 + n1 + n2
+
+        def block_id(stage, block):
+            return (1, 2 + block // group[0], 2 + n1 + block // group[1], top_block)[stage]
+    else:  # ConvNeXt
+        top_block = max(12 if depths[2] > 9 else 6, 3 + (depths[2] - 1) // 3 + 1)
+
+        def block_id(stage, block):
+            return (1, 2, 3 + block // 3, top_block)[stage]
+
+    def rule(names):
+        if not names[0].startswith("stage_"):
+            return 0  # stem_conv, stem_bn / stem_norm
+        stage = int(names[0][len("stage_"):])
+        block = int(names[1][len("block_"):]) if names[1].startswith("block_") else 0
+        return block_id(stage, block)
+    return rule, top_block + 1
+
+
 def layer_ids(params):
     """Layer index of every parameter for layer-wise lr decay, and the top index.
 
     The references' rule: patch embedding, CLS / mask tokens and positions are layer 0, block
     i of a ViT is layer i + 1, everything after the last block (final norm, fc_norm, head) is
     the top layer, depth + 1. For Swin (SimMIM's rule) blocks are numbered across stages and a
-    stage's patch merging sits with the last block of that stage. Scanned ViT blocks (leading
-    depth axis) get an id array of shape [depth, 1, ...]. Returns (ids tree, top).
+    stage's patch merging sits with the last block of that stage. ResNet and ConvNeXt follow
+    SparK's grouping (_convnet_layer_rule). Scanned ViT blocks (leading depth axis) get an id
+    array of shape [depth, 1, ...]. Returns (ids tree, top).
     """
     encoder = params.get("encoder", params)
+    convnet_rule = None
     if "transformer" in encoder:  # ViT
         blocks = encoder["transformer"]
         if "blocks" in blocks:
@@ -177,14 +234,17 @@ def layer_ids(params):
         else:
             depth = _count_blocks(blocks)
         stage_starts = None
+    elif "stem_conv" in encoder:  # ResNet / ConvNeXt
+        convnet_rule, top = _convnet_layer_rule(encoder)
+        depth = top - 1
     elif any(k.startswith("stage_") for k in encoder):  # Swin
         depths = [_count_blocks(encoder[f"stage_{i}"])
                   for i in range(sum(k.startswith("stage_") for k in encoder))]
         depth = sum(depths)
         stage_starts = np.concatenate([[0], np.cumsum(depths)])
     else:
-        raise ValueError(f"layer-wise lr decay knows ViT and Swin encoders; got parameters "
-                         f"{sorted(encoder)}.")
+        raise ValueError(f"layer-wise lr decay knows ViT, Swin, ResNet and ConvNeXt encoders; "
+                         f"got parameters {sorted(encoder)}.")
     top = depth + 1
     in_encoder = "encoder" in params
 
@@ -194,6 +254,8 @@ def layer_ids(params):
             if names[0] != "encoder":
                 return top  # fc_norm, head, ...
             names = names[1:]
+        if convnet_rule is not None:
+            return convnet_rule(names)
         first = names[0]
         if first in ("patch_embed", "patch_norm", "cls_token", "mask_token", "pos_embed",
                      "rel_pos_bias"):
@@ -243,15 +305,37 @@ def _stacked(params):
     return jax.tree_util.tree_map_with_path(lambda path, _: "blocks" in _names(path), params)
 
 
-def decayed_weights(weight_decay: Union[float, Callable], mask,
-                    trust_ratio: bool = False) -> optax.GradientTransformation:
+class AdamMoments(NamedTuple):
+    mu: optax.Updates
+    nu: optax.Updates
+
+
+def scale_by_adam_uncorrected(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """Adam's m / (sqrt(v) + eps) without bias correction: timm's Lamb(bias_correction=False),
+    which SparK fine-tunes ResNets with."""
+    def init_fn(params):
+        zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+        return AdamMoments(mu=zeros(), nu=zeros())
+
+    def update_fn(updates, state, params=None):
+        del params
+        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), state.nu, updates)
+        out = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
+        return out, AdamMoments(mu=mu, nu=nu)
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def decayed_weights(weight_decay: Union[float, Callable], mask, trust_ratio: bool = False,
+                    adapt_all: bool = False) -> optax.GradientTransformation:
     """Adds weight_decay(step) x param to the update where `mask` (a tree or a function of the
     params) is True; with `trust_ratio`, LAMB's layer-wise adaptation then scales those
     updates by ||param|| / ||update|| (1 where either norm is 0).
 
     The LAMB rule is timm's (SparK's): no clip of the ratio, and only the decayed group is
-    adapted, and only while its weight decay is non-zero. A scanned block's leaf is one tensor
-    per block, so its norms are taken per entry of the leading depth axis.
+    adapted, and only while its weight decay is non-zero; `adapt_all` (timm's always_adapt)
+    adapts every tensor at every step. A scanned block's leaf is one tensor per block, so its
+    norms are taken per entry of the leading depth axis.
     """
     wd_fn = weight_decay if callable(weight_decay) else (lambda step: weight_decay)
 
@@ -267,16 +351,18 @@ def decayed_weights(weight_decay: Union[float, Callable], mask,
         stacked = _stacked(params)
 
         def leaf(u, p, decay, stack):
-            if not decay:
+            if not (decay or (trust_ratio and adapt_all)):
                 return u
-            u = u + wd.astype(u.dtype) * p
+            if decay:
+                u = u + wd.astype(u.dtype) * p
             if not trust_ratio:
                 return u
             axes = tuple(range(1, p.ndim)) if stack and p.ndim > 1 else None
             norm = lambda x: jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes,
                                               keepdims=axes is not None))
             w, g = norm(p), norm(u)
-            ratio = jnp.where((w > 0) & (g > 0) & (wd != 0), w / jnp.where(g > 0, g, 1.0), 1.0)
+            adapt = (w > 0) & (g > 0) & ((wd != 0) | adapt_all)
+            ratio = jnp.where(adapt, w / jnp.where(g > 0, g, 1.0), 1.0)
             return u * ratio.astype(u.dtype)
         updates = jax.tree.map(leaf, updates, params, masks, stacked)
         return updates, DecayState(count=optax.safe_increment(state.count))

@@ -238,3 +238,23 @@ def test_simmim_quickstart_is_the_vit_with_reference_mask_geometry():
     assert simmim.get_config("quickstart,model=swin").model.name == "swin"
     with pytest.raises(ValueError, match="model='vit_b' with quickstart"):
         simmim.get_config("quickstart,model=vit_b")
+
+
+def test_spark_finetune_recipes_are_the_references_table():
+    _, r50 = _load(os.path.join(ROOT, "configs", "finetune.py"), "model=resnet50")
+    assert (r50.model.name, r50.model.variant, r50.model.drop_path_rate) == ("resnet", "50", 0.05)
+    assert (r50.batch_size, r50.num_epochs, r50.warmup_epochs) == (2048, 300, 5)
+    o = r50.optimizer
+    assert (o.name, o.base_lr, o.layer_decay, o.weight_decay) == ("lamb", 2e-3, 0.7, 0.02)
+    assert (o.trust_ratio, o.bias_correction, o.warmup_start_factor) == ("all", False, 0.005)
+    assert o.min_lr == 0.001 * 2e-3 * 2048 / 256 and o.grad_clip_norm == 0.0
+    f = r50.finetune
+    assert (f.loss, f.mixup, f.cutmix, f.label_smoothing, f.ema_decay) == ("bce", 0.1, 1.0,
+                                                                           0.1, 0.9999)
+    _, cs = _load(os.path.join(ROOT, "configs", "finetune.py"), "model=convnext_s")
+    assert (cs.model.name, cs.model.variant, cs.model.drop_path_rate) == ("convnext", "S", 0.3)
+    assert (cs.optimizer.name, cs.optimizer.base_lr, cs.optimizer.layer_decay) == ("adamw",
+                                                                                   2e-4, 0.7)
+    assert (cs.batch_size, cs.num_epochs, cs.finetune.loss, cs.finetune.mixup) == (
+        4096, 400, "softmax_ce", 0.8)
+    train.validate_config(r50), train.validate_config(cs)

@@ -373,3 +373,70 @@ def test_stem_stride_errors_name_the_field(stem_stride, image_size, message):
         models.backbone_from_config(ml_collections.ConfigDict(fields), image_size, 3)
     if image_size == 36:  # the same field at a multiple of 8 builds
         assert models.backbone_from_config(ml_collections.ConfigDict(fields), 40, 3).stride == 8
+
+
+# ------------------------------------------------- layer-wise lr decay (SparK's fine-tuning)
+
+def _spark_layer_id(name: str, depths) -> tuple:
+    """(layer id, top) of a timm parameter name under SparK's fine-tuning groups, written from
+    its description: ResNet stages 2 and 3 in groups of (2, 3) blocks ((4, 4) when stage 2 has
+    8 or more blocks), the last stage and the head on top; ConvNeXt (its official names:
+    downsample_layers.i, stages.i.j) stage 2 in groups of 3, 12 or 6 groups in all."""
+    parts = name.split(".")
+    if parts[0].startswith("layer") or parts[0] in ("conv1", "bn1", "fc"):  # ResNet
+        b2, b3 = (4, 4) if depths[1] >= 8 else (2, 3)
+        n2, n3 = -(-depths[1] // b2), -(-depths[2] // b3)
+        top = 2 + n2 + n3
+    if parts[0].startswith("layer"):
+        stage, block = int(parts[0][5:]), int(parts[1])
+        return {1: 1, 2: 2 + block // b2, 3: 2 + n2 + block // b3, 4: top}[stage], top + 1
+    if parts[0] in ("conv1", "bn1"):
+        return 0, top + 1
+    if parts[0] == "fc":
+        return top + 1, top + 1
+    # ConvNeXt: timm's names -> the official ones the reference rule reads.
+    top = 12 if depths[2] > 9 else 6
+    if parts[0] == "stem":
+        official = "downsample_layers.0"
+    elif parts[0] == "stages" and parts[2] == "downsample":
+        official = f"downsample_layers.{parts[1]}"
+    elif parts[0] == "stages":
+        official = f"stages.{parts[1]}.{parts[3]}"
+    else:
+        return top + 1, top + 1  # head.norm, head.fc
+    kind, stage, *rest = official.split(".")
+    stage = int(stage)
+    if kind == "downsample_layers":
+        return {0: 0, 1: 2, 2: 3, 3: top}[stage], top + 1
+    return {0: 1, 1: 2, 2: 3 + int(rest[0]) // 3, 3: top}[stage], top + 1
+
+
+@pytest.mark.parametrize("kind,depths", [("resnet", (3, 4, 6, 3)), ("resnet", (3, 4, 23, 3)),
+                                         ("resnet", (3, 8, 36, 3)),
+                                         ("convnext", (3, 3, 9, 3)),
+                                         ("convnext", (3, 3, 27, 3))])
+def test_layer_decay_groups_are_sparks(kind, depths):
+    """Every timm tensor filled with its SparK layer id, converted to our layout, must equal
+    optim.layer_ids of our tree: the grouping and the name mapping are checked together."""
+    from mim_jax import optim
+    if kind == "resnet":
+        cfg = resnet.ResNetConfig(depths=depths, stem_width=64, widths=(4, 4, 4, 4))
+        ref = timm_resnet.ResNet(block=timm_resnet.Bottleneck, layers=depths,
+                                 channels=cfg.widths, num_classes=3)
+    else:
+        cfg = convnext.ConvNeXtConfig(depths=depths, dims=(4, 4, 4, 4))
+        ref = timm_convnext.ConvNeXt(depths=depths, dims=cfg.dims, num_classes=3)
+    state, tops = {}, set()
+    for key, value in ref.state_dict().items():
+        layer, top = _spark_layer_id(key, depths)
+        tops.add(top)
+        state[key] = np.full(value.shape, layer, np.float32)
+    variables = timm_convnet.convnet_variables_from_timm(state, config=cfg)
+    ids, top = optim.layer_ids(variables["params"])
+    assert tops == {top}
+    want = jax.tree_util.tree_leaves_with_path(variables["params"])
+    got = dict(jax.tree_util.tree_leaves_with_path(ids))
+    for path, filled in want:
+        np.testing.assert_array_equal(np.broadcast_to(got[path], filled.shape), filled,
+                                      jax.tree_util.keystr(path))
+    assert len({float(np.ravel(v)[0]) for _, v in want}) == top + 1  # every id is used

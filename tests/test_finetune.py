@@ -264,7 +264,7 @@ def test_convnext_classifier_has_timms_head_and_no_state(tfds_dir):
     from mim_jax import finetune
     from mim_jax.objectives.base import make_rngs
     c = short_run(finetune_config.get_config("quickstart,model=convnext"), tfds_dir)
-    assert c.optimizer.layer_decay == 1.0 and c.data.image_size == 32
+    assert c.optimizer.layer_decay == 0.75 and c.data.image_size == 32
     objective = finetune.build_task(c).objective
     assert not objective.stateful  # ConvNeXt has no BatchNorm
     params, model_state = objective.init_variables(jax.random.key(0))
@@ -272,3 +272,40 @@ def test_convnext_classifier_has_timms_head_and_no_state(tfds_dir):
     batch = {"image": np.zeros((2, 32, 32, 1), np.float32), "label": np.zeros(2, np.int32)}
     loss, aux = objective.loss_fn(params, batch, make_rngs(jax.random.key(1)), False)
     assert np.isfinite(loss) and aux["metrics"]["train_top1"].shape == ()
+
+
+def test_convnet_finetune_reads_a_timm_layout_pth(tfds_dir, spark_run, tmp_path):
+    """SparK releases its encoders as timm state dicts: finetune.pretrained takes the .pth."""
+    torch = pytest.importorskip("torch")
+    from mim_jax import finetune
+    from mim_jax.convert import timm_convnet
+    pretrained = checkpointing.load_encoder(spark_run)
+    cfg = _spark_finetune_config(tfds_dir, spark_run, "finetune")
+    arch = finetune._encoder(cfg, for_probe=False).config
+    state = timm_convnet.convnet_variables_to_timm(
+        {"params": {"encoder": pretrained.params},
+         "batch_stats": {"encoder": pretrained.batch_stats}}, config=arch)
+    path = str(tmp_path / "resnet_timm_style.pth")
+    torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}, path)
+    cfg.finetune.pretrained = path
+    params, model_state = finetune.build_task(cfg).objective.init_variables(jax.random.key(0))
+    got, stats = finetune.pretrained_encoder_params(
+        cfg, params["encoder"], model_state["batch_stats"]["encoder"])
+    _assert_trees_equal(got, pretrained.params)
+    _assert_trees_equal(stats, pretrained.batch_stats)
+
+
+def test_bce_loss_is_timms_binary_cross_entropy():
+    """finetune.loss='bce' (SparK's ResNet recipe): mean over batch and classes of the
+    per-class logistic loss on the soft (mixup, smoothed) targets."""
+    from mim_jax import finetune
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 5)).astype(np.float32) * 3
+    targets = rng.dirichlet(np.ones(5), size=4).astype(np.float32)
+    p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    want = -np.mean(targets * np.log(p) + (1 - targets) * np.log(1 - p))
+    np.testing.assert_allclose(float(finetune.classification_loss(logits, targets, "bce")),
+                               want, rtol=1e-5)
+    ce = float(finetune.classification_loss(logits, targets))
+    np.testing.assert_allclose(ce, -np.mean(np.sum(targets * (logits - np.log(np.sum(
+        np.exp(logits.astype(np.float64)), -1, keepdims=True))), -1)), rtol=1e-5)

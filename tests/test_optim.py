@@ -77,11 +77,12 @@ def test_unknown_optimizer_named():
 
 
 def _reference_lamb(params, grads_per_step, lrs, wds, decayed, stacked, *, b1, b2, eps,
-                    clip):
+                    clip, always_adapt=False, bias_correction=True):
     """SparK's LAMB (timm's rule) in float64 numpy: clip by the global grad norm, Adam moments
     with bias correction (eps added to the corrected sqrt(v)), then, for the decayed group
     only and while its wd is non-zero, + wd * p and the unclipped trust ratio ||p|| / ||u||.
-    `stacked` leaves are one tensor per leading index (scanned blocks): adapted separately."""
+    `stacked` leaves are one tensor per leading index (scanned blocks): adapted separately.
+    always_adapt / bias_correction=False: timm's Lamb flags of SparK's ResNet fine-tuning."""
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     m = {k: np.zeros_like(v) for k, v in p.items()}
     v2 = {k: np.zeros_like(v) for k, v in p.items()}
@@ -93,9 +94,11 @@ def _reference_lamb(params, grads_per_step, lrs, wds, decayed, stacked, *, b1, b
             gk = g[k] * scale
             m[k] = b1 * m[k] + (1 - b1) * gk
             v2[k] = b2 * v2[k] + (1 - b2) * gk ** 2
-            u = (m[k] / (1 - b1 ** t)) / (np.sqrt(v2[k]) / np.sqrt(1 - b2 ** t) + eps)
-            if decayed[k] and wd != 0:
-                u = u + wd * p[k]
+            c1, c2 = (1 - b1 ** t, 1 - b2 ** t) if bias_correction else (1.0, 1.0)
+            u = (m[k] / c1) / (np.sqrt(v2[k]) / np.sqrt(c2) + eps)
+            if (decayed[k] and wd != 0) or always_adapt:
+                if decayed[k]:
+                    u = u + wd * p[k]
                 parts = list(zip(p[k], u)) if stacked[k] else [(p[k], u)]
                 adapted = []
                 for pw, uw in parts:
@@ -126,8 +129,11 @@ def _lamb_tree():
     return flat, nest
 
 
-@pytest.mark.parametrize("weight_decay_end", [None, 0.2])
-def test_lamb_matches_the_reference_rule(weight_decay_end):
+@pytest.mark.parametrize("weight_decay_end,fine_tune_flags", [(None, False), (0.2, False),
+                                                               (None, True)])
+def test_lamb_matches_the_reference_rule(weight_decay_end, fine_tune_flags):
+    """fine_tune_flags: trust_ratio='all', bias_correction=False (timm's always_adapt=True,
+    bias_correction=False), with which SparK fine-tunes ResNets."""
     flat, nest = _lamb_tree()
     decayed = {"conv/kernel": True, "conv/bias": False, "norm/scale": False,
                "mask_token": False, "transformer/blocks/fc/kernel": True,
@@ -138,6 +144,8 @@ def test_lamb_matches_the_reference_rule(weight_decay_end):
     cfg = ml_collections.ConfigDict(dict(name="lamb", b1=0.9, b2=0.95, eps=1e-6,
                                          weight_decay=0.04, weight_decay_end=weight_decay_end,
                                          grad_clip_norm=5.0))
+    if fine_tune_flags:
+        cfg.update(trust_ratio="all", bias_correction=False)
     sched = optim.make_schedule(0.05, total_steps=steps, warmup_steps=1, min_lr=0.001)
     tx = optim.make_optimizer(cfg, sched)
     rng = np.random.default_rng(1)
@@ -154,7 +162,12 @@ def test_lamb_matches_the_reference_rule(weight_decay_end):
            [0.2 + (0.04 - 0.2) * 0.5 * (1 + np.cos(np.pi * i / (steps - 1)))
             for i in range(steps)])
     want = _reference_lamb(flat, grads, lrs, wds, decayed, stacked, b1=0.9, b2=0.95, eps=1e-6,
-                           clip=5.0)
+                           clip=5.0, always_adapt=fine_tune_flags,
+                           bias_correction=not fine_tune_flags)
+    if fine_tune_flags:  # the flags change every group's steps, so the test can fail
+        plain = _reference_lamb(flat, grads, lrs, wds, decayed, stacked, b1=0.9, b2=0.95,
+                                eps=1e-6, clip=5.0)
+        assert all(not np.allclose(plain[k], want[k], rtol=1e-3) for k in flat)
     got = _flat(params)
     for k in flat:
         np.testing.assert_allclose(got[k], want[k], rtol=2e-5, atol=2e-6, err_msg=k)
@@ -234,3 +247,28 @@ def test_bad_optimizer_fields_fail_with_one_line(field, value, message):
     with pytest.raises(ConfigError, match=message) as info:
         optim.validate_config(cfg)
     assert "\n" not in str(info.value)
+
+
+def test_warmup_can_start_above_zero():
+    """SparK's schedules: warmup from 0.005 x the peak, cosine down to min_lr."""
+    sched = optim.make_schedule(2.0, total_steps=110, warmup_steps=10, min_lr=0.002,
+                                warmup_start_factor=0.005)
+    np.testing.assert_allclose(float(sched(0)), 0.01, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(5)), 0.01 + 1.99 * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(10)), 2.0, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(110)), 0.002, rtol=1e-5)
+    assert float(optim.make_schedule(2.0, 110, 10)(0)) == 0.0  # the default stays MAE's
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("warmup_start_factor", 1.5, r"^optimizer\.warmup_start_factor=1\.5 must be in \[0, 1\]"),
+    ("trust_ratio", "some", r"^optimizer\.trust_ratio='some' is not supported; allowed: "
+                            r"\['decayed', 'all'\]\.$"),
+    ("bias_correction", "no", r"^optimizer\.bias_correction='no' must be true or false\.$"),
+])
+def test_lamb_fine_tuning_fields_are_checked(field, value, message):
+    cfg = ml_collections.ConfigDict(dict(name="lamb", base_lr=2e-3, b1=0.9, b2=0.999,
+                                         eps=1e-6, weight_decay=0.02))
+    cfg[field] = value
+    with pytest.raises(ValueError, match=message):
+        optim.validate_config(cfg)

@@ -30,11 +30,11 @@ class StandInBackbone(nn.Module):
 
 
 def _config(image_size=64, mask_ratio=0.6, decoder_width=64, densify_norm="bn",
-            model="resnet"):
+            model="resnet", **model_fields):
     return ml_collections.ConfigDict(dict(
         objective=dict(name="spark", mask_ratio=mask_ratio, decoder_width=decoder_width,
                        densify_norm=densify_norm),
-        data=dict(image_size=image_size, channels=3), model=dict(name=model)))
+        data=dict(image_size=image_size, channels=3), model=dict(name=model, **model_fields)))
 
 
 def _objective(backbone=None, **kw):
@@ -223,7 +223,11 @@ def test_a_few_steps_lower_the_loss():
 @pytest.mark.parametrize("overrides,message", [
     (dict(model="vit"), r"^model.name='vit': SparK pretrains a ConvNet; allowed"),
     (dict(densify_norm="gn"), r"^objective.densify_norm='gn'; allowed"),
-    (dict(image_size=48), r"^data.image_size=48 must be a multiple of 32"),
+    (dict(image_size=48), r"^data.image_size=48 must be a multiple of 32 \(the total stride "
+                          r"of model.name='resnet' with stem_stride=4\)"),
+    (dict(image_size=36, stem_stride=1), r"^data.image_size=36 must be a multiple of 8 "),
+    (dict(image_size=48, model="convnext"), r"^data.image_size=48 must be a multiple of 32 "
+                                            r"\(the total stride of model.name='convnext'\)"),
     (dict(mask_ratio=1.5), r"^objective.mask_ratio=1.5 must be"),
     (dict(decoder_width=0), r"^objective.decoder_width=0 must be a positive integer"),
     (dict(decoder_width=16), r"^objective.decoder_width=16 must be at least 32"),

@@ -200,9 +200,13 @@ def validate(config) -> None:
     width = obj.decoder_width
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ValueError(f"objective.decoder_width={width!r} must be a positive integer.")
-    if data.image_size % 32:
-        raise ValueError(f"data.image_size={data.image_size} must be a multiple of 32 (the "
-                         "ConvNet's downsampling).")
+    stem = model.get("stem_stride") or 4
+    # An invalid stem_stride is the ResNet config's to report; 32 keeps this check meaningful.
+    stride = 8 * stem if name == "resnet" and stem in (1, 2, 4) else 32
+    if data.image_size % stride:
+        raise ValueError(f"data.image_size={data.image_size} must be a multiple of {stride} "
+                         f"(the total stride of model.name={name!r}"
+                         + (f" with stem_stride={stem}" if name == "resnet" else "") + ").")
 
 
 def build(config, encoder=None) -> Objective:
