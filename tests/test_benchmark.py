@@ -320,3 +320,26 @@ def test_beit_benchmark_batch_carries_token_ids():
     assert set(parts) == {"patch_embed", "encoder", "lm_head", "cls_head", "cls_head_lm_head"}
     assert parts["lm_head"] == flops.dense_flops(49, 64, obj.model.vocab_size)
     assert parts["cls_head"] == parts["encoder"] / 2  # 1 of the encoder's 2 blocks
+
+
+def test_compare_steps_times_several_objectives_in_one_run(tmp_path):
+    """--mode compare_steps: every config's trainer step, interleaved, ratios to the first."""
+    from mim_jax.benchmark.compare_steps import label_of, load_config, run_compare_steps
+    mae = load_config("configs/mae.py:quickstart")
+    mae.model.depth, mae.objective.decoder_depth = 1, 1
+    spark_cfg = load_config("configs/spark.py:quickstart")
+    spark_cfg.model.update(stem_width=8, widths=(4, 4, 8, 8))
+    spark_cfg.objective.decoder_width = 16
+    result = run_compare_steps([mae, spark_cfg], threads=1, steps=2, warmup=1, batch=4,
+                               image_size=32)
+    steps = result["steps"]
+    assert list(steps) == [label_of(mae), label_of(spark_cfg)] == ["mae vit-Ti/4",
+                                                                   "spark resnet-50"]
+    assert result["reference"] == "mae vit-Ti/4"
+    assert steps["mae vit-Ti/4"]["step_over_first_paired_wall"]["median"] == 1.0
+    for entry in steps.values():
+        assert entry["batch_size"] == 4 and entry["image_size"] == 32
+        assert len(entry["step_time"]["all_s"]) == 2 and entry["images_per_sec"] > 0
+        assert entry["xla_train_flops_per_image"] > 0 and np.isfinite(entry["final_loss"])
+    with pytest.raises(ValueError, match=r"^--also='nope.py': 'nope.py' is not a config file"):
+        load_config("nope.py")

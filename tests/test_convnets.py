@@ -234,6 +234,48 @@ def test_all_visible_mask_is_the_dense_network(case, train):
     assert all(jax.tree_util.tree_leaves(same))
 
 
+def test_convnext_visible_gather_is_the_dense_masked_branch():
+    """SparK's ConvNeXt with visible_cells runs its blocks' per-position layers on the visible
+    rows only: same features and same gradients as the dense masked branch, and masked
+    positions still exactly zero."""
+    size, batch = 128, 2  # a 4 x 4 grid, 6 visible cells in every sample
+    rng = np.random.RandomState(4)
+    active = np.zeros((batch, 16), bool)
+    for row in active:
+        row[rng.permutation(16)[:6]] = True
+    active = jnp.asarray(active.reshape(batch, 4, 4))
+    images = rng.randn(batch, size, size, 3).astype(np.float32)
+    model = convnext.ConvNeXt(CONVNEXT)
+    variables = model.init(jax.random.key(0), images)
+    # layer scale 1 instead of 1e-6, so the branches matter in the comparison
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, v: jnp.ones_like(v) if "gamma" in jax.tree_util.keystr(p) else v,
+        variables["params"])
+
+    def loss(params, **kw):
+        feats = model.apply({"params": params}, images, active=active, train=True, **kw)
+        return sum(jnp.sum(jnp.sin(f)) for f in feats), feats
+    (l_dense, f_dense), g_dense = jax.value_and_grad(loss, has_aux=True)(params)
+    (l_gather, f_gather), g_gather = jax.value_and_grad(loss, has_aux=True)(
+        params, visible_cells=6)
+    for a, b in zip(f_dense, f_gather):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+        keep = np.asarray(sparse.upsample_mask(active, a.shape[1], a.shape[2]))
+        assert np.all(np.asarray(b)[np.broadcast_to(~keep, b.shape)] == 0)
+    np.testing.assert_allclose(float(l_gather), float(l_dense), rtol=1e-5)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_dense),
+                            jax.tree_util.tree_leaves(g_gather)):
+        # float32 sums in another order: tolerance relative to the tensor's largest entry
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4,
+                                   atol=1e-6 * float(np.abs(a).max()),
+                                   err_msg=jax.tree_util.keystr(path))
+    positions = sparse.visible_positions(active, 32, 32, 6)  # stage 0: 8 x 8 per cell
+    assert positions.shape == (batch, 6 * 64)
+    flat = np.asarray(sparse.upsample_mask(active, 32, 32)).reshape(batch, -1)
+    for b in range(batch):
+        np.testing.assert_array_equal(np.asarray(positions[b]), np.flatnonzero(flat[b]))
+
+
 def test_masked_batchnorm_is_the_references_gathered_batchnorm1d():
     """SparK's SparseBatchNorm2d: gather the active positions, BatchNorm1d them (statistics and
     running-stat update included), scatter back into zeros."""

@@ -114,19 +114,39 @@ def test_densify_fills_exactly_the_masked_positions_with_the_mask_token():
             np.testing.assert_allclose(np.asarray(out)[a].var(0), 1.0, atol=1e-3)
 
 
-def test_decoder_upsampling_matches_torch_conv_transpose():
+@pytest.mark.parametrize("size,in_width,out_width", [(5, 3, 3), ((4, 6), 5, 2)])
+def test_decoder_upsampling_is_torch_conv_transpose(size, in_width, out_width):
+    """spark.Upsample2x (a 2x2 conv per output phase) is PyTorch's ConvTranspose2d(4, 2, 1) and
+    flax's nn.ConvTranspose on the same parameters, values and gradients."""
     torch = pytest.importorskip("torch")
-    x = np.random.default_rng(0).normal(size=(1, 3, 5, 5)).astype(np.float32)
-    ref = torch.nn.ConvTranspose2d(3, 3, kernel_size=4, stride=2, padding=1)
-    block = spark.UNetBlock(out_width=3)
-    variables = block.init(jax.random.key(0), jnp.zeros((1, 5, 5, 3)), train=False)
+    h, w = (size, size) if isinstance(size, int) else size
+    x = np.random.default_rng(0).normal(size=(2, in_width, h, w)).astype(np.float32)
+    ref = torch.nn.ConvTranspose2d(in_width, out_width, kernel_size=4, stride=2, padding=1)
+    with torch.no_grad():
+        ref.bias.normal_()
     up = {"kernel": jnp.asarray(ref.weight.detach().numpy().transpose(2, 3, 1, 0)),
           "bias": jnp.asarray(ref.bias.detach().numpy())}
-    ours = nn.ConvTranspose(3, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
-                            transpose_kernel=True).apply({"params": up}, x.transpose(0, 2, 3, 1))
-    assert variables["params"]["up"]["kernel"].shape == up["kernel"].shape
-    np.testing.assert_allclose(np.asarray(ours).transpose(0, 3, 1, 2),
+    ours = spark.Upsample2x(out_width)
+    assert ours.init(jax.random.key(0), jnp.zeros((1, h, w, in_width)))["params"][
+        "kernel"].shape == up["kernel"].shape
+    x_nhwc = jnp.asarray(x.transpose(0, 2, 3, 1))
+    got = ours.apply({"params": up}, x_nhwc)
+    np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2),
                                ref(torch.tensor(x)).detach().numpy(), atol=1e-5)
+    flax_up = nn.ConvTranspose(out_width, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
+                               transpose_kernel=True)
+    loss = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply({"params": p}, x)))
+    g_ours = jax.grad(loss(ours), argnums=(0, 1))(up, x_nhwc)
+    g_flax = jax.grad(loss(flax_up), argnums=(0, 1))(up, x_nhwc)
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_flax)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_block_keeps_the_reference_parameter_layout():
+    block = spark.UNetBlock(out_width=3)
+    variables = block.init(jax.random.key(0), jnp.zeros((1, 5, 5, 6)), train=False)
+    assert variables["params"]["up"]["kernel"].shape == (4, 4, 6, 6)
+    assert variables["params"]["up"]["bias"].shape == (6,)
 
 
 @pytest.mark.parametrize("first_stride,size", [(4, 64), (1, 32)])

@@ -21,6 +21,11 @@ Run from the repository root (configs/ is imported as a package from the working
   python -m mim_jax.benchmark --config configs/beit.py:version=1 --mode compare_torch \
       --batch 16 --warmup 2 --steps 5
 
+  # SparK ResNet-50 and ConvNeXt-S steps next to MAE ViT-B/16 (same batch, one process)
+  python -m mim_jax.benchmark --config configs/mae.py:variant=B/16 --mode compare_steps \
+      --also configs/spark.py:model=resnet50 --also configs/spark.py:model=convnext_s \
+      --batch 8 --warmup 1 --steps 3
+
 Modes:
   train          Compile time, steady-state step time, images/s, analytic vs XLA FLOPs, MFU,
                  peak memory and the share of the step spent in masking; then, with --data or
@@ -33,6 +38,9 @@ Modes:
                  vs BeitForMaskedImageModeling. BEiT: both sides get token ids as labels (no
                  tokenizer), and the mim_jax step that runs its tokenizer (dVAE at 112 px /
                  VQ-KD) is timed as a third call per round, for the tokenizer's share.
+  compare_steps  mim_jax train steps of --config and every --also config, timed interleaved at
+                 the same batch / image size: step-time ratios to --config's step, XLA FLOPs,
+                 and with --profile where each step's time goes.
 """
 from __future__ import annotations
 
@@ -49,6 +57,7 @@ from ml_collections import config_flags
 # JAX only reads its thread and platform settings when the first computation runs (after
 # pin_threads). TensorFlow, TFDS, torch and transformers are imported where they are used, so
 # a train-mode run needs none of them.
+from mim_jax.benchmark.compare_steps import load_config, run_compare_steps
 from mim_jax.benchmark.compare_torch import run_compare_torch
 from mim_jax.benchmark.environment import pin_threads
 from mim_jax.benchmark.input_pipeline import run_input
@@ -56,7 +65,7 @@ from mim_jax.benchmark.model_config import apply_overrides
 from mim_jax.benchmark.report import report
 from mim_jax.benchmark.train_mode import run_train
 
-MODES = ("train", "input", "compare_torch")
+MODES = ("train", "input", "compare_torch", "compare_steps")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/mae.py:variant=B/16.", lock_config=False)
@@ -83,6 +92,9 @@ _PROFILE = flags.DEFINE_bool(
 _TOKENIZER_STEP = flags.DEFINE_bool(
     "tokenizer_step", True, "compare_torch with a tokenizer objective (BEiT): also time the "
     "mim_jax step that runs the tokenizer, interleaved as a third call per round.")
+_ALSO = flags.DEFINE_multi_string(
+    "also", [], "compare_steps: another config (path[:arg]) whose train step is timed next to "
+    "--config's, e.g. --also configs/mae.py:variant=B/16. Repeatable.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write every figure as JSON to this path.")
 _INPUT_FORMAT = flags.DEFINE_enum(
     "input_format", "tfds", ("tfds", "folder"),
@@ -109,6 +121,11 @@ def main(argv):
         apply_overrides(config, None, _IMAGE_SIZE.value, None)
         result = run_input(config, threads, _BATCH.value, steps, warmup, _INPUT_FORMAT.value,
                            _INPUT_IMAGES.value, _INPUT_DIR.value)
+    elif mode == "compare_steps":
+        if not _ALSO.value:
+            raise app.UsageError("--mode compare_steps needs at least one --also CONFIG.")
+        result = run_compare_steps([config] + [load_config(s) for s in _ALSO.value], threads,
+                                   steps, warmup, batch, _IMAGE_SIZE.value, _PROFILE.value)
     elif mode == "train":
         apply_overrides(config, batch, _IMAGE_SIZE.value, variant)
         result = run_train(config, threads, _DATA.value, steps, warmup, _PEAK_FLOPS.value,

@@ -175,13 +175,33 @@ def _profile_rows(profile: Optional[dict]) -> list:
     return rows
 
 
+def _compare_steps_rows(r: dict) -> list:
+    rows = [("threads", f"{r['threads']} (XLA CPU pool {r['xla_cpu_pool']})"),
+            ("ratios", f"step time / the step of {r['reference']}, per round (median)")]
+    for label, e in r["steps"].items():
+        paired = e["step_over_first_paired_wall"]
+        rows += [
+            (label, f"batch {e['batch_size']} @ {e['image_size']} px: " + _step_line(e["step_time"])
+                    + f"  ({e['images_per_sec']:.2f} img/s)"),
+            ("  step / reference", f"{paired['median']:.3f} (range {paired['min']:.3f}-"
+                                   f"{paired['max']:.3f})"),
+            ("  train FLOPs/img XLA", _fmt_flops(e["xla_train_flops_per_image"])
+             + ("" if not e["achieved_flops_per_sec"] else
+                f", achieved {e['achieved_flops_per_sec'] / 1e9:.1f} GFLOP/s")),
+            ("  compile / XLA temp", f"{_fmt_seconds(e['compile']['compile_s'])} / " + (
+                "n/a" if not e["xla_memory"] else f"{e['xla_memory']['temp'] / 2**30:.2f} GiB")),
+        ] + [("  " + k, v) for k, v in _profile_rows(e.get("profile"))]
+    return rows
+
+
 def format_table(rows) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)} | {v}" for k, v in rows)
 
 
 def report(result: dict, json_out: Optional[str]) -> None:
-    rows = {"train": _train_rows, "input": _input_rows, "compare_torch": _compare_rows}
+    rows = {"train": _train_rows, "input": _input_rows, "compare_torch": _compare_rows,
+            "compare_steps": _compare_steps_rows}
     print(format_table(rows[result["mode"]](result)), flush=True)
     if json_out:
         with open(json_out, "w") as f:

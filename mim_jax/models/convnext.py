@@ -18,7 +18,7 @@ does, so masked positions stay exactly zero between layers.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -82,20 +82,30 @@ class ConvNeXtBlock(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, active=None, train: bool = False):
+    def __call__(self, x, active=None, train: bool = False, positions=None):
+        """positions: None, or int32 [B, n] of the visible positions (sparse.visible_positions):
+        everything after the depthwise conv is per position, so it then runs on the n visible
+        rows only and is scattered back into zeros - the masked branch, without the work."""
         dense = lambda features, name: nn.Dense(
             features, kernel_init=trunc_normal, dtype=self.dtype, param_dtype=self.param_dtype,
             name=name)
         y = nn.Conv(self.dim, (7, 7), padding=[(3, 3), (3, 3)], feature_group_count=self.dim,
                     kernel_init=trunc_normal, dtype=self.dtype, param_dtype=self.param_dtype,
                     name="dwconv")(x)
+        if positions is not None:
+            height, width = y.shape[1], y.shape[2]
+            y = sparse.gather_rows(y, positions)
         # Only the depthwise conv mixes positions and its input is masked; everything up to
         # the branch's final mask is per position, so one mask there is the reference's three.
         y = _layer_norm(self.dtype, self.param_dtype, "norm")(y)
         y = dense(self.dim, "fc2")(nn.gelu(dense(4 * self.dim, "fc1")(y), approximate=False))
         gamma = self.param("gamma", nn.initializers.constant(self.layer_scale_init),
                            (self.dim,), self.param_dtype)
-        y = sparse.apply_mask(y * jnp.asarray(gamma, y.dtype), active)
+        y = y * jnp.asarray(gamma, y.dtype)
+        if positions is not None:
+            y = sparse.scatter_rows(y, positions, height, width)
+        else:
+            y = sparse.apply_mask(y, active)
         return x + DropPath(name="drop_path")(y, self.drop_rate,
                                               not train or self.drop_rate == 0.0)
 
@@ -112,18 +122,21 @@ class ConvNeXtStage(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, active=None, train: bool = False):
+    def __call__(self, x, active=None, train: bool = False, visible_cells=None):
         if self.downsample:
             x = _layer_norm(self.dtype, self.param_dtype, "downsample_norm")(x)
             x = nn.Conv(self.dim, (2, 2), strides=(2, 2), padding="VALID",
                         kernel_init=trunc_normal, dtype=self.dtype, param_dtype=self.param_dtype,
                         name="downsample_conv")(sparse.apply_mask(x, active))
             x = sparse.apply_mask(x, active)
+        positions = None
+        if active is not None and visible_cells:  # one gather index for the whole stage
+            positions = sparse.visible_positions(active, x.shape[1], x.shape[2], visible_cells)
         # `train` (arg 3 counting self) must stay a Python bool inside remat.
         block_cls = nn.remat(ConvNeXtBlock, static_argnums=(3,)) if self.remat else ConvNeXtBlock
         for j in range(self.depth):
             x = block_cls(self.dim, self.drop_rates[j], self.layer_scale_init, self.dtype,
-                          self.param_dtype, name=f"block_{j}")(x, active, train)
+                          self.param_dtype, name=f"block_{j}")(x, active, train, positions)
         return x
 
 
@@ -157,8 +170,16 @@ class ConvNeXt(nn.Module):
     def stride(self) -> int:
         return STRIDE
 
+    # SparK passes visible_cells: the blocks' per-position layers then skip masked positions.
+    gathers_visible = True
+
     @nn.compact
-    def __call__(self, images, *, active=None, train: bool = False):
+    def __call__(self, images, *, active=None, train: bool = False,
+                 visible_cells: Optional[int] = None):
+        """visible_cells (with `active`): every sample's count of visible cells, the same for
+        all (SparK's mask); the blocks' LayerNorm / MLP / layer scale then run on the visible
+        positions only (sparse.visible_positions), with the same result as the dense masked
+        branch and about 1 - visible fraction less of their work. None: dense masked branch."""
         cfg = self.config
         sparse.check_inputs(images, cfg.channels, STRIDE, active, self.drop_path_rate)
         x = sparse.apply_mask(images.astype(self.dtype), active)
@@ -174,6 +195,6 @@ class ConvNeXt(nn.Module):
                               drop_rates=per_stage[stage],
                               downsample=stage > 0, layer_scale_init=cfg.layer_scale_init,
                               remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype,
-                              name=f"stage_{stage}")(x, active, train)
+                              name=f"stage_{stage}")(x, active, train, visible_cells)
             features.append(x)
         return features[-1] if self.last_stage_only else features

@@ -38,6 +38,33 @@ def apply_mask(x: jax.Array, active: Optional[jax.Array]) -> jax.Array:
     return jnp.where(upsample_mask(active, x.shape[1], x.shape[2]), x, jnp.zeros((), x.dtype))
 
 
+def visible_positions(active: jax.Array, height: int, width: int,
+                      visible_cells: int) -> jax.Array:
+    """int32 [B, n]: the flat indices (row-major over height x width) of the visible positions
+    of each sample, ascending, n = visible_cells x (positions per cell). Every sample must have
+    exactly `visible_cells` visible cells (SparK's mask keeps a fixed count), which makes n
+    static: per-position layers can then run on the visible rows only."""
+    b, h, w = active.shape
+    flat = upsample_mask(active, height, width).reshape(b, height * width)
+    n = visible_cells * (height // h) * (width // w)
+    # A stable sort of "masked" (False first) lists the visible positions in order.
+    return jnp.argsort(~flat, axis=1, stable=True)[:, :n].astype(jnp.int32)
+
+
+def gather_rows(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """x [B, H, W, C], positions [B, n] -> the rows at those positions, [B, n, C]."""
+    b, height, width, c = x.shape
+    return jnp.take_along_axis(x.reshape(b, height * width, c), positions[..., None], axis=1)
+
+
+def scatter_rows(rows: jax.Array, positions: jax.Array, height: int, width: int) -> jax.Array:
+    """rows [B, n, C] placed at `positions` of a [B, height, width, C] map of zeros."""
+    b, _, c = rows.shape
+    out = jnp.zeros((b, height * width, c), rows.dtype)
+    out = out.at[jnp.arange(b)[:, None], positions].set(rows, unique_indices=True)
+    return out.reshape(b, height, width, c)
+
+
 def check_active(active: Optional[jax.Array], images: jax.Array, stride: int) -> None:
     """The mask must be bool on the images' stride-`stride` grid (one cell per output pixel)."""
     if active is None:

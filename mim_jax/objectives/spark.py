@@ -11,11 +11,12 @@ objective's model_state.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mim_jax import masking, models
 from mim_jax.models import sparse
@@ -73,6 +74,44 @@ class Densify(nn.Module):
                        bias_init=bias_init, name="proj")(feats)
 
 
+# Which tap of a 4x4, stride-2, padding-1 transposed conv (PyTorch's) feeds output phase r
+# (0: even rows, 1: odd) from input offset t of a 2-wide window: even outputs 2m read inputs
+# m-1 (tap 3) and m (tap 1), odd outputs 2m+1 read m (tap 2) and m+1 (tap 0).
+_PHASE_TAPS = np.array([[3, 1], [2, 0]])
+
+
+class Upsample2x(nn.Module):
+    """PyTorch's ConvTranspose2d(kernel 4, stride 2, padding 1) as one dense 2x2 conv with 4x
+    the output channels (one group per output phase) and a depth-to-space: the same function
+    and the same parameters as flax's nn.ConvTranspose(transpose_kernel=True, padding 2)
+    ('kernel' [4, 4, out, in], 'bias' [out]), without the zero-dilated input XLA's transposed
+    conv computes on (4x the multiply-adds, and a slow path on the CPU)."""
+    features: int
+    kernel_init: Any = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        out = self.features
+        kernel = self.param("kernel", self.kernel_init, (4, 4, out, c), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (out,), self.param_dtype)
+        taps = _PHASE_TAPS
+        # [row phase, row tap, col phase, col tap, out, in] -> HWIO with (phase, out) channels
+        k = kernel[taps[:, :, None, None], taps[None, None, :, :]]
+        k = k.transpose(1, 3, 5, 0, 2, 4).reshape(2, 2, c, 4 * out).astype(self.dtype)
+        z = jax.lax.conv_general_dilated(
+            jnp.pad(x.astype(self.dtype), ((0, 0), (1, 1), (1, 1), (0, 0))), k, (1, 1),
+            "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        z = z.reshape(b, h + 1, w + 1, 2, 2, out)
+        # Odd phases read a window one step further on: rows / columns 1.. of z.
+        phase = lambda r, q: z[:, r:r + h, q:q + w, r, q]
+        y = jnp.stack([jnp.stack([phase(0, 0), phase(0, 1)], axis=3),
+                       jnp.stack([phase(1, 0), phase(1, 1)], axis=3)], axis=2)
+        return y.reshape(b, 2 * h, 2 * w, out) + bias.astype(self.dtype)
+
+
 class UNetBlock(nn.Module):
     """2x upsampling (ConvTranspose 4x4, stride 2, PyTorch padding 1), then
     conv3x3-BN-ReLU6-conv3x3-BN (no activation after the second BN, as the reference)."""
@@ -84,12 +123,8 @@ class UNetBlock(nn.Module):
     def __call__(self, x, *, train: bool):
         width = x.shape[-1]
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        # kaiming_normal(fan_out, relu); PyTorch's padding 1 of a 4x4 transpose is 4 - 1 - 1.
-        x = nn.ConvTranspose(width, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
-                             transpose_kernel=True, name="up",
-                             kernel_init=nn.initializers.variance_scaling(2.0, "fan_out",
-                                                                          "normal"),
-                             **common)(x)
+        # kaiming_normal(fan_out, relu), as the reference's ConvTranspose2d.
+        x = Upsample2x(width, name="up", **common)(x)
         conv = lambda features, name: nn.Conv(
             features, (3, 3), padding=1, use_bias=False, name=name,
             kernel_init=nn.initializers.normal(0.02), **common)
@@ -129,6 +164,9 @@ class SparK(nn.Module):
     decoder_width: int
     densify_norm: str
     channels: int
+    # Visible cells per sample (the mask keeps a fixed count): a backbone that can
+    # (gathers_visible, ConvNeXt) runs its per-position layers on the visible positions only.
+    visible_cells: Optional[int] = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -142,7 +180,10 @@ class SparK(nn.Module):
         the decoder's output [B, H, W, C] (per-cell normalised pixels)."""
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         masked = sparse.apply_mask(images, active)
-        feats = list(self.encoder(masked, active=active, train=train))[::-1]
+        extra = {}
+        if self.visible_cells and getattr(self.encoder, "gathers_visible", False):
+            extra["visible_cells"] = self.visible_cells
+        feats = list(self.encoder(masked, active=active, train=train, **extra))[::-1]
         to_dec, width = [], self.decoder_width
         for i, f in enumerate(feats):
             deepest_identity = i == 0 and f.shape[-1] == width
@@ -197,6 +238,9 @@ def validate(config) -> None:
     if obj.densify_norm not in DENSIFY_NORMS:
         raise ValueError(f"objective.densify_norm={obj.densify_norm!r}; allowed: "
                          f"{list(DENSIFY_NORMS)}.")
+    if not isinstance(obj.get("gather_visible", True), bool):
+        raise ValueError(f"objective.gather_visible={obj.gather_visible!r} must be true or "
+                         "false.")
     width = obj.decoder_width
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ValueError(f"objective.decoder_width={width!r} must be a positive integer.")
@@ -230,6 +274,7 @@ def build(config, encoder=None) -> Objective:
                          "one must be kept and one masked.")
     model = SparK(encoder=encoder, levels=levels, decoder_width=obj_cfg.decoder_width,
                   densify_norm=obj_cfg.densify_norm, channels=channels,
+                  visible_cells=keep if obj_cfg.get("gather_visible", True) else None,
                   dtype=getattr(encoder, "dtype", jnp.float32),
                   param_dtype=getattr(encoder, "param_dtype", jnp.float32))
     image_shape = (size, size, channels)

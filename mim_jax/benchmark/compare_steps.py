@@ -1,0 +1,78 @@
+"""--mode compare_steps: several objectives' train steps side by side in one process.
+
+Each config's real train step (the trainer's, on on-device synthetic images at the same batch
+and image size) is compiled, then all are timed interleaved (A, B, C, A, B, C, ...), so the
+ratios between them are measured under the same machine load. FLOPs are XLA's count of the
+compiled step (ConvNets have no analytic count), so "GFLOP/s" compares how well each step uses
+the machine, and the ratios say what a user pays per image.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional, Sequence
+
+from mim_jax.benchmark.environment import environment
+from mim_jax.benchmark.model_config import apply_overrides
+from mim_jax.benchmark.op_profile import profile_ops
+from mim_jax.benchmark.timing import call_summary, interleaved_calls, paired_ratios
+from mim_jax.benchmark.train_step import (StepRunner, build_train_setup, compile_step, xla_flops,
+                                          xla_memory)
+
+
+def load_config(spec: str):
+    """'configs/spark.py:model=resnet50' -> that file's get_config('model=resnet50')."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ValueError(f"--also={spec!r}: {path!r} is not a config file.")
+    module_spec = importlib.util.spec_from_file_location(
+        f"compare_steps_config_{abs(hash(spec))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def label_of(config) -> str:
+    model = config.model
+    label = f"{config.objective.name} {model.get('name', 'vit')}-{model.get('variant')}"
+    if model.get("name") == "convnext" and config.objective.get("gather_visible") is False:
+        label += " (dense masked blocks)"
+    return label
+
+
+def run_compare_steps(configs: Sequence, threads: int, steps: int, warmup: int,
+                      batch: Optional[int], image_size: Optional[int],
+                      profile: bool = False) -> dict:
+    """configs: the first is the reference every ratio divides by."""
+    runners, entries = {}, {}
+    for config in configs:
+        apply_overrides(config, batch, image_size, None)
+        label = label_of(config)
+        while label in runners:
+            label += "'"
+        setup = build_train_setup(config)
+        compiled, compile_times = compile_step(setup)
+        runners[label] = StepRunner(compiled, setup.state, setup.batch)
+        flops = xla_flops(compiled)
+        entries[label] = {"compile": compile_times, "xla_memory": xla_memory(compiled),
+                          "xla_train_flops_per_image": flops and flops / config.batch_size,
+                          "batch_size": config.batch_size,
+                          "image_size": config.data.image_size,
+                          "_compiled": compiled}
+    calls = interleaved_calls(runners, steps, warmup)
+    first = next(iter(runners))
+    for label, entry in entries.items():
+        summary = call_summary(calls[label])
+        entry["step_time"] = summary
+        entry["images_per_sec"] = entry["batch_size"] / summary["median_s"]
+        per_image = entry["xla_train_flops_per_image"]
+        entry["achieved_flops_per_sec"] = per_image and per_image * entry["images_per_sec"]
+        entry["step_over_first_paired_wall"] = paired_ratios(calls[label], calls[first],
+                                                             "wall_s")
+        entry["final_loss"] = float(runners[label].metrics["loss"])
+        compiled = entry.pop("_compiled")
+        if profile:
+            entry["profile"] = profile_ops(runners[label], compiled, min(steps, 3))
+    return {"mode": "compare_steps", "environment": environment(threads), "threads": threads,
+            "xla_cpu_pool": os.environ.get("PJRT_NPROC"),
+            "reference": first, "steps": entries}
