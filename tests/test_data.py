@@ -746,3 +746,24 @@ def test_enlargement_with_plain_kernel_matches_antialiased_resize(interpolation)
         ref = tf.clip_by_value(tf.image.resize(image, (64, 64), method=interpolation,
                                                antialias=True), 0.0, 255.0).numpy()
         assert np.abs(got - ref).max() < 1e-2, hw  # float rounding of two implementations
+
+
+def test_finished_epoch_iterators_are_released_off_the_training_thread():
+    """Destroying a finished tf.data iterator can block for seconds; the training thread must
+    not be the one that does it."""
+    import threading
+    import time
+
+    from mim_jax.data import pipeline
+    released = []
+
+    class Iterator:
+        def __del__(self):
+            released.append(threading.current_thread().name)
+
+    holder = [Iterator()]
+    pipeline._release_in_background(holder)
+    deadline = time.time() + 10
+    while not released and time.time() < deadline:
+        time.sleep(0.01)
+    assert released == ["release-epoch-iterator"] and holder == []

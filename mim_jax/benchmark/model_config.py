@@ -25,7 +25,7 @@ def describe_model(config) -> dict:
     obj = config.objective
     return {"objective": obj.name, "backbone": config.model.get("name", "vit"),
             "variant": config.model.variant, "arch": dataclasses.asdict(arch),
-            "image_size": arch.image_size, "objective_config": obj.to_dict(),
+            "image_size": config.data.image_size, "objective_config": obj.to_dict(),
             "dtype": config.model.get("dtype", "float32"),
             "remat": config.model.get("remat", False), "scan": config.model.get("scan", False),
             "batch_size": config.batch_size, "accum_steps": config.get("accum_steps", 1)}

@@ -42,14 +42,21 @@ def _train_rows(r: dict) -> list:
         ("train FLOPs/img XLA", _fmt_flops(f["xla_train_per_image"])),
         ("XLA / analytic", "n/a" if f["xla_over_analytic"] is None
          else f"{f['xla_over_analytic']:.3f}"),
-        ("achieved (analytic)", f"{t['achieved_flops_per_sec'] / 1e12:.4f} TFLOP/s"),
+        (f"achieved ({t.get('achieved_flops_source', 'analytic')})",
+         "n/a" if t["achieved_flops_per_sec"] is None
+         else f"{t['achieved_flops_per_sec'] / 1e12:.4f} TFLOP/s"),
         ("MFU", _fmt_pct(t["mfu"]) + f"  [{t['peak_flops_source']}"
                 + ("; --peak_flops sets one]" if t["mfu"] is None else "]")),
         ("peak memory", f"{t['memory']['bytes'] / 2**30:.2f} GiB  [{t['memory']['source']}]"),
-        ("masking fwd+bwd (isolated)", _step_line(t["masking"]["forward_backward"])),
-        ("masking share of step", f"{_fmt_pct(t['masking']['share_of_step'])} (median), "
-                                  f"{_fmt_pct(t['masking']['share_of_step_min'])} (min)"),
     ]
+    if "note" in t["masking"]:
+        rows.append(("masking", t["masking"]["note"]))
+    else:
+        rows += [
+            ("masking fwd+bwd (isolated)", _step_line(t["masking"]["forward_backward"])),
+            ("masking share of step", f"{_fmt_pct(t['masking']['share_of_step'])} (median), "
+                                      f"{_fmt_pct(t['masking']['share_of_step_min'])} (min)"),
+        ]
     rows += _profile_rows(t.get("profile"))
     loop = r.get("input_pipeline_loop")
     if loop:

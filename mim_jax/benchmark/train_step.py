@@ -137,8 +137,11 @@ class StepRunner:
 
 
 def flops_report(config, compiled, per_device_batch: int) -> dict:
-    forward = flops.forward_flops_breakdown(config)
-    analytic = flops.model_flops_per_image(config)
+    try:
+        forward = flops.forward_flops_breakdown(config)
+        analytic = flops.model_flops_per_image(config)
+    except ValueError:  # SparK / ConvNets: no analytic count, XLA's stands in
+        forward, analytic = {}, None
     measured = xla_flops(compiled)
     xla_per_image = measured / per_device_batch if measured is not None else None
     loops = [name for name, on in (("model.scan", config.model.get("scan", False)),
@@ -147,10 +150,10 @@ def flops_report(config, compiled, per_device_batch: int) -> dict:
         "xla_note": (f"{' and '.join(loops)}: XLA's cost analysis may count a loop body once, "
                      "so its figure can be low" if loops else None),
         "analytic_train_per_image": analytic,
-        "analytic_forward_per_image": sum(forward.values()),
+        "analytic_forward_per_image": sum(forward.values()) if forward else None,
         "analytic_forward_breakdown": forward,
         "xla_train_per_image": xla_per_image,
-        "xla_over_analytic": xla_per_image / analytic if xla_per_image else None,
+        "xla_over_analytic": xla_per_image / analytic if xla_per_image and analytic else None,
         "convention": "analytic: matmuls only, 2 FLOPs per multiply-add, train = 3x forward; "
                       "XLA: compiled.cost_analysis()['flops'] of the whole step (all ops, "
                       "incl. optimizer) / per-device batch",
