@@ -195,6 +195,13 @@ def _quickstart(c, arg):
     c.num_epochs = arg.epochs or 4.0
     c.warmup_epochs = 0.5
     c.optimizer.update(base_lr=4e-3, lr_batch_divisor=256, layer_decay=0.75, min_lr=1e-6)
+    if convnet:
+        # The tiny BatchNorm ResNet needs a 4x larger lr and no RandAugment / random erasing
+        # to train in 140 steps (measured on a SparK quickstart run: 54% top-1 with the ViT's
+        # settings, 83% with the lr alone, 93% with both).
+        c.optimizer.base_lr = 1.6e-2
+        c.data.randaugment = None
+        c.finetune.random_erasing = 0.0
     c.log_every_steps = 35
     c.checkpoint.update(every_steps=1000, keep=1)
     c.evaluators.classification.update(every_epochs=2.0, batch_size=500)
