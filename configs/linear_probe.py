@@ -40,7 +40,9 @@ def get_config(arg=None):
         c.batch_size = arg.batch or 16384
         c.num_epochs = arg.epochs or 90.0
         c.warmup_epochs = 10.0
-    c.finetune.update(mode="linear_probe", pool="cls", head_init_std=0.01, label_smoothing=0.0,
+    # MAE probes the CLS token; ConvNets have none and average their last map.
+    pool = "gap" if c.model.get("name") in ("resnet", "convnext") else "cls"
+    c.finetune.update(mode="linear_probe", pool=pool, head_init_std=0.01, label_smoothing=0.0,
                       mixup=0.0, cutmix=0.0, random_erasing=0.0)
     c.optimizer.update(name="lars", base_lr=0.1, lr_batch_divisor=256, weight_decay=0.0,
                        layer_decay=1.0, min_lr=0.0)

@@ -258,3 +258,11 @@ def test_spark_finetune_recipes_are_the_references_table():
     assert (cs.batch_size, cs.num_epochs, cs.finetune.loss, cs.finetune.mixup) == (
         4096, 400, "softmax_ce", 0.8)
     train.validate_config(r50), train.validate_config(cs)
+
+
+def test_linear_probe_pools_what_the_encoder_has():
+    """MAE's probe reads the CLS token; a ConvNet has none and averages its last map."""
+    path = os.path.join(ROOT, "configs", "linear_probe.py")
+    assert _load(path, "quickstart")[1].finetune.pool == "cls"
+    for model in ("resnet", "convnext"):
+        assert _load(path, f"quickstart,model={model}")[1].finetune.pool == "gap"
