@@ -15,7 +15,6 @@ Writes WORKDIR/evaluation.md and evaluation.json and prints the table.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -28,6 +27,8 @@ if __name__ == "__main__":  # first of all: glibc reads its MALLOC_* policy only
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mim_jax.benchmark.compare_steps import load_config
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "The pretraining config, e.g. configs/mae.py:quickstart.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pretraining workdir (pretrained if missing).")
@@ -38,14 +39,6 @@ _SEEDS = flags.DEFINE_integer("random_seeds", 3, "Random initialisations average
 _POOL = flags.DEFINE_enum("pool", "gap", ["gap", "cls"], "Features for kNN and the probe.")
 _SKIP_FT = flags.DEFINE_bool("skip_finetune", False, "Only kNN and the linear probe.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _load_config_file(path_and_arg: str):
-    path, _, arg = path_and_arg.partition(":")
-    spec = importlib.util.spec_from_file_location("finetune_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg or None)
 
 
 def _finished(workdir: str) -> bool:
@@ -92,7 +85,7 @@ def _frozen_scores(config, workdir: str, seeds: int, pool: str) -> dict:
 def _finetune(workdir: str, ft_config_path: str, pretrained: bool, epochs: float) -> dict:
     from mim_jax import train
     arg = f"quickstart,pretrained={workdir}" + (f",epochs={epochs}" if epochs else "")
-    config = _load_config_file(f"{ft_config_path}:{arg}")
+    config = load_config(f"{ft_config_path}:{arg}", flag="--finetune_config")
     config.data.data_dir = _CONFIG.value.data.data_dir
     if not pretrained:
         config.finetune.pretrained = ""  # same encoder and budget, random initialisation

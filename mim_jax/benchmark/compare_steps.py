@@ -20,11 +20,12 @@ from mim_jax.benchmark.train_step import (StepRunner, build_train_setup, compile
                                           xla_memory)
 
 
-def load_config(spec: str):
-    """'configs/spark.py:model=resnet50' -> that file's get_config('model=resnet50')."""
+def load_config(spec: str, flag: str = "--also"):
+    """'configs/spark.py:model=resnet50' -> that file's get_config('model=resnet50') (also
+    evaluate's way to its fine-tuning config)."""
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
-        raise ValueError(f"--also={spec!r}: {path!r} is not a config file.")
+        raise ValueError(f"{flag}={spec!r}: {path!r} is not a config file.")
     module_spec = importlib.util.spec_from_file_location(
         f"compare_steps_config_{abs(hash(spec))}", path)
     module = importlib.util.module_from_spec(module_spec)
