@@ -132,9 +132,7 @@ def _spark_recipe(c, arg):
     """
     batch, epochs, warmup, opt, base_lr, layer_decay, wd, mixup, drop_path = (
         SPARK_RECIPES[arg.model])
-    backbone, variant = {"resnet": ("resnet", arg.model[len("resnet"):]),
-                         "convnext": ("convnext", arg.model[-1].upper())}[
-                             arg.model.split("_")[0].rstrip("0123456789")]
+    backbone, variant = spark_config.MODELS[arg.model][:2]  # the pretraining run's names
     c.model = spark_config.convnet_model_config(backbone, variant)
     c.model.drop_path_rate = drop_path
     c.batch_size = arg.batch or batch
