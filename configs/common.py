@@ -47,6 +47,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.accum_steps = 1  # gradient accumulation: micro-batch = batch_size / accum_steps
     c.log_every_steps = 50
 
+    # Device mesh (mim_jax/sharding.py): the batch is split over data x fsdp; fsdp > 1 also
+    # shards parameters, optimizer state and EMA (each tensor of >= fsdp_min_size elements
+    # along a dimension the fsdp size divides). One axis may be -1: the devices left over.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+    c.fsdp_min_size = 2 ** 14
+    # (regex on 'params/encoder/.../kernel', per-dimension mesh axes), first match wins; e.g.
+    # (("encoder/.*/mlp/.*/kernel", (None, "model")),). Unmatched tensors follow fsdp.
+    c.partition_rules = ()
+
     c.optimizer = ml_collections.ConfigDict(dict(
         name="adamw", base_lr=1.5e-4, lr_batch_divisor=256, b1=0.9, b2=0.95, eps=1e-8,
         weight_decay=0.05, grad_clip_norm=0.0, min_lr=0.0))

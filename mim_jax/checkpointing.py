@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from mim_jax import sharding
 from mim_jax.errors import CheckpointError, ConfigError, one_line
 
 FINGERPRINT_KEY = "mim_jax_fingerprint"
@@ -58,17 +59,10 @@ def _fingerprint_and_finite(tree):
     return jax.tree.map(_leaf_fingerprint, tree), jax.tree.map(_leaf_finite, tree)
 
 
-def _key_name(key) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
 def _by_path(tree) -> dict:
     """{'opt_state/0/mu/encoder/...': leaf}: the same names whether the tree is the live
     TrainState (attributes, tuples) or the nested dicts orbax restores without a target."""
-    return {"/".join(_key_name(k) for k in path): leaf
+    return {sharding.path_name(path): leaf
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 

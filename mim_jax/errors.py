@@ -18,6 +18,15 @@ class CheckpointError(RunError):
     """No checkpoint can be restored, or one could not be saved."""
 
 
+class Stopped(RunError):
+    """The run was stopped by a signal (preemption, Ctrl-C) after saving the checkpoint the
+    message names; exits like a signalled command: 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 def one_line(message: str) -> str:
     """Messages may wrap for readability in code; the user sees them on one line."""
     return " ".join(str(message).split())

@@ -17,7 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mim_jax import reporting
-from mim_jax.errors import RunError, one_line
+from mim_jax.errors import RunError, Stopped, one_line
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/mae.py:quickstart.", lock_config=True)
@@ -74,7 +74,8 @@ def main(argv):
     except RunError as e:
         # Something the user must act on: one line, no traceback (see mim_jax.errors).
         logging.flush()
-        print(f"mim_jax: error: {one_line(e)}", file=sys.stderr, flush=True)
+        kind = "" if isinstance(e, Stopped) else "error: "
+        print(f"mim_jax: {kind}{one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
 
 

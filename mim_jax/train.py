@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import time
 from typing import Any, Callable, Optional
 
@@ -14,10 +15,9 @@ import numpy as np
 import optax
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mim_jax import (checkpointing, data, evaluators, flops, objectives, optim, reporting,
-                     sharding, workdir as workdir_lib)
+from mim_jax import (checkpointing, data, evaluators, flops, objectives, optim, preemption,
+                     reporting, sharding, workdir as workdir_lib)
 from mim_jax.errors import ConfigError, RunError
 
 
@@ -54,7 +54,7 @@ class Task:
 def _micro_batches(batch, accum_steps: int, mesh):
     """[B, ...] -> [accum, B/accum, ...], taking every accum-th row so that each micro-batch
     stays evenly spread over the data-parallel devices (rows are sharded contiguously)."""
-    micro_sharding = NamedSharding(mesh, P(None, sharding.DATA_AXIS))
+    micro_sharding = sharding.micro_batch_sharded(mesh)
 
     def split(x):
         x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
@@ -160,16 +160,22 @@ def _check_run_fields(config) -> None:
                           f"{config.batch_size}.")
 
 
-def validate_config(config):
+def validate_config(config, *, device_count=None, process_count=None, check_data_dir=True):
     """Every check that can fail before the data is touched or anything compiles; each block
-    is checked by the module that owns it. Returns the task to train; raises ConfigError."""
+    is checked by the module that owns it. Returns the task to train; raises ConfigError.
+    The device and process counts default to this job's (mim_jax.aot passes a pod's)."""
     try:
         _check_run_fields(config)
         optim.validate_config(config.optimizer)
         checkpointing.validate_config(config.checkpoint)
         data.validate_data_config(config.data)
-        data.check_known_splits(config.data, config.batch_size, jax.process_count())
-        data.check_data_dir(config.data)
+        data.check_known_splits(config.data, config.batch_size,
+                                process_count or jax.process_count())
+        if check_data_dir:
+            data.check_data_dir(config.data)
+        sharding.mesh_shape(config.get("mesh"), device_count or jax.device_count())
+        sharding.rules_from_config(config)
+        sharding.fsdp_min_size(config)
         evaluators.validate(config)
         if config.get("finetune") is not None:
             from mim_jax import finetune  # the fine-tuning / linear-probe task
@@ -200,35 +206,51 @@ def _total_steps(config, steps_per_epoch: int):
     return total, warmup
 
 
-def _write_parameter_counts(workdir, params):
+def _write_parameter_counts(workdir, state, mesh):
+    """parameters.txt: every parameter's size, the total, and the train state's bytes in all
+    and on one device (what FSDP divides)."""
     counts = {"/".join(getattr(k, "key", str(k)) for k in path): int(np.prod(x.shape))
-              for path, x in jax.tree_util.tree_leaves_with_path(params)}
+              for path, x in jax.tree_util.tree_leaves_with_path(state.params)}
     total = sum(counts.values())
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    per_device = sharding.per_device_bytes(state)
+    mesh_text = " ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
     lines = [f"{name}: {n:,}" for name, n in counts.items()] + [f"total: {total:,}"]
+    lines.append(f"train state bytes: {state_bytes} in all, {per_device} per device "
+                 f"(mesh {mesh_text})")
     with open(os.path.join(workdir, "parameters.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    return total
+    return total, state_bytes, per_device
 
 
-def _restore(ckpt, config, task, init_rng):
-    """(state, step) of the newest good checkpoint (restored replicated), or (None, None).
-
-    Runs before the data pipeline exists: the optimizer state's structure does not depend on
-    the schedule's values, so a placeholder schedule describes it."""
-    if not ckpt.all_steps():
-        return None, None
+def abstract_train_state(config, task, init_rng):
+    """The TrainState's shapes and dtypes, without computing anything. The optimizer state's
+    structure does not depend on the schedule's values, so a placeholder schedule does."""
     abstract_params, abstract_model_state = jax.eval_shape(task.objective.init_variables,
                                                            init_rng)
     tx = optim.make_optimizer(config.optimizer, optim.make_schedule(1.0, 1, 0), abstract_params)
     ema = task.ema_decay > 0
-    abstract = jax.eval_shape(lambda p, m: TrainState(
+    return jax.eval_shape(lambda p, m: TrainState(
         step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
         nonfinite_steps=jnp.zeros((), jnp.int32), model_state=m,
         ema_params=p if ema else None), abstract_params, abstract_model_state)
-    repl = sharding.replicated(sharding.make_mesh())
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
-                            abstract)
-    return ckpt.restore(abstract)
+
+
+def make_state_shardings(config, abstract_state, mesh):
+    """Where each leaf of the train state lives on `mesh` (FSDP and partition rules)."""
+    try:
+        return sharding.state_shardings(abstract_state, mesh, sharding.rules_from_config(config),
+                                        sharding.fsdp_min_size(config))
+    except ValueError as e:  # a partition rule that does not fit a tensor
+        raise ConfigError(str(e)) from e
+
+
+def _restore(ckpt, abstract_state, state_shardings):
+    """(state, step) of the newest good checkpoint, or (None, None). It is restored straight
+    into this run's shardings, whatever mesh or process count wrote it (resharding)."""
+    if not ckpt.all_steps():
+        return None, None
+    return ckpt.restore(sharding.with_shardings(abstract_state, state_shardings))
 
 
 def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False) -> dict:
@@ -237,10 +259,11 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
 
     Raises ConfigError (bad config, or a workdir started with another config unless
     `allow_config_change`), CheckpointError (no restorable checkpoint, a failed save) or
-    NonFiniteError (a non-finite step) with a one-line message; nothing else is expected."""
+    NonFiniteError (a non-finite step) with a one-line message, or preemption.Stopped after a
+    SIGTERM / SIGINT has been answered with a checkpoint; nothing else is expected."""
     task = validate_config(config)
     objective = task.objective
-    mesh = sharding.make_mesh()
+    mesh = sharding.make_mesh(config.get("mesh"))
     accum = config.get("accum_steps", 1)
     try:
         sharding.check_batch_divisible(config.batch_size, accum, mesh)
@@ -250,21 +273,26 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     os.makedirs(workdir, exist_ok=True)
     ckpt = checkpointing.Checkpointer(workdir, **config.checkpoint)
     try:
-        return _run(config, workdir, task, objective, mesh, accum, is_main, ckpt,
-                    allow_config_change)
+        # Signals from here on stop the run at the next step boundary, with a checkpoint.
+        with preemption.PreemptionWatch() as watch:
+            return _run(config, workdir, task, objective, mesh, accum, is_main, ckpt,
+                        allow_config_change, watch)
     finally:
         # Let an in-flight async save finish (or fail) cleanly; an unfinished one is never
         # listed, so a crash here can only lose progress, not corrupt the workdir.
         ckpt.close()
 
 
-def _run(config, workdir, task, objective, mesh, accum, is_main, ckpt, allow_config_change):
+def _run(config, workdir, task, objective, mesh, accum, is_main, ckpt, allow_config_change,
+         watch):
     changes = workdir_lib.check(workdir, config, resume_step=ckpt.latest_step(),
                                 allow_change=allow_config_change, is_main=is_main)
     base_rng = jax.random.key(config.seed)
     init_rng, step_rng, eval_rng = jax.random.split(base_rng, 3)
+    abstract_state = abstract_train_state(config, task, init_rng)
+    state_sh = make_state_shardings(config, abstract_state, mesh)
     # Restore (verifying, falling back past damaged checkpoints) before touching the data.
-    restored, start_step = _restore(ckpt, config, task, init_rng)
+    restored, start_step = _restore(ckpt, abstract_state, state_sh)
     finished = None if changes else workdir_lib.finished_metrics(workdir, start_step)
     if finished is not None:
         logging.info("The run in %s finished at step %d; nothing to do (its final metrics are "
@@ -311,21 +339,23 @@ def _run(config, workdir, task, objective, mesh, accum, is_main, ckpt, allow_con
         logging.info("Resuming from the checkpoint of step %d in %s", start_step, ckpt.directory)
         state = restored
     elif start is None:
-        state = jax.jit(init_state, out_shardings=repl)(init_rng)
+        state = jax.jit(init_state, out_shardings=state_sh)(init_rng)
     else:  # a fresh fine-tuning run: the pretrained encoder goes into the initial parameters
-        state = jax.jit(init_state, out_shardings=repl)(init_rng, start)
+        state = jax.jit(init_state, out_shardings=state_sh)(init_rng, start)
     writers = reporting.create_writers(workdir, is_main)
     if is_main:
-        n_params = _write_parameter_counts(workdir, state.params)
+        n_params, state_bytes, per_device = _write_parameter_counts(workdir, state, mesh)
         writers.write_texts(start_step, {"config": f"```\n{config}\n```"})
         logging.info("%s: %s parameters, %d steps (%d per epoch), global batch %d, peak lr %.3g",
                      objective.name, f"{n_params:,}", total_steps, train_data.steps_per_epoch,
                      config.batch_size, peak_lr)
+        logging.info("Mesh %s; train state %.1f MiB, %.1f MiB per device.",
+                     dict(mesh.shape), state_bytes / 2**20, per_device / 2**20)
 
     train_step = jax.jit(
         make_train_step(objective, tx, schedule, accum, step_rng, mesh, task.ema_decay,
                         data_cfg=config.data),
-        in_shardings=(repl, sharding.batch_sharded(mesh)), out_shardings=(repl, repl),
+        in_shardings=(state_sh, sharding.batch_sharded(mesh)), out_shardings=(state_sh, repl),
         donate_argnums=(0,))
     evals = evaluators.create(config, objective, mesh, workdir, writers, eval_rng,
                               steps_per_epoch=train_data.steps_per_epoch)
@@ -368,6 +398,17 @@ def _run(config, workdir, task, objective, mesh, accum, is_main, ckpt, allow_con
             ckpt.maybe_save(step, state)
         for ev in evals:
             ev.maybe_run(step, state, force=step == total_steps)
+        # A signal (preemption, Ctrl-C) stops the run here, at a step boundary that every
+        # process agrees on, after its checkpoint is committed.
+        if watch.should_stop(step) and step < total_steps:
+            check_finite()
+            ckpt.maybe_save(step, state, force=True)
+            ckpt.wait()  # committed before the process may be killed
+            writers.flush()
+            raise preemption.Stopped(
+                f"stopped by {watch.signal_name} after step {step} of {total_steps}; its "
+                f"checkpoint is in {ckpt.directory}. Run the same command to resume.",
+                watch.signum or signal.SIGTERM)
     if metrics is not None:
         check_finite()
         ckpt.maybe_save(step, state, force=True)

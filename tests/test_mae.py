@@ -82,12 +82,13 @@ def test_drop_path_uses_its_own_stream_and_only_in_training():
     assert loss(0, True) == loss(0, True)
 
 
-@pytest.mark.parametrize("option", ["scan", "remat"])
-def test_scan_and_remat_give_the_same_loss(option):
+@pytest.mark.parametrize("option,value", [("scan", True), ("remat", True), ("remat", "dots"),
+                                          ("remat", "dots_no_batch")])
+def test_scan_and_remat_give_the_same_loss(option, value):
     base = objectives.build(tiny_mae_config())
     params = base.init(jax.random.key(0))
     cfg = tiny_mae_config()
-    cfg.model[option] = True
+    cfg.model[option] = value
     other = objectives.build(cfg)
     other_params = params
     if option == "scan":
@@ -163,6 +164,13 @@ def test_variants_resolve():
                                              patch_size=16)
     assert vit.parse_variant("H/14")["depth"] == 32
     assert vit.resolve_vit_config("Ti/4", 28).num_patches == 49
+
+
+def test_unknown_remat_policy_is_refused_with_the_allowed_ones():
+    cfg = tiny_mae_config()
+    cfg.model.remat = "everything"
+    with pytest.raises(ValueError, match=r"model.remat='everything'; allowed: .*'dots'"):
+        objectives.build(cfg)
 
 
 def test_scan_with_remat_and_drop_path_runs():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from mim_jax.models import vit
+from mim_jax.models import remat as remat_lib, vit
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _QKV_BIAS = {"qkv": True, "qv": "qv", "none": False}
@@ -25,7 +25,7 @@ def _common_kwargs(model_cfg) -> dict:
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"model.drop_path_rate={rate!r} must be in [0, 1).")
     return dict(
-        drop_path_rate=rate, remat=model_cfg.get("remat", False),
+        drop_path_rate=rate, remat=remat_lib.policy_name(model_cfg.get("remat", False)) or False,
         dtype=dtype_from_name(model_cfg.get("dtype", "float32"), "model.dtype"),
         param_dtype=dtype_from_name(model_cfg.get("param_dtype", "float32"), "model.param_dtype"),
         attention_impl=impl)

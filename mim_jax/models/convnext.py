@@ -23,7 +23,7 @@ from typing import Any, Optional, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mim_jax.models import sparse
+from mim_jax.models import remat as remat_lib, sparse
 from mim_jax.models.resnet import _positive_ints
 from mim_jax.models.swin import trunc_normal
 from mim_jax.models.vit import DropPath
@@ -117,7 +117,7 @@ class ConvNeXtStage(nn.Module):
     drop_rates: Tuple[float, ...]
     downsample: bool = True
     layer_scale_init: float = LAYER_SCALE_INIT
-    remat: bool = False
+    remat: Any = False  # False or a policy name: see mim_jax.models.remat
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -132,8 +132,7 @@ class ConvNeXtStage(nn.Module):
         positions = None
         if active is not None and visible_cells:  # one gather index for the whole stage
             positions = sparse.visible_positions(active, x.shape[1], x.shape[2], visible_cells)
-        # `train` (arg 3 counting self) must stay a Python bool inside remat.
-        block_cls = nn.remat(ConvNeXtBlock, static_argnums=(3,)) if self.remat else ConvNeXtBlock
+        block_cls = remat_lib.wrap(ConvNeXtBlock, self.remat, static_argnums=(3,))  # train
         for j in range(self.depth):
             x = block_cls(self.dim, self.drop_rates[j], self.layer_scale_init, self.dtype,
                           self.param_dtype, name=f"block_{j}")(x, active, train, positions)
@@ -154,7 +153,7 @@ class ConvNeXt(nn.Module):
     config: ConvNeXtConfig
     drop_path_rate: float = 0.0
     last_stage_only: bool = False
-    remat: bool = False
+    remat: Any = False  # False or a policy name: see mim_jax.models.remat
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 

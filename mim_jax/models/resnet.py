@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from mim_jax.models import sparse
+from mim_jax.models import remat as remat_lib, sparse
 from mim_jax.models.vit import DropPath
 
 VARIANTS = {"50": (3, 4, 6, 3), "101": (3, 4, 23, 3), "152": (3, 8, 36, 3),
@@ -129,14 +129,13 @@ class ResNetStage(nn.Module):
     in_width: int
     drop_rates: Tuple[float, ...]
     zero_init_last: bool = True
-    remat: bool = False
+    remat: Any = False  # False or a policy name: see mim_jax.models.remat
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, active=None, train: bool = False):
-        # `train` (arg 3 counting self) must stay a Python bool inside remat.
-        block_cls = nn.remat(Bottleneck, static_argnums=(3,)) if self.remat else Bottleneck
+        block_cls = remat_lib.wrap(Bottleneck, self.remat, static_argnums=(3,))  # train
         for j in range(self.depth):
             stride = self.stride if j == 0 else 1
             project = j == 0 and (stride != 1 or self.in_width != EXPANSION * self.width)
@@ -163,7 +162,7 @@ class ResNet(nn.Module):
     config: ResNetConfig
     drop_path_rate: float = 0.0
     last_stage_only: bool = False
-    remat: bool = False
+    remat: Any = False  # False or a policy name: see mim_jax.models.remat
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mim_jax.models import remat as remat_lib
 from mim_jax.models.vit import DropPath
 
 VARIANTS = {
@@ -312,17 +313,14 @@ class SwinStage(nn.Module):
     mlp_ratio: float = 4.0
     layer_norm_eps: float = LAYER_NORM_EPS
     downsample: bool = True
-    remat: bool = False
+    remat: Any = False  # False or a policy name: see mim_jax.models.remat
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
-        # `deterministic` (arg 2 counting self) must stay a Python bool inside remat.
-        block_cls = (nn.remat(SwinBlock, static_argnums=(2,),
-                              policy=jax.checkpoint_policies.nothing_saveable)
-                     if self.remat else SwinBlock)
+        block_cls = remat_lib.wrap(SwinBlock, self.remat, static_argnums=(2,))  # deterministic
         for j in range(self.depth):
             x = block_cls(num_heads=self.num_heads, window_size=self.window_size,
                           shift_size=self.shift_size if j % 2 else 0, mlp_ratio=self.mlp_ratio,
@@ -350,7 +348,7 @@ class Swin(nn.Module):
     config: SwinConfig
     drop_path_rate: float = 0.0
     use_mask_token: bool = False
-    remat: bool = False
+    remat: Any = False  # False or a policy name: see mim_jax.models.remat
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mim_jax.models import remat as remat_lib
+
 # width, depth, mlp_dim, num_heads (ViT paper / DeiT sizes).
 VARIANTS = {
     "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
@@ -250,7 +252,7 @@ class Transformer(nn.Module):
     drop_path_rate: float = 0.0
     qkv_bias: Any = True
     layer_scale_init: Optional[float] = None
-    remat: bool = False
+    remat: Any = False  # False or a policy name: see mim_jax.models.remat
     scan: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -278,11 +280,7 @@ class Transformer(nn.Module):
                             use_drop_path=self.drop_path_rate > 0,
                             rel_pos_grid=self.rel_pos_grid, rel_pos_cls=self.rel_pos_cls,
                             init_style=self.init_style)
-        block_cls = Block
-        if self.remat:
-            # `deterministic` (arg 3 counting self) must stay a Python bool inside remat.
-            block_cls = nn.remat(Block, static_argnums=(3,),
-                                 policy=jax.checkpoint_policies.nothing_saveable)
+        block_cls = remat_lib.wrap(Block, self.remat, static_argnums=(3,))  # deterministic
         if self.scan:
             def body(module, carry, rate):
                 out = module(carry, rate, deterministic, attn_bias)
@@ -366,7 +364,7 @@ class ViT(nn.Module):
     # normalise after (fc_norm), as the references' global-pool fine-tuning does.
     final_norm: bool = True
     drop_path_rate: float = 0.0
-    remat: bool = False
+    remat: Any = False  # False or a policy name: see mim_jax.models.remat
     scan: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32

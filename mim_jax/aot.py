@@ -1,0 +1,250 @@
+"""Ahead-of-time check of a TPU pod on a machine without TPUs.
+
+  python -m mim_jax.aot --config configs/mae.py --topology v5e:4x4 [--per_chip_batch 64]
+      [--find_max_batch] [--config.FIELD=VALUE ...]
+
+Compiles the config's real train step (pretraining, or fine-tuning / linear probing with a
+config.finetune block) for every chip of the named TPU topology, with the config's mesh,
+partition rules, dtype, remat and accumulation, and prints what one chip holds: arguments
+(the sharded train state and batch), temporaries, outputs, the total against the chip's HBM,
+whether it fits, and the compiled FLOPs per step. --find_max_batch searches the largest
+per-chip batch that fits. It needs libtpu (`pip install -e ".[tpu]"`), which describes the
+pod's devices (jax.experimental.topologies); nothing runs, so no TPU is needed. The cost
+model's time estimates are not reported: they are not trustworthy without a chip.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Optional
+
+if __name__ == "__main__":
+    from mim_jax.allocator import reexec_with_cpu_allocator
+    reexec_with_cpu_allocator()
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mim_jax.errors import ConfigError, RunError, one_line
+
+# HBM of one chip, by a lower-case substring of device_kind; the first match wins.
+HBM_BYTES_TABLE = (
+    ("tpu v6 lite", 32 << 30),  # v6e
+    ("tpu v6e", 32 << 30),
+    ("tpu v5 lite", 16 << 30),  # v5e
+    ("tpu v5e", 16 << 30),
+    ("tpu v5p", 95 << 30),
+    ("tpu v5", 95 << 30),  # v5p reports itself as "TPU v5"
+    ("tpu v4", 32 << 30),
+    ("tpu v3", 16 << 30),  # per core (a v3 chip has two cores of 16 GiB)
+)
+
+
+def hbm_bytes(device_kind: str) -> Optional[int]:
+    kind = device_kind.lower()
+    for key, value in HBM_BYTES_TABLE:
+        if key in kind:
+            return value
+    return None
+
+
+@dataclasses.dataclass
+class CompiledStep:
+    per_chip_batch: int
+    global_batch: int
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    generated_code_bytes: int
+    flops: Optional[float]  # per chip per step, from XLA's cost analysis
+    compile_seconds: float
+
+    @property
+    def total_bytes(self) -> int:
+        # Donated state buffers are reused for the outputs (aliases): count them once.
+        return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+                + self.generated_code_bytes)
+
+
+def topology_devices(topology: str):
+    """The devices of a TPU topology such as 'v5e:4x4' or 'v5p:4x4x4', without TPUs."""
+    try:
+        from jax.experimental import topologies
+        desc = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+    except Exception as e:  # no libtpu, or a name libtpu does not know
+        raise RunError(f"--topology={topology!r} cannot be described: {one_line(e)[:300]} "
+                       "(needs libtpu: pip install -e \".[tpu]\"; names look like v4:2x2x2, "
+                       "v5e:4x4, v5p:4x4x4, v6e:8x8).") from e
+    return list(desc.devices)
+
+
+def compile_train_step(config, devices, per_chip_batch: int) -> CompiledStep:
+    """Lowers and compiles the train step of `config` for `devices` at `per_chip_batch`."""
+    import jax
+    import jax.numpy as jnp
+
+    from mim_jax import optim, sharding, train
+
+    mesh = sharding.make_mesh(config.get("mesh"), devices)
+    n_batch_shards = sharding.batch_axis_size(mesh)
+    global_batch = per_chip_batch * n_batch_shards
+    config = config.copy_and_resolve_references()
+    config.batch_size = global_batch
+    n_processes = max(d.process_index for d in devices) + 1
+    task = train.validate_config(config, device_count=len(devices), process_count=n_processes,
+                                 check_data_dir=False)
+    accum = config.get("accum_steps", 1)
+    if (global_batch // accum) % n_batch_shards or global_batch % accum:
+        raise ConfigError(f"per-chip batch {per_chip_batch} with accum_steps={accum} does not "
+                          f"split over {n_batch_shards} batch shards.")
+    base_rng = jax.random.key(config.seed)
+    init_rng, step_rng, _ = jax.random.split(base_rng, 3)
+    abstract_state = train.abstract_train_state(config, task, init_rng)
+    state_sh = train.make_state_shardings(config, abstract_state, mesh)
+    schedule = optim.make_schedule(1e-3, 1000, 10)  # values do not change the program
+    abstract_params = abstract_state.params
+    tx = optim.make_optimizer(config.optimizer, schedule, abstract_params)
+    step = train.make_train_step(task.objective, tx, schedule, accum, step_rng, mesh,
+                                 task.ema_decay, data_cfg=config.data)
+    size, channels = config.data.image_size, config.data.channels
+    rows = sharding.batch_sharded(mesh)
+    batch = {"image": jax.ShapeDtypeStruct((global_batch, size, size, channels), jnp.uint8,
+                                           sharding=rows)}
+    if task.with_labels:
+        batch["label"] = jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=rows)
+    jitted = jax.jit(step, in_shardings=(state_sh, rows),
+                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+    start = time.perf_counter()
+    compiled = jitted.lower(sharding.with_shardings(abstract_state, state_sh), batch).compile()
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return CompiledStep(
+        per_chip_batch=per_chip_batch, global_batch=global_batch,
+        argument_bytes=int(memory.argument_size_in_bytes),
+        output_bytes=int(memory.output_size_in_bytes),
+        alias_bytes=int(memory.alias_size_in_bytes),
+        temp_bytes=int(memory.temp_size_in_bytes),
+        generated_code_bytes=int(memory.generated_code_size_in_bytes),
+        flops=float(cost["flops"]) if cost and "flops" in cost else None,
+        compile_seconds=seconds)
+
+
+def _fits(config, devices, batch, hbm) -> tuple:
+    """(fits?, CompiledStep or None): a compile that runs out of memory does not fit."""
+    try:
+        step = compile_train_step(config, devices, batch)
+    except Exception as e:  # XLA refuses programs larger than the chip (RESOURCE_EXHAUSTED)
+        if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+            return False, None
+        raise
+    return (hbm is None or step.total_bytes <= hbm), step
+
+
+def find_max_batch(config, devices, hbm: int, start: int = 8, report=print):
+    """Largest per-chip batch that fits (doubling, then bisection): (batch, CompiledStep)."""
+    low, low_step, high = 0, None, None
+    batch = start
+    while high is None:
+        ok, step = _fits(config, devices, batch, hbm)
+        report(_row(step, hbm) if step else f"  per-chip batch {batch}: does not compile "
+               "(out of memory)")
+        if ok:
+            low, low_step, batch = batch, step, batch * 2
+        else:
+            high = batch
+        if batch > 1 << 16:
+            break
+    while high is not None and high - low > max(1, low // 16):  # within ~6%
+        mid = (low + high) // 2
+        ok, step = _fits(config, devices, mid, hbm)
+        report(_row(step, hbm) if step else f"  per-chip batch {mid}: out of memory")
+        if ok:
+            low, low_step = mid, step
+        else:
+            high = mid
+    return low, low_step
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _row(step: CompiledStep, hbm: Optional[int]) -> str:
+    fits = "" if hbm is None else ("  fits" if step.total_bytes <= hbm else "  DOES NOT FIT")
+    flops = ""
+    if step.flops:
+        flops = (f", {step.flops / 1e12:.2f} TFLOP" if step.flops >= 1e11 else
+                 f", {step.flops / 1e9:.3f} GFLOP") + " per step per chip"
+    return (f"  per-chip batch {step.per_chip_batch} (global {step.global_batch}): arguments "
+            f"{_gib(step.argument_bytes)}, temporaries {_gib(step.temp_bytes)}, outputs "
+            f"{_gib(step.output_bytes)} (aliased {_gib(step.alias_bytes)}), total "
+            f"{_gib(step.total_bytes)}{'' if hbm is None else ' of ' + _gib(hbm)}{fits}"
+            f"{flops}; compiled in {step.compile_seconds:.0f} s")
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU topology, e.g. v4:2x2x2, v5e:4x4, "
+                                "v5p:4x4x4, v6e:8x8.")
+_BATCH = flags.DEFINE_integer("per_chip_batch", None, "Per-chip batch (default: the config's "
+                              "batch_size over the batch shards of the mesh).")
+_FIND = flags.DEFINE_bool("find_max_batch", False, "Search the largest per-chip batch that "
+                          "fits in HBM.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    import jax
+    jax.config.update("jax_platforms", "cpu")  # the host compiles; the pod is described
+    from mim_jax import sharding
+    config = _CONFIG.value
+    try:
+        devices = topology_devices(_TOPOLOGY.value)
+        kind = devices[0].device_kind
+        hbm = hbm_bytes(kind)
+        mesh_shape = sharding.mesh_shape(config.get("mesh"), len(devices))
+        shards = mesh_shape[0] * mesh_shape[1]
+        batch = _BATCH.value or max(1, config.batch_size // shards)
+        model = config.model
+        print(f"{_TOPOLOGY.value}: {len(devices)} x {kind}, HBM "
+              f"{_gib(hbm) if hbm else 'unknown'} per chip; mesh data={mesh_shape[0]} "
+              f"fsdp={mesh_shape[1]} model={mesh_shape[2]}; {model.name} {model.variant} "
+              f"dtype={model.get('dtype')} remat={model.get('remat')} "
+              f"scan={model.get('scan', False)} accum_steps={config.get('accum_steps', 1)}",
+              flush=True)
+        if _FIND.value:
+            if hbm is None:
+                raise ConfigError(f"--find_max_batch needs the HBM of {kind!r}, not in the "
+                                  "table (mim_jax/aot.py HBM_BYTES_TABLE).")
+            best, step = find_max_batch(config, devices, hbm, start=batch,
+                                        report=lambda line: print(line, flush=True))
+            print(f"largest per-chip batch that fits: {best}" if best else
+                  f"nothing fits, not even a per-chip batch of {batch}", flush=True)
+        else:
+            print(_row(compile_train_step(config, devices, batch), hbm), flush=True)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def run():
+    import os
+    sys.path.insert(0, os.getcwd())  # configs import configs.common
+
+    def guarded(argv):
+        try:
+            main(argv)
+        except RunError as e:
+            logging.flush()
+            print(f"mim_jax.aot: error: {one_line(e)}", file=sys.stderr, flush=True)
+            sys.exit(e.exit_code)
+    app.run(guarded)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,64 @@
+"""mim_jax.aot: the train step compiled for a TPU topology on this CPU-only machine."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mim_jax import aot
+from test_main import ROOT, TINY
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install -e '.[tpu]'); it describes the TPU devices")
+
+
+def _aot(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", "mim_jax.aot", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@needs_libtpu
+def test_compiles_the_fsdp_train_step_for_a_v5e_slice_and_reports_memory():
+    run = _aot("--config", "configs/mae.py:quickstart", "--topology", "v5e:2x2",
+               "--config.mesh.fsdp=2", *[t for t in TINY if "evaluators" not in t])
+    assert run.returncode == 0, run.stderr[-3000:]
+    header, row = run.stdout.strip().splitlines()[-2:]
+    assert header.startswith("v5e:2x2: 4 x TPU v5 lite, HBM 16.00 GiB per chip; mesh data=2 "
+                             "fsdp=2 model=1")
+    assert "per-chip batch 16 (global 64): arguments" in row
+    assert "fits" in row and "GFLOP per step per chip" in row
+
+
+@needs_libtpu
+def test_an_unknown_topology_is_one_line():
+    run = _aot("--config", "configs/mae.py:quickstart", "--topology", "v9z:3x3")
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("mim_jax.aot: error")]
+    assert len(errors) == 1 and "--topology='v9z:3x3'" in errors[0], run.stderr[-2000:]
+
+
+def test_find_max_batch_doubles_then_bisects_to_the_largest_fitting_batch(monkeypatch):
+    """The search itself, with a fake compiler: a step fits while its batch is <= 100."""
+    compiled = []
+
+    def fake_compile(config, devices, batch):
+        compiled.append(batch)
+        return aot.CompiledStep(per_chip_batch=batch, global_batch=4 * batch,
+                                argument_bytes=10, output_bytes=0, alias_bytes=0,
+                                temp_bytes=batch, generated_code_bytes=0, flops=None,
+                                compile_seconds=0.0)
+    monkeypatch.setattr(aot, "compile_train_step", fake_compile)
+    best, step = aot.find_max_batch(None, None, hbm=110, start=8, report=lambda line: None)
+    assert compiled[:5] == [8, 16, 32, 64, 128]  # doubling until 128 does not fit
+    assert best == step.per_chip_batch and 94 <= best <= 100  # bisection to within ~6%
+    assert all(b <= 100 for b in compiled if b <= best)
+
+
+def test_hbm_table_knows_the_tpu_generations():
+    assert aot.hbm_bytes("TPU v5 lite") == 16 << 30
+    assert aot.hbm_bytes("TPU v5p") == 95 << 30
+    assert aot.hbm_bytes("TPU v4") == 32 << 30
+    assert aot.hbm_bytes("NVIDIA H100") is None
