@@ -73,7 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
 # fields, a config's value can be given back to the variant with e.g. --config.model.width=None.
 def _backbone_common(name: str, variant: str) -> dict:
     return dict(name=name, variant=variant, patch_size=optional_field(int),
-                drop_path_rate=0.0, dtype="float32", param_dtype="float32", remat=False,
+                drop_path_rate=0.0, dtype="float32", param_dtype="float32",
+                remat="none",  # 'none' | 'full' | 'dots' | 'dots_no_batch' (models/remat.py)
                 attention_impl=optional_field(str))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 from typing import Any, Optional
 
@@ -102,6 +103,41 @@ def _structure_mismatch(saved_metadata, abstract_state) -> list:
     return out
 
 
+_BLOCK = re.compile(r"/block_(\d+)/")
+
+
+def _scan_layout_plan(saved_metadata, abstract_state) -> Optional[dict]:
+    """{target leaf: (kind, source, index)} when the saved state differs from the target only
+    in the layout of ViT blocks (per-block 'block_i' vs scanned 'blocks' with a leading
+    depth axis), else None. Kinds: 'copy' the same leaf, 'stack' the per-block leaves into
+    one, 'index' one block out of a stacked leaf."""
+    saved = {k: tuple(getattr(m, "shape", ()) or ()) for k, m in _by_path(saved_metadata).items()}
+    want = {k: tuple(s.shape) for k, s in _by_path(abstract_state).items()}
+    plan, used = {}, set()
+    for name, shape in want.items():
+        if saved.get(name) == shape:
+            plan[name] = ("copy", name, None)
+            used.add(name)
+        elif "/blocks/" in name and shape:
+            head, tail = name.split("/blocks/", 1)
+            sources = [f"{head}/block_{i}/{tail}" for i in range(shape[0])]
+            if any(saved.get(src) != shape[1:] for src in sources):
+                return None
+            plan[name] = ("stack", sources, None)
+            used.update(sources)
+        elif _BLOCK.search(name):
+            index = int(_BLOCK.search(name).group(1))
+            source = _BLOCK.sub("/blocks/", name, count=1)
+            stacked = saved.get(source)
+            if stacked is None or stacked[1:] != shape or index >= stacked[0]:
+                return None
+            plan[name] = ("index", source, index)
+            used.add(source)
+        else:
+            return None
+    return plan if used == set(saved) else None
+
+
 class Checkpointer:
     def __init__(self, workdir: str, *, keep: int = 3, every_steps: int = 1000,
                  asynchronous: bool = True, subdir: str = "checkpoints"):
@@ -145,6 +181,11 @@ class Checkpointer:
             raise _Damaged("it holds no state (an empty or incomplete step directory)")
         if abstract_state is not None:
             mismatch = _structure_mismatch(saved, abstract_state)
+            plan = _scan_layout_plan(saved, abstract_state) if mismatch else None
+            if plan is not None:
+                logging.warning("The checkpoint of step %d holds the ViT blocks in the other "
+                                "layout (model.scan); converting them while restoring.", step)
+                return self._restore_converted(step, saved, abstract_state, plan, expected)
             if mismatch:
                 # Not damage: the config builds a different state. Never move it away.
                 raise ConfigError(
@@ -160,6 +201,33 @@ class Checkpointer:
         if reason:
             raise _Damaged(reason)
         return state
+
+    def _restore_converted(self, step, saved, abstract_state, plan, expected):
+        """The state of `step` read in its saved layout (and verified there), then rearranged
+        by `plan` into `abstract_state`'s tree and shardings."""
+        host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        as_saved = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host), saved)
+        try:
+            raw = self._manager.restore(step, args=ocp.args.StandardRestore(as_saved))
+        except Exception as e:
+            raise _Damaged(f"it cannot be read ({_short(e)})") from e
+        reason = _verify(raw, expected)
+        if reason:
+            raise _Damaged(reason)
+        flat = {k: np.asarray(v) for k, v in _by_path(raw).items()}
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
+        out = []
+        for path, want in leaves:
+            kind, source, index = plan[sharding.path_name(path)]
+            if kind == "copy":
+                value = flat[source]
+            elif kind == "stack":
+                value = np.stack([flat[name] for name in source])
+            else:
+                value = flat[source][index]
+            out.append(jax.device_put(value.astype(want.dtype), want.sharding))
+        return jax.tree_util.tree_unflatten(treedef, out)
 
     def restore(self, abstract_state: Any, step: Optional[int] = None):
         """Restores into the shapes/shardings of `abstract_state` (jax.ShapeDtypeStruct tree).

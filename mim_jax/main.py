@@ -65,6 +65,9 @@ def main(argv):
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                    num_processes=_NUM_PROCESSES.value,
                                    process_id=_PROCESS_ID.value)
+    if jax.process_count() > 1:
+        logging.get_absl_handler().addFilter(
+            reporting.ProcessTag(jax.process_index(), jax.process_count()))
     from mim_jax import train
     logging.info("JAX %s, %d process(es), %d devices: %s", jax.__version__,
                  jax.process_count(), jax.device_count(), jax.devices()[0].platform)

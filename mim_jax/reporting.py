@@ -30,6 +30,20 @@ class QuietLibraries(std_logging.Filter):
         return True
 
 
+class ProcessTag(std_logging.Filter):
+    """Prefixes every log line of a multi-process run with the process that wrote it, so
+    interleaved logs of a pod or a SLURM job say where each line comes from."""
+
+    def __init__(self, index: int, count: int):
+        super().__init__()
+        self.tag = f"[process {index}/{count}] "
+
+    def filter(self, record):
+        if isinstance(record.msg, str) and not record.msg.startswith(self.tag):
+            record.msg = self.tag + record.msg
+        return True
+
+
 def _to_python(value):
     value = np.asarray(value)
     return value.item() if value.size == 1 else value.tolist()

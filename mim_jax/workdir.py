@@ -24,7 +24,7 @@ FINAL_METRICS = "final_metrics.json"
 # freely between the runs of one workdir.
 OPERATIONAL = ("log_every_steps", "checkpoint", "evaluators", "accum_steps", "data.data_dir",
                "data.manual_dir", "data.prefetch", "data.num_parallel_calls", "model.remat",
-               "model.attention_impl", "mesh", "partition_rules", "fsdp_min_size")
+               "model.attention_impl", "model.scan", "mesh", "partition_rules", "fsdp_min_size")
 
 
 def flatten(config) -> dict:

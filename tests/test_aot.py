@@ -1,4 +1,5 @@
 """mim_jax.aot: the train step compiled for a TPU topology on this CPU-only machine."""
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -40,7 +41,7 @@ def test_an_unknown_topology_is_one_line():
     assert len(errors) == 1 and "--topology='v9z:3x3'" in errors[0], run.stderr[-2000:]
 
 
-def test_find_max_batch_doubles_then_bisects_to_the_largest_fitting_batch(monkeypatch):
+def test_find_max_batch_follows_the_memory_line_to_the_largest_fitting_batch(monkeypatch):
     """The search itself, with a fake compiler: a step fits while its batch is <= 100."""
     compiled = []
 
@@ -52,9 +53,19 @@ def test_find_max_batch_doubles_then_bisects_to_the_largest_fitting_batch(monkey
                                 compile_seconds=0.0)
     monkeypatch.setattr(aot, "compile_train_step", fake_compile)
     best, step = aot.find_max_batch(None, None, hbm=110, start=8, report=lambda line: None)
-    assert compiled[:5] == [8, 16, 32, 64, 128]  # doubling until 128 does not fit
-    assert best == step.per_chip_batch and 94 <= best <= 100  # bisection to within ~6%
-    assert all(b <= 100 for b in compiled if b <= best)
+    # 8 and 16 fit; the line through them predicts 100, which fits; 106 (100 + 6%) does not.
+    assert compiled == [8, 16, 100, 106]
+    assert best == step.per_chip_batch == 100
+
+    # Memory that is not linear in the batch: the bracket still closes on the answer.
+    compiled.clear()
+    quadratic = lambda config, devices, batch: dataclasses.replace(
+        fake_compile(config, devices, batch), temp_bytes=batch * batch)
+    monkeypatch.setattr(aot, "compile_train_step", quadratic)
+    best, _ = aot.find_max_batch(None, None, hbm=10 + 50 * 50, start=4,
+                                 report=lambda line: None)
+    assert 47 <= best <= 50 and len(compiled) <= 12
+    assert best == max(b for b in compiled if b <= 50)  # the largest that fitted is kept
 
 
 def test_hbm_table_knows_the_tpu_generations():

@@ -106,7 +106,8 @@ def test_two_processes_equal_one_and_checkpoints_reshard(tfds_dir, tmp_path):
     multi_seconds = time.perf_counter() - t0
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    assert "2 process(es), 4 devices" in outs[0][1]
+    assert "[process 0/2] JAX" in outs[0][1] and "2 process(es), 4 devices" in outs[0][1]
+    assert "[process 1/2] " in outs[1][1]  # each line says where it comes from
     print(f"2 processes x 2 devices, 8 steps through main: {multi_seconds:.1f} s")
     with open(multi / "metrics.jsonl") as f:  # written by process 0 only
         records = [json.loads(line) for line in f]

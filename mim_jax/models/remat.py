@@ -1,8 +1,8 @@
 """Rematerialisation (activation checkpointing) of repeated blocks, by policy name.
 
 model.remat chooses what a block keeps from its forward pass for the backward pass:
-- False / 'none': everything (fastest, most memory);
-- True / 'full': nothing but the block's input; the forward runs again in the backward pass;
+- 'none' (or False): everything (fastest, most memory);
+- 'full' (or True): nothing but the block's input; the forward runs again in the backward pass;
 - 'dots': the results of matrix multiplications (saves the large recomputations, keeps the
   big [tokens x width] products: a middle ground);
 - 'dots_no_batch': only matmul results without a batch dimension (mostly weight-shaped).
@@ -21,13 +21,15 @@ ALLOWED = (False, True, "none", *POLICIES)
 
 
 def policy_name(value):
-    """The policy of a model.remat value (None: no remat); ValueError naming the field."""
-    if value in (False, None, "none", ""):
+    """The policy of a model.remat value (None: no remat); ValueError naming the field.
+    Booleans (also as the strings 'true' / 'false' from a command line) mean 'full' / 'none'."""
+    text = value.lower() if isinstance(value, str) else value
+    if text in (False, None, "none", "", "false"):
         return None
-    if value is True:
+    if text in (True, "true"):
         return "full"
-    if value in POLICIES:
-        return value
+    if text in POLICIES:
+        return text
     raise ValueError(f"model.remat={value!r}; allowed: {list(ALLOWED)}.")
 
 
