@@ -193,8 +193,12 @@ class Checkpointer:
                     f"model/optimizer state than this config builds ({'; '.join(mismatch[:4])}"
                     f"{'; ...' if len(mismatch) > 4 else ''}): use the config of that run or a "
                     "new --workdir.")
+        return self._read_verified(step, abstract_state, expected)
+
+    def _read_verified(self, step, target, expected):
+        """The arrays of `step` read into `target`, checked finite and against `expected`."""
         try:
-            state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+            state = self._manager.restore(step, args=ocp.args.StandardRestore(target))
         except Exception as e:
             raise _Damaged(f"it cannot be read ({_short(e)})") from e
         reason = _verify(state, expected)
@@ -208,13 +212,7 @@ class Checkpointer:
         host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         as_saved = jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host), saved)
-        try:
-            raw = self._manager.restore(step, args=ocp.args.StandardRestore(as_saved))
-        except Exception as e:
-            raise _Damaged(f"it cannot be read ({_short(e)})") from e
-        reason = _verify(raw, expected)
-        if reason:
-            raise _Damaged(reason)
+        raw = self._read_verified(step, as_saved, expected)
         flat = {k: np.asarray(v) for k, v in _by_path(raw).items()}
         leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
         out = []
