@@ -23,6 +23,13 @@ if __name__ == "__main__":
     from mim_jax.allocator import reexec_with_cpu_allocator
     reexec_with_cpu_allocator()
 
+import os
+
+# No TPU is used, only described: several checks may run at once (libtpu otherwise allows one
+# process per machine), and there is no TPU VM metadata server to ask.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -257,7 +264,6 @@ def main(argv):
 
 
 def run():
-    import os
     sys.path.insert(0, os.getcwd())  # configs import configs.common
 
     def guarded(argv):
