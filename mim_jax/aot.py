@@ -44,7 +44,7 @@ HBM_BYTES_TABLE = (
     ("tpu v5p", 95 << 30),
     ("tpu v5", 95 << 30),  # v5p reports itself as "TPU v5"
     ("tpu v4", 32 << 30),
-    ("tpu v3", 16 << 30),  # per core (a v3 chip has two cores of 16 GiB)
+    ("tpu v3", 32 << 30),  # two cores of 16 GiB, each its own device
 )
 
 
@@ -54,6 +54,13 @@ def hbm_bytes(device_kind: str) -> Optional[int]:
         if key in kind:
             return value
     return None
+
+
+def hbm_per_device(devices) -> Optional[int]:
+    """HBM of one device: the chip's, split between its cores when each core is a device."""
+    chip = hbm_bytes(devices[0].device_kind)
+    cores = 1 + max(getattr(d, "core_on_chip", 0) or 0 for d in devices)
+    return None if chip is None else chip // cores
 
 
 @dataclasses.dataclass
@@ -77,9 +84,12 @@ class CompiledStep:
 
 def topology_devices(topology: str):
     """The devices of a TPU topology such as 'v5e:4x4' or 'v5p:4x4x4', without TPUs."""
+    # Cloud TPU v4 runs its two TensorCores per chip as one device (megacore); libtpu
+    # describes them as two devices unless asked.
+    options = {"chip_config_name": "megacore"} if topology.lower().startswith("v4") else {}
     try:
         from jax.experimental import topologies
-        desc = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+        desc = topologies.get_topology_desc(topology_name=topology, platform="tpu", **options)
     except Exception as e:  # no libtpu, or a name libtpu does not know
         raise RunError(f"--topology={topology!r} cannot be described: {one_line(e)[:300]} "
                        "(needs libtpu: pip install -e \".[tpu]\"; names look like v4:2x2x2, "
@@ -238,13 +248,13 @@ def main(argv):
     try:
         devices = topology_devices(_TOPOLOGY.value)
         kind = devices[0].device_kind
-        hbm = hbm_bytes(kind)
+        hbm = hbm_per_device(devices)
         mesh_shape = sharding.mesh_shape(config.get("mesh"), len(devices))
         shards = mesh_shape[0] * mesh_shape[1]
         batch = _BATCH.value or max(1, config.batch_size // shards)
         model = config.model
         print(f"{_TOPOLOGY.value}: {len(devices)} x {kind}, HBM "
-              f"{_gib(hbm) if hbm else 'unknown'} per chip; mesh data={mesh_shape[0]} "
+              f"{_gib(hbm) if hbm else 'unknown'} per device; mesh data={mesh_shape[0]} "
               f"fsdp={mesh_shape[1]} model={mesh_shape[2]}; {model.name} {model.variant} "
               f"dtype={model.get('dtype')} remat={model.get('remat')} "
               f"scan={model.get('scan', False)} accum_steps={config.get('accum_steps', 1)}",

@@ -27,7 +27,7 @@ def test_compiles_the_fsdp_train_step_for_a_v5e_slice_and_reports_memory():
                "--config.mesh.fsdp=2", *[t for t in TINY if "evaluators" not in t])
     assert run.returncode == 0, run.stderr[-3000:]
     header, row = run.stdout.strip().splitlines()[-2:]
-    assert header.startswith("v5e:2x2: 4 x TPU v5 lite, HBM 16.00 GiB per chip; mesh data=2 "
+    assert header.startswith("v5e:2x2: 4 x TPU v5 lite, HBM 16.00 GiB per device; mesh data=2 "
                              "fsdp=2 model=1")
     assert "per-chip batch 16 (global 64): arguments" in row
     assert "fits" in row and "GFLOP per step per chip" in row
