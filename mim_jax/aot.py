@@ -191,24 +191,33 @@ def find_max_batch(config, devices, hbm: int, start: int = 8, report=print, max_
 
 
 def _next_guess(points, low: int, high: Optional[int], hbm: int) -> Optional[int]:
+    """The next batch to compile. While nothing has failed: where the line through the last
+    two compiled points meets `hbm` (at least low + ~6%), or 2 x low. Once bracketed by
+    (low, high): that line's guess kept within the bracket's middle half, so the bracket
+    shrinks to at most 3/4 each time (XLA's own remat bends or flattens the line), or the
+    bracket's middle. None when no batch is left to try."""
     step = max(1, low // 16)
+    lower = low + step if low else 1
     guess = None
     distinct = sorted(set(points))
     if len(distinct) >= 2:
         (b1, t1), (b2, t2) = distinct[-2], distinct[-1]
         if b2 != b1 and t2 > t1:
-            slope = (t2 - t1) / (b2 - b1)
-            guess = int(b2 + (hbm - t2) / slope)
-    if guess is None:
-        guess = 2 * low if low else (high // 2 if high else 1)
-    lower = low + step if low else 1
-    upper = high - 1 if high is not None else None
-    guess = max(guess, lower)
-    if upper is not None:
-        if upper < lower:
-            return None
-        guess = min(guess, upper)
-    return guess
+            guess = int(b2 + (hbm - t2) * (b2 - b1) / (t2 - t1))
+    if high is None:
+        if guess is not None:
+            return max(guess, lower)  # below `lower`: check the edge the line predicts
+        return max(2 * low, lower) if low else 1
+    upper = high - 1
+    if upper < lower:
+        return None
+    quarter = (high - low) // 4
+    inner_low, inner_high = max(lower, low + quarter), min(upper, high - quarter)
+    if guess is None or inner_low > inner_high:
+        guess = (low + high) // 2
+    else:
+        guess = min(max(guess, inner_low), inner_high)
+    return min(max(guess, lower), upper)
 
 
 def _gib(n: int) -> str:

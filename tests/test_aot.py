@@ -67,6 +67,20 @@ def test_find_max_batch_follows_the_memory_line_to_the_largest_fitting_batch(mon
     assert 47 <= best <= 50 and len(compiled) <= 12
     assert best == max(b for b in compiled if b <= 50)  # the largest that fitted is kept
 
+    # XLA's TPU compiler rematerialises near the limit: memory flattens, then runs out (out
+    # of memory above 300). The search bisects instead of following the flat line.
+    compiled.clear()
+
+    def flattening(config, devices, batch):  # memory at 128: 89, at 256: 88
+        if batch > 300:
+            compiled.append(batch)
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while compiling")
+        return dataclasses.replace(fake_compile(config, devices, batch),
+                                   temp_bytes=min(batch, 90) - batch // 100)
+    monkeypatch.setattr(aot, "compile_train_step", flattening)
+    best, _ = aot.find_max_batch(None, None, hbm=110, start=128, report=lambda line: None)
+    assert 282 <= best <= 300 and len(compiled) <= 8, compiled
+
 
 def test_hbm_table_knows_the_tpu_generations():
     assert aot.hbm_bytes("TPU v5 lite") == 16 << 30
