@@ -163,7 +163,8 @@ def _fits(config, devices, batch, hbm) -> tuple:
 
 
 def find_max_batch(config, devices, hbm: int, start: int = 8, report=print, max_compiles=12):
-    """Largest per-chip batch that fits, within ~6% (batch // 16): (batch, CompiledStep).
+    """Largest per-chip batch that fits, within ~6% (batch // 16): (batch, CompiledStep,
+    smallest batch found not to fit or None). After `max_compiles` the bracket may be wider.
 
     A step's memory grows linearly with the batch, so after two compiles a straight line
     through the last two points guesses the answer; each guess is then checked by compiling
@@ -187,7 +188,7 @@ def find_max_batch(config, devices, hbm: int, start: int = 8, report=print, max_
         batch = _next_guess(points, low, high, hbm)
         if batch is None:
             break
-    return low, low_step
+    return low, low_step, high
 
 
 def _next_guess(points, low: int, high: Optional[int], hbm: int) -> Optional[int]:
@@ -205,8 +206,9 @@ def _next_guess(points, low: int, high: Optional[int], hbm: int) -> Optional[int
         if b2 != b1 and t2 > t1:
             guess = int(b2 + (hbm - t2) * (b2 - b1) / (t2 - t1))
     if high is None:
-        if guess is not None:
-            return max(guess, lower)  # below `lower`: check the edge the line predicts
+        if guess is not None:  # below `lower`: check the edge the line predicts; above
+            # 4 x low: the line is near flat (XLA's own remat), do not leap past the answer
+            return min(max(guess, lower), 4 * low) if low else max(guess, 1)
         return max(2 * low, lower) if low else 1
     upper = high - 1
     if upper < lower:
@@ -272,9 +274,10 @@ def main(argv):
             if hbm is None:
                 raise ConfigError(f"--find_max_batch needs the HBM of {kind!r}, not in the "
                                   "table (mim_jax/aot.py HBM_BYTES_TABLE).")
-            best, step = find_max_batch(config, devices, hbm, start=batch,
-                                        report=lambda line: print(line, flush=True))
-            print(f"largest per-chip batch that fits: {best}" if best else
+            best, _, misfit = find_max_batch(config, devices, hbm, start=batch,
+                                             report=lambda line: print(line, flush=True))
+            bracket = f" ({misfit} does not)" if misfit else " (no larger batch was tried)"
+            print(f"largest per-chip batch that fits: {best}{bracket}" if best else
                   f"nothing fits, not even a per-chip batch of {batch}", flush=True)
         else:
             print(_row(compile_train_step(config, devices, batch), hbm), flush=True)

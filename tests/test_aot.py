@@ -52,18 +52,20 @@ def test_find_max_batch_follows_the_memory_line_to_the_largest_fitting_batch(mon
                                 temp_bytes=batch, generated_code_bytes=0, flops=None,
                                 compile_seconds=0.0)
     monkeypatch.setattr(aot, "compile_train_step", fake_compile)
-    best, step = aot.find_max_batch(None, None, hbm=110, start=8, report=lambda line: None)
-    # 8 and 16 fit; the line through them predicts 100, which fits; 106 (100 + 6%) does not.
-    assert compiled == [8, 16, 100, 106]
-    assert best == step.per_chip_batch == 100
+    best, step, misfit = aot.find_max_batch(None, None, hbm=110, start=8,
+                                            report=lambda line: None)
+    # 8 and 16 fit; the line through them predicts 100, approached by at most 4x per step
+    # (64, then 100, which fits); 106 (100 + 6%) does not.
+    assert compiled == [8, 16, 64, 100, 106]
+    assert best == step.per_chip_batch == 100 and misfit == 106
 
     # Memory that is not linear in the batch: the bracket still closes on the answer.
     compiled.clear()
     quadratic = lambda config, devices, batch: dataclasses.replace(
         fake_compile(config, devices, batch), temp_bytes=batch * batch)
     monkeypatch.setattr(aot, "compile_train_step", quadratic)
-    best, _ = aot.find_max_batch(None, None, hbm=10 + 50 * 50, start=4,
-                                 report=lambda line: None)
+    best, _, _ = aot.find_max_batch(None, None, hbm=10 + 50 * 50, start=4,
+                                    report=lambda line: None)
     assert 47 <= best <= 50 and len(compiled) <= 12
     assert best == max(b for b in compiled if b <= 50)  # the largest that fitted is kept
 
@@ -78,7 +80,7 @@ def test_find_max_batch_follows_the_memory_line_to_the_largest_fitting_batch(mon
         return dataclasses.replace(fake_compile(config, devices, batch),
                                    temp_bytes=min(batch, 90) - batch // 100)
     monkeypatch.setattr(aot, "compile_train_step", flattening)
-    best, _ = aot.find_max_batch(None, None, hbm=110, start=128, report=lambda line: None)
+    best, _, _ = aot.find_max_batch(None, None, hbm=110, start=128, report=lambda line: None)
     assert 282 <= best <= 300 and len(compiled) <= 8, compiled
 
 
