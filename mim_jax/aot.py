@@ -113,9 +113,7 @@ def compile_train_step(config, devices, per_chip_batch: int) -> CompiledStep:
     task = train.validate_config(config, device_count=len(devices), process_count=n_processes,
                                  check_data_dir=False)
     accum = config.get("accum_steps", 1)
-    if (global_batch // accum) % n_batch_shards or global_batch % accum:
-        raise ConfigError(f"per-chip batch {per_chip_batch} with accum_steps={accum} does not "
-                          f"split over {n_batch_shards} batch shards.")
+    sharding.check_batch_divisible(global_batch, accum, mesh)  # ValueError naming the fields
     base_rng = jax.random.key(config.seed)
     init_rng, step_rng, _ = jax.random.split(base_rng, 3)
     abstract_state = train.abstract_train_state(config, task, init_rng)

@@ -209,10 +209,7 @@ class Checkpointer:
     def _restore_converted(self, step, saved, abstract_state, plan, expected):
         """The state of `step` read in its saved layout (and verified there), then rearranged
         by `plan` into `abstract_state`'s tree and shardings."""
-        host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        as_saved = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host), saved)
-        raw = self._read_verified(step, as_saved, expected)
+        raw = self._read_verified(step, _on_one_device(saved), expected)
         flat = {k: np.asarray(v) for k, v in _by_path(raw).items()}
         leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
         out = []
@@ -385,6 +382,14 @@ def _short(error: BaseException) -> str:
     return (text[:300] + "...") if len(text) > 300 else text
 
 
+def _on_one_device(saved_metadata):
+    """A restore target for a saved tree as it was saved, on this process's first device:
+    readable whatever mesh or process count wrote it."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        saved_metadata)
+
+
 def abstract_like(tree):
     """ShapeDtypeStructs (with shardings) describing a live pytree, for restore targets."""
     return jax.tree.map(
@@ -436,10 +441,7 @@ def restore_raw(directory: str, step: int, subtree: str = "params"):
                          f"{sorted(manager.all_steps())}.")
     metadata = manager.item_metadata(step)
     metadata = getattr(metadata, "tree", metadata)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          metadata)
-    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+    restored = manager.restore(step, args=ocp.args.StandardRestore(_on_one_device(metadata)))
     expected = (manager.metadata(step).custom_metadata or {}).get(FINGERPRINT_KEY)
     manager.close()
     problem = _verify(restored, expected)
