@@ -75,7 +75,10 @@ def _backbone_common(name: str, variant: str) -> dict:
     return dict(name=name, variant=variant, patch_size=optional_field(int),
                 drop_path_rate=0.0, dtype="float32", param_dtype="float32",
                 remat="none",  # 'none' | 'full' | 'dots' | 'dots_no_batch' (models/remat.py)
-                attention_impl=optional_field(str))
+                attention_impl=optional_field(str),
+                # 'bfloat16': ViT / Swin matmul inputs rounded to bfloat16, float32 sums
+                # (models/matmul.py; ~1.5x faster matmuls on CPUs with AVX512-BF16).
+                matmul_precision="float32")
 
 
 def vit_model_config(variant: str) -> ml_collections.ConfigDict:

@@ -160,14 +160,17 @@ def _fits(config, devices, batch, hbm) -> tuple:
     return (hbm is None or step.total_bytes <= hbm), step
 
 
-def find_max_batch(config, devices, hbm: int, start: int = 8, report=print, max_compiles=12):
-    """Largest per-chip batch that fits, within ~6% (batch // 16): (batch, CompiledStep,
-    smallest batch found not to fit or None). After `max_compiles` the bracket may be wider.
+def find_max_batch(config, devices, hbm: int, start: int = 8, report=print, max_compiles=12,
+                   tolerance: float = 1 / 16, bytes_per_image: Optional[float] = None):
+    """Largest per-chip batch that fits, within `tolerance` (batch // 16 by default):
+    (batch, CompiledStep, smallest batch found not to fit or None). After `max_compiles` the
+    bracket may be wider.
 
     A step's memory grows linearly with the batch, so after two compiles a straight line
-    through the last two points guesses the answer; each guess is then checked by compiling
-    it, and the bracket [largest fit, smallest misfit] closes in a few compiles (a compile
-    of ViT-B takes minutes on a CPU)."""
+    through the last two points guesses the answer (after one compile, a line of slope
+    `bytes_per_image` when given, e.g. from the same model on another chip); each guess is
+    then checked by compiling it, and the bracket [largest fit, smallest misfit] closes in a
+    few compiles (a compile of ViT-B takes minutes on a CPU)."""
     points = []  # (batch, total bytes) of every step that compiled
     low, low_step, high = 0, None, None
     batch = start
@@ -181,21 +184,22 @@ def find_max_batch(config, devices, hbm: int, start: int = 8, report=print, max_
             low, low_step = batch, step
         else:
             high = batch if high is None else min(high, batch)
-        if high is not None and high - low <= max(1, low // 16):
+        if high is not None and high - low <= max(1, int(low * tolerance)):
             break
-        batch = _next_guess(points, low, high, hbm)
+        batch = _next_guess(points, low, high, hbm, tolerance, bytes_per_image)
         if batch is None:
             break
     return low, low_step, high
 
 
-def _next_guess(points, low: int, high: Optional[int], hbm: int) -> Optional[int]:
+def _next_guess(points, low: int, high: Optional[int], hbm: int, tolerance: float = 1 / 16,
+                bytes_per_image: Optional[float] = None) -> Optional[int]:
     """The next batch to compile. While nothing has failed: where the line through the last
-    two compiled points meets `hbm` (at least low + ~6%), or 2 x low. Once bracketed by
-    (low, high): that line's guess kept within the bracket's middle half, so the bracket
+    two compiled points meets `hbm` (at least low + `tolerance`), or 2 x low. Once bracketed
+    by (low, high): that line's guess kept within the bracket's middle half, so the bracket
     shrinks to at most 3/4 each time (XLA's own remat bends or flattens the line), or the
     bracket's middle. None when no batch is left to try."""
-    step = max(1, low // 16)
+    step = max(1, int(low * tolerance))
     lower = low + step if low else 1
     guess = None
     distinct = sorted(set(points))
@@ -203,6 +207,9 @@ def _next_guess(points, low: int, high: Optional[int], hbm: int) -> Optional[int
         (b1, t1), (b2, t2) = distinct[-2], distinct[-1]
         if b2 != b1 and t2 > t1:
             guess = int(b2 + (hbm - t2) * (b2 - b1) / (t2 - t1))
+    elif len(distinct) == 1 and bytes_per_image:
+        (b1, t1), = distinct
+        guess = int(b1 + (hbm - t1) / bytes_per_image)
     if high is None:
         if guess is not None:  # below `lower`: check the edge the line predicts; above
             # 4 x low: the line is near flat (XLA's own remat), do not leap past the answer

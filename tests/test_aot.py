@@ -89,3 +89,32 @@ def test_hbm_table_knows_the_tpu_generations():
     assert aot.hbm_bytes("TPU v5p") == 95 << 30
     assert aot.hbm_bytes("TPU v4") == 32 << 30
     assert aot.hbm_bytes("NVIDIA H100") is None
+
+
+def test_a_slope_hint_lets_the_first_compile_aim_at_the_limit(monkeypatch):
+    """With bytes_per_image (e.g. from the same model on another chip) the second compile
+    goes where that line meets HBM, and a coarser tolerance stops the search sooner."""
+    compiled = []
+
+    def fake_compile(config, devices, batch):
+        compiled.append(batch)
+        return aot.CompiledStep(per_chip_batch=batch, global_batch=batch, argument_bytes=10,
+                                output_bytes=0, alias_bytes=0, temp_bytes=batch,
+                                generated_code_bytes=0, flops=None, compile_seconds=0.0)
+    monkeypatch.setattr(aot, "compile_train_step", fake_compile)
+    best, _, misfit = aot.find_max_batch(None, None, hbm=110, start=40, report=lambda line: None,
+                                         tolerance=1 / 8, bytes_per_image=1.0)
+    assert compiled == [40, 100, 112] and best == 100 and misfit == 112
+
+
+def test_aot_table_seeds_the_next_chip_and_prints_the_table():
+    from mim_jax.benchmark import aot_table
+    cell = aot_table.CELLS[0]
+    v5e = {"key": cell.key, "chip": "v5e", "fits": 512, "fits_bytes": 15 << 30, "misfit": 576,
+           "compiles": [[512, 15 << 30, 200.0], [128, 11 << 30, 100.0], [256, 13 << 30, 100.0],
+                        [576, None, None]]}
+    start, slope = aot_table._seed(v5e, 32 << 30)
+    assert slope == (2 << 30) / 128  # the two smallest batches: 128 and 256
+    assert start == int((128 + (21 << 30) / slope) * 0.9) // 8 * 8
+    table = aot_table.markdown([v5e])
+    assert "| MAE B/16 | none | data 4 | **512** (15.0 GiB, 576 not) |" in table

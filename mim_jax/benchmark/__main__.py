@@ -57,7 +57,7 @@ from ml_collections import config_flags
 # JAX only reads its thread and platform settings when the first computation runs (after
 # pin_threads). TensorFlow, TFDS, torch and transformers are imported where they are used, so
 # a train-mode run needs none of them.
-from mim_jax.benchmark.compare_steps import load_config, run_compare_steps
+from mim_jax.benchmark.compare_steps import label_suffix, load_config, run_compare_steps
 from mim_jax.benchmark.compare_torch import run_compare_torch
 from mim_jax.benchmark.environment import pin_threads
 from mim_jax.benchmark.input_pipeline import run_input
@@ -93,8 +93,9 @@ _TOKENIZER_STEP = flags.DEFINE_bool(
     "tokenizer_step", True, "compare_torch with a tokenizer objective (BEiT): also time the "
     "mim_jax step that runs the tokenizer, interleaved as a third call per round.")
 _ALSO = flags.DEFINE_multi_string(
-    "also", [], "compare_steps: another config (path[:arg]) whose train step is timed next to "
-    "--config's, e.g. --also configs/mae.py:variant=B/16. Repeatable.")
+    "also", [], "compare_steps: another config (path[:arg][+field=value...]) whose train step "
+    "is timed next to --config's, e.g. --also configs/mae.py:variant=B/16 or --also "
+    "configs/mae.py+model.matmul_precision=bfloat16. Repeatable.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write every figure as JSON to this path.")
 _INPUT_FORMAT = flags.DEFINE_enum(
     "input_format", "tfds", ("tfds", "folder"),
@@ -125,7 +126,8 @@ def main(argv):
         if not _ALSO.value:
             raise app.UsageError("--mode compare_steps needs at least one --also CONFIG.")
         result = run_compare_steps([config] + [load_config(s) for s in _ALSO.value], threads,
-                                   steps, warmup, batch, _IMAGE_SIZE.value, _PROFILE.value)
+                                   steps, warmup, batch, _IMAGE_SIZE.value, _PROFILE.value,
+                                   [""] + [label_suffix(s) for s in _ALSO.value])
     elif mode == "train":
         apply_overrides(config, batch, _IMAGE_SIZE.value, variant)
         result = run_train(config, threads, _DATA.value, steps, warmup, _PEAK_FLOPS.value,

@@ -22,7 +22,9 @@ from mim_jax.benchmark.train_step import (StepRunner, build_train_setup, compile
 
 def load_config(spec: str, flag: str = "--also"):
     """'configs/spark.py:model=resnet50' -> that file's get_config('model=resnet50') (also
-    evaluate's way to its fine-tuning config)."""
+    evaluate's way to its fine-tuning config). Fields may follow, each after a '+':
+    'configs/mae.py:quickstart+model.matmul_precision=bfloat16' (one config two ways)."""
+    spec, *fields = spec.split("+")
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
         raise ValueError(f"{flag}={spec!r}: {path!r} is not a config file.")
@@ -30,7 +32,40 @@ def load_config(spec: str, flag: str = "--also"):
         f"compare_steps_config_{abs(hash(spec))}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    config = module.get_config(arg or None)
+    for field in fields:
+        name, sep, text = field.partition("=")
+        *parents, leaf = name.split(".")
+        node = config
+        try:
+            for key in parents:
+                node = node[key]
+            node[leaf]  # the field must exist
+        except (KeyError, AttributeError):
+            raise ValueError(f"{flag}: {name!r} is not a field of {path}.") from None
+        if not sep:
+            raise ValueError(f"{flag}: {field!r} is not FIELD=VALUE.")
+        node[leaf] = _value(text)
+    return config
+
+
+def label_suffix(spec: str) -> str:
+    """' + model.x=y, ...' for a spec with fields (load_config), else ''."""
+    fields = spec.split("+")[1:]
+    return " + " + ", ".join(fields) if fields else ""
+
+
+def _value(text: str):
+    """A field value from text: int, float, True / False / None, or the string itself."""
+    special = {"True": True, "true": True, "False": False, "false": False, "None": None}
+    if text in special:
+        return special[text]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def label_of(config) -> str:
@@ -43,12 +78,14 @@ def label_of(config) -> str:
 
 def run_compare_steps(configs: Sequence, threads: int, steps: int, warmup: int,
                       batch: Optional[int], image_size: Optional[int],
-                      profile: bool = False) -> dict:
-    """configs: the first is the reference every ratio divides by."""
+                      profile: bool = False, suffixes: Sequence[str] = ()) -> dict:
+    """configs: the first is the reference every ratio divides by; suffixes: appended to
+    the labels (label_suffix of each spec)."""
     runners, entries = {}, {}
-    for config in configs:
+    suffixes = list(suffixes) + [""] * (len(configs) - len(suffixes))
+    for config, suffix in zip(configs, suffixes):
         apply_overrides(config, batch, image_size, None)
-        label = label_of(config)
+        label = label_of(config) + suffix
         while label in runners:
             label += "'"
         setup = build_train_setup(config)

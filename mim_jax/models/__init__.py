@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+from absl import logging
 
-from mim_jax.models import remat as remat_lib, vit
+from mim_jax.models import matmul, remat as remat_lib, vit
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _QKV_BIAS = {"qkv": True, "qv": "qv", "none": False}
@@ -19,8 +20,13 @@ def dtype_from_name(name: str, field: str):
 def _common_kwargs(model_cfg) -> dict:
     """Options every backbone shares, validated with the config field names."""
     impl = model_cfg.get("attention_impl")
-    if impl not in (None, "xla", "cudnn"):
+    if impl not in vit.ATTENTION_IMPLS:
         raise ValueError(f"model.attention_impl={impl!r}; allowed: None, 'xla', 'cudnn'.")
+    asked = model_cfg.get("matmul_precision", "float32")
+    precision = matmul.resolve_precision(asked)  # ValueError naming the field
+    if asked == "auto":
+        logging.log_first_n(logging.INFO, "model.matmul_precision='auto': %s on this machine",
+                            1, precision)
     rate = model_cfg.get("drop_path_rate", 0.0)
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"model.drop_path_rate={rate!r} must be in [0, 1).")
@@ -28,7 +34,7 @@ def _common_kwargs(model_cfg) -> dict:
         drop_path_rate=rate, remat=remat_lib.policy_name(model_cfg.get("remat", False)) or False,
         dtype=dtype_from_name(model_cfg.get("dtype", "float32"), "model.dtype"),
         param_dtype=dtype_from_name(model_cfg.get("param_dtype", "float32"), "model.param_dtype"),
-        attention_impl=impl)
+        attention_impl=impl, matmul_precision=precision)
 
 
 def vit_from_config(model_cfg, image_size: int, channels: int, **extra) -> vit.ViT:
@@ -83,6 +89,10 @@ def _convnet_arch(model_cfg, image_size: int, resolve, fields, **fixed):
 
 def _convnet_kwargs(model_cfg) -> dict:
     kwargs = _common_kwargs(model_cfg)
+    kwargs.pop("matmul_precision")
+    if model_cfg.get("matmul_precision", "float32") == "bfloat16":  # 'auto' means float32 here
+        raise ValueError(f"model.matmul_precision='bfloat16' applies to ViT and Swin; "
+                         f"model.name={model_cfg.get('name')!r} allows 'float32', 'auto'.")
     del kwargs["attention_impl"]  # validated (None by default) but meaningless for ConvNets
     return kwargs
 

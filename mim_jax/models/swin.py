@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mim_jax.models import remat as remat_lib
+from mim_jax.models import matmul, remat as remat_lib, vit
 from mim_jax.models.vit import DropPath
 
 VARIANTS = {
@@ -212,14 +212,16 @@ class WindowAttention(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: Optional[str] = None
+    matmul_precision: str = "float32"  # see mim_jax.models.matmul
 
     @nn.compact
     def __call__(self, windows, shift_mask=None):
         """windows [B, nW, N, C]; shift_mask None or [nW, N, N] additive."""
         b, num_windows, n, width = windows.shape
         head_dim = width // self.num_heads
+        dot = matmul.dot_general_for(self.matmul_precision)
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=trunc_normal,
-                     bias_init=nn.initializers.zeros)
+                     bias_init=nn.initializers.zeros, dot_general=dot)
         # Fused q/k/v kernel (C, 3, heads, head_dim): the layout shared with the ViT converters.
         qkv = nn.DenseGeneral((3, self.num_heads, head_dim), name="qkv", **dense)(windows)
         qkv = qkv.reshape(b * num_windows, n, 3, self.num_heads, head_dim)
@@ -237,8 +239,7 @@ class WindowAttention(nn.Module):
             bias = bias[None] + jnp.asarray(shift_mask)[None, :, None]  # [1, nW, heads, N, N]
             bias = jnp.broadcast_to(bias, (b,) + bias.shape[1:])
             bias = bias.reshape(b * num_windows, self.num_heads, n, n)
-        out = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype),
-                                           implementation=self.attention_impl)
+        out = vit.attend(q, k, v, bias, self.attention_impl, dot)
         out = out.reshape(b, num_windows, n, self.num_heads, head_dim)
         return nn.DenseGeneral(width, axis=(-2, -1), name="proj", **dense)(out)
 
@@ -254,6 +255,7 @@ class SwinBlock(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: Optional[str] = None
+    matmul_precision: str = "float32"
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
@@ -264,14 +266,15 @@ class SwinBlock(nn.Module):
                                          param_dtype=self.param_dtype, name=name)
         dense = lambda features, name: nn.Dense(
             features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-            kernel_init=trunc_normal, bias_init=nn.initializers.zeros)
+            kernel_init=trunc_normal, bias_init=nn.initializers.zeros,
+            dot_general=matmul.dot_general_for(self.matmul_precision))
 
         y, s = norm("norm1")(x), self.shift_size
         if s:  # cyclic shift up-left; the mask keeps wrapped-around neighbours apart
             y = jnp.roll(y, (-s, -s), axis=(1, 2))
         mask = shifted_window_mask(h, self.window_size, s)
         y = WindowAttention(self.num_heads, self.window_size, self.dtype, self.param_dtype,
-                            self.attention_impl, name="attn")(
+                            self.attention_impl, self.matmul_precision, name="attn")(
             window_partition(y, self.window_size), mask)
         y = window_reverse(y, self.window_size, h, w)
         if s:
@@ -289,6 +292,7 @@ class PatchMerging(nn.Module):
     layer_norm_eps: float = LAYER_NORM_EPS
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    matmul_precision: str = "float32"
 
     @nn.compact
     def __call__(self, x):
@@ -300,7 +304,8 @@ class PatchMerging(nn.Module):
         x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                          param_dtype=self.param_dtype, name="norm")(x)
         return nn.Dense(2 * c, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                        kernel_init=trunc_normal, name="reduction")(x)
+                        kernel_init=trunc_normal, name="reduction",
+                        dot_general=matmul.dot_general_for(self.matmul_precision))(x)
 
 
 class SwinStage(nn.Module):
@@ -317,6 +322,7 @@ class SwinStage(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: Optional[str] = None
+    matmul_precision: str = "float32"
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
@@ -326,10 +332,13 @@ class SwinStage(nn.Module):
                           shift_size=self.shift_size if j % 2 else 0, mlp_ratio=self.mlp_ratio,
                           layer_norm_eps=self.layer_norm_eps, drop_rate=self.drop_rates[j],
                           dtype=self.dtype, param_dtype=self.param_dtype,
-                          attention_impl=self.attention_impl, name=f"block_{j}")(x, deterministic)
+                          attention_impl=self.attention_impl,
+                          matmul_precision=self.matmul_precision, name=f"block_{j}")(
+                              x, deterministic)
         if self.downsample:
             # torch's default eps, as in both references, whatever layer_norm_eps says.
-            x = PatchMerging(LAYER_NORM_EPS, self.dtype, self.param_dtype, name="downsample")(x)
+            x = PatchMerging(LAYER_NORM_EPS, self.dtype, self.param_dtype,
+                             self.matmul_precision, name="downsample")(x)
         return x
 
 
@@ -351,7 +360,8 @@ class Swin(nn.Module):
     remat: Any = False  # False or a policy name: see mim_jax.models.remat
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
+    attention_impl: Optional[str] = None  # see vit.attend
+    matmul_precision: str = "float32"  # see mim_jax.models.matmul
 
     @property
     def num_features(self) -> int:
@@ -400,6 +410,6 @@ class Swin(nn.Module):
                 drop_rates=tuple(float(r) for r in per_stage[stage]),
                 downsample=stage < cfg.num_stages - 1, remat=self.remat, dtype=self.dtype,
                 param_dtype=self.param_dtype, attention_impl=self.attention_impl,
-                name=f"stage_{stage}")(x, not train)
+                matmul_precision=self.matmul_precision, name=f"stage_{stage}")(x, not train)
         return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype,
                             param_dtype=self.param_dtype, name="norm")(x)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mim_jax.models import remat as remat_lib
+from mim_jax.models import matmul, remat as remat_lib
 
 # width, depth, mlp_dim, num_heads (ViT paper / DeiT sizes).
 VARIANTS = {
@@ -146,6 +146,7 @@ class QKVProjection(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     init_style: str = "xavier"
+    matmul_precision: str = "float32"  # see mim_jax.models.matmul
 
     @nn.compact
     def __call__(self, x):
@@ -155,7 +156,9 @@ class QKVProjection(nn.Module):
         # xavier-uniform on the 2-D (D, 3D) view, as the reference's fused Linear.
         kernel = self.param("kernel", kernel_init(self.init_style, 0, (1, 2, 3)),
                             (x.shape[-1], *shape), self.param_dtype)
-        y = jnp.einsum("bnd,dthk->bnthk", x.astype(self.dtype), kernel.astype(self.dtype))
+        dot = matmul.dot_general_for(self.matmul_precision) or jax.lax.dot_general
+        # [B, N, D] x [D, 3, heads, head_dim] -> [B, N, 3, heads, head_dim]
+        y = dot(x.astype(self.dtype), kernel.astype(self.dtype), (((2,), (0,)), ((), ())))
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype)
             if self.use_bias == "qv":  # the k slot exists in the layout but is never used
@@ -164,13 +167,31 @@ class QKVProjection(nn.Module):
         return y
 
 
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+
+
+def attend(q, k, v, bias=None, impl: Optional[str] = None, dot_general=None):
+    """Attention of q, k, v [B, N, heads, head_dim] with an additive logit bias: mim_jax's own
+    (impl None; the fastest on a CPU, and the only one that honours `dot_general`), or
+    jax.nn.dot_product_attention's 'xla' / 'cudnn' implementation."""
+    if impl is None:
+        return matmul.attention(q, k, v, bias, dot_general)
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={impl!r}; allowed: {list(ATTENTION_IMPLS)}.")
+    if bias is not None:
+        bias = bias.astype(q.dtype)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=impl)
+
+
 class Attention(nn.Module):
     num_heads: int
     qkv_bias: Any = True  # True, False, or 'qv' (BEiT: q and v biases, k bias fixed at zero)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
+    # None: mim_jax.models.matmul.attention; 'xla' or 'cudnn': jax.nn.dot_product_attention's.
+    attention_impl: Optional[str] = None
     init_style: str = "xavier"
+    matmul_precision: str = "float32"  # see mim_jax.models.matmul
 
     @nn.compact
     def __call__(self, x, bias=None):
@@ -178,14 +199,14 @@ class Attention(nn.Module):
         if width % self.num_heads:
             raise ValueError(f"width={width} is not divisible by num_heads={self.num_heads}.")
         head_dim = width // self.num_heads
+        dot = matmul.dot_general_for(self.matmul_precision)
         qkv = QKVProjection(self.num_heads, head_dim, self.qkv_bias, self.dtype, self.param_dtype,
-                            self.init_style, name="qkv")(x)
+                            self.init_style, self.matmul_precision, name="qkv")(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        if bias is not None:
-            bias = bias.astype(q.dtype)
-        out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=self.attention_impl)
+        out = attend(q, k, v, bias, self.attention_impl, dot)
         return nn.DenseGeneral(
             features=width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
+            dot_general=dot,
             # DenseGeneral initialises on the flattened 2-D (D, D) view: default fan axes.
             name="proj", kernel_init=kernel_init(self.init_style))(out)
 
@@ -205,6 +226,7 @@ class Block(nn.Module):
     # Static switch: with stochastic depth off no 'drop_path' RNG is needed or drawn.
     use_drop_path: bool = False
     init_style: str = "xavier"
+    matmul_precision: str = "float32"  # see mim_jax.models.matmul
 
     @nn.compact
     def __call__(self, x, drop_rate=0.0, deterministic: bool = True, attn_bias=None):
@@ -218,11 +240,12 @@ class Block(nn.Module):
             epsilon=LAYER_NORM_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         dense = lambda features, name: nn.Dense(
             features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-            kernel_init=kernel_init(self.init_style))
+            kernel_init=kernel_init(self.init_style),
+            dot_general=matmul.dot_general_for(self.matmul_precision))
 
         y = Attention(self.num_heads, self.qkv_bias, self.dtype, self.param_dtype,
-                      self.attention_impl, self.init_style, name="attn")(norm("norm1")(x),
-                                                                        attn_bias)
+                      self.attention_impl, self.init_style, self.matmul_precision,
+                      name="attn")(norm("norm1")(x), attn_bias)
         y = self._scale(y, "ls1", width)
         x = x + DropPath(name="drop_path1")(y, drop_rate, no_drop)
 
@@ -260,6 +283,7 @@ class Transformer(nn.Module):
     rel_pos_grid: Optional[int] = None  # per-block relative position bias
     rel_pos_cls: bool = True
     init_style: str = "xavier"
+    matmul_precision: str = "float32"
 
     # Drop-path rates follow linspace(0, drop_path_rate, rate_depth)[rate_offset:][:depth]
     # (None: depth): a head stacked on top of an encoder continues its rule (BEiT v2's CLS head).
@@ -279,7 +303,7 @@ class Transformer(nn.Module):
                             param_dtype=self.param_dtype, attention_impl=self.attention_impl,
                             use_drop_path=self.drop_path_rate > 0,
                             rel_pos_grid=self.rel_pos_grid, rel_pos_cls=self.rel_pos_cls,
-                            init_style=self.init_style)
+                            init_style=self.init_style, matmul_precision=self.matmul_precision)
         block_cls = remat_lib.wrap(Block, self.remat, static_argnums=(3,))  # deterministic
         if self.scan:
             def body(module, carry, rate):
@@ -371,6 +395,7 @@ class ViT(nn.Module):
     attention_impl: Optional[str] = None
     # 'xavier' (MAE / SimMIM) or 'beit' (truncated normal; see also rescale_beit_init).
     init_style: str = "xavier"
+    matmul_precision: str = "float32"  # see mim_jax.models.matmul
 
     def setup(self):
         cfg = self.config
@@ -411,7 +436,8 @@ class ViT(nn.Module):
             layer_scale_init=self.layer_scale_init, remat=self.remat, scan=self.scan,
             dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
             rel_pos_grid=cfg.grid if self.rel_pos_bias == "per_layer" else None,
-            rel_pos_cls=self.cls_token, init_style=self.init_style, name="transformer")
+            rel_pos_cls=self.cls_token, init_style=self.init_style,
+            matmul_precision=self.matmul_precision, name="transformer")
         self.norm = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype,
                                  param_dtype=self.param_dtype, name="norm")
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from mim_jax import masking, models
-from mim_jax.models import tokenizers, vit
+from mim_jax.models import matmul, tokenizers, vit
 from mim_jax.objectives.base import Objective, make_rngs
 
 
@@ -36,6 +36,7 @@ class BEiT(nn.Module):
         """-> logits [B, L, vocab] for every patch (and the CLS head's, or None)."""
         enc = self.encoder
         lm_head = nn.Dense(self.vocab_size, dtype=enc.dtype, param_dtype=enc.param_dtype,
+                           dot_general=matmul.dot_general_for(enc.matmul_precision),
                            kernel_init=vit.beit_trunc_normal(), name="lm_head")
         if not self.cls_head_layers:
             tokens = enc(images, token_mask=token_mask, train=train)
@@ -48,6 +49,7 @@ class BEiT(nn.Module):
             drop_path_rate=enc.drop_path_rate, qkv_bias=enc.qkv_bias,
             layer_scale_init=enc.layer_scale_init, dtype=enc.dtype, param_dtype=enc.param_dtype,
             attention_impl=enc.attention_impl, init_style=enc.init_style,
+            matmul_precision=enc.matmul_precision,
             rate_depth=max(cfg.depth, self.early_layers + self.cls_head_layers),
             rate_offset=self.early_layers,
             # with per-layer tables (fine-tuning layout) the head's blocks have their own too

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mim_jax import masking, models
-from mim_jax.models import vit
+from mim_jax.models import matmul, vit
 from mim_jax.objectives.base import Objective
 
 
@@ -56,6 +56,7 @@ class MAEDecoder(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: Optional[str] = None
+    matmul_precision: str = "float32"
     remat: bool = False
     scan: bool = False
 
@@ -64,7 +65,8 @@ class MAEDecoder(nn.Module):
         """latent: [B, 1+K, D_enc] (CLS first); ids_restore: [B, L] -> [B, L, p*p*C]."""
         dense = lambda features, name: nn.Dense(
             features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-            kernel_init=vit.xavier_uniform())
+            kernel_init=vit.xavier_uniform(),
+            dot_general=matmul.dot_general_for(self.matmul_precision))
         x = dense(self.width, "decoder_embed")(latent)
         b, n_vis = x.shape[0], x.shape[1] - 1
         mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.width),
@@ -81,7 +83,7 @@ class MAEDecoder(nn.Module):
         x = vit.Transformer(
             depth=self.depth, num_heads=self.num_heads, mlp_dim=int(self.width * self.mlp_ratio),
             dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
-            remat=self.remat, scan=self.scan, name="transformer")(x)
+            matmul_precision=self.matmul_precision, remat=self.remat, scan=self.scan, name="transformer")(x)
         x = nn.LayerNorm(epsilon=vit.LAYER_NORM_EPS, dtype=self.dtype,
                          param_dtype=self.param_dtype, name="decoder_norm")(x)
         return dense(self.patch_dim, "decoder_pred")(x)[:, 1:]
@@ -121,6 +123,7 @@ def build(config) -> Objective:
         width=obj_cfg.decoder_width, depth=obj_cfg.decoder_depth, num_heads=obj_cfg.decoder_heads,
         mlp_ratio=obj_cfg.get("decoder_mlp_ratio", 4.0), dtype=encoder.dtype,
         param_dtype=encoder.param_dtype, attention_impl=encoder.attention_impl,
+        matmul_precision=encoder.matmul_precision,
         remat=encoder.remat, scan=encoder.scan)
     model = MAE(encoder=encoder, decoder=decoder, mask_ratio=obj_cfg.mask_ratio)
     norm_pix = bool(obj_cfg.norm_pix_loss)

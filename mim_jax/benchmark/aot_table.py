@@ -1,0 +1,193 @@
+"""The largest per-chip batch that fits, for a grid of models x TPU generations x memory savers.
+
+  python -m mim_jax.benchmark.aot_table --out runs/aot_table.jsonl [--cells B/16,L/16]
+      [--chips v5e,v4,v5p] [--tolerance 0.125] [--max_compiles 6]
+
+Each cell is one `mim_jax.aot.find_max_batch` search (compiles of the real train step for a
+TPU slice described by libtpu; see mim_jax/aot.py). A search takes minutes per compile on a
+CPU, so results are appended to --out as JSON lines when a cell finishes, and a rerun skips
+the cells already there: the table can be built over several sittings. A cell's search starts
+where the same model and memory savers ended on the previous chip, moved along their memory
+line to the new chip's HBM. At the end the table is printed as Markdown.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import sys
+import time
+
+if __name__ == "__main__":
+    from mim_jax.allocator import reexec_with_cpu_allocator
+    reexec_with_cpu_allocator()
+
+from absl import app, flags
+
+from mim_jax import aot
+
+# A 2x2 slice of each generation: per-chip figures; fsdp 4 shards over its 4 chips.
+TOPOLOGIES = {"v5e": "v5e:2x2", "v4": "v4:2x2x1", "v5p": "v5p:2x2x1"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    model: str  # row label
+    config: str  # config file:argument
+    remat: str
+    fsdp: int  # 1: data parallel over the slice; 4: data=1, fsdp=4
+    start: int  # first per-chip batch tried on the first chip
+    # Scan compiles once per block shape instead of once per block (about half the compile
+    # time); used with remat, where its memory is close to the unrolled program's.
+    scan: bool = False
+
+    @property
+    def key(self) -> str:
+        mesh = "data" if self.fsdp == 1 else f"fsdp{self.fsdp}"
+        return f"{self.model}|{self.remat}|{mesh}|scan={self.scan}"
+
+
+def _vit(variant, remat, fsdp, start):
+    return Cell(f"MAE {variant}", f"configs/mae.py:variant={variant}", remat, fsdp, start,
+                scan=remat != "none")
+
+
+# In order of priority: no memory saver, every saver, then the two halves.
+CELLS = (
+    _vit("B/16", "none", 1, 512), _vit("L/16", "none", 1, 96), _vit("H/14", "none", 1, 16),
+    _vit("B/16", "full", 4, 768), _vit("L/16", "full", 4, 384), _vit("H/14", "full", 4, 128),
+    _vit("B/16", "full", 1, 1024), _vit("L/16", "full", 1, 256), _vit("H/14", "full", 1, 64),
+    _vit("B/16", "none", 4, 512), _vit("L/16", "none", 4, 128), _vit("H/14", "none", 4, 32),
+    Cell("SimMIM Swin-B 192 px", "configs/simmim.py:model=swin_b", "none", 1, 96),
+    Cell("SimMIM Swin-B 192 px", "configs/simmim.py:model=swin_b", "full", 4, 512),
+)
+
+_OUT = flags.DEFINE_string("out", "runs/aot_table.jsonl", "JSON lines, appended per cell.")
+_CELLS = flags.DEFINE_list("cells", [], "Only rows whose model label contains one of these.")
+_CHIPS = flags.DEFINE_list("chips", list(TOPOLOGIES), "TPU generations, in search order.")
+_TOLERANCE = flags.DEFINE_float("tolerance", 0.125, "Stop when the misfit is within this "
+                                "fraction above the largest fit.")
+_MAX_COMPILES = flags.DEFINE_integer("max_compiles", 6, "Compiles per cell at most.")
+
+
+def load_config(cell: Cell):
+    path, _, arg = cell.config.partition(":")
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    config = module.get_config(arg or None)
+    config.model.dtype = "bfloat16"
+    config.model.remat = cell.remat
+    if cell.scan:
+        config.model.scan = True
+    if cell.fsdp > 1:
+        config.mesh.data, config.mesh.fsdp = 1, cell.fsdp
+    return config
+
+
+def _read(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _seed(previous, hbm):
+    """(start batch, bytes per image) for a new chip from the same cell on an earlier chip:
+    the line through its two smallest compiled batches (below XLA's own remat), moved to
+    this chip's HBM, rounded down to a multiple of 8."""
+    points = sorted((b, t) for b, t, _ in previous["compiles"] if t is not None)
+    if len(points) < 2 or points[1][1] <= points[0][1]:
+        return None, None
+    (b1, t1), (b2, t2) = points[:2]
+    slope = (t2 - t1) / (b2 - b1)
+    guess = b1 + (hbm - t1) / slope
+    return max(8, int(guess * 0.9) // 8 * 8), slope
+
+
+def search(cell: Cell, chip: str, previous):
+    topology = TOPOLOGIES[chip]
+    devices = aot.topology_devices(topology)
+    hbm = aot.hbm_per_device(devices)
+    start, slope = _seed(previous, hbm) if previous else (None, None)
+    start = start or cell.start
+    compiles = []
+
+    def report(line):
+        print(f"[{cell.key} {chip}] {line.strip()}", flush=True)
+
+    real_compile = aot.compile_train_step
+
+    def recording_compile(config, devs, batch):
+        try:
+            step = real_compile(config, devs, batch)
+        except Exception:
+            compiles.append((batch, None, None))
+            raise
+        compiles.append((batch, step.total_bytes, step.compile_seconds))
+        return step
+
+    aot.compile_train_step = recording_compile
+    began = time.time()
+    try:
+        best, step, misfit = aot.find_max_batch(
+            load_config(cell), devices, hbm, start=start, report=report,
+            max_compiles=_MAX_COMPILES.value, tolerance=_TOLERANCE.value, bytes_per_image=slope)
+    finally:
+        aot.compile_train_step = real_compile
+    return {"key": cell.key, "model": cell.model, "remat": cell.remat, "fsdp": cell.fsdp,
+            "scan": cell.scan, "chip": chip, "topology": topology, "hbm": hbm,
+            "fits": best, "fits_bytes": step.total_bytes if step else None,
+            "misfit": misfit, "compiles": compiles, "seconds": time.time() - began,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def markdown(rows) -> str:
+    by = {(r["key"], r["chip"]): r for r in rows}
+    chips = [c for c in TOPOLOGIES if any(r["chip"] == c for r in rows)]
+    lines = ["| model | remat | mesh | " + " | ".join(
+        f"{c} ({TOPOLOGIES[c]})" for c in chips) + " |", "|---|---|---|" + "---|" * len(chips)]
+    for cell in CELLS:
+        cells = [by.get((cell.key, c)) for c in chips]
+        if not any(cells):
+            continue
+        text = []
+        for r in cells:
+            if r is None:
+                text.append("not searched")
+            elif not r["fits"]:
+                text.append(f"none fits ({r['misfit']} does not)")
+            else:
+                misfit = f", {r['misfit']} not" if r["misfit"] else ", no larger tried"
+                text.append(f"**{r['fits']}** ({r['fits_bytes'] / 2**30:.1f} GiB{misfit})")
+        mesh = "data 4" if cell.fsdp == 1 else f"fsdp {cell.fsdp}"
+        remat = cell.remat + (" + scan" if cell.scan else "")
+        lines.append(f"| {cell.model} | {remat} | {mesh} | " + " | ".join(text) + " |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    import jax
+    jax.config.update("jax_platforms", "cpu")
+    sys.path.insert(0, os.getcwd())  # configs import configs.common
+    os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+    done = {(r["key"], r["chip"]): r for r in _read(_OUT.value)}
+    for cell in CELLS:
+        if _CELLS.value and not any(c in cell.model for c in _CELLS.value):
+            continue
+        previous = None
+        for chip in _CHIPS.value:
+            if (cell.key, chip) in done:
+                previous = done[(cell.key, chip)]
+                continue
+            row = search(cell, chip, previous)
+            with open(_OUT.value, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            done[(cell.key, chip)] = previous = row
+            print(f"[{cell.key} {chip}] largest per-chip batch that fits: {row['fits']} "
+                  f"(not: {row['misfit']}); {row['seconds']:.0f} s", flush=True)
+    print(markdown(list(done.values())), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

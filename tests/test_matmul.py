@@ -1,0 +1,130 @@
+"""models.matmul: bfloat16-input products with float32 sums (model.matmul_precision), and the
+attention built on them."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from conftest import tiny_mae_config
+from mim_jax import objectives
+from mim_jax.models import matmul, vit
+
+# (lhs shape, rhs shape, dimension numbers): a Dense layer, the fused qkv projection, the
+# attention's two batched products, an output projection over two axes, contracted axes out
+# of order, and a batch of one.
+CASES = [
+    ((4, 5), (5, 6), (((1,), (0,)), ((), ()))),
+    ((2, 7, 16), (16, 3, 2, 4), (((2,), (0,)), ((), ()))),
+    ((2, 7, 3, 4), (2, 5, 3, 4), (((3,), (3,)), ((0, 2), (0, 2)))),
+    ((2, 3, 7, 5), (2, 5, 3, 4), (((3,), (1,)), ((0, 1), (0, 2)))),
+    ((2, 7, 3, 4), (3, 4, 10), (((2, 3), (0, 1)), ((), ()))),
+    ((6, 3, 4), (4, 3, 2, 5), (((2, 1), (0, 1)), ((), ()))),
+    ((1, 9, 8), (8, 12), (((2,), (0,)), ((), ()))),
+]
+
+
+def _operands(lhs_shape, rhs_shape, dims):
+    keys = jax.random.split(jax.random.key(0), 3)
+    lhs, rhs = jax.random.normal(keys[0], lhs_shape), jax.random.normal(keys[1], rhs_shape)
+    g = jax.random.normal(keys[2], lax.dot_general(lhs, rhs, dims).shape)
+    return lhs, rhs, g
+
+
+@pytest.mark.parametrize("lhs_shape,rhs_shape,dims", CASES)
+def test_the_custom_backward_is_the_products_gradient(lhs_shape, rhs_shape, dims):
+    """Rounding to float32 (no rounding), value and both gradients equal lax.dot_general's:
+    the hand-written transposes put every axis where it belongs."""
+    lhs, rhs, g = _operands(lhs_shape, rhs_shape, dims)
+    want, want_vjp = jax.vjp(lambda a, b: lax.dot_general(a, b, dims), lhs, rhs)
+    got, got_vjp = jax.vjp(
+        lambda a, b: matmul.rounded_dot_general(a, b, dims, jnp.float32), lhs, rhs)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.jit(got_vjp)(g), want_vjp(g)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lhs_shape,rhs_shape,dims", CASES)
+def test_bfloat16_products_run_compiled_and_err_by_bfloat16_rounding(lhs_shape, rhs_shape, dims):
+    """Compiled (XLA's CPU backend refuses bfloat16 x bfloat16 -> float32 in some operand
+    layouts: this runs every gradient product), float32 results, relative error of the order
+    of bfloat16's 2^-8 rounding and not zero (the inputs really are rounded)."""
+    lhs, rhs, g = _operands(lhs_shape, rhs_shape, dims)
+    want, want_vjp = jax.vjp(lambda a, b: lax.dot_general(a, b, dims), lhs, rhs)
+    fn = jax.jit(lambda a, b: jax.vjp(lambda x, y: matmul.bf16_dot_general(x, y, dims),
+                                      a, b)[1](g))
+    got = matmul.bf16_dot_general(lhs, rhs, dims)
+    grads = fn(lhs, rhs)
+    assert got.dtype == jnp.float32 and all(x.dtype == jnp.float32 for x in grads)
+    for a, b in zip((got, *grads), (want, *want_vjp(g))):
+        err = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+        assert 1e-5 < err < 1e-2, err
+
+
+def test_attention_equals_jax_dot_product_attention_with_a_bias():
+    keys = jax.random.split(jax.random.key(1), 4)
+    q, k, v = (jax.random.normal(key, (2, 7, 3, 8)) for key in keys[:3])
+    bias = jax.random.normal(keys[3], (1, 3, 7, 7))
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) ** 2)
+    ours = lambda q, k, v: matmul.attention(q, k, v, bias)
+    ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, bias=bias)
+    np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.grad(loss(ours), (0, 1, 2))(q, k, v),
+                    jax.grad(loss(ref), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # The 'xla' implementation is still selectable and computes the same.
+    np.testing.assert_allclose(vit.attend(q, k, v, bias, "xla"), ref(q, k, v), rtol=1e-6)
+
+
+def _mae_loss_and_grads(precision):
+    cfg = tiny_mae_config()
+    cfg.model.matmul_precision = precision
+    obj = objectives.build(cfg)
+    params = obj.init(jax.random.key(0))
+    images = jax.random.uniform(jax.random.key(2), (4, 32, 32, 3))
+    fn = jax.jit(jax.value_and_grad(lambda p: obj.loss_fn(p, {"image": images},
+                                                          {"mask": jax.random.key(1)},
+                                                          train=False)[0]))
+    return fn(params)
+
+
+def test_mae_with_bfloat16_matmuls_is_close_to_float32():
+    loss32, grads32 = _mae_loss_and_grads("float32")
+    loss16, grads16 = _mae_loss_and_grads("bfloat16")
+    assert loss16.dtype == jnp.float32
+    assert loss16 != loss32 and abs(float(loss16 / loss32) - 1) < 1e-2
+    flat32, flat16 = (jnp.concatenate([x.ravel() for x in jax.tree.leaves(g)])
+                      for g in (grads32, grads16))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(grads16))
+    cosine = float(flat16 @ flat32 / (jnp.linalg.norm(flat16) * jnp.linalg.norm(flat32)))
+    assert cosine > 0.999, cosine
+
+
+@pytest.mark.parametrize("name,value,match", [
+    ("vit", "float16", r"model.matmul_precision='float16'; allowed: \['float32', 'bfloat16', 'auto'\]"),
+    ("resnet", "bfloat16", r"model.matmul_precision='bfloat16' applies to ViT and Swin"),
+])
+def test_bad_matmul_precision_is_named(name, value, match):
+    from mim_jax import models
+    cfg = tiny_mae_config()
+    cfg.model.update(name=name, matmul_precision=value)
+    if name == "resnet":
+        cfg.model.variant = "50"
+        with pytest.raises(ValueError, match=match):
+            models.backbone_from_config(cfg.model, 32, 3)
+    else:
+        with pytest.raises(ValueError, match=match):
+            objectives.build(cfg)
+
+
+def test_auto_is_bfloat16_only_on_a_cpu_with_native_bfloat16(monkeypatch):
+    monkeypatch.setattr(matmul, "cpu_has_native_bf16", lambda: True)
+    assert matmul.resolve_precision("auto") == "bfloat16"  # the tests compute on the CPU
+    monkeypatch.setattr(matmul, "cpu_has_native_bf16", lambda: False)
+    assert matmul.resolve_precision("auto") == "float32"
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    monkeypatch.setattr(matmul, "cpu_has_native_bf16", lambda: True)
+    assert matmul.resolve_precision("auto") == "float32"
+    assert matmul.resolve_precision("bfloat16") == "bfloat16"
