@@ -128,3 +128,33 @@ def test_auto_is_bfloat16_only_on_a_cpu_with_native_bfloat16(monkeypatch):
     monkeypatch.setattr(matmul, "cpu_has_native_bf16", lambda: True)
     assert matmul.resolve_precision("auto") == "float32"
     assert matmul.resolve_precision("bfloat16") == "bfloat16"
+
+
+@pytest.mark.parametrize("spec", ["simmim.py:quickstart,model=swin", "simmim.py:quickstart",
+                                  "beit.py:quickstart"])
+def test_other_objectives_train_with_bfloat16_matmuls(spec):
+    """Swin (window attention, patch merging), SimMIM-ViT and BEiT (LM head, CLS head) compile
+    and differentiate with bfloat16 products, close to float32."""
+    import importlib
+    name, _, arg = spec.partition(":")
+    module = importlib.import_module("configs." + name.removesuffix(".py"))
+    results = []
+    for precision in ("float32", "bfloat16"):
+        cfg = module.get_config(arg)
+        cfg.model.matmul_precision = precision
+        obj = objectives.build(cfg)
+        params = obj.init(jax.random.key(0))
+        size, channels = cfg.data.image_size, cfg.data.channels
+        batch = {"image": jax.random.uniform(jax.random.key(2), (2, size, size, channels))}
+        if name == "beit.py":  # token ids in the batch: no tokenizer needed
+            grid = size // (cfg.model.patch_size or int(cfg.model.variant.split("/")[1]))
+            batch["tokens"] = jax.random.randint(jax.random.key(3), (2, grid * grid), 0,
+                                                 16)  # any ids below the vocabulary size
+        rngs = {"mask": jax.random.key(1), "drop_path": jax.random.key(4)}
+        results.append(jax.jit(jax.value_and_grad(
+            lambda p: obj.loss_fn(p, batch, rngs, train=True)[0]))(params))
+    (loss32, g32), (loss16, g16) = results
+    assert np.isfinite(loss16) and abs(float(loss16 / loss32) - 1) < 2e-2
+    flat32, flat16 = (jnp.concatenate([x.ravel() for x in jax.tree.leaves(g)]) for g in (g32, g16))
+    cosine = float(flat16 @ flat32 / (jnp.linalg.norm(flat16) * jnp.linalg.norm(flat32)))
+    assert cosine > 0.99, cosine

@@ -28,10 +28,15 @@ def _env(devices):
                 XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
+# float32 products: these tests compare losses across device counts, whose different summation
+# orders bfloat16 input rounding ('auto' on CPUs with AVX512-BF16) would amplify past 1e-5.
+FLOAT32 = ["--config.model.matmul_precision=float32"]
+
+
 def _cmd(workdir, tfds_dir, *overrides):
     return [sys.executable, "-m", "mim_jax.main", "--config", "configs/mae.py:quickstart",
             "--workdir", str(workdir), f"--config.data.data_dir={tfds_dir}", *TINY, *STEPS,
-            *overrides]
+            *FLOAT32, *overrides]
 
 
 def _run(workdir, tfds_dir, *overrides, devices=4):

@@ -6,9 +6,10 @@
 Each cell is one `mim_jax.aot.find_max_batch` search (compiles of the real train step for a
 TPU slice described by libtpu; see mim_jax/aot.py). A search takes minutes per compile on a
 CPU, so results are appended to --out as JSON lines when a cell finishes, and a rerun skips
-the cells already there: the table can be built over several sittings. A cell's search starts
-where the same model and memory savers ended on the previous chip, moved along their memory
-line to the new chip's HBM. At the end the table is printed as Markdown.
+the cells already there: the table can be built over several sittings. Every row is searched
+on the first chip before any row on the second. A cell's search starts where the same model
+and memory savers ended on an earlier chip, moved along their memory line to the new chip's
+HBM. At the end the table is printed as Markdown.
 """
 from __future__ import annotations
 
@@ -172,18 +173,19 @@ def main(argv):
     sys.path.insert(0, os.getcwd())  # configs import configs.common
     os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
     done = {(r["key"], r["chip"]): r for r in _read(_OUT.value)}
-    for cell in CELLS:
-        if _CELLS.value and not any(c in cell.model for c in _CELLS.value):
-            continue
-        previous = None
-        for chip in _CHIPS.value:
-            if (cell.key, chip) in done:
-                previous = done[(cell.key, chip)]
+    # Chips outer, cells inner: every row gets its first chip before any row its second.
+    for position, chip in enumerate(_CHIPS.value):
+        for cell in CELLS:
+            if _CELLS.value and not any(c in cell.model for c in _CELLS.value):
                 continue
+            if (cell.key, chip) in done:
+                continue
+            earlier = [done.get((cell.key, c)) for c in _CHIPS.value[:position]]
+            previous = next((r for r in reversed(earlier) if r), None)
             row = search(cell, chip, previous)
             with open(_OUT.value, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            done[(cell.key, chip)] = previous = row
+            done[(cell.key, chip)] = row
             print(f"[{cell.key} {chip}] largest per-chip batch that fits: {row['fits']} "
                   f"(not: {row['misfit']}); {row['seconds']:.0f} s", flush=True)
     print(markdown(list(done.values())), flush=True)
