@@ -30,7 +30,8 @@ def _train_rows(r: dict) -> list:
     rows = [
         ("model", f"{r['model']['objective']} {r['model']['variant']} @ "
                   f"{r['model']['image_size']} px, batch {r['model']['batch_size']}, "
-                  f"{r['model']['dtype']}"),
+                  f"{r['model']['dtype']}, matmul inputs "
+                  f"{r['model'].get('matmul_precision', 'float32')}"),
         ("trace + lower", _fmt_seconds(t["compile"]["trace_lower_s"])),
         ("XLA compile", _fmt_seconds(t["compile"]["compile_s"])),
         ("step time", _step_line(t["step_time"])),
@@ -122,7 +123,8 @@ def _compare_rows(r: dict) -> list:
     j, t, paired = r["mim_jax"], r["torch"], r["torch_over_mim_jax_paired_wall"]
     return [
         ("model", f"{_model_label(r['model'])} @ {r['model']['image_size']} px, batch "
-                  f"{r['model']['batch_size']}, float32, CPU"),
+                  f"{r['model']['batch_size']}, float32, matmul inputs "
+                  f"{r['model'].get('matmul_precision', 'float32')}, CPU"),
         ("threads", ", ".join(f"{k} {v}" for k, v in r["threads"].items())),
         ("malloc env", ", ".join(f"{k}={v}" for k, v in r["malloc_env"].items()) or "default"),
         ("mim_jax step", _step_line(j["step_time"]) + f"  ({j['images_per_sec']:.2f} img/s)"),
