@@ -109,6 +109,10 @@ def compile_train_step(config, devices, per_chip_batch: int) -> CompiledStep:
     global_batch = per_chip_batch * n_batch_shards
     config = config.copy_and_resolve_references()
     config.batch_size = global_batch
+    if config.model.get("matmul_precision") == "auto":
+        # 'auto' looks at the machine that computes, here the compiling CPU; the target is a
+        # TPU, where it means float32 (whose products a TPU takes in bfloat16 passes anyway).
+        config.model.matmul_precision = "float32"
     n_processes = max(d.process_index for d in devices) + 1
     task = train.validate_config(config, device_count=len(devices), process_count=n_processes,
                                  check_data_dir=False)

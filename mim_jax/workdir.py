@@ -24,7 +24,10 @@ FINAL_METRICS = "final_metrics.json"
 # freely between the runs of one workdir.
 OPERATIONAL = ("log_every_steps", "checkpoint", "evaluators", "accum_steps", "data.data_dir",
                "data.manual_dir", "data.prefetch", "data.num_parallel_calls", "model.remat",
-               "model.attention_impl", "model.scan", "mesh", "partition_rules", "fsdp_min_size")
+               "model.attention_impl", "model.scan", "mesh", "partition_rules", "fsdp_min_size",
+               # rounding of the products' inputs, like attention_impl a speed choice (and
+               # 'auto' differs between machines by design); records before it lack it
+               "model.matmul_precision")
 
 
 def flatten(config) -> dict:

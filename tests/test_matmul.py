@@ -21,6 +21,11 @@ CASES = [
     ((2, 7, 3, 4), (3, 4, 10), (((2, 3), (0, 1)), ((), ()))),
     ((6, 3, 4), (4, 3, 2, 5), (((2, 1), (0, 1)), ((), ()))),
     ((1, 9, 8), (8, 12), (((2,), (0,)), ((), ()))),
+    # batch axes out of order on both sides; contracted axes sorted on one side only, with
+    # free axes between them; both at once
+    ((3, 4, 2, 5), (5, 6, 2, 3, 4), (((1, 3), (4, 0)), ((2, 0), (2, 3)))),
+    ((2, 3, 4, 5, 6), (6, 7, 3, 2, 8), (((1, 4), (2, 0)), ((0,), (3,)))),
+    ((2, 3, 4, 5, 6), (5, 4, 2, 7, 3, 8), (((3, 1), (0, 4)), ((0, 2), (2, 1)))),
 ]
 
 
@@ -158,3 +163,16 @@ def test_other_objectives_train_with_bfloat16_matmuls(spec):
     flat32, flat16 = (jnp.concatenate([x.ravel() for x in jax.tree.leaves(g)]) for g in (g32, g16))
     cosine = float(flat16 @ flat32 / (jnp.linalg.norm(flat16) * jnp.linalg.norm(flat32)))
     assert cosine > 0.99, cosine
+
+
+def test_remat_policies_save_the_bfloat16_products(capsys):
+    """A Dense-like product is a plain 2-D dot, which 'dots_no_batch' saves (as 'dots' does)."""
+    from jax.ad_checkpoint import print_saved_residuals
+    x, w = jnp.ones((2, 8, 16)), jnp.ones((16, 32))
+    layer = lambda x, w: jnp.sum(jnp.tanh(
+        matmul.bf16_dot_general(x, w, (((2,), (0,)), ((), ())))))
+    for policy in (jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                   jax.checkpoint_policies.dots_saveable):
+        print_saved_residuals(jax.checkpoint(layer, policy=policy), x, w)
+        saved = capsys.readouterr().out
+        assert "f32[16,32] output of dot_general" in saved, saved

@@ -24,7 +24,7 @@ def _common_kwargs(model_cfg) -> dict:
         raise ValueError(f"model.attention_impl={impl!r}; allowed: None, 'xla', 'cudnn'.")
     asked = model_cfg.get("matmul_precision", "float32")
     precision = matmul.resolve_precision(asked)  # ValueError naming the field
-    if asked == "auto":
+    if asked == "auto" and model_cfg.get("name", "vit") in ("vit", "swin"):
         logging.log_first_n(logging.INFO, "model.matmul_precision='auto': %s on this machine",
                             1, precision)
     rate = model_cfg.get("drop_path_rate", 0.0)
