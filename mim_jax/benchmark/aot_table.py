@@ -39,8 +39,8 @@ class Cell:
     remat: str
     fsdp: int  # 1: data parallel over the slice; 4: data=1, fsdp=4
     start: int  # first per-chip batch tried on the first chip
-    # Scan compiles once per block shape instead of once per block (about half the compile
-    # time); used with remat, where its memory is close to the unrolled program's.
+    # Unrolled blocks: a scanned ViT compiles in about half the time, but on a TPU its remat
+    # program needed far more memory per image than the unrolled one (BENCHMARKS.md 7b).
     scan: bool = False
 
     @property
@@ -50,8 +50,7 @@ class Cell:
 
 
 def _vit(variant, remat, fsdp, start):
-    return Cell(f"MAE {variant}", f"configs/mae.py:variant={variant}", remat, fsdp, start,
-                scan=remat != "none")
+    return Cell(f"MAE {variant}", f"configs/mae.py:variant={variant}", remat, fsdp, start)
 
 
 # In order of priority: no memory saver, every saver, then the two halves.
