@@ -1,6 +1,6 @@
 """The largest per-chip batch that fits, for a grid of models x TPU generations x memory savers.
 
-  python -m mim_jax.benchmark.aot_table --out runs/aot_table.jsonl [--cells B/16,L/16]
+  python -m mim_jax.benchmark.aot_table --out benchmarks/aot_table.jsonl [--cells B/16,L/16]
       [--chips v5e,v4,v5p] [--tolerance 0.125] [--max_compiles 6]
 
 Each cell is one `mim_jax.aot.find_max_batch` search (compiles of the real train step for a
@@ -63,7 +63,8 @@ CELLS = (
     Cell("SimMIM Swin-B 192 px", "configs/simmim.py:model=swin_b", "full", 4, 512),
 )
 
-_OUT = flags.DEFINE_string("out", "runs/aot_table.jsonl", "JSON lines, appended per cell.")
+_OUT = flags.DEFINE_string("out", "benchmarks/aot_table.jsonl", "JSON lines, appended per "
+                            "cell (the repository keeps the cells searched so far).")
 _CELLS = flags.DEFINE_list("cells", [], "Only rows whose model label contains one of these.")
 _CHIPS = flags.DEFINE_list("chips", list(TOPOLOGIES), "TPU generations, in search order.")
 _TOLERANCE = flags.DEFINE_float("tolerance", 0.125, "Stop when the misfit is within this "
