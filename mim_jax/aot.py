@@ -165,7 +165,8 @@ def _fits(config, devices, batch, hbm) -> tuple:
 
 
 def find_max_batch(config, devices, hbm: int, start: int = 8, report=print, max_compiles=12,
-                   tolerance: float = 1 / 16, bytes_per_image: Optional[float] = None):
+                   tolerance: float = 1 / 16, bytes_per_image: Optional[float] = None,
+                   compiles: Optional[list] = None):
     """Largest per-chip batch that fits, within `tolerance` (batch // 16 by default):
     (batch, CompiledStep, smallest batch found not to fit or None). After `max_compiles` the
     bracket may be wider.
@@ -174,12 +175,16 @@ def find_max_batch(config, devices, hbm: int, start: int = 8, report=print, max_
     through the last two points guesses the answer (after one compile, a line of slope
     `bytes_per_image` when given, e.g. from the same model on another chip); each guess is
     then checked by compiling it, and the bracket [largest fit, smallest misfit] closes in a
-    few compiles (a compile of ViT-B takes minutes on a CPU)."""
+    few compiles (a compile of ViT-B takes minutes on a CPU). `compiles`, when given, gets
+    (batch, total bytes or None when out of memory, compile seconds or None) per compile."""
     points = []  # (batch, total bytes) of every step that compiled
     low, low_step, high = 0, None, None
     batch = start
     for _ in range(max_compiles):
         ok, step = _fits(config, devices, batch, hbm)
+        if compiles is not None:
+            compiles.append((batch, step.total_bytes, step.compile_seconds) if step
+                            else (batch, None, None))
         report(_row(step, hbm) if step else f"  per-chip batch {batch}: does not compile "
                "(out of memory)")
         if step is not None:

@@ -102,9 +102,11 @@ def test_a_slope_hint_lets_the_first_compile_aim_at_the_limit(monkeypatch):
                                 output_bytes=0, alias_bytes=0, temp_bytes=batch,
                                 generated_code_bytes=0, flops=None, compile_seconds=0.0)
     monkeypatch.setattr(aot, "compile_train_step", fake_compile)
+    record = []
     best, _, misfit = aot.find_max_batch(None, None, hbm=110, start=40, report=lambda line: None,
-                                         tolerance=1 / 8, bytes_per_image=1.0)
+                                         tolerance=1 / 8, bytes_per_image=1.0, compiles=record)
     assert compiled == [40, 100, 112] and best == 100 and misfit == 112
+    assert record == [(40, 50, 0.0), (100, 110, 0.0), (112, 122, 0.0)]
 
 
 def test_aot_table_seeds_the_next_chip_and_prints_the_table():

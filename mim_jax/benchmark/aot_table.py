@@ -116,25 +116,11 @@ def search(cell: Cell, chip: str, previous):
     def report(line):
         print(f"[{cell.key} {chip}] {line.strip()}", flush=True)
 
-    real_compile = aot.compile_train_step
-
-    def recording_compile(config, devs, batch):
-        try:
-            step = real_compile(config, devs, batch)
-        except Exception:
-            compiles.append((batch, None, None))
-            raise
-        compiles.append((batch, step.total_bytes, step.compile_seconds))
-        return step
-
-    aot.compile_train_step = recording_compile
     began = time.time()
-    try:
-        best, step, misfit = aot.find_max_batch(
-            load_config(cell), devices, hbm, start=start, report=report,
-            max_compiles=_MAX_COMPILES.value, tolerance=_TOLERANCE.value, bytes_per_image=slope)
-    finally:
-        aot.compile_train_step = real_compile
+    best, step, misfit = aot.find_max_batch(
+        load_config(cell), devices, hbm, start=start, report=report,
+        max_compiles=_MAX_COMPILES.value, tolerance=_TOLERANCE.value, bytes_per_image=slope,
+        compiles=compiles)
     return {"key": cell.key, "model": cell.model, "remat": cell.remat, "fsdp": cell.fsdp,
             "scan": cell.scan, "chip": chip, "topology": topology, "hbm": hbm,
             "fits": best, "fits_bytes": step.total_bytes if step else None,
