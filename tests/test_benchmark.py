@@ -343,3 +343,55 @@ def test_compare_steps_times_several_objectives_in_one_run(tmp_path):
         assert entry["xla_train_flops_per_image"] > 0 and np.isfinite(entry["final_loss"])
     with pytest.raises(ValueError, match=r"^--also='nope.py': 'nope.py' is not a config file"):
         load_config("nope.py")
+
+
+def test_gpu_trace_summary_sorts_kernels_by_kind():
+    from mim_jax.benchmark import gpu_trace
+
+    def fn(x, w):
+        return jnp.tanh(x @ w).sum(axis=1)
+
+    hlo = jax.jit(fn).lower(jnp.ones((4, 8)), jnp.ones((8, 8))).compile().as_text()
+    ops = op_profile.hlo_instruction_ops(hlo)
+    reduce_name = next(n for n, o in ops.items() if "reduce" in o and "dot" not in o)
+    kernel = reduce_name.replace(".", "_").replace("-", "_")  # how a GPU kernel is named
+    ps = 10**9  # 1 ms
+    # Two steps: [gemm 4 ms][idle 1][attention 2][our reduce 1][memset] per step.
+    events = []
+    for step in range(2):
+        t = step * 10 * ps
+        events += [("nvjet_sm90_tst_128x160_NNT", t, 4 * ps),
+                   ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", t + 5 * ps, 2 * ps),
+                   (kernel, t + 7 * ps, ps), ("Memset 3", t + 8 * ps, ps // 10)]
+    s = gpu_trace.summarize(events, hlo, steps=2)
+    cats = s["categories"]
+    assert cats[gpu_trace.MATMUL]["ms_per_step"] == pytest.approx(4.0)
+    assert cats[gpu_trace.ATTENTION]["ms_per_step"] == pytest.approx(2.0)
+    assert cats["reductions (norms, softmax, sums)"]["ms_per_step"] == pytest.approx(1.0)
+    assert cats[gpu_trace.UNMATCHED]["kernels_per_step"] == 1
+    assert s["kernels_per_step"] == 4
+    # Idle: 1 ms inside each step, plus the 1.9 ms between the steps, over 2 steps.
+    assert s["idle_ms_per_step"] == pytest.approx((2 * 1.0 + 1.9) / 2)
+    assert s["top_kernels"][0]["name"].startswith("nvjet")
+    assert "7.10" in gpu_trace.format_summary(s)  # kernel ms per step
+    with pytest.raises(ValueError, match="no GPU kernel"):
+        gpu_trace.summarize([], hlo, steps=1)
+
+
+def test_benchmark_times_the_fine_tuning_step(tmp_path):
+    """A config with a finetune block benchmarks the classifier's step (random labels)."""
+    from configs import finetune as finetune_config
+    config = finetune_config.get_config("quickstart")
+    config.model.update(depth=1)
+    config.data.name = "synthetic"
+    config.batch_size = 8
+    setup = train_step.build_train_setup(config)
+    assert setup.batch["label"].shape == (8,) and setup.batch["label"].dtype == jnp.int32
+    assert int(setup.batch["label"].max()) < 10
+    compiled, _ = train_step.compile_step(setup)
+    runner = train_step.StepRunner(compiled, setup.state, setup.batch)
+    metrics = runner()
+    assert np.isfinite(float(metrics["loss"]))
+    assert int(runner.state.step) == 1
+    flop = train_step.flops_report(config, compiled, 8)
+    assert flop["analytic_train_per_image"] > 0

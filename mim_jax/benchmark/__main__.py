@@ -89,6 +89,9 @@ _THREADS = flags.DEFINE_integer(
 _PROFILE = flags.DEFINE_bool(
     "profile", False, "train / compare_torch on the CPU: trace a few mim_jax steps with "
     "jax.profiler and report where the step time goes, by XLA op kind.")
+_TRACE_DIR = flags.DEFINE_string(
+    "trace_dir", None, "train: also write a jax.profiler trace of 3 steps and the compiled "
+    "step's HLO text to this folder (any backend; open it with TensorBoard's profile plugin).")
 _TOKENIZER_STEP = flags.DEFINE_bool(
     "tokenizer_step", True, "compare_torch with a tokenizer objective (BEiT): also time the "
     "mim_jax step that runs the tokenizer, interleaved as a third call per round.")
@@ -131,7 +134,7 @@ def main(argv):
     elif mode == "train":
         apply_overrides(config, batch, _IMAGE_SIZE.value, variant)
         result = run_train(config, threads, _DATA.value, steps, warmup, _PEAK_FLOPS.value,
-                           _PROFILE.value)
+                           _PROFILE.value, _TRACE_DIR.value)
     else:
         apply_overrides(config, batch, _IMAGE_SIZE.value, variant)
         result = run_compare_torch(config, threads, steps, warmup, _PROFILE.value,

@@ -74,6 +74,8 @@ def beit_masking_work(batch_size: int, grid: int, mask_cfg, width: int) -> Maski
 
 
 def masking_work_for(config) -> MaskingWork:
+    if config.get("finetune") is not None:
+        raise ValueError("fine-tuning masks nothing: no masking share.")
     obj, arch = config.objective, flops.backbone_arch(config)
     if obj.name == "mae":
         return mae_masking_work(config.batch_size, arch.num_patches, obj.mask_ratio,

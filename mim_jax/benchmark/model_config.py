@@ -22,8 +22,10 @@ def apply_overrides(config, batch: Optional[int], image_size: Optional[int],
 
 def describe_model(config) -> dict:
     arch = flops.backbone_arch(config)
-    obj = config.objective
-    return {"objective": obj.name, "backbone": config.model.get("name", "vit"),
+    finetune = config.get("finetune")
+    obj = finetune if finetune is not None else config.objective
+    return {"objective": f"finetune ({finetune.mode})" if finetune is not None else obj.name,
+            "backbone": config.model.get("name", "vit"),
             "variant": config.model.variant, "arch": dataclasses.asdict(arch),
             "image_size": config.data.image_size, "objective_config": obj.to_dict(),
             "dtype": config.model.get("dtype", "float32"),

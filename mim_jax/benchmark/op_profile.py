@@ -147,3 +147,16 @@ def profile_ops(runner: StepRunner, compiled, steps: int, top: int = 12) -> dict
                   "opcodes it runs; shares are of the summed thunk time",
     }
 
+
+def write_trace(runner: StepRunner, compiled, steps: int, trace_dir: str) -> dict:
+    """A jax.profiler trace of `steps` calls (any backend: TensorBoard's profile plugin or
+    XProf read it; on a GPU it holds every kernel with its HLO op) and the compiled step's HLO
+    text beside it, to name the ops behind the kernels."""
+    os.makedirs(trace_dir, exist_ok=True)
+    with open(os.path.join(trace_dir, "train_step.hlo.txt"), "w") as f:
+        f.write(compiled.as_text())
+    with jax.profiler.trace(trace_dir):
+        for _ in range(steps):
+            runner()
+    return {"trace_dir": trace_dir, "steps": steps}
+

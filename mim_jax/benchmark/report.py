@@ -41,8 +41,9 @@ def _train_rows(r: dict) -> list:
         ("images/s (on-device synthetic)", f"{t['images_per_sec']:.1f}"),
         ("train FLOPs/img analytic", _fmt_flops(f["analytic_train_per_image"])),
         ("train FLOPs/img XLA", _fmt_flops(f["xla_train_per_image"])),
-        ("XLA / analytic", "n/a" if f["xla_over_analytic"] is None
-         else f"{f['xla_over_analytic']:.3f}"),
+        ("XLA / analytic", ("n/a" if f["xla_over_analytic"] is None
+                            else f"{f['xla_over_analytic']:.3f}")
+         + (f"  [{f['xla_note']}]" if f.get("xla_note") else "")),
         (f"achieved ({t.get('achieved_flops_source', 'analytic')})",
          "n/a" if t["achieved_flops_per_sec"] is None
          else f"{t['achieved_flops_per_sec'] / 1e12:.4f} TFLOP/s"),

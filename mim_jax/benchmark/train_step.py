@@ -7,6 +7,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from mim_jax import flops, objectives, optim, sharding, train
 
@@ -56,15 +57,20 @@ def token_labels_shape(objective) -> Optional[tuple]:
 
 
 def _synthetic_device_batch(objective, batch_size: int, mesh, seed: int,
-                            precomputed_tokens: bool = False) -> dict:
+                            precomputed_tokens: bool = False,
+                            num_classes: Optional[int] = None) -> dict:
     """Random uint8 pixels, as the pipelines yield them: the step normalises them itself. With
     precomputed_tokens, also random int32 'tokens' [B, L] (ids tokenized ahead of time): the
-    objective then skips its tokenizer."""
+    objective then skips its tokenizer. With num_classes (fine-tuning), random int32 'label'."""
     shape = (batch_size, *objective.image_shape)
     rows = sharding.batch_sharded(mesh)
     make = jax.jit(lambda key: jax.random.randint(key, shape, 0, 256, jnp.int32).astype(
         jnp.uint8), out_shardings=rows)
     batch = {"image": make(jax.random.key(seed + 1))}
+    if num_classes is not None:
+        batch["label"] = jax.jit(
+            lambda key: jax.random.randint(key, (batch_size,), 0, num_classes, jnp.int32),
+            out_shardings=rows)(jax.random.key(seed + 3))
     if precomputed_tokens:
         labels = token_labels_shape(objective)
         if labels is None:
@@ -80,16 +86,26 @@ def build_train_setup(config, precomputed_tokens: bool = False) -> TrainSetup:
     """The trainer's own state (params and model_state, e.g. a frozen tokenizer: random
     weights, which cost the same time as real ones), optimizer and jitted step (donated state),
     without data. precomputed_tokens: the batch carries token ids, so a tokenizer objective
-    (BEiT) does not run its tokenizer in the step."""
-    objective = objectives.build(config)
+    (BEiT) does not run its tokenizer in the step. A config with a finetune block gives the
+    fine-tuning (or linear-probe) step, with random labels and randomly initialised weights."""
+    num_classes, ema_decay = None, 0.0
+    if config.get("finetune") is not None:
+        from mim_jax import finetune
+        task = finetune.build_task(config)
+        objective, ema_decay = task.objective, task.ema_decay
+        num_classes = finetune.num_classes(config)
+    else:
+        objective = objectives.build(config)
     mesh = sharding.make_mesh()
     accum = config.get("accum_steps", 1)
     sharding.check_batch_divisible(config.batch_size, accum, mesh)
     peak_lr = optim.peak_learning_rate(config.optimizer, config.batch_size)
     # The schedule only sets the learning-rate value; its length does not change the compute.
     schedule = optim.make_schedule(peak_lr, total_steps=10_000, warmup_steps=100)
-    tx = optim.make_optimizer(config.optimizer, schedule)
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+    # Layer-wise lr decay (fine-tuning) numbers the layers from the parameter tree.
+    abstract_params, _ = jax.eval_shape(objective.init_variables, init_rng)
+    tx = optim.make_optimizer(config.optimizer, schedule, abstract_params)
     repl = sharding.replicated(mesh)
 
     def init_state(rng):
@@ -97,15 +113,16 @@ def build_train_setup(config, precomputed_tokens: bool = False) -> TrainSetup:
         return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                 opt_state=tx.init(params),
                                 nonfinite_steps=jnp.zeros((), jnp.int32),
-                                model_state=model_state)
+                                model_state=model_state,
+                                ema_params=params if ema_decay > 0 else None)
 
     state = jax.jit(init_state, out_shardings=repl)(init_rng)
     step = jax.jit(train.make_train_step(objective, tx, schedule, accum, step_rng, mesh,
-                                         data_cfg=config.data),
+                                         ema_decay, data_cfg=config.data),
                    in_shardings=(repl, sharding.batch_sharded(mesh)), out_shardings=(repl, repl),
                    donate_argnums=(0,))
     batch = _synthetic_device_batch(objective, config.batch_size, mesh, config.seed,
-                                    precomputed_tokens)
+                                    precomputed_tokens, num_classes)
     return TrainSetup(objective, mesh, step, state, batch)
 
 
@@ -114,8 +131,10 @@ def compile_step(setup: TrainSetup):
     start = time.perf_counter()
     lowered = setup.step.lower(setup.state, setup.batch)
     lowered_at = time.perf_counter()
+    logging.info("Compiling the train step (traced and lowered in %.1f s)...", lowered_at - start)
     compiled = lowered.compile()
     done = time.perf_counter()
+    logging.info("Compiled in %.1f s.", done - lowered_at)
     return compiled, {"trace_lower_s": lowered_at - start, "compile_s": done - lowered_at}
 
 
@@ -146,9 +165,13 @@ def flops_report(config, compiled, per_device_batch: int) -> dict:
     xla_per_image = measured / per_device_batch if measured is not None else None
     loops = [name for name, on in (("model.scan", config.model.get("scan", False)),
                                    ("accum_steps > 1", config.get("accum_steps", 1) > 1)) if on]
+    notes = [f"{' and '.join(loops)}: XLA's cost analysis may count a loop body once, so "
+             "its figure can be low"] if loops else []
+    if jax.devices()[0].platform == "gpu":
+        notes.append("on a GPU, XLA's cost analysis leaves out the library calls (cuBLAS, "
+                     "cuDNN) that run most products, so its figure is far too low")
     return {
-        "xla_note": (f"{' and '.join(loops)}: XLA's cost analysis may count a loop body once, "
-                     "so its figure can be low" if loops else None),
+        "xla_note": "; ".join(notes) or None,
         "analytic_train_per_image": analytic,
         "analytic_forward_per_image": sum(forward.values()) if forward else None,
         "analytic_forward_breakdown": forward,

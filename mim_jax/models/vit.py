@@ -180,7 +180,24 @@ def attend(q, k, v, bias=None, impl: Optional[str] = None, dot_general=None):
         raise ValueError(f"attention_impl={impl!r}; allowed: {list(ATTENTION_IMPLS)}.")
     if bias is not None:
         bias = bias.astype(q.dtype)
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=impl)
+    n = q.shape[1]
+    if impl != "cudnn" or n % 2 == 0:
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=impl)
+    return _even_length_attention(q, k, v, bias, impl)
+
+
+def _even_length_attention(q, k, v, bias, impl):
+    """jax.nn.dot_product_attention on a sequence padded to an even length (cuDNN's flash
+    attention trains only on even lengths, e.g. not on a ViT's 197 tokens): the padding token
+    is masked out as a key (key_value_seq_lengths) and dropped from the output."""
+    n = q.shape[1]
+    pad = lambda t: jnp.pad(t, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    if bias is not None:  # [..., N, N] -> [..., N+1, N+1]
+        bias = jnp.pad(bias, [(0, 0)] * (bias.ndim - 2) + [(0, 1), (0, 1)])
+    lengths = jnp.full((q.shape[0],), n, jnp.int32)
+    out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), bias=bias,
+                                       key_value_seq_lengths=lengths, implementation=impl)
+    return out[:, :n]
 
 
 class Attention(nn.Module):

@@ -1,0 +1,156 @@
+"""Where a GPU train step's time goes: the kernels of a jax.profiler trace, by kind.
+
+  python -m mim_jax.benchmark --config ... --trace_dir DIR    # on the GPU machine
+  python -m mim_jax.benchmark.gpu_trace DIR [--steps 3]       # anywhere with TensorFlow
+
+DIR holds the trace (*.xplane.pb, searched recursively, or a copy of it) and the compiled
+step's HLO text (train_step.hlo.txt, or .gz). Kernels are sorted into matrix products (cuBLAS,
+gemm fusions), cuDNN attention, and XLA's own fusions by the HLO opcodes they run (a kernel is
+named after its HLO instruction, dots and dashes turned into underscores). The time between
+kernels (the device idle) is reported too: it is what launch overhead and host work cost.
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import os
+import re
+import sys
+from typing import Iterable, Optional, Sequence, Tuple
+
+from mim_jax.benchmark.op_profile import OTHER_CATEGORY, hlo_instruction_ops, op_category
+
+ATTENTION = "attention (cuDNN)"
+MATMUL = "matmul / conv (cuBLAS, cuDNN, gemm fusions)"
+UNMATCHED = "not an HLO instruction (memset, copies, library helpers)"
+# Library kernels carry the library's own names, not the HLO instruction's.
+_ATTENTION_WORDS = ("sdpa", "fmha", "flash")
+_MATMUL_WORDS = ("nvjet", "gemm", "xmma", "cutlass", "cublas", "wgmma")
+
+Event = Tuple[str, int, int]  # (kernel name, start ps, duration ps)
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[.\-]", "_", name)
+
+
+def classify_kernel(name: str, ops_by_kernel: dict) -> str:
+    lowered = name.lower()
+    if any(word in lowered for word in _ATTENTION_WORDS):
+        return ATTENTION
+    ops = ops_by_kernel.get(name)
+    if ops is None:
+        if any(word in lowered for word in _MATMUL_WORDS):
+            return MATMUL
+        return ATTENTION if "cudnn" in lowered else UNMATCHED
+    category = op_category(ops)
+    return MATMUL if category.startswith("matmul") else category
+
+
+def summarize(events: Sequence[Event], hlo_text: str, steps: int, top: int = 12) -> dict:
+    """Per-step kernel time by kind, the device's idle time between kernels, top kernels."""
+    if not events:
+        raise ValueError("the trace holds no GPU kernel events.")
+    ops_by_kernel = {_normalise(k): v for k, v in hlo_instruction_ops(hlo_text).items()}
+    by_category, count, by_kernel = (collections.Counter(), collections.Counter(),
+                                     collections.Counter())
+    for name, _, duration in events:
+        category = classify_kernel(name, ops_by_kernel)
+        by_category[category] += duration
+        count[category] += 1
+        by_kernel[name] += duration
+    busy = sum(by_category.values())
+    idle, end = 0, None
+    for _, start, duration in sorted(events, key=lambda e: e[1]):
+        if end is not None and start > end:
+            idle += start - end
+        end = start + duration if end is None else max(end, start + duration)
+    ms = lambda ps: ps / 1e9 / steps
+    return {
+        "steps": steps, "kernel_ms_per_step": ms(busy), "idle_ms_per_step": ms(idle),
+        "kernels_per_step": len(events) / steps,
+        "categories": {c: {"ms_per_step": ms(v), "share": v / busy,
+                           "kernels_per_step": count[c] / steps}
+                       for c, v in by_category.most_common()},
+        "top_kernels": [{"name": n, "ms_per_step": ms(v),
+                         "category": classify_kernel(n, ops_by_kernel),
+                         "opcodes": sorted(o for o in ops_by_kernel.get(n, ())
+                                           if o not in ("parameter", "fusion", "tuple",
+                                                        "bitcast", "constant"))}
+                        for n, v in by_kernel.most_common(top)],
+        "idle_note": "device time between the first kernel's start and the last kernel's end "
+                     "with no kernel running (launch gaps, host work, steps' boundaries)",
+    }
+
+
+def read_gpu_events(path: str) -> list:
+    """Kernel events of every GPU plane of an .xplane.pb file."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2  # ships with TensorFlow
+    space = xplane_pb2.XSpace()
+    with open(path, "rb") as f:
+        space.ParseFromString(f.read())
+    events = []
+    for plane in space.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        names = {k: v.name for k, v in plane.event_metadata.items()}
+        for line in plane.lines:
+            base = line.timestamp_ns * 1000
+            events.extend((names.get(e.metadata_id, ""), base + e.offset_ps, e.duration_ps)
+                          for e in line.events)
+    return events
+
+
+def _find(directory: str, patterns: Iterable[str]) -> Optional[str]:
+    for pattern in patterns:
+        found = sorted(glob.glob(os.path.join(directory, "**", pattern), recursive=True))
+        if found:
+            return found[-1]
+    return None
+
+
+def load(directory: str) -> tuple:
+    """-> (events, HLO text) of a --trace_dir folder."""
+    trace = _find(directory, ("*.xplane.pb",))
+    hlo = _find(directory, ("train_step.hlo.txt", "train_step.hlo.txt.gz"))
+    if trace is None or hlo is None:
+        raise FileNotFoundError(f"{directory} needs a *.xplane.pb trace and train_step.hlo.txt"
+                                f"[.gz]; found trace={trace}, hlo={hlo}.")
+    opener = gzip.open if hlo.endswith(".gz") else open
+    with opener(hlo, "rt") as f:
+        return read_gpu_events(trace), f.read()
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"kernels {summary['kernel_ms_per_step']:.2f} ms per step "
+             f"({summary['kernels_per_step']:.0f} kernels), device idle between kernels "
+             f"{summary['idle_ms_per_step']:.2f} ms per step"]
+    for category, v in summary["categories"].items():
+        lines.append(f"  {category:58s} {v['ms_per_step']:8.2f} ms {v['share']:6.1%} "
+                     f"({v['kernels_per_step']:.0f} kernels)")
+    lines.append("top kernels:")
+    for k in summary["top_kernels"]:
+        lines.append(f"  {k['name'][:60]:60s} {k['ms_per_step']:7.3f} ms  {k['category']}"
+                     + (f"  {', '.join(k['opcodes'][:8])}" if k["opcodes"] else ""))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> int:
+    args = list(argv)
+    steps = 3  # what --trace_dir records
+    if "--steps" in args:
+        i = args.index("--steps")
+        steps = int(args[i + 1])
+        del args[i:i + 2]
+    if len(args) != 1:
+        print("usage: python -m mim_jax.benchmark.gpu_trace TRACE_DIR [--steps N]",
+              file=sys.stderr)
+        return 2
+    events, hlo = load(args[0])
+    print(format_summary(summarize(events, hlo, steps)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
