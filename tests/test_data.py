@@ -637,6 +637,33 @@ def test_uint8_output_normalised_on_device_matches_float_path():
             assert np.all(np.abs(new - ref) <= bound + 1e-4)
 
 
+@pytest.mark.parametrize("fmt", ["jpeg", "png"])
+def test_uint8_train_image_flips_after_rounding_with_the_same_pixels(fmt):
+    """The pipeline rounds before the flip (cheaper); the pixels are those of rounding the
+    flipped float image, with a crop, without one, at reduced-scale decode and enlarging."""
+    cfg = data.default_data_config()
+    cfg.image_size, cfg.flip = 48, True
+    flipped = 0
+    for crop_scale in [(0.2, 1.0), None]:
+        cfg.crop_scale = crop_scale
+        spec = image_ops.ImageSpec.from_config(cfg)
+        for i, size in enumerate([(40, 56), (200, 240)]):  # enlarged / >= 2x: 1/2 DCT scale
+            if fmt == "jpeg":
+                encoded = tf.constant(_textured_jpeg(size, seed=i))
+            else:
+                pixels = np.random.default_rng(i).integers(0, 256, (*size, 3), dtype=np.uint8)
+                encoded = tf.io.encode_png(pixels)
+            for s in range(4):
+                seed = tf.constant([i, s], tf.int64)
+                got = image_ops.train_image_uint8(encoded, seed, spec).numpy()
+                want = image_ops.to_uint8(image_ops.train_image(encoded, seed, spec)).numpy()
+                assert got.dtype == np.uint8 and got.shape == (48, 48, 3)
+                np.testing.assert_array_equal(got, want)
+                unflipped = image_ops.to_uint8(image_ops._crop_resized(encoded, seed, spec)[0])
+                flipped += not np.array_equal(got, unflipped.numpy())
+    assert 0 < flipped < 16  # both branches of the flip were taken
+
+
 def test_pipeline_batches_are_uint8_and_normalise_like_the_float_path(textured_folder):
     """Through the real iterator (no crop, no flip: deterministic per file)."""
     cfg = _folder_cfg(textured_folder, image_size=16, mean=(0.5, 0.4, 0.3),

@@ -34,7 +34,7 @@ def _stage_functions(data_cfg) -> dict:
         f"+ resize to {size} ({interp}, antialias)":
             lambda e, s: image_ops.resize(crop(e, s), size, interp),
         "+ flip + uint8 (the pipeline's map)":
-            lambda e, s: image_ops.to_uint8(image_ops.train_image(e, s, spec)),
+            lambda e, s: image_ops.train_image_uint8(e, s, spec),
         "what-if: the map normalising on the host (float32 out)": lambda e, s: image_ops.normalize(
             image_ops.train_image(e, s, spec), spec.mean, spec.std),
         f"what-if: crop + {interp} resize without antialias":

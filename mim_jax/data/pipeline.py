@@ -124,7 +124,7 @@ class TrainData:
 
         def process(position, record):
             seed = tf.stack([tf.constant(augment_key, tf.int64), position])
-            image = image_ops.to_uint8(image_ops.train_image(load(record["ref"]), seed, spec))
+            image = image_ops.train_image_uint8(load(record["ref"]), seed, spec)
             out = {"image": image, "position": position}
             if "label" in record:
                 out["label"] = record["label"]
