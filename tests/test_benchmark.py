@@ -177,6 +177,8 @@ def test_train_mode_writes_json(tmp_path):
     assert set(step["compile"]) == {"trace_lower_s", "compile_s"}
     assert len(step["step_time"]["all_s"]) == 2
     assert step["mfu"] is None  # CPU: no peak unless --peak_flops
+    assert step["back_to_back"]["steps"] == 2 and step["back_to_back"]["images_per_sec"] > 0
+    assert "steps back to back" in proc.stdout
     assert step["flops"]["xla_train_per_image"] > 0
     assert step["flops"]["analytic_train_per_image"] > 0
     assert 0 < step["masking"]["share_of_step"] < 1

@@ -49,6 +49,9 @@ def _train_rows(r: dict) -> list:
          else f"{t['achieved_flops_per_sec'] / 1e12:.4f} TFLOP/s"),
         ("MFU", _fmt_pct(t["mfu"]) + f"  [{t['peak_flops_source']}"
                 + ("; --peak_flops sets one]" if t["mfu"] is None else "]")),
+        ("images/s, steps back to back", "n/a" if "back_to_back" not in t else
+         f"{t['back_to_back']['images_per_sec']:.1f}, MFU {_fmt_pct(t['back_to_back']['mfu'])}"
+         "  [dispatched without waiting, as the trainer does]"),
         ("peak memory", f"{t['memory']['bytes'] / 2**30:.2f} GiB  [{t['memory']['source']}]"),
     ]
     if "note" in t["masking"]:
