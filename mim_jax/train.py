@@ -22,7 +22,8 @@ from mim_jax.errors import ConfigError, RunError
 
 
 class NonFiniteError(RunError, FloatingPointError):
-    """A step produced a non-finite loss, gradient or state; its update was skipped."""
+    """A step produced a non-finite loss or gradient (its update was skipped) or a non-finite
+    state; the run stops before anything is saved."""
 
 
 @flax.struct.dataclass
@@ -30,8 +31,8 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
-    # Steps whose loss or gradient was not finite; such updates are skipped, so the state (and
-    # every checkpoint) keeps the last good parameters. The host stops the run when it is > 0.
+    # Steps whose loss or gradient was not finite (their updates are skipped) or whose update
+    # left a non-finite state. The host stops the run when it is > 0, before saving anything.
     nonfinite_steps: jax.Array
     # Variables that are not trained by the optimizer: BatchNorm statistics, a frozen encoder
     # (linear probe). Empty for the pretraining objectives.
@@ -62,13 +63,17 @@ def _micro_batches(batch, accum_steps: int, mesh):
     return jax.tree.map(split, batch)
 
 
-def _state_ok(tree) -> jax.Array:
-    """True when the global L2 norm of the tree's float leaves is finite in float32: catches
-    NaN/inf and also an exploded state (|x| > ~1e19), which would only turn into NaN a step
-    later, after it may already have been checkpointed."""
+def _float_norm(tree) -> jax.Array:
+    """Global L2 norm of the tree's float leaves, in float32 (0 for a tree without any). It is
+    finite exactly when no leaf holds NaN/inf and none has exploded (|x| > ~1e19, which would
+    only turn into NaN a step later, after it may already have been checkpointed)."""
     leaves = [x.astype(jnp.float32) for x in jax.tree.leaves(tree)
               if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.isfinite(optax.global_norm(leaves)) if leaves else jnp.asarray(True)
+    return optax.global_norm(leaves) if leaves else jnp.zeros((), jnp.float32)
+
+
+def _state_ok(tree) -> jax.Array:
+    return jnp.isfinite(_float_norm(tree))
 
 
 def make_train_step(objective, tx, schedule, accum_steps: int, base_rng, mesh,
@@ -107,24 +112,38 @@ def make_train_step(objective, tx, schedule, accum_steps: int, base_rng, mesh,
             # mean of micro-batch gradients is the large-batch gradient.
             grads = jax.tree.map(lambda g: g / accum_steps, grads)
             metrics = jax.tree.map(lambda m: m.mean(0), metrics)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
-        # An update may be finite in the gradient and still break the state (a huge lr, an
-        # overflowing moment): then it is skipped too, so no checkpoint ever holds a NaN/inf.
-        finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-                  & _state_ok(params) & _state_ok(opt_state))
-        keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        ema = state.ema_params
-        if ema is not None:
-            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+        # A non-finite loss or gradient skips the update. Deciding before the update lets it
+        # run in place under the cond; selecting between new and old state after it would keep
+        # a second copy of the state alive (measured: 0.67 s instead of 0.15 s per ViT-B step
+        # on a 2-core CPU, ~8% of the step).
+        gradient_ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+
+        def update(operands):
+            params, opt_state, ema, grads = operands
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            if ema is not None:
+                ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                                   ema, params)
+            return params, opt_state, ema
+
+        params, opt_state, ema = jax.lax.cond(
+            gradient_ok, update, lambda operands: operands[:3],
+            (state.params, state.opt_state, state.ema_params, grads))
+        # A finite gradient can still break the state (a huge lr, an overflowing moment). That
+        # update is not rolled back (that would cost the copy above) but counted like a skipped
+        # one: the host stops the run at its next check, which comes before any checkpoint or
+        # evaluation, so no checkpoint ever holds a NaN/inf.
+        param_norm = _float_norm(params)
+        finite = gradient_ok & jnp.isfinite(param_norm) & _state_ok(opt_state)
         new_state = TrainState(
-            step=state.step + 1, params=keep_new(params, state.params),
-            opt_state=keep_new(opt_state, state.opt_state),
+            step=state.step + 1, params=params, opt_state=opt_state,
             nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
-            model_state=keep_new(model_state, state.model_state),
-            ema_params=None if ema is None else keep_new(ema, state.ema_params))
-        metrics = dict(metrics, grad_norm=grad_norm, param_norm=optax.global_norm(params),
+            model_state=jax.tree.map(lambda n, o: jnp.where(gradient_ok, n, o),
+                                     model_state, state.model_state),
+            ema_params=ema)
+        metrics = dict(metrics, grad_norm=grad_norm, param_norm=param_norm,
                        lr=schedule(state.step))
         return new_state, metrics
 
@@ -372,8 +391,8 @@ def _run(config, workdir, task, objective, mesh, accum, is_main, ckpt, allow_con
         if int(jax.device_get(state.nonfinite_steps)):
             last = ckpt.latest_step()
             raise NonFiniteError(
-                f"non-finite loss, gradient or updated state before step {step}; the update "
-                "was skipped, so no checkpoint holds a non-finite value"
+                f"non-finite loss, gradient or updated state before step {step}; the run "
+                "stopped before saving it, so no checkpoint holds a non-finite value"
                 f"{f' (the last is step {last})' if last else ''}. Lower the learning rate, "
                 "enable optimizer.grad_clip_norm, or use float32.")
 
@@ -396,6 +415,8 @@ def _run(config, workdir, task, objective, mesh, accum, is_main, ckpt, allow_con
         if step % ckpt.every_steps == 0:
             check_finite()
             ckpt.maybe_save(step, state)
+        if any(step == total_steps or step % ev.every_steps == 0 for ev in evals):
+            check_finite()  # an evaluation never sees a broken state
         for ev in evals:
             ev.maybe_run(step, state, force=step == total_steps)
         # A signal (preemption, Ctrl-C) stops the run here, at a step boundary that every

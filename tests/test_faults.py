@@ -143,7 +143,7 @@ def test_exploding_update_is_skipped_and_never_checkpointed(tfds_dir, tmp_path, 
     cfg = tiny_train_config(tfds_dir, log_every_steps=100)  # only the save checks the count
     cfg.optimizer.base_lr = lr
     workdir = str(tmp_path / "run")
-    with pytest.raises(FloatingPointError, match="before step 4; the update was skipped"):
+    with pytest.raises(FloatingPointError, match="before step 4; the run stopped before saving"):
         train.train_and_evaluate(cfg, workdir)
     assert checkpointing.Checkpointer(workdir).all_steps() == []
 

@@ -232,3 +232,33 @@ def test_a_checkpoint_resumes_with_scan_switched_on_and_off(tfds_dir, tmp_path):
         resumed = logged_losses(switched)
         np.testing.assert_allclose([resumed[s] for s in range(5, 9)],
                                    [straight[s] for s in range(5, 9)], rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["nan_loss", "exploding_lr", "finite"])
+def test_train_step_skips_a_non_finite_gradient_and_counts_a_broken_state(case):
+    """A NaN loss / gradient leaves params and optimizer state exactly as they were; an update
+    from a finite gradient that breaks the state (lr 1e36) is applied but counted, so the host
+    stops before saving; a normal step counts nothing."""
+    obj = objectives.build(tiny_mae_config())
+    params = obj.init(jax.random.key(0))
+    images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    if case == "nan_loss":
+        images = images.at[0, 0, 0, 0].set(jnp.nan)
+    lr = 1e36 if case == "exploding_lr" else 1e-3
+    schedule = optim.make_schedule(lr, 10, 0)
+    tx = optax.adam(schedule)
+    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                             opt_state=tx.init(params), nonfinite_steps=jnp.zeros((), jnp.int32))
+    step = jax.jit(train.make_train_step(obj, tx, schedule, 1, jax.random.key(3),
+                                         sharding.make_mesh()))
+    new, metrics = step(state, {"image": images})
+    assert int(new.step) == 1
+    assert int(new.nonfinite_steps) == (0 if case == "finite" else 1)
+    same = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)),
+                                        (new.params, new.opt_state),
+                                        (state.params, state.opt_state)))
+    if case == "nan_loss":
+        assert all(same) and not np.isfinite(float(metrics["loss"]))
+    else:
+        assert not all(same)
+        assert np.isfinite(float(metrics["param_norm"])) == (case == "finite")
