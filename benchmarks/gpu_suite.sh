@@ -66,5 +66,6 @@ for r in "${rows[@]}"; do
     f=$(find /tmp/trace_mae_l16 -name '*.xplane.pb' | tail -1)
     [ -n "$f" ] && cp "$f" "$out/trace.xplane.pb"
     gzip -c /tmp/trace_mae_l16/train_step.hlo.txt > "$out/train_step.hlo.txt.gz"
+    cp /tmp/trace_mae_l16/traced_steps.txt "$out/" 2>/dev/null
   fi
 done

@@ -164,8 +164,14 @@ def forward_flops_breakdown(config) -> dict:
 
 
 def model_flops_per_image(config) -> float:
-    """Analytic TRAIN-step FLOPs per image (3x forward); pass to reporting.Progress for MFU."""
-    return TRAIN_TO_FORWARD * sum(forward_flops_breakdown(config).values())
+    """Analytic TRAIN-step FLOPs per image (3x forward); pass to reporting.Progress for MFU.
+    A linear probe's frozen encoder only runs forward: 1x for it, 3x for the head."""
+    parts = forward_flops_breakdown(config)
+    finetune = config.get("finetune")
+    if finetune is not None and finetune.get("mode") == "linear_probe":
+        head = parts.pop("head")
+        return sum(parts.values()) + TRAIN_TO_FORWARD * head
+    return TRAIN_TO_FORWARD * sum(parts.values())
 
 
 # Dense bf16 peak FLOP/s of one device (chip), by a lower-case substring of device_kind; the

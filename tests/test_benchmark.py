@@ -376,6 +376,8 @@ def test_gpu_trace_summary_sorts_kernels_by_kind():
     assert s["idle_ms_per_step"] == pytest.approx((2 * 1.0 + 1.9) / 2)
     assert s["top_kernels"][0]["name"].startswith("nvjet")
     assert "7.10" in gpu_trace.format_summary(s)  # kernel ms per step
+    # A cuDNN kernel that is not attention (a convolution's) counts as a product.
+    assert gpu_trace.classify_kernel("cudnn::nchwToNhwcKernel", {}) == gpu_trace.MATMUL
     with pytest.raises(ValueError, match="no GPU kernel"):
         gpu_trace.summarize([], hlo, steps=1)
 
@@ -397,3 +399,15 @@ def test_benchmark_times_the_fine_tuning_step(tmp_path):
     assert int(runner.state.step) == 1
     flop = train_step.flops_report(config, compiled, 8)
     assert flop["analytic_train_per_image"] > 0
+
+
+def test_linear_probe_flops_count_the_frozen_encoder_forward_only():
+    from configs import finetune as finetune_config
+    config = finetune_config.get_config("model=vit_b")
+    full = flops.model_flops_per_image(config)
+    parts = flops.forward_flops_breakdown(config)
+    config.finetune.mode = "linear_probe"
+    probe = flops.model_flops_per_image(config)
+    assert probe == pytest.approx(sum(parts.values()) + 2 * parts["head"])
+    assert probe < full / 2.9
+

@@ -139,7 +139,7 @@ def test_fingerprint_detects_every_single_bit_flip():
 
 
 @pytest.mark.parametrize("lr", [1e36, 1e30])
-def test_exploding_update_is_skipped_and_never_checkpointed(tfds_dir, tmp_path, lr):
+def test_exploding_update_stops_the_run_and_is_never_checkpointed(tfds_dir, tmp_path, lr):
     cfg = tiny_train_config(tfds_dir, log_every_steps=100)  # only the save checks the count
     cfg.optimizer.base_lr = lr
     workdir = str(tmp_path / "run")

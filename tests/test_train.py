@@ -95,7 +95,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tfds_dir, tmp_path,
 
     monkeypatch.setattr(data, "create_train_iterator", poisoned)
     workdir = str(tmp_path / "nan")
-    with pytest.raises(FloatingPointError, match="non-finite loss, gradient or updated state before step 6"):
+    with pytest.raises(FloatingPointError,
+                       match="non-finite loss, gradient or updated state at or before step 6"):
         train.train_and_evaluate(cfg, workdir)
     ckpt = checkpointing.Checkpointer(workdir)
     assert ckpt.all_steps() == [4]
@@ -234,11 +235,14 @@ def test_a_checkpoint_resumes_with_scan_switched_on_and_off(tfds_dir, tmp_path):
                                    [straight[s] for s in range(5, 9)], rtol=1e-5)
 
 
+@pytest.mark.parametrize("by_cond", [True, False])  # the CPU's lax.cond / GPU-TPU's select
 @pytest.mark.parametrize("case", ["nan_loss", "exploding_lr", "finite"])
-def test_train_step_skips_a_non_finite_gradient_and_counts_a_broken_state(case):
+def test_train_step_skips_a_non_finite_gradient_and_counts_a_broken_state(
+        case, by_cond, monkeypatch):
     """A NaN loss / gradient leaves params and optimizer state exactly as they were; an update
     from a finite gradient that breaks the state (lr 1e36) is applied but counted, so the host
     stops before saving; a normal step counts nothing."""
+    monkeypatch.setattr(train, "_skip_by_cond", lambda mesh: by_cond)
     obj = objectives.build(tiny_mae_config())
     params = obj.init(jax.random.key(0))
     images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))

@@ -3,8 +3,9 @@
   python -m mim_jax.benchmark --config ... --trace_dir DIR    # on the GPU machine
   python -m mim_jax.benchmark.gpu_trace DIR [--steps 3]       # anywhere with TensorFlow
 
-DIR holds the trace (*.xplane.pb, searched recursively, or a copy of it) and the compiled
-step's HLO text (train_step.hlo.txt, or .gz). Kernels are sorted into matrix products (cuBLAS,
+DIR holds the trace (*.xplane.pb, searched recursively, or a copy of it), the compiled step's
+HLO text (train_step.hlo.txt, or .gz) and the number of traced steps (traced_steps.txt; else 3
+or --steps). Only GPU 0's kernels are read. Kernels are sorted into matrix products (cuBLAS,
 gemm fusions), cuDNN attention, and XLA's own fusions by the HLO opcodes they run (a kernel is
 named after its HLO instruction, dots and dashes turned into underscores). The time between
 kernels (the device idle) is reported too: it is what launch overhead and host work cost.
@@ -29,6 +30,7 @@ _ATTENTION_WORDS = ("sdpa", "fmha", "flash")
 _MATMUL_WORDS = ("nvjet", "gemm", "xmma", "cutlass", "cublas", "wgmma")
 
 Event = Tuple[str, int, int]  # (kernel name, start ps, duration ps)
+STEPS_FILE = "traced_steps.txt"  # written by op_profile.write_trace
 
 
 def _normalise(name: str) -> str:
@@ -41,9 +43,10 @@ def classify_kernel(name: str, ops_by_kernel: dict) -> str:
         return ATTENTION
     ops = ops_by_kernel.get(name)
     if ops is None:
-        if any(word in lowered for word in _MATMUL_WORDS):
+        # cuDNN's other kernels are convolutions (or their layout helpers), not attention.
+        if any(word in lowered for word in _MATMUL_WORDS + ("cudnn", "conv")):
             return MATMUL
-        return ATTENTION if "cudnn" in lowered else UNMATCHED
+        return UNMATCHED
     category = op_category(ops)
     return MATMUL if category.startswith("matmul") else category
 
@@ -84,15 +87,15 @@ def summarize(events: Sequence[Event], hlo_text: str, steps: int, top: int = 12)
     }
 
 
-def read_gpu_events(path: str) -> list:
-    """Kernel events of every GPU plane of an .xplane.pb file."""
+def read_gpu_events(path: str, device: int = 0) -> list:
+    """Kernel events of one GPU's plane (/device:GPU:<device>) of an .xplane.pb file."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2  # ships with TensorFlow
     space = xplane_pb2.XSpace()
     with open(path, "rb") as f:
         space.ParseFromString(f.read())
     events = []
     for plane in space.planes:
-        if not plane.name.startswith("/device:GPU"):
+        if plane.name != f"/device:GPU:{device}":
             continue
         names = {k: v.name for k, v in plane.event_metadata.items()}
         for line in plane.lines:
@@ -111,15 +114,20 @@ def _find(directory: str, patterns: Iterable[str]) -> Optional[str]:
 
 
 def load(directory: str) -> tuple:
-    """-> (events, HLO text) of a --trace_dir folder."""
+    """-> (events of GPU 0, HLO text, traced steps or None) of a --trace_dir folder."""
     trace = _find(directory, ("*.xplane.pb",))
     hlo = _find(directory, ("train_step.hlo.txt", "train_step.hlo.txt.gz"))
     if trace is None or hlo is None:
         raise FileNotFoundError(f"{directory} needs a *.xplane.pb trace and train_step.hlo.txt"
                                 f"[.gz]; found trace={trace}, hlo={hlo}.")
+    steps_file = _find(directory, (STEPS_FILE,))
+    steps = None
+    if steps_file is not None:
+        with open(steps_file) as f:
+            steps = int(f.read().strip())
     opener = gzip.open if hlo.endswith(".gz") else open
     with opener(hlo, "rt") as f:
-        return read_gpu_events(trace), f.read()
+        return read_gpu_events(trace), f.read(), steps
 
 
 def format_summary(summary: dict) -> str:
@@ -138,7 +146,7 @@ def format_summary(summary: dict) -> str:
 
 def main(argv: Sequence[str]) -> int:
     args = list(argv)
-    steps = 3  # what --trace_dir records
+    steps = None
     if "--steps" in args:
         i = args.index("--steps")
         steps = int(args[i + 1])
@@ -147,7 +155,8 @@ def main(argv: Sequence[str]) -> int:
         print("usage: python -m mim_jax.benchmark.gpu_trace TRACE_DIR [--steps N]",
               file=sys.stderr)
         return 2
-    events, hlo = load(args[0])
+    events, hlo, traced = load(args[0])
+    steps = steps or traced or 3  # --trace_dir writes how many steps it traced
     print(format_summary(summarize(events, hlo, steps)))
     return 0
 

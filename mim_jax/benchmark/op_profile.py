@@ -155,6 +155,8 @@ def write_trace(runner: StepRunner, compiled, steps: int, trace_dir: str) -> dic
     os.makedirs(trace_dir, exist_ok=True)
     with open(os.path.join(trace_dir, "train_step.hlo.txt"), "w") as f:
         f.write(compiled.as_text())
+    with open(os.path.join(trace_dir, "traced_steps.txt"), "w") as f:
+        f.write(f"{steps}\n")
     with jax.profiler.trace(trace_dir):
         for _ in range(steps):
             runner()
