@@ -382,7 +382,7 @@ def test_gpu_trace_summary_sorts_kernels_by_kind():
         gpu_trace.summarize([], hlo, steps=1)
 
 
-def test_benchmark_times_the_fine_tuning_step(tmp_path):
+def test_benchmark_times_the_fine_tuning_step():
     """A config with a finetune block benchmarks the classifier's step (random labels)."""
     from configs import finetune as finetune_config
     config = finetune_config.get_config("quickstart")

@@ -235,7 +235,7 @@ def test_a_checkpoint_resumes_with_scan_switched_on_and_off(tfds_dir, tmp_path):
                                    [straight[s] for s in range(5, 9)], rtol=1e-5)
 
 
-@pytest.mark.parametrize("by_cond", [True, False])  # the CPU's lax.cond / GPU-TPU's select
+@pytest.mark.parametrize("by_cond", [True, False])  # lax.cond (CPU, TPU) / select (GPU)
 @pytest.mark.parametrize("case", ["nan_loss", "exploding_lr", "finite"])
 def test_train_step_skips_a_non_finite_gradient_and_counts_a_broken_state(
         case, by_cond, monkeypatch):

@@ -20,7 +20,7 @@ import re
 import sys
 from typing import Iterable, Optional, Sequence, Tuple
 
-from mim_jax.benchmark.op_profile import OTHER_CATEGORY, hlo_instruction_ops, op_category
+from mim_jax.benchmark.op_profile import hlo_instruction_ops, op_category
 
 ATTENTION = "attention (cuDNN)"
 MATMUL = "matmul / conv (cuBLAS, cuDNN, gemm fusions)"

@@ -24,7 +24,7 @@ def describe_model(config) -> dict:
     arch = flops.backbone_arch(config)
     finetune = config.get("finetune")
     obj = finetune if finetune is not None else config.objective
-    return {"objective": f"finetune ({finetune.mode})" if finetune is not None else obj.name,
+    return {"objective": finetune.mode if finetune is not None else obj.name,
             "backbone": config.model.get("name", "vit"),
             "variant": config.model.variant, "arch": dataclasses.asdict(arch),
             "image_size": config.data.image_size, "objective_config": obj.to_dict(),
