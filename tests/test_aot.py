@@ -120,3 +120,15 @@ def test_aot_table_seeds_the_next_chip_and_prints_the_table():
     assert start == int((128 + (21 << 30) / slope) * 0.9) // 8 * 8
     table = aot_table.markdown([v5e])
     assert "| MAE B/16 | none | data 4 | **512** (15.0 GiB, 576 not) |" in table
+
+
+def test_aot_table_seeds_from_any_chip_searched_before():
+    from mim_jax.benchmark import aot_table
+    key = aot_table.CELLS[0].key
+    v5e, v4 = {"chip": "v5e"}, {"chip": "v4"}
+    done = {(key, "v5e"): v5e, (key, "v4"): v4}
+    # The chip searched last in this run wins; else any chip of an earlier sitting.
+    assert aot_table.seed_row(done, key, "v5p", ["v5e", "v4"]) is v4
+    assert aot_table.seed_row(done, key, "v5p", []) is v5e
+    assert aot_table.seed_row({(key, "v5p"): v4}, key, "v5p", []) is None  # not itself
+    assert aot_table.seed_row(done, "other|key", "v5p", []) is None

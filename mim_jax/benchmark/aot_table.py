@@ -1,15 +1,17 @@
 """The largest per-chip batch that fits, for a grid of models x TPU generations x memory savers.
 
   python -m mim_jax.benchmark.aot_table --out benchmarks/aot_table.jsonl [--cells B/16,L/16]
-      [--chips v5e,v4,v5p] [--tolerance 0.125] [--max_compiles 6]
+      [--chips v5e,v4,v5p] [--seeded_only] [--tolerance 0.125] [--max_compiles 6]
 
 Each cell is one `mim_jax.aot.find_max_batch` search (compiles of the real train step for a
 TPU slice described by libtpu; see mim_jax/aot.py). A search takes minutes per compile on a
 CPU, so results are appended to --out as JSON lines when a cell finishes, and a rerun skips
-the cells already there: the table can be built over several sittings. Every row is searched
-on the first chip before any row on the second. A cell's search starts where the same model
-and memory savers ended on an earlier chip, moved along their memory line to the new chip's
-HBM. At the end the table is printed as Markdown.
+the cells already there: the table can be built over several sittings, and one process per
+chip can run side by side. Every row is searched on the first chip before any row on the
+second. A cell's search starts where the same model and memory savers ended on another chip
+(searched earlier in this run or in an earlier sitting), moved along their memory line to the
+new chip's HBM; --seeded_only keeps to such cells, which take few compiles. At the end the
+table is printed as Markdown.
 """
 from __future__ import annotations
 
@@ -70,6 +72,8 @@ _CHIPS = flags.DEFINE_list("chips", list(TOPOLOGIES), "TPU generations, in searc
 _TOLERANCE = flags.DEFINE_float("tolerance", 0.125, "Stop when the misfit is within this "
                                 "fraction above the largest fit.")
 _MAX_COMPILES = flags.DEFINE_integer("max_compiles", 6, "Compiles per cell at most.")
+_SEEDED_ONLY = flags.DEFINE_bool("seeded_only", False, "Only cells already searched on another "
+                                 "chip (their search starts from its memory line: few compiles).")
 
 
 def load_config(cell: Cell):
@@ -103,6 +107,14 @@ def _seed(previous, hbm):
     slope = (t2 - t1) / (b2 - b1)
     guess = b1 + (hbm - t1) / slope
     return max(8, int(guess * 0.9) // 8 * 8), slope
+
+
+def seed_row(done: dict, key: str, chip: str, searched_before: list):
+    """The same cell's row on another chip, to start this chip's search from: the chip
+    searched last before it in this run, else any chip from an earlier sitting (so a run with
+    --chips v4 starts from v5e's rows)."""
+    others = list(reversed(searched_before)) + [c for c in TOPOLOGIES if c != chip]
+    return next((done[(key, c)] for c in others if (key, c) in done), None)
 
 
 def search(cell: Cell, chip: str, previous):
@@ -166,8 +178,9 @@ def main(argv):
                 continue
             if (cell.key, chip) in done:
                 continue
-            earlier = [done.get((cell.key, c)) for c in _CHIPS.value[:position]]
-            previous = next((r for r in reversed(earlier) if r), None)
+            previous = seed_row(done, cell.key, chip, _CHIPS.value[:position])
+            if previous is None and _SEEDED_ONLY.value:
+                continue
             row = search(cell, chip, previous)
             with open(_OUT.value, "a") as f:
                 f.write(json.dumps(row) + "\n")
