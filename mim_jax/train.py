@@ -422,7 +422,7 @@ def _run(config, workdir, task, objective, mesh, accum, is_main, ckpt, allow_con
         if step % ckpt.every_steps == 0:
             check_finite()
             ckpt.maybe_save(step, state)
-        if any(step == total_steps or step % ev.every_steps == 0 for ev in evals):
+        if any(ev.is_due(step, final=step == total_steps) for ev in evals):
             check_finite()  # an evaluation never sees a broken state
         for ev in evals:
             ev.maybe_run(step, state, force=step == total_steps)

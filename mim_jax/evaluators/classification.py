@@ -14,9 +14,10 @@ import jax
 from absl import logging
 
 from mim_jax import checkpointing
+from mim_jax.evaluators.schedule import Periodic
 
 
-class ClassificationEvaluator:
+class ClassificationEvaluator(Periodic):
     def __init__(self, config, eval_cfg, objective, mesh, workdir, writers, rng, *, name: str,
                  kind: str):
         del rng, kind
@@ -24,7 +25,6 @@ class ClassificationEvaluator:
         self._finetune = finetune
         self.name = name
         self.cfg = eval_cfg
-        self.every_steps = 1  # evaluators.create sets the resolved period
         self.data_cfg = config.data
         self.objective = objective
         self.mesh = mesh
@@ -42,7 +42,7 @@ class ClassificationEvaluator:
         return {"top1": -1.0}
 
     def maybe_run(self, step: int, state, force: bool = False):
-        if force or step % self.every_steps == 0:
+        if self.is_due(step, force):
             return self.run(step, state)
         return None
 

@@ -19,6 +19,7 @@ from absl import logging
 
 from mim_jax import data, sharding
 from mim_jax.objectives import make_rngs
+from mim_jax.evaluators.schedule import Periodic
 
 _MIN_TILE = 112  # small images (e.g. 28 px digits) are upscaled so the grid is readable
 _MASKED_GRAY = 0.5
@@ -52,11 +53,10 @@ def best_constant(targets, metric: str) -> np.ndarray:
     return targets.mean(0) if metric == "mse" else np.median(targets, axis=0)
 
 
-class ReconstructionEvaluator:
+class ReconstructionEvaluator(Periodic):
     def __init__(self, config, eval_cfg, objective, mesh, workdir, writers, rng, *,
                  name: str = "reconstruction", kind: str = "reconstruction"):
         del name, kind  # one reconstruction evaluator per run; its scalars are unprefixed
-        self.every_steps = eval_cfg.every_steps  # evaluators.create sets the resolved period
         self.data_cfg = config.data
         self.writers = writers
         self.outdir = os.path.join(workdir, "reconstructions")
@@ -84,7 +84,7 @@ class ReconstructionEvaluator:
         self._outputs = jax.jit(outputs, out_shardings=repl)
 
     def maybe_run(self, step: int, state, force: bool = False):
-        if force or step % self.every_steps == 0:
+        if self.is_due(step, force):
             return self.run(step, state.params, state.model_state)
         return None
 

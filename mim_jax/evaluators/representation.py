@@ -16,6 +16,7 @@ import jax
 from absl import logging
 
 from mim_jax.evaluators import features, knn, probe
+from mim_jax.evaluators.schedule import Periodic
 
 TYPES = ("knn", "linear_probe")
 
@@ -65,13 +66,12 @@ class _FeatureCache:
 _CACHE = _FeatureCache()
 
 
-class FrozenFeatureEvaluator:
+class FrozenFeatureEvaluator(Periodic):
     def __init__(self, config, eval_cfg, objective, mesh, workdir, writers, rng, *, name: str,
                  kind: str):
         del workdir, rng
         self.name, self.kind = name, kind
         self.cfg = eval_cfg
-        self.every_steps = 1  # evaluators.create sets the resolved period
         self.data_cfg = config.data
         self.writers = writers
         self.mesh = mesh
@@ -80,7 +80,7 @@ class FrozenFeatureEvaluator:
                                                    mesh, config.data)
 
     def maybe_run(self, step: int, state, force: bool = False):
-        if force or step % self.every_steps == 0:
+        if self.is_due(step, force):
             return self.run(step, state.params, state.model_state)
         return None
 
