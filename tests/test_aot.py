@@ -116,8 +116,13 @@ def test_aot_table_seeds_the_next_chip_and_prints_the_table():
            "compiles": [[512, 15 << 30, 200.0], [128, 11 << 30, 100.0], [256, 13 << 30, 100.0],
                         [576, None, None]]}
     start, slope = aot_table._seed(v5e, 32 << 30)
-    assert slope == (2 << 30) / 128  # the two smallest batches: 128 and 256
+    # The two smallest batches (128, 256) give 16 MiB per image, the largest fit's mean 30:
+    # the steeper, so that a flattened line cannot start the search far past the answer.
+    assert slope == (15 << 30) / 512
     assert start == int((128 + (21 << 30) / slope) * 0.9) // 8 * 8
+    flat = dict(v5e, compiles=[[96, 14 << 30, 1.0], [192, (14 << 30) + (1 << 28), 1.0]],
+                fits=192, fits_bytes=(14 << 30) + (1 << 28))
+    assert aot_table._seed(flat, 32 << 30)[0] < 2 * 192 * (32 / 14)
     table = aot_table.markdown([v5e])
     assert "| MAE B/16 | none | data 4 | **512** (15.0 GiB, 576 not) |" in table
 
