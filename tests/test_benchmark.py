@@ -411,3 +411,34 @@ def test_linear_probe_flops_count_the_frozen_encoder_forward_only():
     assert probe == pytest.approx(sum(parts.values()) + 2 * parts["head"])
     assert probe < full / 2.9
 
+
+
+def test_attention_shapes_of_mae_b16_and_a_vit_encoder():
+    from configs import mae as mae_config, simmim as simmim_config
+    from mim_jax.benchmark.compare_attention import AttentionShape, attention_shapes
+    config = mae_config.get_config("variant=B/16")
+    # 196 patches, 25% kept: 49 visible + CLS in the encoder; every patch + CLS in the decoder.
+    assert attention_shapes(config) == [
+        AttentionShape("encoder (visible tokens)", 50, 12, 64, 12),
+        AttentionShape("decoder", 197, 16, 32, 8)]
+    vit_b = simmim_config.get_config("model=vit_b")
+    assert [(s.tokens, s.heads, s.head_dim) for s in attention_shapes(vit_b)] == [
+        (vit_b.data.image_size ** 2 // 256 + 1, 12, 64)]
+    with pytest.raises(ValueError, match="compare_attention measures ViT attention"):
+        attention_shapes(simmim_config.get_config("model=swin_b"))
+
+
+def test_compare_attention_times_both_sides_on_a_tiny_mae(tmp_path):
+    out = tmp_path / "attention.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mim_jax.benchmark", "--config", "configs/mae.py:quickstart",
+         "--mode", "compare_attention", "--batch", "4", "--steps", "2", "--warmup", "1",
+         "--json_out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "torch sdpa / mim_jax" in proc.stdout
+    result = json.loads(out.read_text())
+    decoder = result["shapes"][1]
+    assert decoder["shape"]["label"] == "decoder"
+    assert set(decoder["times"]) == {"mim_jax", "mim_jax xla", "torch sdpa", "torch eager"}
+    assert all(t["median_s"] > 0 for t in decoder["times"].values())

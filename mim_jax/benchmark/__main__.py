@@ -21,6 +21,9 @@ Run from the repository root (configs/ is imported as a package from the working
   python -m mim_jax.benchmark --config configs/beit.py:version=1 --mode compare_torch \
       --batch 16 --warmup 2 --steps 5
 
+  # MAE ViT-B/16's attention (encoder and decoder shapes) vs torch SDPA, forward + backward
+  python -m mim_jax.benchmark --config configs/mae.py --mode compare_attention --steps 11
+
   # SparK ResNet-50 and ConvNeXt-S steps next to MAE ViT-B/16 (same batch, one process)
   python -m mim_jax.benchmark --config configs/mae.py:variant=B/16 --mode compare_steps \
       --also configs/spark.py:model=resnet50 --also configs/spark.py:model=convnext_s \
@@ -38,6 +41,11 @@ Modes:
                  vs BeitForMaskedImageModeling. BEiT: both sides get token ids as labels (no
                  tokenizer), and the mim_jax step that runs its tokenizer (dVAE at 112 px /
                  VQ-KD) is timed as a third call per round, for the tokenizer's share.
+  compare_attention
+                 Attention alone, forward + backward, float32: mim_jax's (own and 'xla') next to
+                 torch's scaled_dot_product_attention and its eager softmax(q k^T) v, at the
+                 config's ViT shapes (MAE: encoder on the visible tokens, and the decoder), timed
+                 interleaved; how much of the compare_torch gap the attention core explains.
   compare_steps  mim_jax train steps of --config and every --also config, timed interleaved at
                  the same batch / image size: step-time ratios to --config's step, XLA FLOPs,
                  and with --profile where each step's time goes.
@@ -57,6 +65,7 @@ from ml_collections import config_flags
 # JAX only reads its thread and platform settings when the first computation runs (after
 # pin_threads). TensorFlow, TFDS, torch and transformers are imported where they are used, so
 # a train-mode run needs none of them.
+from mim_jax.benchmark.compare_attention import run_compare_attention
 from mim_jax.benchmark.compare_steps import label_suffix, load_config, run_compare_steps
 from mim_jax.benchmark.compare_torch import run_compare_torch
 from mim_jax.benchmark.environment import pin_threads
@@ -65,7 +74,7 @@ from mim_jax.benchmark.model_config import apply_overrides
 from mim_jax.benchmark.report import report
 from mim_jax.benchmark.train_mode import run_train
 
-MODES = ("train", "input", "compare_torch", "compare_steps")
+MODES = ("train", "input", "compare_torch", "compare_steps", "compare_attention")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/mae.py:variant=B/16.", lock_config=False)
@@ -118,7 +127,8 @@ def main(argv):
     if steps <= 0 or warmup < 0:
         raise ValueError(f"--steps={steps} must be > 0 and --warmup={warmup} >= 0.")
     config = _CONFIG.value
-    batch = _BATCH.value if _BATCH.value is not None else (16 if mode == "compare_torch" else None)
+    versus_torch = mode in ("compare_torch", "compare_attention")
+    batch = _BATCH.value if _BATCH.value is not None else (16 if versus_torch else None)
     vit = config.model.get("name", "vit") == "vit"
     variant = _VARIANT.value or ("B/16" if mode == "compare_torch" and vit else None)
     if mode == "input":
@@ -131,6 +141,9 @@ def main(argv):
         result = run_compare_steps([config] + [load_config(s) for s in _ALSO.value], threads,
                                    steps, warmup, batch, _IMAGE_SIZE.value, _PROFILE.value,
                                    [""] + [label_suffix(s) for s in _ALSO.value])
+    elif mode == "compare_attention":
+        apply_overrides(config, batch, _IMAGE_SIZE.value, variant)
+        result = run_compare_attention(config, threads, steps, warmup)
     elif mode == "train":
         apply_overrides(config, batch, _IMAGE_SIZE.value, variant)
         result = run_train(config, threads, _DATA.value, steps, warmup, _PEAK_FLOPS.value,

@@ -207,6 +207,24 @@ def _compare_steps_rows(r: dict) -> list:
     return rows
 
 
+def _compare_attention_rows(r: dict) -> list:
+    rows = [("batch", str(r["batch"]))]
+    for s in r["shapes"]:
+        shape = s["shape"]
+        rows.append((shape["label"], f"[{r['batch']}, {shape['tokens']} tokens, "
+                                     f"{shape['heads']} heads, {shape['head_dim']}] "
+                                     f"x {shape['layers']} layers"))
+        for name, t in s["times"].items():
+            gflops = s["flops"] / t["median_s"] / 1e9
+            rows.append((f"  {name}", f"median {_fmt_seconds(t['median_s'])} (min "
+                                      f"{_fmt_seconds(t['min_s'])}), {gflops:.0f} GFLOP/s; "
+                                      f"{_fmt_seconds(s['per_step_s'][name])} per step"))
+        p = s["sdpa_over_mim_jax_paired"]
+        rows.append(("  torch sdpa / mim_jax", f"{p['median']:.3f} per round (range "
+                                               f"{p['min']:.3f}-{p['max']:.3f})"))
+    return rows
+
+
 def format_table(rows) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)} | {v}" for k, v in rows)
@@ -214,7 +232,7 @@ def format_table(rows) -> str:
 
 def report(result: dict, json_out: Optional[str]) -> None:
     rows = {"train": _train_rows, "input": _input_rows, "compare_torch": _compare_rows,
-            "compare_steps": _compare_steps_rows}
+            "compare_steps": _compare_steps_rows, "compare_attention": _compare_attention_rows}
     print(format_table(rows[result["mode"]](result)), flush=True)
     if json_out:
         with open(json_out, "w") as f:
