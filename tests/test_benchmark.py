@@ -172,6 +172,7 @@ def test_train_mode_writes_json(tmp_path):
     assert loop["pipeline"]["images_per_sec"] > 0
     assert loop["on_device_synthetic"]["images_per_sec"] > 0
     step = result["train_step"]
+    assert loop["on_device_synthetic"] == step["back_to_back"]  # one measurement, not two
     assert set(step) >= {"compile", "step_time", "images_per_sec", "flops", "mfu", "memory",
                          "masking", "peak_flops_source", "achieved_flops_per_sec"}
     assert set(step["compile"]) == {"trace_lower_s", "compile_s"}
