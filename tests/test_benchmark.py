@@ -414,7 +414,7 @@ def test_linear_probe_flops_count_the_frozen_encoder_forward_only():
 
 
 
-def test_attention_shapes_of_mae_b16_and_a_vit_encoder():
+def test_attention_shapes_of_mae_b16_a_vit_encoder_and_swin_b():
     from configs import mae as mae_config, simmim as simmim_config
     from mim_jax.benchmark.compare_attention import AttentionShape, attention_shapes
     config = mae_config.get_config("variant=B/16")
@@ -425,8 +425,20 @@ def test_attention_shapes_of_mae_b16_and_a_vit_encoder():
     vit_b = simmim_config.get_config("model=vit_b")
     assert [(s.tokens, s.heads, s.head_dim) for s in attention_shapes(vit_b)] == [
         (vit_b.data.image_size ** 2 // 256 + 1, 12, 64)]
-    with pytest.raises(ValueError, match="compare_attention measures ViT attention"):
-        attention_shapes(simmim_config.get_config("model=swin_b"))
+    # Swin-B at 192 px, window 6: 48, 24, 12, 6 patches a side; blocks alternate unshifted /
+    # shifted except in the last stage, which is a single window.
+    swin = [(s.label, s.tokens, s.heads, s.head_dim, s.layers, s.windows, s.bias)
+            for s in attention_shapes(simmim_config.get_config("model=swin_b"))]
+    assert swin == [("stage 1 windows", 36, 4, 32, 1, 64, "shared"),
+                    ("stage 1 shifted windows", 36, 4, 32, 1, 64, "per_window"),
+                    ("stage 2 windows", 36, 8, 32, 1, 16, "shared"),
+                    ("stage 2 shifted windows", 36, 8, 32, 1, 16, "per_window"),
+                    ("stage 3 windows", 36, 16, 32, 9, 4, "shared"),
+                    ("stage 3 shifted windows", 36, 16, 32, 9, 4, "per_window"),
+                    ("stage 4 windows", 36, 32, 32, 2, 1, "shared")]
+    from configs import spark as spark_config
+    with pytest.raises(ValueError, match="compare_attention measures ViT or Swin attention"):
+        attention_shapes(spark_config.get_config("model=resnet50"))
 
 
 def test_compare_attention_times_both_sides_on_a_tiny_mae(tmp_path):
@@ -443,3 +455,13 @@ def test_compare_attention_times_both_sides_on_a_tiny_mae(tmp_path):
     assert decoder["shape"]["label"] == "decoder"
     assert set(decoder["times"]) == {"mim_jax", "mim_jax xla", "torch sdpa", "torch eager"}
     assert all(t["median_s"] > 0 for t in decoder["times"].values())
+
+
+def test_compare_attention_runs_swin_windows_with_their_biases():
+    from mim_jax.benchmark.compare_attention import AttentionShape, _jax_call, _torch_call
+    for bias in ("shared", "per_window"):
+        shape = AttentionShape("w", tokens=4, heads=2, head_dim=8, layers=1, windows=3,
+                               bias=bias)
+        for call in (_jax_call(2, shape, None), _jax_call(2, shape, "xla"),
+                     _torch_call(2, shape, True), _torch_call(2, shape, False)):
+            call()

@@ -23,6 +23,7 @@ Run from the repository root (configs/ is imported as a package from the working
 
   # MAE ViT-B/16's attention (encoder and decoder shapes) vs torch SDPA, forward + backward
   python -m mim_jax.benchmark --config configs/mae.py --mode compare_attention --steps 11
+  python -m mim_jax.benchmark --config configs/simmim.py --mode compare_attention --steps 9
 
   # SparK ResNet-50 and ConvNeXt-S steps next to MAE ViT-B/16 (same batch, one process)
   python -m mim_jax.benchmark --config configs/mae.py:variant=B/16 --mode compare_steps \
@@ -44,7 +45,8 @@ Modes:
   compare_attention
                  Attention alone, forward + backward, float32: mim_jax's (own and 'xla') next to
                  torch's scaled_dot_product_attention and its eager softmax(q k^T) v, at the
-                 config's ViT shapes (MAE: encoder on the visible tokens, and the decoder), timed
+                 config's shapes (MAE: encoder on the visible tokens, and the decoder; Swin:
+                 each stage's windows, with the relative position bias and shift mask), timed
                  interleaved; how much of the compare_torch gap the attention core explains.
   compare_steps  mim_jax train steps of --config and every --also config, timed interleaved at
                  the same batch / image size: step-time ratios to --config's step, XLA FLOPs,

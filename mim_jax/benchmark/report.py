@@ -211,8 +211,11 @@ def _compare_attention_rows(r: dict) -> list:
     rows = [("batch", str(r["batch"]))]
     for s in r["shapes"]:
         shape = s["shape"]
-        rows.append((shape["label"], f"[{r['batch']}, {shape['tokens']} tokens, "
-                                     f"{shape['heads']} heads, {shape['head_dim']}] "
+        calls = (f"{r['batch']}" if shape["windows"] == 1
+                 else f"{r['batch']} x {shape['windows']} windows")
+        bias = f", {shape['bias'].replace('_', '-')} bias" if shape["bias"] else ""
+        rows.append((shape["label"], f"[{calls}, {shape['tokens']} tokens, "
+                                     f"{shape['heads']} heads, {shape['head_dim']}]{bias} "
                                      f"x {shape['layers']} layers"))
         for name, t in s["times"].items():
             gflops = s["flops"] / t["median_s"] / 1e9
