@@ -457,11 +457,24 @@ def test_compare_attention_times_both_sides_on_a_tiny_mae(tmp_path):
     assert all(t["median_s"] > 0 for t in decoder["times"].values())
 
 
-def test_compare_attention_runs_swin_windows_with_their_biases():
+def test_compare_attention_computes_the_same_gradients_on_both_sides():
+    """Every timed call does the same work: equal gradients of q, k, v and the bias."""
     from mim_jax.benchmark.compare_attention import AttentionShape, _jax_call, _torch_call
-    for bias in ("shared", "per_window"):
+    for bias in (None, "shared", "per_window"):
         shape = AttentionShape("w", tokens=4, heads=2, head_dim=8, layers=1, windows=3,
                                bias=bias)
-        for call in (_jax_call(2, shape, None), _jax_call(2, shape, "xla"),
-                     _torch_call(2, shape, True), _torch_call(2, shape, False)):
-            call()
+        want = [None if t is None else np.asarray(t) for t in _jax_call(2, shape, None)()]
+        for a, b in zip(_jax_call(2, shape, "xla")(), want):
+            assert (a is None) == (b is None)
+            if b is not None:
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        for call in (_torch_call(2, shape, True), _torch_call(2, shape, False)):
+            got = call()
+            for i, b in enumerate(want):
+                assert (got[i] is None) == (b is None)
+                if b is None:
+                    continue
+                a = got[i].numpy()
+                if i < 3:  # [calls, heads, N, D] -> mim_jax's [calls, N, heads, D]
+                    a = a.transpose(0, 2, 1, 3)
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

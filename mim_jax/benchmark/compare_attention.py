@@ -97,8 +97,8 @@ def _full_bias(bias, mask, batch: int, xp_broadcast):
 
 
 def _jax_call(batch: int, shape: AttentionShape, impl):
-    """Forward + backward of mim_jax's attend (gradients of q, k, v and of the bias); blocks
-    on the gradients."""
+    """Forward + backward of mim_jax's attend: a call that returns the gradients of q, k, v
+    and of the bias, once they are computed."""
     import jax.numpy as jnp
     from mim_jax.models.vit import attend
     (q, k, v, g), bias, mask = _inputs(batch, shape)
@@ -116,7 +116,8 @@ def _torch_call(batch: int, shape: AttentionShape, fused: bool):
     import torch
     (q, k, v, g), bias, mask = _inputs(batch, shape)
     # torch's layout: [calls, heads, N, D]
-    q, k, v = (torch.from_numpy(t).transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+    q, k, v = (torch.from_numpy(t).transpose(1, 2).contiguous().requires_grad_()
+               for t in (q, k, v))
     g = torch.from_numpy(g).transpose(1, 2).contiguous()
     bias = torch.from_numpy(bias).requires_grad_() if bias is not None else None
     mask = torch.from_numpy(mask) if mask is not None else None
@@ -132,9 +133,11 @@ def _torch_call(batch: int, shape: AttentionShape, fused: bool):
                 logits = logits + full
             out = torch.softmax(logits, dim=-1) @ v
         out.backward(g)
+        grads = [None if t is None else t.grad for t in (q, k, v, bias)]
         for t in (q, k, v, bias):
             if t is not None:
                 t.grad = None
+        return grads  # q, k, v in torch's [calls, heads, N, D] layout
     return call
 
 
@@ -164,7 +167,8 @@ def run_compare_attention(config, threads: int, steps: int, warmup: int) -> dict
         })
     return {"mode": "compare_attention", "environment": environment(threads), "batch": batch,
             "shapes": rows,
-            "method": "forward + backward (gradients of q, k, v) of one attention call, float32, "
+            "method": "forward + backward (gradients of q, k, v and of the bias where there is "
+                      "one) of one attention call, float32, "
                       "timed interleaved; per step = median x the layers that run it; FLOPs: "
                       "the two products, x3 for the backward"}
 
