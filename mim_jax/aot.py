@@ -207,7 +207,8 @@ def _next_guess(points, low: int, high: Optional[int], hbm: int, tolerance: floa
     two compiled points meets `hbm` (at least low + `tolerance`), or 2 x low. Once bracketed
     by (low, high): that line's guess kept within the bracket's middle half, so the bracket
     shrinks to at most 3/4 each time (XLA's own remat bends or flattens the line), or the
-    bracket's middle. None when no batch is left to try."""
+    bracket's middle when there is no line or it aims at or past `high`. None when no batch
+    is left to try."""
     step = max(1, int(low * tolerance))
     lower = low + step if low else 1
     guess = None
@@ -229,7 +230,9 @@ def _next_guess(points, low: int, high: Optional[int], hbm: int, tolerance: floa
         return None
     quarter = (high - low) // 4
     inner_low, inner_high = max(lower, low + quarter), min(upper, high - quarter)
-    if guess is None or inner_low > inner_high:
+    # A line that aims at or past a batch already found not to fit has been contradicted
+    # there (XLA's own remat flattened it): bisect instead of following it to the edge.
+    if guess is None or guess >= high or inner_low > inner_high:
         guess = (low + high) // 2
     else:
         guess = min(max(guess, inner_low), inner_high)

@@ -137,3 +137,13 @@ def test_aot_table_seeds_from_any_chip_searched_before():
     assert aot_table.seed_row(done, key, "v5p", []) is v5e
     assert aot_table.seed_row({(key, "v5p"): v4}, key, "v5p", []) is None  # not itself
     assert aot_table.seed_row(done, "other|key", "v5p", []) is None
+
+
+def test_a_flat_memory_line_contradicted_by_a_misfit_is_bisected():
+    """XLA's own remat near HBM: 104, 120 and 240 per chip all take ~28.8 GiB of 32 (MAE H/14
+    on v4), so the line aims far past the answer; after the first misfit the search bisects
+    instead of creeping down from the top of the bracket."""
+    gib = 1 << 30
+    points = [(104, int(28.87 * gib)), (120, int(28.75 * gib)), (240, int(28.81 * gib))]
+    assert aot._next_guess(points, 240, None, 32 * gib, 1 / 8) == 960  # 4 x the largest fit
+    assert aot._next_guess(points, 240, 960, 32 * gib, 1 / 8) == 600  # not 780
