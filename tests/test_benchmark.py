@@ -413,9 +413,8 @@ def test_linear_probe_flops_count_the_frozen_encoder_forward_only():
     assert probe < full / 2.9
 
 
-
 def test_attention_shapes_of_mae_b16_a_vit_encoder_and_swin_b():
-    from configs import mae as mae_config, simmim as simmim_config
+    from configs import mae as mae_config, simmim as simmim_config, spark as spark_config
     from mim_jax.benchmark.compare_attention import AttentionShape, attention_shapes
     config = mae_config.get_config("variant=B/16")
     # 196 patches, 25% kept: 49 visible + CLS in the encoder; every patch + CLS in the decoder.
@@ -436,7 +435,6 @@ def test_attention_shapes_of_mae_b16_a_vit_encoder_and_swin_b():
                     ("stage 3 windows", 36, 16, 32, 9, 4, "shared"),
                     ("stage 3 shifted windows", 36, 16, 32, 9, 4, "per_window"),
                     ("stage 4 windows", 36, 32, 32, 2, 1, "shared")]
-    from configs import spark as spark_config
     with pytest.raises(ValueError, match="compare_attention measures ViT or Swin attention"):
         attention_shapes(spark_config.get_config("model=resnet50"))
 

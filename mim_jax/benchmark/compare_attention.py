@@ -4,8 +4,8 @@ a ViT's encoder (on the visible tokens for MAE) and MAE's decoder, or each Swin 
 windows (with the relative position bias, and the shift mask in shifted blocks).
 
 Why a mode of its own: the whole-step comparison (compare_torch) says how far apart the two
-steps are; this says how much of that is the attention core, the part where PyTorch has a
-fused CPU kernel (flash attention) and XLA composes batched products and a softmax.
+steps are; this says how much of that is the attention core. PyTorch's eager form is timed
+too, to tell a fused kernel's gain from that of its batched products (BENCHMARKS.md 10).
 """
 from __future__ import annotations
 

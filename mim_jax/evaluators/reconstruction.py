@@ -18,8 +18,8 @@ import numpy as np
 from absl import logging
 
 from mim_jax import data, sharding
-from mim_jax.objectives import make_rngs
 from mim_jax.evaluators.schedule import Periodic
+from mim_jax.objectives import make_rngs
 
 _MIN_TILE = 112  # small images (e.g. 28 px digits) are upscaled so the grid is readable
 _MASKED_GRAY = 0.5
