@@ -147,3 +147,14 @@ def test_a_flat_memory_line_contradicted_by_a_misfit_is_bisected():
     points = [(104, int(28.87 * gib)), (120, int(28.75 * gib)), (240, int(28.81 * gib))]
     assert aot._next_guess(points, 240, None, 32 * gib, 1 / 8) == 960  # 4 x the largest fit
     assert aot._next_guess(points, 240, 960, 32 * gib, 1 / 8) == 600  # not 780
+
+
+def test_aot_table_selects_rows_by_model_label_and_by_key():
+    from mim_jax.benchmark import aot_table
+    picked = [c.key for c in aot_table.CELLS
+              if aot_table.selected(c, ["H/14"], ["full|fsdp4"])]
+    assert picked == ["MAE H/14|full|fsdp4|scan=False"]
+    swin = [c for c in aot_table.CELLS if aot_table.selected(c, ["Swin-B"])]
+    assert len(swin) == 2 and all("Swin-B" in c.model for c in swin)
+    assert all(aot_table.selected(c) for c in aot_table.CELLS)
+    assert not any(aot_table.selected(c, [], ["no such key"]) for c in aot_table.CELLS)

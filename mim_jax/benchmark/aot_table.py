@@ -1,7 +1,7 @@
 """The largest per-chip batch that fits, for a grid of models x TPU generations x memory savers.
 
   python -m mim_jax.benchmark.aot_table --out benchmarks/aot_table.jsonl [--cells B/16,L/16]
-      [--chips v5e,v4,v5p] [--seeded_only] [--tolerance 0.125] [--max_compiles 6]
+      [--keys "full|fsdp4"] [--chips v5e,v4,v5p] [--seeded_only] [--tolerance 0.125] [--max_compiles 6]
 
 Each cell is one `mim_jax.aot.find_max_batch` search (compiles of the real train step for a
 TPU slice described by libtpu; see mim_jax/aot.py). A search takes minutes per compile on a
@@ -68,12 +68,20 @@ CELLS = (
 _OUT = flags.DEFINE_string("out", "benchmarks/aot_table.jsonl", "JSON lines, appended per "
                             "cell (the repository keeps the cells searched so far).")
 _CELLS = flags.DEFINE_list("cells", [], "Only rows whose model label contains one of these.")
+_KEYS = flags.DEFINE_list("keys", [], "Only rows whose key (model|remat|mesh|scan=...) contains "
+                          "one of these, e.g. 'full|fsdp4'.")
 _CHIPS = flags.DEFINE_list("chips", list(TOPOLOGIES), "TPU generations, in search order.")
 _TOLERANCE = flags.DEFINE_float("tolerance", 0.125, "Stop when the misfit is within this "
                                 "fraction above the largest fit.")
 _MAX_COMPILES = flags.DEFINE_integer("max_compiles", 6, "Compiles per cell at most.")
 _SEEDED_ONLY = flags.DEFINE_bool("seeded_only", False, "Only cells already searched on another "
                                  "chip (their search starts from its memory line: few compiles).")
+
+
+def selected(cell: Cell, labels=(), keys=()) -> bool:
+    """Whether --cells (model labels) and --keys (cell keys) both let the cell through."""
+    return ((not labels or any(c in cell.model for c in labels))
+            and (not keys or any(k in cell.key for k in keys)))
 
 
 def load_config(cell: Cell):
@@ -180,7 +188,7 @@ def main(argv):
     # Chips outer, cells inner: every row gets its first chip before any row its second.
     for position, chip in enumerate(_CHIPS.value):
         for cell in CELLS:
-            if _CELLS.value and not any(c in cell.model for c in _CELLS.value):
+            if not selected(cell, _CELLS.value, _KEYS.value):
                 continue
             if (cell.key, chip) in done:
                 continue
