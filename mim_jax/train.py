@@ -16,8 +16,8 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from mim_jax import (checkpointing, data, evaluators, flops, objectives, optim, preemption,
-                     reporting, sharding, workdir as workdir_lib)
+from mim_jax import (checkpointing, cpu_dots, data, evaluators, flops, objectives, optim,
+                     preemption, reporting, sharding, workdir as workdir_lib)
 from mim_jax.errors import ConfigError, RunError
 
 
@@ -192,6 +192,7 @@ def validate_config(config, *, device_count=None, process_count=None, check_data
     The device and process counts default to this job's (mim_jax.aot passes a pod's)."""
     try:
         _check_run_fields(config)
+        cpu_dots.validate(config.get("cpu_dots", "auto"))
         optim.validate_config(config.optimizer)
         checkpointing.validate_config(config.checkpoint)
         data.validate_data_config(config.data)
@@ -378,11 +379,12 @@ def _run(config, workdir, task, objective, mesh, accum, is_main, ckpt, allow_con
         logging.info("Mesh %s; train state %.1f MiB, %.1f MiB per device.",
                      dict(mesh.shape), state_bytes / 2**20, per_device / 2**20)
 
-    train_step = jax.jit(
+    # On a CPU the step's products may run on oneDNN (mim_jax/cpu_dots.py).
+    train_step = cpu_dots.Step(jax.jit(
         make_train_step(objective, tx, schedule, accum, step_rng, mesh, task.ema_decay,
                         data_cfg=config.data),
         in_shardings=(state_sh, sharding.batch_sharded(mesh)), out_shardings=(state_sh, repl),
-        donate_argnums=(0,))
+        donate_argnums=(0,)), config.get("cpu_dots", "auto"))
     evals = evaluators.create(config, objective, mesh, workdir, writers, eval_rng,
                               steps_per_epoch=train_data.steps_per_epoch)
     peak = flops.device_peak_flops(jax.devices()[0])

@@ -27,7 +27,7 @@ OPERATIONAL = ("log_every_steps", "checkpoint", "evaluators", "accum_steps", "da
                "model.attention_impl", "model.scan", "mesh", "partition_rules", "fsdp_min_size",
                # rounding of the products' inputs, like attention_impl a speed choice (and
                # 'auto' differs between machines by design); records before it lack it
-               "model.matmul_precision")
+               "model.matmul_precision", "cpu_dots")
 
 
 def flatten(config) -> dict:

@@ -25,6 +25,12 @@ def _step_line(t: dict) -> str:
     return f"median {_fmt_seconds(t['median_s'])}, min {_fmt_seconds(t['min_s'])}"
 
 
+def _products(compile_record: dict) -> str:
+    """', products: oneDNN' for a CPU step whose products run on oneDNN (cpu_dots)."""
+    library = compile_record.get("products")
+    return {"onednn": ", products: oneDNN", "xla": ""}.get(library, "")
+
+
 def _train_rows(r: dict) -> list:
     t, f = r["train_step"], r["train_step"]["flops"]
     rows = [
@@ -33,7 +39,7 @@ def _train_rows(r: dict) -> list:
                   f"{r['model']['dtype']}, matmul inputs "
                   f"{r['model'].get('matmul_precision', 'float32')}"),
         ("trace + lower", _fmt_seconds(t["compile"]["trace_lower_s"])),
-        ("XLA compile", _fmt_seconds(t["compile"]["compile_s"])),
+        ("XLA compile", _fmt_seconds(t["compile"]["compile_s"]) + _products(t["compile"])),
         ("step time", _step_line(t["step_time"])),
         ("per step", _cpu_line(t["step_time"])),
         ("XLA temp buffer", "n/a" if not t["xla_memory"]
@@ -131,7 +137,8 @@ def _compare_rows(r: dict) -> list:
                   f"{r['model'].get('matmul_precision', 'float32')}, CPU"),
         ("threads", ", ".join(f"{k} {v}" for k, v in r["threads"].items())),
         ("malloc env", ", ".join(f"{k}={v}" for k, v in r["malloc_env"].items()) or "default"),
-        ("mim_jax step", _step_line(j["step_time"]) + f"  ({j['images_per_sec']:.2f} img/s)"),
+        ("mim_jax step", _step_line(j["step_time"]) + f"  ({j['images_per_sec']:.2f} img/s)"
+                         + _products(j["compile"])),
         ("torch step", _step_line(t["step_time"]) + f"  ({t['images_per_sec']:.2f} img/s, "
                        f"attn {t['attn_implementation']})"),
         ("torch / mim_jax (median)", f"{r['torch_over_mim_jax']:.3f}"),

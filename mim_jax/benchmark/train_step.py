@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from mim_jax import flops, objectives, optim, sharding, train
+from mim_jax import cpu_dots, flops, objectives, optim, sharding, train
 
 
 def xla_flops(compiled) -> Optional[float]:
@@ -45,6 +45,7 @@ class TrainSetup:
     step: object  # the jitted (not yet lowered) train step
     state: object
     batch: dict  # on-device synthetic images, sharded like the trainer's batch
+    cpu_dots: str = "auto"  # config.cpu_dots: the products' library on a CPU
 
 
 def token_labels_shape(objective) -> Optional[tuple]:
@@ -123,7 +124,7 @@ def build_train_setup(config, precomputed_tokens: bool = False) -> TrainSetup:
                    donate_argnums=(0,))
     batch = _synthetic_device_batch(objective, config.batch_size, mesh, config.seed,
                                     precomputed_tokens, num_classes)
-    return TrainSetup(objective, mesh, step, state, batch)
+    return TrainSetup(objective, mesh, step, state, batch, config.get("cpu_dots", "auto"))
 
 
 def compile_step(setup: TrainSetup):
@@ -132,10 +133,11 @@ def compile_step(setup: TrainSetup):
     lowered = setup.step.lower(setup.state, setup.batch)
     lowered_at = time.perf_counter()
     logging.info("Compiling the train step (traced and lowered in %.1f s)...", lowered_at - start)
-    compiled = lowered.compile()
+    compiled, library = cpu_dots.compile_step(lowered, setup.cpu_dots)
     done = time.perf_counter()
-    logging.info("Compiled in %.1f s.", done - lowered_at)
-    return compiled, {"trace_lower_s": lowered_at - start, "compile_s": done - lowered_at}
+    logging.info("Compiled in %.1f s (products: %s).", done - lowered_at, library)
+    return compiled, {"trace_lower_s": lowered_at - start, "compile_s": done - lowered_at,
+                      "products": library}
 
 
 class StepRunner:

@@ -1,0 +1,135 @@
+"""Which library runs the train step's matrix products on a CPU: oneDNN or XLA's own.
+
+XLA's CPU backend runs a batched product such as attention's [B x heads] small [N, d] x [d, N]
+products on one thread (its YNNPACK and Eigen paths alike), so on two cores the MAE ViT-B/16
+step leaves a core idle through most of its attention. Its oneDNN fusions
+(`xla_cpu_use_onednn` with the `dot` fusion type) spread those products over every core: the
+float32 ViT-B/16 step goes from ~6.5 s to ~5.8 s on two cores (BENCHMARKS.md section 11).
+
+That path is experimental in XLA. A oneDNN fusion whose product reads an operand computed inside
+the fusion (an elementwise producer fused in front of the dot) can fail to build its oneDNN
+graph when it first runs, and the process then dies on an illegal instruction, which no Python
+code can catch. So the step is compiled with oneDNN, its oneDNN fusions are read from the
+compiled program, and only when each one multiplies operands that arrive from outside the
+fusion (a dot, optionally followed by elementwise work on its result: the forms every model
+here compiles to) is that program kept; otherwise the step is compiled again without oneDNN,
+with a log line that says so. Config field `cpu_dots`: 'auto' (oneDNN on x86-64 CPUs),
+'onednn' (on any CPU), 'xla' (never).
+"""
+from __future__ import annotations
+
+import platform
+import re
+import warnings
+from typing import Callable, Optional
+
+import jax
+from absl import logging
+
+from mim_jax.errors import ConfigError
+
+CHOICES = ("auto", "onednn", "xla")
+ONEDNN_OPTIONS = {"xla_cpu_use_onednn": True,
+                  "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+
+
+def validate(choice) -> None:
+    if choice not in CHOICES:
+        raise ConfigError(f"cpu_dots={choice!r} is not supported; allowed: {list(CHOICES)}.")
+
+
+def compiler_options(choice: str, backend: Optional[str] = None,
+                     machine: Optional[str] = None) -> Optional[dict]:
+    """XLA options for the step's compile: oneDNN's, or None (XLA's defaults)."""
+    validate(choice)
+    backend = backend or jax.default_backend()
+    machine = (machine or platform.machine()).lower()
+    if backend != "cpu" or choice == "xla":
+        return None
+    if choice == "auto" and machine not in ("x86_64", "amd64"):
+        return None
+    return dict(ONEDNN_OPTIONS)
+
+
+_COMPUTATION = re.compile(r"^%?([\w.\-]+) .*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%?([\w.\-]+) = .*? ([a-z][\w\-]*)\((.*)$")
+
+
+def _computations(hlo_text: str) -> dict:
+    """{computation name: {instruction name: (opcode, operand text)}} of an HLO module."""
+    out, current = {}, None
+    for line in hlo_text.splitlines():
+        if not line.startswith(" "):
+            match = _COMPUTATION.match(line)
+            current = out.setdefault(match.group(1), {}) if match else None
+            continue
+        match = _INSTRUCTION.match(line)
+        if current is not None and match:
+            current[match.group(1)] = (match.group(2), match.group(3))
+    return out
+
+
+def _dot_operands(operand_text: str) -> list:
+    return re.findall(r"%([\w.\-]+)", operand_text.split(")", 1)[0])
+
+
+def unsafe_onednn_fusions(hlo_text: str) -> list:
+    """Names of the fused computations of oneDNN fusions that are not 'a dot of the fusion's
+    parameters, then elementwise work on its result': the forms not known to run."""
+    computations = _computations(hlo_text)
+    called = re.findall(r"calls=%?([\w.\-]+).*\"kind\":\"__onednn_fusion\"", hlo_text)
+    unsafe = []
+    for name in dict.fromkeys(called):
+        body = computations.get(name, {})
+        dots = [operands for opcode, operands in body.values() if opcode == "dot"]
+        fed_inside = any(body.get(operand, ("parameter",))[0] != "parameter"
+                         for operands in dots for operand in _dot_operands(operands))
+        if len(dots) != 1 or fed_inside:
+            unsafe.append(name)
+    return unsafe
+
+
+def compile_step(lowered, choice: str, report: Callable[[str], None] = logging.warning):
+    """(compiled step, 'onednn' | 'xla') from the lowered step. With oneDNN options, the
+    oneDNN program is kept only when every oneDNN fusion in it has a known form; otherwise the
+    step is compiled with XLA's own products."""
+    options = compiler_options(choice)
+    if options:
+        with warnings.catch_warnings():
+            # JAX's persistent compilation cache cannot store a oneDNN program (XLA has no
+            # serialisation for its oneDNN thunks): it is compiled again in each process.
+            warnings.filterwarnings("ignore", "Error writing persistent compilation cache "
+                                    "entry.*onednn", UserWarning)
+            compiled = lowered.compile(compiler_options=options)
+        unsafe = unsafe_onednn_fusions(compiled.as_text())
+        if not unsafe:
+            return compiled, "onednn"
+        report(f"cpu_dots={choice!r}: the step compiled for oneDNN has {len(unsafe)} oneDNN "
+               f"fusion(s) of a form not known to run ({', '.join(unsafe[:3])}); compiling it "
+               "with XLA's own CPU products instead (cpu_dots='xla' skips the attempt).")
+    return lowered.compile(), "xla"
+
+
+class Step:
+    """A jitted train step, compiled per batch signature (shapes and dtypes) with the product
+    library compile_step picks; calls it like the jitted function. Off the CPU, or with
+    cpu_dots='xla' there, it is the jitted function itself."""
+
+    def __init__(self, jitted, choice: str):
+        self._jitted, self._choice = jitted, choice
+        self._options = compiler_options(choice)
+        self._compiled = {}
+        self.library = None if self._options else "xla"
+
+    def __call__(self, state, batch):
+        if not self._options:
+            return self._jitted(state, batch)
+        leaves, structure = jax.tree.flatten(batch)
+        key = (structure, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            compiled, self.library = compile_step(self._jitted.lower(state, batch), self._choice)
+            logging.info("Train step compiled; its products run on %s.",
+                         "oneDNN" if self.library == "onednn" else "XLA's own CPU kernels")
+            self._compiled[key] = compiled
+        return compiled(state, batch)
