@@ -14,10 +14,14 @@ compiled program, and only when each one multiplies operands that arrive from ou
 fusion (a dot, optionally followed by elementwise work on its result: the forms every model
 here compiles to) is that program kept; otherwise the step is compiled again without oneDNN,
 with a log line that says so. Config field `cpu_dots`: 'auto' (oneDNN on x86-64 CPUs),
-'onednn' (on any CPU), 'xla' (never).
+'onednn' (on any CPU), 'xla' (never). The environment variable MIM_JAX_CPU_DOTS, when set,
+replaces 'auto' (not an explicit choice): the test suite sets it to 'xla', because JAX's
+persistent compilation cache, which saves the suite most of its compiles, cannot store a
+oneDNN program; tests/test_cpu_dots.py runs the oneDNN path itself.
 """
 from __future__ import annotations
 
+import os
 import platform
 import re
 import warnings
@@ -29,6 +33,7 @@ from absl import logging
 from mim_jax.errors import ConfigError
 
 CHOICES = ("auto", "onednn", "xla")
+ENV = "MIM_JAX_CPU_DOTS"  # replaces 'auto' where set
 ONEDNN_OPTIONS = {"xla_cpu_use_onednn": True,
                   "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
@@ -36,12 +41,17 @@ ONEDNN_OPTIONS = {"xla_cpu_use_onednn": True,
 def validate(choice) -> None:
     if choice not in CHOICES:
         raise ConfigError(f"cpu_dots={choice!r} is not supported; allowed: {list(CHOICES)}.")
+    if os.environ.get(ENV, "auto") not in CHOICES:
+        raise ConfigError(f"{ENV}={os.environ[ENV]!r} is not supported; allowed: "
+                          f"{list(CHOICES)}.")
 
 
 def compiler_options(choice: str, backend: Optional[str] = None,
                      machine: Optional[str] = None) -> Optional[dict]:
     """XLA options for the step's compile: oneDNN's, or None (XLA's defaults)."""
     validate(choice)
+    if choice == "auto" and os.environ.get(ENV):
+        choice = os.environ[ENV]
     backend = backend or jax.default_backend()
     machine = (machine or platform.machine()).lower()
     if backend != "cpu" or choice == "xla":

@@ -19,6 +19,10 @@ _CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+# That cache cannot store a train step compiled for oneDNN (config cpu_dots='auto' on x86-64),
+# which would cost the suite ~2x its time: 'auto' means XLA's own products here (also in the
+# subprocesses); tests/test_cpu_dots.py asks for oneDNN explicitly.
+os.environ.setdefault("MIM_JAX_CPU_DOTS", "xla")
 
 
 def tiny_mae_config(**objective):

@@ -175,7 +175,8 @@ def test_train_mode_writes_json(tmp_path):
     assert loop["on_device_synthetic"] == step["back_to_back"]  # one measurement, not two
     assert set(step) >= {"compile", "step_time", "images_per_sec", "flops", "mfu", "memory",
                          "masking", "peak_flops_source", "achieved_flops_per_sec"}
-    assert set(step["compile"]) == {"trace_lower_s", "compile_s"}
+    assert set(step["compile"]) == {"trace_lower_s", "compile_s", "products"}
+    assert step["compile"]["products"] in ("onednn", "xla")
     assert len(step["step_time"]["all_s"]) == 2
     assert step["mfu"] is None  # CPU: no peak unless --peak_flops
     assert step["back_to_back"]["steps"] == 2 and step["back_to_back"]["images_per_sec"] > 0

@@ -9,10 +9,14 @@ import pytest
 from mim_jax import cpu_dots
 from mim_jax.errors import ConfigError
 
-ONEDNN_HERE = cpu_dots.compiler_options("auto") is not None
+# The suite sets MIM_JAX_CPU_DOTS=xla (conftest.py); these tests ask for oneDNN explicitly.
+ONEDNN_HERE = platform.machine().lower() in ("x86_64", "amd64")
+needs_onednn = pytest.mark.skipif(not ONEDNN_HERE,
+                                  reason="XLA's oneDNN products are tested on x86-64 CPUs")
 
 
-def test_choice_and_backend_decide_the_options():
+def test_choice_and_backend_decide_the_options(monkeypatch):
+    monkeypatch.delenv(cpu_dots.ENV, raising=False)
     onednn = cpu_dots.compiler_options("auto", backend="cpu", machine="x86_64")
     assert onednn == cpu_dots.ONEDNN_OPTIONS
     assert cpu_dots.compiler_options("auto", backend="cpu", machine="aarch64") is None
@@ -23,6 +27,12 @@ def test_choice_and_backend_decide_the_options():
         assert cpu_dots.compiler_options(choice, backend="tpu", machine="x86_64") is None
     with pytest.raises(ConfigError, match=r"cpu_dots='mkl' is not supported; allowed: "):
         cpu_dots.validate("mkl")
+    monkeypatch.setenv(cpu_dots.ENV, "xla")  # replaces 'auto', not an explicit choice
+    assert cpu_dots.compiler_options("auto", backend="cpu", machine="x86_64") is None
+    assert cpu_dots.compiler_options("onednn", backend="cpu", machine="x86_64") == onednn
+    monkeypatch.setenv(cpu_dots.ENV, "fast")
+    with pytest.raises(ConfigError, match=r"MIM_JAX_CPU_DOTS='fast' is not supported"):
+        cpu_dots.validate("auto")
 
 
 HLO = """HloModule m
@@ -74,10 +84,10 @@ def _lowered_batched_product():
     return jax.jit(lambda a, b: jnp.einsum("bnd,bmd->bnm", a, b)).lower(q, q)
 
 
-@pytest.mark.skipif(not ONEDNN_HERE, reason="oneDNN products are used on x86-64 CPUs only")
+@needs_onednn
 def test_a_batched_product_runs_on_onednn_and_agrees_with_xla():
     lowered = _lowered_batched_product()
-    with_onednn, library = cpu_dots.compile_step(lowered, "auto")
+    with_onednn, library = cpu_dots.compile_step(lowered, "onednn")
     assert library == "onednn"
     assert "__onednn_fusion" in with_onednn.as_text()
     plain, library = cpu_dots.compile_step(lowered, "xla")
@@ -87,16 +97,17 @@ def test_a_batched_product_runs_on_onednn_and_agrees_with_xla():
     np.testing.assert_allclose(with_onednn(a, b), plain(a, b), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not ONEDNN_HERE, reason="oneDNN products are used on x86-64 CPUs only")
+@needs_onednn
 def test_an_unknown_onednn_form_falls_back_to_xla_with_one_line(monkeypatch):
     monkeypatch.setattr(cpu_dots, "unsafe_onednn_fusions", lambda text: ["fused_computation.7"])
     lines = []
-    compiled, library = cpu_dots.compile_step(_lowered_batched_product(), "auto", lines.append)
+    compiled, library = cpu_dots.compile_step(_lowered_batched_product(), "onednn",
+                                               lines.append)
     assert library == "xla" and "__onednn_fusion" not in compiled.as_text()
     assert len(lines) == 1 and "fused_computation.7" in lines[0] and "cpu_dots='xla'" in lines[0]
 
 
-@pytest.mark.skipif(not ONEDNN_HERE, reason="oneDNN products are used on x86-64 CPUs only")
+@needs_onednn
 def test_the_step_is_compiled_once_per_batch_signature(monkeypatch):
     compiles = []
     real = cpu_dots.compile_step
@@ -104,13 +115,30 @@ def test_the_step_is_compiled_once_per_batch_signature(monkeypatch):
                         lambda lowered, choice: compiles.append(choice) or real(lowered, choice))
     jitted = jax.jit(lambda state, batch: (state + 1, jnp.einsum("bnd,bmd->", batch["x"],
                                                                  batch["x"])))
-    step = cpu_dots.Step(jitted, "auto")
+    step = cpu_dots.Step(jitted, "onednn")
     x = np.ones((4, 8, 16), np.float32)
     state, total = step(jnp.zeros(()), {"x": x})
     state, total = step(state, {"x": 2 * x})
-    assert compiles == ["auto"] and step.library == "onednn"
+    assert compiles == ["onednn"] and step.library == "onednn"
     assert float(state) == 2 and float(total) == 4 * 4 * 8 * 8 * 16
     step(state, {"x": x.astype(np.float16)})  # another dtype: compiled for it, not refused
     assert len(compiles) == 2
     plain = cpu_dots.Step(jitted, "xla")  # the jitted function itself, no compile of its own
     assert float(plain(jnp.zeros(()), {"x": x})[0]) == 1 and len(compiles) == 2
+
+
+@needs_onednn
+def test_training_on_onednn_products_matches_xla(tfds_dir, tmp_path):
+    """The trainer's own step, float32 products (attention's included) on oneDNN: the losses
+    of XLA's products, to float32 rounding."""
+    from conftest import logged_losses, tiny_train_config
+    from mim_jax import train
+    losses = {}
+    for choice in ("onednn", "xla"):
+        cfg = tiny_train_config(tfds_dir, cpu_dots=choice, total_steps=6)
+        cfg.model.matmul_precision = "float32"
+        train.train_and_evaluate(cfg, str(tmp_path / choice))
+        losses[choice] = logged_losses(str(tmp_path / choice))
+    assert sorted(losses["onednn"]) == list(range(1, 7))
+    np.testing.assert_allclose([losses["onednn"][s] for s in range(1, 7)],
+                               [losses["xla"][s] for s in range(1, 7)], rtol=1e-4)
