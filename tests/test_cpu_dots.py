@@ -98,6 +98,29 @@ def test_a_batched_product_runs_on_onednn_and_agrees_with_xla():
 
 
 @needs_onednn
+def test_the_attention_backward_alone_compiles_to_the_crashing_form_and_falls_back():
+    """Compiled alone, mim_jax's attention's backward has a oneDNN fusion with a multiply fed
+    into its product: the program that dies on its first run. It is never kept (and never run
+    here: a miss would kill the test process)."""
+    from mim_jax.models.vit import attend
+    x = jax.ShapeDtypeStruct((2, 5, 2, 8), jnp.float32)
+    backward = jax.jit(lambda q, k, v, g: jax.vjp(
+        lambda q, k, v: attend(q, k, v, None), q, k, v)[1](g))
+    lines = []
+    compiled, library = cpu_dots.compile_step(backward.lower(x, x, x, x), "onednn",
+                                              lines.append)
+    assert library == "xla" and "__onednn_fusion" not in compiled.as_text()
+    assert len(lines) == 1 and "not known to run" in lines[0]
+
+
+@needs_onednn
+def test_a_program_without_products_is_labelled_xla():
+    x = jax.ShapeDtypeStruct((4, 8), jnp.float32)
+    _, library = cpu_dots.compile_step(jax.jit(jnp.tanh).lower(x), "onednn")
+    assert library == "xla"
+
+
+@needs_onednn
 def test_an_unknown_onednn_form_falls_back_to_xla_with_one_line(monkeypatch):
     monkeypatch.setattr(cpu_dots, "unsafe_onednn_fusions", lambda text: ["fused_computation.7"])
     lines = []
@@ -113,8 +136,8 @@ def test_the_step_is_compiled_once_per_batch_signature(monkeypatch):
     real = cpu_dots.compile_step
     monkeypatch.setattr(cpu_dots, "compile_step",
                         lambda lowered, choice: compiles.append(choice) or real(lowered, choice))
-    jitted = jax.jit(lambda state, batch: (state + 1, jnp.einsum("bnd,bmd->", batch["x"],
-                                                                 batch["x"])))
+    jitted = jax.jit(lambda state, batch: (state + 1, jnp.einsum(
+        "bnd,bmd->bnm", batch["x"], batch["x"]).sum()))  # a batched product, then a sum
     step = cpu_dots.Step(jitted, "onednn")
     x = np.ones((4, 8, 16), np.float32)
     state, total = step(jnp.zeros(()), {"x": x})
@@ -128,17 +151,26 @@ def test_the_step_is_compiled_once_per_batch_signature(monkeypatch):
 
 
 @needs_onednn
-def test_training_on_onednn_products_matches_xla(tfds_dir, tmp_path):
+def test_training_on_onednn_products_matches_xla(tfds_dir, tmp_path, monkeypatch):
     """The trainer's own step, float32 products (attention's included) on oneDNN: the losses
     of XLA's products, to float32 rounding."""
     from conftest import logged_losses, tiny_train_config
     from mim_jax import train
+    libraries = []
+    real = cpu_dots.compile_step
+
+    def spy(lowered, choice, *args):
+        compiled, library = real(lowered, choice, *args)
+        libraries.append(library)
+        return compiled, library
+    monkeypatch.setattr(cpu_dots, "compile_step", spy)
     losses = {}
     for choice in ("onednn", "xla"):
         cfg = tiny_train_config(tfds_dir, cpu_dots=choice, total_steps=6)
         cfg.model.matmul_precision = "float32"
         train.train_and_evaluate(cfg, str(tmp_path / choice))
         losses[choice] = logged_losses(str(tmp_path / choice))
+    assert libraries == ["onednn"]  # 'xla' runs the jitted step itself, no compile_step
     assert sorted(losses["onednn"]) == list(range(1, 7))
     np.testing.assert_allclose([losses["onednn"][s] for s in range(1, 7)],
                                [losses["xla"][s] for s in range(1, 7)], rtol=1e-4)

@@ -1,7 +1,8 @@
 """The largest per-chip batch that fits, for a grid of models x TPU generations x memory savers.
 
   python -m mim_jax.benchmark.aot_table --out benchmarks/aot_table.jsonl [--cells B/16,L/16]
-      [--keys "full|fsdp4"] [--chips v5e,v4,v5p] [--seeded_only] [--tolerance 0.125] [--max_compiles 6]
+      [--keys "full|fsdp4"] [--chips v5e,v4,v5p] [--seeded_only] [--tolerance 0.125]
+      [--max_compiles 6]
 
 Each cell is one `mim_jax.aot.find_max_batch` search (compiles of the real train step for a
 TPU slice described by libtpu; see mim_jax/aot.py). A search takes minutes per compile on a
