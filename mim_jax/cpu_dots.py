@@ -4,7 +4,8 @@ XLA's CPU backend runs a batched product such as attention's [B x heads] small [
 products on one thread (its YNNPACK and Eigen paths alike), so on two cores the MAE ViT-B/16
 step leaves a core idle through most of its attention. Its oneDNN fusions
 (`xla_cpu_use_onednn` with the `dot` fusion type) spread those products over every core: the
-float32 ViT-B/16 step goes from ~6.5 s to ~5.8 s on two cores (BENCHMARKS.md section 11).
+float32 ViT-B/16 step took 12-20% less time on two AMD EPYC cores and ~12% less on two Intel
+Xeon cores (BENCHMARKS.md sections 11 and 12).
 
 That path is experimental in XLA. A oneDNN fusion whose product reads an operand computed inside
 the fusion (an elementwise producer fused in front of the dot) can fail to build its oneDNN
@@ -14,8 +15,9 @@ compiled program, and only when each one multiplies operands that arrive from ou
 fusion (a dot, optionally followed by elementwise work on its result) is that program kept;
 otherwise the step is compiled again without oneDNN, with a log line that says so. The MAE,
 SimMIM (Swin-B and quickstart), BEiT v1 and fine-tuning steps compile to the kept forms; the
-BEiT v2 steps and mim_jax's attention differentiated on its own do not, and fall back. Config field `cpu_dots`: 'auto' (oneDNN on x86-64 CPUs),
-'onednn' (on any CPU), 'xla' (never). The environment variable MIM_JAX_CPU_DOTS, when set,
+BEiT v2 steps and mim_jax's attention differentiated on its own do not, and fall back.
+
+Config field `cpu_dots`: 'auto' (oneDNN on x86-64 CPUs), 'onednn' (on any CPU), 'xla' (never). The environment variable MIM_JAX_CPU_DOTS, when set,
 replaces 'auto' (not an explicit choice): the test suite sets it to 'xla', because JAX's
 persistent compilation cache, which saves the suite most of its compiles, cannot store a
 oneDNN program; tests/test_cpu_dots.py runs the oneDNN path itself.
