@@ -153,12 +153,21 @@ def compile_train_step(config, devices, per_chip_batch: int) -> CompiledStep:
         compile_seconds=seconds)
 
 
+def out_of_memory(error: Exception) -> Optional[str]:
+    """XLA's own line when `error` is its refusal of a program larger than the chip
+    (RESOURCE_EXHAUSTED, with the bytes it needed), else None."""
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+        return None
+    return one_line(text).split("RESOURCE_EXHAUSTED:", 1)[-1].strip()
+
+
 def _fits(config, devices, batch, hbm) -> tuple:
     """(fits?, CompiledStep or None): a compile that runs out of memory does not fit."""
     try:
         step = compile_train_step(config, devices, batch)
-    except Exception as e:  # XLA refuses programs larger than the chip (RESOURCE_EXHAUSTED)
-        if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+    except Exception as e:
+        if out_of_memory(e) is not None:
             return False, None
         raise
     return (hbm is None or step.total_bytes <= hbm), step
@@ -256,6 +265,17 @@ def _row(step: CompiledStep, hbm: Optional[int]) -> str:
             f"{flops}; compiled in {step.compile_seconds:.0f} s")
 
 
+def _single_row(config, devices, batch: int, hbm: Optional[int]) -> str:
+    """The row of one compile; a batch XLA refuses for the chip's memory is an answer too."""
+    try:
+        return _row(compile_train_step(config, devices, batch), hbm)
+    except Exception as e:
+        refusal = out_of_memory(e)
+        if refusal is None:
+            raise
+        return f"  per-chip batch {batch}: DOES NOT FIT (XLA: {refusal})"
+
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU topology, e.g. v4:2x2x2, v5e:4x4, "
@@ -297,7 +317,7 @@ def main(argv):
             print(f"largest per-chip batch that fits: {best}{bracket}" if best else
                   f"nothing fits, not even a per-chip batch of {batch}", flush=True)
         else:
-            print(_row(compile_train_step(config, devices, batch), hbm), flush=True)
+            print(_single_row(config, devices, batch, hbm), flush=True)
     except ValueError as e:
         raise ConfigError(str(e)) from e
 

@@ -14,8 +14,10 @@ code can catch. So the step is compiled with oneDNN, its oneDNN fusions are read
 compiled program, and only when each one multiplies operands that arrive from outside the
 fusion (a dot, optionally followed by elementwise work on its result) is that program kept;
 otherwise the step is compiled again without oneDNN, with a log line that says so. The MAE,
-SimMIM (Swin-B and quickstart), BEiT v1 and fine-tuning steps compile to the kept forms; the
-BEiT v2 steps and mim_jax's attention differentiated on its own do not, and fall back.
+SimMIM (Swin-B and quickstart), BEiT v1 and fine-tuning steps compile to the kept forms, and so
+does mim_jax's attention differentiated on its own; the BEiT v2 steps and the backward pass of
+an attention on jax.nn.softmax (the quotient rule's multiply fed into a product) do not, and
+fall back.
 
 Config field `cpu_dots`: 'auto' (oneDNN on x86-64 CPUs), 'onednn' (on any CPU), 'xla' (never). The environment variable MIM_JAX_CPU_DOTS, when set,
 replaces 'auto' (not an explicit choice): the test suite sets it to 'xla', because JAX's

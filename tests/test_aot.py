@@ -84,6 +84,28 @@ def test_find_max_batch_follows_the_memory_line_to_the_largest_fitting_batch(mon
     assert 282 <= best <= 300 and len(compiled) <= 8, compiled
 
 
+def test_a_batch_xla_refuses_for_the_chips_memory_is_a_does_not_fit_row(monkeypatch):
+    """One compile (--per_chip_batch) that XLA refuses is answered in one row with XLA's
+    figures, not a traceback; any other compile error still propagates."""
+    refusal = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+               "HLO temporaries (31.04G)\n exceeds available HBM (15.75G).")
+
+    def refuse(config, devices, batch):
+        raise RuntimeError(refusal)
+    monkeypatch.setattr(aot, "compile_train_step", refuse)
+    row = aot._single_row(None, None, 576, hbm=16 << 30)
+    assert row == ("  per-chip batch 576: DOES NOT FIT (XLA: Ran out of memory on HBM, the "
+                   "total memory required for HLO temporaries (31.04G) exceeds available HBM "
+                   "(15.75G).)")
+    assert aot._fits(None, None, 576, 16 << 30) == (False, None)
+
+    def broken(config, devices, batch):
+        raise RuntimeError("INTERNAL: something else")
+    monkeypatch.setattr(aot, "compile_train_step", broken)
+    with pytest.raises(RuntimeError, match="something else"):
+        aot._single_row(None, None, 576, hbm=16 << 30)
+
+
 def test_hbm_table_knows_the_tpu_generations():
     assert aot.hbm_bytes("TPU v5 lite") == 16 << 30
     assert aot.hbm_bytes("TPU v5p") == 95 << 30

@@ -97,20 +97,42 @@ def test_a_batched_product_runs_on_onednn_and_agrees_with_xla():
     np.testing.assert_allclose(with_onednn(a, b), plain(a, b), rtol=1e-5, atol=1e-5)
 
 
-@needs_onednn
-def test_the_attention_backward_alone_compiles_to_the_crashing_form_and_falls_back():
-    """Compiled alone, mim_jax's attention's backward has a oneDNN fusion with a multiply fed
-    into its product: the program that dies on its first run. It is never kept (and never run
-    here: a miss would kill the test process)."""
-    from mim_jax.models.vit import attend
+def _softmax_attention(q, k, v):
+    """Attention on jax.nn.softmax, whose derivative is the quotient rule's."""
+    probs = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def _lowered_backward(attention):
     x = jax.ShapeDtypeStruct((2, 5, 2, 8), jnp.float32)
-    backward = jax.jit(lambda q, k, v, g: jax.vjp(
-        lambda q, k, v: attend(q, k, v, None), q, k, v)[1](g))
+    backward = jax.jit(lambda q, k, v, g: jax.vjp(attention, q, k, v)[1](g))
+    return backward, backward.lower(x, x, x, x)
+
+
+@needs_onednn
+def test_a_quotient_rule_softmax_backward_compiles_to_the_crashing_form_and_falls_back():
+    """Compiled alone, the backward pass of attention on jax.nn.softmax has a oneDNN fusion
+    with a multiply fed into its product: the program that dies on its first run. It is never
+    kept (and never run here: a miss would kill the test process)."""
     lines = []
-    compiled, library = cpu_dots.compile_step(backward.lower(x, x, x, x), "onednn",
-                                              lines.append)
+    compiled, library = cpu_dots.compile_step(_lowered_backward(_softmax_attention)[1],
+                                              "onednn", lines.append)
     assert library == "xla" and "__onednn_fusion" not in compiled.as_text()
     assert len(lines) == 1 and "not known to run" in lines[0]
+
+
+@needs_onednn
+def test_mim_jax_attention_backward_alone_keeps_onednn_and_agrees_with_xla():
+    """mim_jax's attention (models.activations.softmax: y * (g - sum(y * g))) compiles, on its
+    own too, to oneDNN fusions whose products read only their fusions' parameters."""
+    from mim_jax.models.vit import attend
+    backward, lowered = _lowered_backward(lambda q, k, v: attend(q, k, v, None))
+    lines = []
+    compiled, library = cpu_dots.compile_step(lowered, "onednn", lines.append)
+    assert library == "onednn" and not lines
+    operands = np.random.default_rng(0).standard_normal((4, 2, 5, 2, 8)).astype(np.float32)
+    for ours, reference in zip(compiled(*operands), backward(*operands)):
+        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6)
 
 
 @needs_onednn

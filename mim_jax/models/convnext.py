@@ -23,7 +23,7 @@ from typing import Any, Optional, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mim_jax.models import remat as remat_lib, sparse
+from mim_jax.models import activations, remat as remat_lib, sparse
 from mim_jax.models.resnet import _positive_ints
 from mim_jax.models.swin import trunc_normal
 from mim_jax.models.vit import DropPath
@@ -98,7 +98,7 @@ class ConvNeXtBlock(nn.Module):
         # Only the depthwise conv mixes positions and its input is masked; everything up to
         # the branch's final mask is per position, so one mask there is the reference's three.
         y = _layer_norm(self.dtype, self.param_dtype, "norm")(y)
-        y = dense(self.dim, "fc2")(nn.gelu(dense(4 * self.dim, "fc1")(y), approximate=False))
+        y = dense(self.dim, "fc2")(activations.gelu(dense(4 * self.dim, "fc1")(y)))
         gamma = self.param("gamma", nn.initializers.constant(self.layer_scale_init),
                            (self.dim,), self.param_dtype)
         y = y * jnp.asarray(gamma, y.dtype)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mim_jax.models import matmul, remat as remat_lib, vit
+from mim_jax.models import activations, matmul, remat as remat_lib, vit
 from mim_jax.models.vit import DropPath
 
 VARIANTS = {
@@ -282,7 +282,7 @@ class SwinBlock(nn.Module):
         x = x + DropPath(name="drop_path1")(y, self.drop_rate, no_drop)
 
         y = dense(int(self.mlp_ratio * c), "fc1")(norm("norm2")(x))
-        y = nn.gelu(y, approximate=False)  # exact erf GELU, as the references use
+        y = activations.gelu(y)  # exact erf GELU, as the references use
         y = dense(c, "fc2")(y)
         return x + DropPath(name="drop_path2")(y, self.drop_rate, no_drop)
 

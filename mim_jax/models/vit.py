@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mim_jax.models import matmul, remat as remat_lib
+from mim_jax.models import activations, matmul, remat as remat_lib
 
 # width, depth, mlp_dim, num_heads (ViT paper / DeiT sizes).
 VARIANTS = {
@@ -267,7 +267,7 @@ class Block(nn.Module):
         x = x + DropPath(name="drop_path1")(y, drop_rate, no_drop)
 
         y = dense(self.mlp_dim, "fc1")(norm("norm2")(x))
-        y = nn.gelu(y, approximate=False)  # exact erf GELU, as the references use
+        y = activations.gelu(y)  # exact erf GELU, as the references use
         y = self._scale(dense(width, "fc2")(y), "ls2", width)
         return x + DropPath(name="drop_path2")(y, drop_rate, no_drop)
 

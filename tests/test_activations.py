@@ -1,0 +1,66 @@
+"""models.activations: softmax and exact GELU with the values of jax.nn's, whose backward
+passes save one tensor."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mim_jax.models import activations
+
+REFERENCES = {
+    "softmax": (activations.softmax, lambda x: jax.nn.softmax(x, axis=-1)),
+    "gelu": (activations.gelu, lambda x: jax.nn.gelu(x, approximate=False)),
+}
+
+
+def _inputs(dtype=jnp.float32, shape=(3, 4, 17)):
+    # Wide logits: the softmax's max subtraction and GELU's both tails matter.
+    x = 6.0 * jax.random.normal(jax.random.key(0), shape)
+    g = jax.random.normal(jax.random.key(1), shape)
+    return x.astype(dtype), g.astype(dtype)
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_values_are_jax_nns(name, dtype):
+    ours, reference = REFERENCES[name]
+    x, _ = _inputs(dtype)
+    out = jax.jit(ours)(x)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                  np.asarray(jax.jit(reference)(x), np.float32))
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_the_gradient_and_the_forward_derivative_are_jax_nns(name):
+    ours, reference = REFERENCES[name]
+    x, g = _inputs()
+    grad = lambda f: jax.jit(jax.grad(lambda x: jnp.sum(f(x) * g)))(x)
+    np.testing.assert_allclose(grad(ours), grad(reference), rtol=1e-5, atol=1e-6)
+    tangent = lambda f: jax.jvp(f, (x,), (g,))[1]
+    np.testing.assert_allclose(tangent(ours), tangent(reference), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_the_backward_pass_saves_one_tensor(name):
+    """What the backward pass reads: the softmax its output, the GELU its input (jax.nn's
+    save three or more tensors, some of them the input's size)."""
+    ours, _ = REFERENCES[name]
+    x, g = _inputs()
+    out, backward = jax.vjp(ours, x)
+    saved = jax.tree_util.tree_leaves(backward)
+    assert [a.shape for a in saved] == [x.shape]
+    np.testing.assert_array_equal(saved[0], out if name == "softmax" else x)
+    np.testing.assert_allclose(backward(g)[0], jax.vjp(REFERENCES[name][1], x)[1](g)[0],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_over_another_axis_under_vmap_and_remat():
+    x, g = _inputs()
+    # Each slice x[:, j] [3, 17] takes its softmax over its axis 0: x's axis 0.
+    f = jax.checkpoint(jax.vmap(lambda part: activations.softmax(part, 0), in_axes=1,
+                                out_axes=1))
+    reference = lambda x: jax.nn.softmax(x, axis=0)
+    np.testing.assert_allclose(f(x), reference(x), rtol=1e-6, atol=1e-7)
+    grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * g))(x)
+    np.testing.assert_allclose(grad(f), grad(reference), rtol=1e-5, atol=1e-6)
