@@ -64,3 +64,32 @@ def test_softmax_over_another_axis_under_vmap_and_remat():
     np.testing.assert_allclose(f(x), reference(x), rtol=1e-6, atol=1e-7)
     grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * g))(x)
     np.testing.assert_allclose(grad(f), grad(reference), rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_into_bfloat16_saves_only_its_bfloat16_output():
+    """Attention with bfloat16 values: the probabilities are rounded once, in the softmax, and
+    the backward pass keeps that bfloat16 tensor, not a float32 copy."""
+    x, g = _inputs()
+    out, backward = jax.vjp(lambda x: activations.softmax(x, -1, jnp.bfloat16), x)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(out, jax.nn.softmax(x, axis=-1).astype(jnp.bfloat16))
+    assert [(a.shape, a.dtype) for a in jax.tree_util.tree_leaves(backward)] == [
+        (x.shape, jnp.bfloat16)]
+    (grad,) = backward(g.astype(jnp.bfloat16))
+    reference = jax.vjp(lambda x: jax.nn.softmax(x, axis=-1), x)[1](g)[0]
+    assert grad.dtype == jnp.float32
+    np.testing.assert_allclose(grad, reference, atol=0.02 * float(jnp.abs(reference).max()))
+
+
+def test_gelu_recomputes_only_in_a_program_for_a_cpu():
+    """The platform is chosen when the step is lowered: a program for a TPU or a GPU (also one
+    lowered on this CPU, as mim_jax.aot does) is jax.nn.gelu's, without the recomputation's
+    barrier, which on a TPU kept XLA from rematerialising on its own."""
+    x, _ = _inputs()
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(activations.gelu(x))))
+    reference = jax.jit(jax.grad(lambda x: jnp.sum(jax.nn.gelu(x, approximate=False))))
+    for platform in ("cpu", "tpu", "cuda"):
+        text = grad.trace(x).lower(lowering_platforms=(platform,)).as_text()
+        assert ("optimization_barrier" in text) == (platform == "cpu"), platform
+    plain = reference.trace(x).lower(lowering_platforms=("tpu",)).as_text()
+    assert "optimization_barrier" not in plain

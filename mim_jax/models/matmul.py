@@ -191,7 +191,7 @@ def attention(q, k, v, bias=None, dot_general: Optional[callable] = None):
                         preferred_element_type=jnp.float32)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
-    probs = activations.softmax(logits, -1).astype(v.dtype)
+    probs = activations.softmax(logits, -1, v.dtype)
     # [B, H, Nq, Nk] x [B, Nk, H, D] -> [B, H, Nq, D]: batch (B, H), contract Nk.
     out = dot(probs, v, (((3,), (1,)), ((0, 1), (0, 2))), preferred_element_type=v.dtype)
     return jnp.swapaxes(out, 1, 2)
