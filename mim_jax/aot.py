@@ -162,14 +162,23 @@ def out_of_memory(error: Exception) -> Optional[str]:
     return one_line(text).split("RESOURCE_EXHAUSTED:", 1)[-1].strip()
 
 
+def _compile_or_refusal(config, devices, batch) -> tuple:
+    """(CompiledStep, None), or (None, XLA's line) when XLA refuses the batch for the chip's
+    memory; any other compile error propagates."""
+    try:
+        return compile_train_step(config, devices, batch), None
+    except Exception as e:
+        refusal = out_of_memory(e)
+        if refusal is None:
+            raise
+        return None, refusal
+
+
 def _fits(config, devices, batch, hbm) -> tuple:
     """(fits?, CompiledStep or None): a compile that runs out of memory does not fit."""
-    try:
-        step = compile_train_step(config, devices, batch)
-    except Exception as e:
-        if out_of_memory(e) is not None:
-            return False, None
-        raise
+    step, refusal = _compile_or_refusal(config, devices, batch)
+    if refusal is not None:
+        return False, None
     return (hbm is None or step.total_bytes <= hbm), step
 
 
@@ -267,13 +276,10 @@ def _row(step: CompiledStep, hbm: Optional[int]) -> str:
 
 def _single_row(config, devices, batch: int, hbm: Optional[int]) -> str:
     """The row of one compile; a batch XLA refuses for the chip's memory is an answer too."""
-    try:
-        return _row(compile_train_step(config, devices, batch), hbm)
-    except Exception as e:
-        refusal = out_of_memory(e)
-        if refusal is None:
-            raise
+    step, refusal = _compile_or_refusal(config, devices, batch)
+    if refusal is not None:
         return f"  per-chip batch {batch}: DOES NOT FIT (XLA: {refusal})"
+    return _row(step, hbm)
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",

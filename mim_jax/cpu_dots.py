@@ -19,8 +19,8 @@ does mim_jax's attention differentiated on its own; the BEiT v2 steps and the ba
 an attention on jax.nn.softmax (the quotient rule's multiply fed into a product) do not, and
 fall back.
 
-Config field `cpu_dots`: 'auto' (oneDNN on x86-64 CPUs), 'onednn' (on any CPU), 'xla' (never). The environment variable MIM_JAX_CPU_DOTS, when set,
-replaces 'auto' (not an explicit choice): the test suite sets it to 'xla', because JAX's
+Config field `cpu_dots`: 'auto' (oneDNN on x86-64 CPUs), 'onednn' (on any CPU), 'xla' (never).
+The environment variable MIM_JAX_CPU_DOTS, when set, replaces 'auto' (not an explicit choice): the test suite sets it to 'xla', because JAX's
 persistent compilation cache, which saves the suite most of its compiles, cannot store a
 oneDNN program; tests/test_cpu_dots.py runs the oneDNN path itself.
 """

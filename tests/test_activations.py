@@ -84,12 +84,9 @@ def test_softmax_into_bfloat16_saves_only_its_bfloat16_output():
 def test_gelu_recomputes_only_in_a_program_for_a_cpu():
     """The platform is chosen when the step is lowered: a program for a TPU or a GPU (also one
     lowered on this CPU, as mim_jax.aot does) is jax.nn.gelu's, without the recomputation's
-    barrier, which on a TPU kept XLA from rematerialising on its own."""
+    barrier."""
     x, _ = _inputs()
     grad = jax.jit(jax.grad(lambda x: jnp.sum(activations.gelu(x))))
-    reference = jax.jit(jax.grad(lambda x: jnp.sum(jax.nn.gelu(x, approximate=False))))
     for platform in ("cpu", "tpu", "cuda"):
         text = grad.trace(x).lower(lowering_platforms=(platform,)).as_text()
         assert ("optimization_barrier" in text) == (platform == "cpu"), platform
-    plain = reference.trace(x).lower(lowering_platforms=("tpu",)).as_text()
-    assert "optimization_barrier" not in plain

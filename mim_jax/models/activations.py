@@ -1,8 +1,8 @@
 """Softmax and exact GELU whose backward passes keep one saved tensor instead of several.
 
 Both compute the same forward values as jax.nn.softmax and jax.nn.gelu(approximate=False);
-only what the backward pass saves and reads changes, which matters on a CPU where the step
-is bound by memory traffic outside its products:
+only what the backward pass saves and reads changes, and with it the memory the train step
+needs:
 
 - jax.nn.softmax differentiates exp(x - max) / sum by the quotient rule unless the global flag
   `jax_softmax_custom_jvp` is on (it is off by default in this JAX), so the backward pass of
@@ -73,9 +73,8 @@ _gelu_recomputed = jax.checkpoint(_gelu_exact, policy=jax.checkpoint_policies.no
 def gelu(x):
     """jax.nn.gelu(x, approximate=False) (exact, erf): the same values. Compiled for a CPU,
     its backward pass recomputes the erf terms from the saved input; compiled for any other
-    platform it is jax.nn.gelu's program, whose fusions XLA already plans well there (on a
-    TPU the recomputed form needed 6% more memory for the MAE step: the barrier that keeps
-    the recomputation apart also keeps XLA from rematerialising on its own). The choice is
+    platform it is jax.nn.gelu's program: compiled for a TPU, the recomputed form needed 7%
+    more memory for a reduced MAE step (BENCHMARKS.md 13), jax.nn's none. The choice is
     made per platform when the step is lowered, so a TPU program compiled ahead of time on a
     CPU host (mim_jax.aot) gets the TPU form."""
     return lax.platform_dependent(x, cpu=_gelu_recomputed, default=_gelu_exact)
