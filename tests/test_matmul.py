@@ -83,6 +83,61 @@ def test_attention_equals_jax_dot_product_attention_with_a_bias():
     np.testing.assert_allclose(vit.attend(q, k, v, bias, "xla"), ref(q, k, v), rtol=1e-6)
 
 
+def _plain_logits(q, k, scale):
+    return lax.dot_general(q * scale, k, matmul._LOGITS_DIMS, preferred_element_type=jnp.float32)
+
+
+def test_scaled_logits_are_the_plain_product_and_its_gradients():
+    keys = jax.random.split(jax.random.key(2), 3)
+    q, k = (jax.random.normal(key, (2, 9, 3, 8)) for key in keys[:2])
+    g = jax.random.normal(keys[2], (2, 3, 9, 9))
+    scale = 8 ** -0.5
+    ours, ours_vjp = jax.vjp(lambda q, k: matmul.scaled_logits(q, k, scale), q, k)
+    want, want_vjp = jax.vjp(lambda q, k: _plain_logits(q, k, scale), q, k)
+    np.testing.assert_array_equal(ours, want)
+    for a, b in zip(ours_vjp(g), want_vjp(g)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_no_backward_product_reads_the_logits_cotangent_transposed():
+    """The [B, H, N, N] cotangent of the logits is contracted over its last axis when it is
+    the left operand and over its first non-batch axis when it is the right one: the
+    [M, K] x [K, N] layout that oneDNN runs at full rate. JAX's own transpose contracts it
+    over its query axis as the left operand (d k = d logits^T q)."""
+    q = k = jnp.ones((2, 9, 3, 8))
+    g = jnp.ones((2, 3, 9, 9))
+
+    def cotangent_contractions(logits_fn):
+        backward = lambda q, k, g: jax.vjp(lambda q, k: logits_fn(q, k, 0.5), q, k)[1](g)
+        seen = []
+        for eqn in jax.make_jaxpr(backward)(q, k, g).jaxpr.eqns:
+            if eqn.primitive.name != "dot_general":
+                continue
+            (lc, rc), _ = eqn.params["dimension_numbers"]
+            lhs, rhs = (v.aval.shape for v in eqn.invars)
+            if lhs == g.shape:
+                seen.append(("lhs", tuple(lc)))
+            if rhs == g.shape:
+                seen.append(("rhs", tuple(rc)))
+        return sorted(seen)
+
+    assert cotangent_contractions(matmul.scaled_logits) == [("lhs", (3,)), ("rhs", (2,))]
+    assert ("lhs", (2,)) in cotangent_contractions(_plain_logits)  # what it replaces
+
+
+def test_float32_attention_takes_the_scaled_logits_and_bfloat16_does_not(monkeypatch):
+    calls = []
+    original = matmul.scaled_logits
+    monkeypatch.setattr(matmul, "scaled_logits",
+                        lambda *a: calls.append(a[0].dtype) or original(*a))
+    x = jnp.ones((1, 5, 2, 4))
+    matmul.attention(x, x, x)
+    matmul.attention(x.astype(jnp.bfloat16), x.astype(jnp.bfloat16), x.astype(jnp.bfloat16))
+    matmul.attention(x, x, x, dot_general=matmul.bf16_dot_general)
+    assert calls == [jnp.float32]
+
+
 def _mae_loss_and_grads(precision):
     cfg = tiny_mae_config()
     cfg.model.matmul_precision = precision

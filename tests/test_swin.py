@@ -232,7 +232,7 @@ def test_shift_mask_blocks_exactly_wrapped_pairs(size, window):
 def _dependencies(block, params, x):
     """[token_out, token_in] bool: does any output channel depend on any input channel."""
     flat = lambda y: block.apply({"params": params}, y).reshape(-1, x.shape[-1])
-    jac = jax.jit(jax.jacfwd(lambda y: flat(y.reshape(x.shape))))(x.reshape(-1, x.shape[-1]))
+    jac = jax.jit(jax.jacrev(lambda y: flat(y.reshape(x.shape))))(x.reshape(-1, x.shape[-1]))
     return np.abs(np.asarray(jac)).sum((1, 3)) > 1e-8
 
 

@@ -15,7 +15,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from mim_jax import flops, masking
+from mim_jax import cpu_dots, flops, masking
 from mim_jax.benchmark.environment import environment
 from mim_jax.benchmark.timing import call_summary, interleaved_calls, paired_ratios
 
@@ -96,9 +96,10 @@ def _full_bias(bias, mask, batch: int, xp_broadcast):
     return xp_broadcast(per_window, batch)
 
 
-def _jax_call(batch: int, shape: AttentionShape, impl):
-    """Forward + backward of mim_jax's attend: a call that returns the gradients of q, k, v
-    and of the bias, once they are computed."""
+def _jax_call(batch: int, shape: AttentionShape, impl, products: str = "xla"):
+    """Forward + backward of mim_jax's attend, compiled for the products' library the train
+    step would use (`products`: a config.cpu_dots choice): a call that returns the gradients
+    of q, k, v and of the bias once they are computed, and the library it got."""
     import jax.numpy as jnp
     from mim_jax.models.vit import attend
     (q, k, v, g), bias, mask = _inputs(batch, shape)
@@ -109,7 +110,8 @@ def _jax_call(batch: int, shape: AttentionShape, impl):
         return attend(q, k, v, full, impl=impl)
     step = jax.jit(lambda q, k, v, bias, g: jax.vjp(fn, q, k, v, bias)[1](g))
     args = [jnp.asarray(a) if a is not None else None for a in (q, k, v, bias, g)]
-    return lambda: jax.block_until_ready(step(*args))
+    compiled, library = cpu_dots.compile_step(step.lower(*args), products)
+    return (lambda: jax.block_until_ready(compiled(*args))), library
 
 
 def _torch_call(batch: int, shape: AttentionShape, fused: bool):
@@ -148,12 +150,16 @@ def run_compare_attention(config, threads: int, steps: int, warmup: int) -> dict
         raise ValueError("--mode=compare_attention compares on the CPU; run with "
                          "JAX_PLATFORMS=cpu.")
     batch = config.batch_size
-    rows = []
+    products = config.get("cpu_dots", "auto")
+    rows, libraries = [], set()
     for shape in attention_shapes(config):
-        fns = {"mim_jax": _jax_call(batch, shape, None),
-               "mim_jax xla": _jax_call(batch, shape, "xla"),
+        fns = {}
+        for name, impl in (("mim_jax", None), ("mim_jax xla", "xla")):
+            fns[name], library = _jax_call(batch, shape, impl, products)
+            libraries.add(library)
+        fns.update({
                "torch sdpa": _torch_call(batch, shape, True),
-               "torch eager": _torch_call(batch, shape, False)}
+               "torch eager": _torch_call(batch, shape, False)})
         calls = interleaved_calls(fns, steps, warmup)
         summary = {name: call_summary(c) for name, c in calls.items()}
         rows.append({
@@ -166,9 +172,10 @@ def run_compare_attention(config, threads: int, steps: int, warmup: int) -> dict
                       * shape.head_dim),
         })
     return {"mode": "compare_attention", "environment": environment(threads), "batch": batch,
-            "shapes": rows,
+            "shapes": rows, "products": "/".join(sorted(libraries)),
             "method": "forward + backward (gradients of q, k, v and of the bias where there is "
-                      "one) of one attention call, float32, "
+                      "one) of one attention call, float32, mim_jax's compiled for the "
+                      "products' library of the train step (config.cpu_dots), "
                       "timed interleaved; per step = median x the layers that run it; FLOPs: "
                       "the two products, x3 for the backward"}
 

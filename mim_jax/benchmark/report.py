@@ -216,6 +216,8 @@ def _compare_steps_rows(r: dict) -> list:
 
 def _compare_attention_rows(r: dict) -> list:
     rows = [("batch", str(r["batch"]))]
+    if r.get("products"):
+        rows.append(("mim_jax products", r["products"]))
     for s in r["shapes"]:
         shape = s["shape"]
         calls = (f"{r['batch']}" if shape["windows"] == 1

@@ -167,6 +167,42 @@ def bf16_dot_general(lhs, rhs, dimension_numbers, precision=None,
                                preferred_element_type)
 
 
+# [B, Nq, H, D] x [B, Nk, H, D] -> [B, H, Nq, Nk]: batch (B, H), contract D.
+_LOGITS_DIMS = (((3,), (3,)), ((0, 2), (0, 2)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def scaled_logits(q, k, scale: float):
+    """(q * scale) k^T as [B, H, Nq, Nk] float32 logits of float32 q, k [B, N, H, D]: the
+    forward pass is lax.dot_general's; the backward pass forms both gradients as products
+    whose operands are laid out [M, K] x [K, N]. JAX's own transpose computes d k as
+    d logits^T (q * scale), a batched product whose left operand is read transposed, and
+    oneDNN runs that form at a quarter of its rate on a CPU: at MAE's decoder shape it took
+    21 of the attention's ~100 ms. Here d k = ((q * scale)^T d logits)^T, the small operand
+    transposed instead (6 ms), and d q multiplies by k * scale rather than scaling its result
+    (XLA materialised the broadcast scale for that). A custom_vjp: forward-mode (jvp,
+    jacfwd) is not defined for it."""
+    return lax.dot_general(q * scale, k, _LOGITS_DIMS, preferred_element_type=jnp.float32)
+
+
+def _scaled_logits_fwd(q, k, scale):
+    scaled_q = q * scale
+    return (lax.dot_general(scaled_q, k, _LOGITS_DIMS, preferred_element_type=jnp.float32),
+            (scaled_q, k))
+
+
+def _scaled_logits_bwd(scale, residuals, d_logits):
+    scaled_q, k = residuals
+    # d q [B, H, Nq, D] = d logits . (k * scale): batch (B, H), contract Nk.
+    d_q = lax.dot_general(d_logits, k * scale, (((3,), (1,)), ((0, 1), (0, 2))))
+    # d k^T [B, H, D, Nk] = (q * scale)^T . d logits: batch (B, H), contract Nq.
+    d_k_t = lax.dot_general(scaled_q, d_logits, (((1,), (2,)), ((0, 2), (0, 1))))
+    return jnp.swapaxes(d_q, 1, 2), jnp.transpose(d_k_t, (0, 3, 1, 2))
+
+
+scaled_logits.defvjp(_scaled_logits_fwd, _scaled_logits_bwd)
+
+
 def attention(q, k, v, bias=None, dot_general: Optional[callable] = None):
     """Softmax attention of q, k, v [B, N, heads, head_dim] -> [B, N, heads, head_dim], with an
     optional additive logit bias broadcastable to [B, heads, N, N].
@@ -176,19 +212,22 @@ def attention(q, k, v, bias=None, dot_general: Optional[callable] = None):
     head_dim values instead of N x N; with bfloat16 q one more rounding than scaling the
     logits), the logits come out as [B, heads, N, N] from one batched product, and the
     softmax is taken in float32. On a CPU its forward and backward ran 15-28% faster than
-    jax.nn.dot_product_attention at MAE's shapes. It is the default on every backend
-    (model.attention_impl=None); 'xla' and 'cudnn' select JAX's."""
+    jax.nn.dot_product_attention at MAE's shapes; with float32 q and k the logits' backward
+    is `scaled_logits`'. It is the default on every backend (model.attention_impl=None);
+    'xla' and 'cudnn' select JAX's."""
     dot = dot_general or lax.dot_general
-    logits_dot = dot
-    if dot_general is None and q.dtype == jnp.bfloat16:
-        # As jax.nn.dot_product_attention: bfloat16 q / k into float32 logits must name the
-        # algorithm, or the backward pass mixes types (a GPU then runs it in float32 / TF32).
-        logits_dot = functools.partial(lax.dot_general,
-                                       precision=lax.DotAlgorithmPreset.BF16_BF16_F32)
     scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-    # [B, Nq, H, D] x [B, Nk, H, D] -> [B, H, Nq, Nk]: batch (B, H), contract D.
-    logits = logits_dot(q * scale, k, (((3,), (3,)), ((0, 2), (0, 2))),
-                        preferred_element_type=jnp.float32)
+    if dot_general is None and q.dtype == jnp.float32 and k.dtype == jnp.float32:
+        logits = scaled_logits(q, k, float(q.shape[-1] ** -0.5))
+    else:
+        logits_dot = dot
+        if dot_general is None and q.dtype == jnp.bfloat16:
+            # As jax.nn.dot_product_attention: bfloat16 q / k into float32 logits must name
+            # the algorithm, or the backward pass mixes types (a GPU then runs it in float32 /
+            # TF32).
+            logits_dot = functools.partial(lax.dot_general,
+                                           precision=lax.DotAlgorithmPreset.BF16_BF16_F32)
+        logits = logits_dot(q * scale, k, _LOGITS_DIMS, preferred_element_type=jnp.float32)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     probs = activations.softmax(logits, -1, v.dtype)
