@@ -1,8 +1,8 @@
 """Softmax and exact GELU whose backward passes keep one saved tensor instead of several.
 
-Both compute the same forward values as jax.nn.softmax and jax.nn.gelu(approximate=False);
-only what the backward pass saves and reads changes, and with it the memory the train step
-needs:
+The softmax computes the same forward values as jax.nn.softmax, the GELU those of
+jax.nn.gelu(approximate=False) to 5e-7; what changes is what the backward pass saves and
+reads, and with it the memory the train step needs:
 
 - jax.nn.softmax differentiates exp(x - max) / sum by the quotient rule unless the global flag
   `jax_softmax_custom_jvp` is on (it is off by default in this JAX), so the backward pass of
@@ -14,8 +14,11 @@ needs:
 - jax.nn.gelu's derivative goes through erfc's, so the forward pass wrote three
   [tokens, mlp_dim] tensors (the erfc, the Gaussian and the output) and the backward pass read
   them back. `gelu` here is, on a CPU, rematerialised (jax.checkpoint): the forward pass
-  writes only its output, and the backward pass recomputes erfc and the Gaussian from the
-  saved input in the same elementwise pass that applies the gradient.
+  writes only its output, and the backward pass recomputes the erf terms from the saved input
+  in the same elementwise pass that applies the gradient. On a CPU it is also written as
+  PyTorch's nn.GELU computes it, x (1 + erf(x / sqrt 2)) / 2, which XLA evaluates about three
+  times as fast as jax.nn's x erfc(-x / sqrt 2) / 2 (erfc takes an exponential and two
+  branches); the two agree to 5e-7.
 
 Compiled temporaries of the float32 train step at batch 16 on a CPU: MAE ViT-B/16 3,379 ->
 2,105 MiB, SimMIM Swin-B 4,934 -> 3,525, BEiT v2 ViT-B 5,695 -> 3,887 (BENCHMARKS.md 13).
@@ -65,16 +68,26 @@ def _gelu_exact(x):
     return 0.5 * x * lax.erfc(-x * sqrt_half)
 
 
+def _gelu_erf(x):
+    # PyTorch's (and so the references') formula. In float32, below x = -5 the sum 1 + erf
+    # cancels to a few ulps of 1, where GELU itself is below 2e-6 in magnitude; a narrower
+    # type would lose that sum's digits from x = -1 on, so it is computed in float32.
+    wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    sqrt_half = np.sqrt(0.5).astype(wide.dtype)
+    return (0.5 * wide * (1.0 + lax.erf(wide * sqrt_half))).astype(x.dtype)
+
+
 # prevent_cse (the default) keeps XLA from merging the backward pass's recomputation with the
 # forward's, which would bring back the saved intermediates this exists to avoid.
-_gelu_recomputed = jax.checkpoint(_gelu_exact, policy=jax.checkpoint_policies.nothing_saveable)
+_gelu_recomputed = jax.checkpoint(_gelu_erf, policy=jax.checkpoint_policies.nothing_saveable)
 
 
 def gelu(x):
-    """jax.nn.gelu(x, approximate=False) (exact, erf): the same values. Compiled for a CPU,
-    its backward pass recomputes the erf terms from the saved input; compiled for any other
-    platform it is jax.nn.gelu's program: compiled for a TPU, the recomputed form needed 7%
-    more memory for a reduced MAE step (BENCHMARKS.md 13), jax.nn's none. The choice is
-    made per platform when the step is lowered, so a TPU program compiled ahead of time on a
-    CPU host (mim_jax.aot) gets the TPU form."""
+    """The exact (erf) GELU. Compiled for a CPU it is PyTorch's formula, x (1 + erf(x /
+    sqrt 2)) / 2, and its backward pass recomputes the erf terms from the saved input;
+    compiled for any other platform it is jax.nn.gelu(x, approximate=False)'s program:
+    compiled for a TPU, the recomputed form needed 7% more memory for a reduced MAE step
+    (BENCHMARKS.md 13), jax.nn's none. The two forms agree to 5e-7. The choice is made per
+    platform when the step is lowered, so a TPU program compiled ahead of time on a CPU host
+    (mim_jax.aot) gets the TPU form."""
     return lax.platform_dependent(x, cpu=_gelu_recomputed, default=_gelu_exact)
