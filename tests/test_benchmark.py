@@ -480,3 +480,53 @@ def test_compare_attention_computes_the_same_gradients_on_both_sides():
                 if i < 3:  # [calls, heads, N, D] -> mim_jax's [calls, N, heads, D]
                     a = a.transpose(0, 2, 1, 3)
                 np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("lhs_shape, rhs_shape, dims", [
+    ((4, 5), (5, 6), (((1,), (0,)), ((), ()))),
+    ((3, 7, 5), (3, 7, 2), (((0, 1), (0, 1)), ((), ()))),  # a weight gradient
+    ((2, 7, 3, 4), (2, 5, 3, 4), (((3,), (3,)), ((0, 2), (0, 2)))),  # attention logits
+    ((2, 3, 7, 5), (2, 5, 3, 4), (((3,), (1,)), ((0, 1), (0, 2)))),
+    ((2, 3, 4, 5, 6), (6, 7, 3, 2, 8), (((1, 4), (2, 0)), ((0,), (3,)))),
+])
+def test_einsum_spec_is_the_dot_general(lhs_shape, rhs_shape, dims):
+    torch = pytest.importorskip("torch")
+    from mim_jax.benchmark.compare_products import einsum_spec
+    rng = np.random.default_rng(0)
+    lhs, rhs = rng.standard_normal(lhs_shape, np.float32), rng.standard_normal(rhs_shape,
+                                                                                np.float32)
+    want = jax.lax.dot_general(lhs, rhs, dims)
+    got = torch.einsum(einsum_spec(lhs_shape, rhs_shape, dims), torch.from_numpy(lhs),
+                       torch.from_numpy(rhs)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_jaxpr_products_counts_scan_iterations_and_the_costliest_cond_branch():
+    from mim_jax.benchmark.compare_products import jaxpr_products
+
+    def fn(x, w, flag):
+        x = jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=3)[0]
+        big = lambda x: x @ w @ w
+        return jax.lax.cond(flag, big, lambda x: x * 2.0, x)
+    x, w = jnp.ones((2, 4)), jnp.ones((4, 4))
+    counts = jaxpr_products(jax.make_jaxpr(jax.grad(lambda x: fn(x, w, True).sum()))(x).jaxpr)
+    forward = ((2, 4), (4, 4), (((1,), (0,)), ((), ())), "float32", "float32")
+    # forward: 3 in the scan + 2 in the cond; the backward adds one per forward product
+    assert sum(counts.values()) == 10
+    assert counts[forward] >= 5
+
+
+def test_compare_products_times_both_sides_on_a_tiny_mae(tmp_path):
+    out = tmp_path / "products.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mim_jax.benchmark", "--config", "configs/mae.py:quickstart",
+         "--mode", "compare_products", "--batch", "2", "--steps", "1", "--warmup", "0",
+         "--config.model.matmul_precision=float32", "--json_out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "torch / mim_jax" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["calls_per_step"] == sum(r["calls_per_step"] for r in result["rows"]) > 50
+    assert result["per_step_s"]["mim_jax"] > 0 and result["per_step_s"]["torch"] > 0
+    assert result["products"] in ("onednn", "xla", "onednn/xla")

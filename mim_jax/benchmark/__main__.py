@@ -25,6 +25,9 @@ Run from the repository root (configs/ is imported as a package from the working
   python -m mim_jax.benchmark --config configs/mae.py --mode compare_attention --steps 11
   python -m mim_jax.benchmark --config configs/simmim.py --mode compare_attention --steps 9
 
+  # Every product of MAE ViT-B/16's train step timed alone, mim_jax vs torch.einsum
+  python -m mim_jax.benchmark --config configs/mae.py --mode compare_products --steps 5
+
   # SparK ResNet-50 and ConvNeXt-S steps next to MAE ViT-B/16 (same batch, one process)
   python -m mim_jax.benchmark --config configs/mae.py:variant=B/16 --mode compare_steps \
       --also configs/spark.py:model=resnet50 --also configs/spark.py:model=convnext_s \
@@ -48,6 +51,12 @@ Modes:
                  config's shapes (MAE: encoder on the visible tokens, and the decoder; Swin:
                  each stage's windows, with the relative position bias and shift mask), timed
                  interleaved; how much of the compare_torch gap the attention core explains.
+  compare_products
+                 Every matrix product of the train step (read from its jaxpr: forward,
+                 backward, inside remat / scan / cond) compiled alone with the step's products
+                 library (config.cpu_dots) and timed interleaved with torch.einsum on the same
+                 operands, float32 on the CPU: per-step sums on both sides and the shapes that
+                 lose the most; how much of the compare_torch gap the products explain.
   compare_steps  mim_jax train steps of --config and every --also config, timed interleaved at
                  the same batch / image size: step-time ratios to --config's step, XLA FLOPs,
                  and with --profile where each step's time goes.
@@ -68,6 +77,7 @@ from ml_collections import config_flags
 # pin_threads). TensorFlow, TFDS, torch and transformers are imported where they are used, so
 # a train-mode run needs none of them.
 from mim_jax.benchmark.compare_attention import run_compare_attention
+from mim_jax.benchmark.compare_products import run_compare_products
 from mim_jax.benchmark.compare_steps import label_suffix, load_config, run_compare_steps
 from mim_jax.benchmark.compare_torch import run_compare_torch
 from mim_jax.benchmark.environment import pin_threads
@@ -76,7 +86,8 @@ from mim_jax.benchmark.model_config import apply_overrides
 from mim_jax.benchmark.report import report
 from mim_jax.benchmark.train_mode import run_train
 
-MODES = ("train", "input", "compare_torch", "compare_steps", "compare_attention")
+MODES = ("train", "input", "compare_torch", "compare_steps", "compare_attention",
+         "compare_products")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/mae.py:variant=B/16.", lock_config=False)
@@ -129,7 +140,7 @@ def main(argv):
     if steps <= 0 or warmup < 0:
         raise ValueError(f"--steps={steps} must be > 0 and --warmup={warmup} >= 0.")
     config = _CONFIG.value
-    versus_torch = mode in ("compare_torch", "compare_attention")
+    versus_torch = mode in ("compare_torch", "compare_attention", "compare_products")
     batch = _BATCH.value if _BATCH.value is not None else (16 if versus_torch else None)
     vit = config.model.get("name", "vit") == "vit"
     variant = _VARIANT.value or ("B/16" if mode == "compare_torch" and vit else None)
@@ -146,6 +157,9 @@ def main(argv):
     elif mode == "compare_attention":
         apply_overrides(config, batch, _IMAGE_SIZE.value, variant)
         result = run_compare_attention(config, threads, steps, warmup)
+    elif mode == "compare_products":
+        apply_overrides(config, batch, _IMAGE_SIZE.value, variant)
+        result = run_compare_products(config, threads, steps, warmup)
     elif mode == "train":
         apply_overrides(config, batch, _IMAGE_SIZE.value, variant)
         result = run_train(config, threads, _DATA.value, steps, warmup, _PEAK_FLOPS.value,

@@ -237,6 +237,26 @@ def _compare_attention_rows(r: dict) -> list:
     return rows
 
 
+def _compare_products_rows(r: dict) -> list:
+    total = r["per_step_s"]
+    rows = [("batch", str(r["batch"])), ("mim_jax products", r["products"]),
+            ("products per step", f"{r['calls_per_step']} calls of {r['distinct_products']} "
+                                  f"shapes, {r['gflop_per_step']:.0f} GFLOP"),
+            ("mim_jax, each alone", f"{_fmt_seconds(total['mim_jax'])} per step "
+                                    f"({r['gflop_per_step'] / total['mim_jax']:.0f} GFLOP/s)"),
+            ("torch.einsum, each alone", f"{_fmt_seconds(total['torch'])} per step "
+                                         f"({r['gflop_per_step'] / total['torch']:.0f} GFLOP/s)"),
+            ("torch / mim_jax", f"{r['torch_over_mim_jax']:.3f}")]
+    for i, p in enumerate(r["largest_losses"]):
+        lost = p["per_step_s"]["mim_jax"] - p["per_step_s"]["torch"]
+        rate = p["gflops_per_sec"]
+        rows.append((f"  loss {i + 1}", f"{p['einsum']} {p['lhs']} x {p['rhs']} "
+                                        f"x{p['calls_per_step']}: {lost * 1e3:+.1f} ms per step "
+                                        f"({rate['mim_jax']:.0f} vs {rate['torch']:.0f} "
+                                        "GFLOP/s)"))
+    return rows
+
+
 def format_table(rows) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)} | {v}" for k, v in rows)
@@ -244,7 +264,8 @@ def format_table(rows) -> str:
 
 def report(result: dict, json_out: Optional[str]) -> None:
     rows = {"train": _train_rows, "input": _input_rows, "compare_torch": _compare_rows,
-            "compare_steps": _compare_steps_rows, "compare_attention": _compare_attention_rows}
+            "compare_steps": _compare_steps_rows, "compare_attention": _compare_attention_rows,
+            "compare_products": _compare_products_rows}
     print(format_table(rows[result["mode"]](result)), flush=True)
     if json_out:
         with open(json_out, "w") as f:
