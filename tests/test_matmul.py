@@ -251,3 +251,15 @@ def test_even_length_attention_equals_attention_on_an_odd_sequence(with_bias):
     want = jax.grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2))(q, k, v)
     for g, w in zip(grads, want):
         np.testing.assert_allclose(g, w, atol=1e-4)
+
+
+def test_the_transpose_barrier_is_only_in_a_program_for_a_cpu():
+    """bfloat16 products keep their operand transposes apart (an optimisation barrier) in a
+    program for a CPU only, whichever host lowers it (mim_jax.aot lowers TPU programs on a
+    CPU)."""
+    lhs, rhs = jnp.ones((3, 7, 5)), jnp.ones((3, 7, 2))
+    grad = jax.jit(jax.grad(lambda a, b: jnp.sum(matmul.bf16_dot_general(
+        a, b, (((0, 1), (0, 1)), ((), ())))), (0, 1)))
+    for platform in ("cpu", "tpu", "cuda"):
+        text = grad.trace(lhs, rhs).lower(lowering_platforms=(platform,)).as_text()
+        assert ("optimization_barrier" in text) == (platform == "cpu"), platform

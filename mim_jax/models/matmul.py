@@ -145,10 +145,12 @@ def _arrange(x, axes):
 
 
 def _barrier(x):
-    """Keeps a transpose apart from the product it feeds on the CPU (see plain_matmul); other
-    backends lay out their products themselves, and a barrier would only cost them copies
-    (and, under FSDP, a second gather of a transposed kernel)."""
-    return lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x
+    """Keeps a transpose apart from the product it feeds in a program for a CPU (see
+    plain_matmul); other backends lay out their products themselves, and a barrier would
+    only cost them copies (and, under FSDP, a second gather of a transposed kernel). Chosen
+    when the step is lowered for its platform, not by the host's default backend, so a TPU
+    program compiled ahead of time on a CPU host (mim_jax.aot) has none."""
+    return lax.platform_dependent(x, cpu=lax.optimization_barrier, default=lambda y: y)
 
 
 def rounded_dot_general(lhs, rhs, dimension_numbers, dtype=jnp.bfloat16,
