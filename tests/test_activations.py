@@ -1,5 +1,5 @@
 """models.activations: softmax and exact GELU with the values of jax.nn's (the GELU on a CPU
-PyTorch's formula, to 5e-7 of jax.nn's), whose backward passes save one tensor."""
+PyTorch's formula, to 1e-6 of jax.nn's), whose backward passes save one tensor."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,6 +44,7 @@ def test_the_gelu_values_are_jax_nns_within_rounding(dtype, rtol):
                                rtol=rtol, atol=2e-6)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU form of the GELU")
 def test_the_gelu_on_a_cpu_is_pytorchs():
     torch = pytest.importorskip("torch")
     x = np.linspace(-12.0, 12.0, 20_001, dtype=np.float32)

@@ -507,13 +507,22 @@ def test_jaxpr_products_counts_scan_iterations_and_the_costliest_cond_branch():
     def fn(x, w, flag):
         x = jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=3)[0]
         big = lambda x: x @ w @ w
-        return jax.lax.cond(flag, big, lambda x: x * 2.0, x)
+        return jax.lax.cond(flag, big, lambda x: x @ w, x)
     x, w = jnp.ones((2, 4)), jnp.ones((4, 4))
     counts = jaxpr_products(jax.make_jaxpr(jax.grad(lambda x: fn(x, w, True).sum()))(x).jaxpr)
-    forward = ((2, 4), (4, 4), (((1,), (0,)), ((), ())), "float32", "float32")
-    # forward: 3 in the scan + 2 in the cond; the backward adds one per forward product
+    forward = ((2, 4), (4, 4), (((1,), (0,)), ((), ())), "float32", "float32", "float32", None)
+    # forward: 3 in the scan + 2 in the costlier branch (summing both would give 3); the
+    # backward adds one per forward product
+    assert counts[forward] == 5
     assert sum(counts.values()) == 10
-    assert counts[forward] >= 5
+
+
+def test_jaxpr_products_take_the_cpu_branch_of_a_platform_choice():
+    from mim_jax.benchmark.compare_products import jaxpr_products
+    x, w = jnp.ones((2, 4)), jnp.ones((4, 4))
+    fn = lambda x: jax.lax.platform_dependent(x, cpu=lambda x: x @ w,
+                                              default=lambda x: x @ w @ w @ w)
+    assert sum(jaxpr_products(jax.make_jaxpr(fn)(x).jaxpr).values()) == 1
 
 
 def test_compare_products_times_both_sides_on_a_tiny_mae(tmp_path):

@@ -100,18 +100,19 @@ def test_scaled_logits_are_the_plain_product_and_its_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_no_backward_product_reads_the_logits_cotangent_transposed():
-    """The [B, H, N, N] cotangent of the logits is contracted over its last axis when it is
-    the left operand and over its first non-batch axis when it is the right one: the
-    [M, K] x [K, N] layout that oneDNN runs at full rate. JAX's own transpose contracts it
-    over its query axis as the left operand (d k = d logits^T q)."""
-    q = k = jnp.ones((2, 9, 3, 8))
-    g = jnp.ones((2, 3, 9, 9))
+def test_no_cpu_backward_product_reads_the_logits_cotangent_transposed():
+    """In a program for a CPU the [B, H, N, N] cotangent of the logits is contracted over its
+    last axis when it is the left operand and over its first non-batch axis when it is the
+    right one: the [M, K] x [K, N] layout that oneDNN runs at full rate. JAX's own transpose
+    (what other platforms get) contracts it over its query axis as the left operand (d k =
+    d logits^T q). Both give the same gradients."""
+    keys = jax.random.split(jax.random.key(3), 3)
+    q, k = (jax.random.normal(key, (2, 9, 3, 8)) for key in keys[:2])
+    g = jax.random.normal(keys[2], (2, 3, 9, 9))
 
-    def cotangent_contractions(logits_fn):
-        backward = lambda q, k, g: jax.vjp(lambda q, k: logits_fn(q, k, 0.5), q, k)[1](g)
+    def cotangent_contractions(grads_fn):
         seen = []
-        for eqn in jax.make_jaxpr(backward)(q, k, g).jaxpr.eqns:
+        for eqn in jax.make_jaxpr(grads_fn)(q, k, g).jaxpr.eqns:
             if eqn.primitive.name != "dot_general":
                 continue
             (lc, rc), _ = eqn.params["dimension_numbers"]
@@ -122,8 +123,18 @@ def test_no_backward_product_reads_the_logits_cotangent_transposed():
                 seen.append(("rhs", tuple(rc)))
         return sorted(seen)
 
-    assert cotangent_contractions(matmul.scaled_logits) == [("lhs", (3,)), ("rhs", (2,))]
-    assert ("lhs", (2,)) in cotangent_contractions(_plain_logits)  # what it replaces
+    for_cpu = lambda q, k, g: matmul._logits_grads_for_cpu(q, k, g, 0.5)
+    by_jax = lambda q, k, g: matmul._logits_grads_by_jax(q, k, g, 0.5)
+    assert cotangent_contractions(for_cpu) == [("lhs", (3,)), ("rhs", (2,))]
+    assert ("lhs", (2,)) in cotangent_contractions(by_jax)  # what it replaces on a CPU
+    for a, b in zip(for_cpu(q, k, g), by_jax(q, k, g)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # The custom backward chooses between the two when the program is lowered.
+    backward = jax.jit(lambda q, k, g: jax.vjp(
+        lambda q, k: matmul.scaled_logits(q, k, 0.5), q, k)[1](g))
+    texts = {p: backward.trace(q, k, g).lower(lowering_platforms=(p,)).as_text()
+             for p in ("cpu", "tpu")}
+    assert texts["cpu"] != texts["tpu"]
 
 
 def test_float32_attention_takes_the_scaled_logits_and_bfloat16_does_not(monkeypatch):

@@ -55,8 +55,9 @@ Modes:
                  Every matrix product of the train step (read from its jaxpr: forward,
                  backward, inside remat / scan / cond) compiled alone with the step's products
                  library (config.cpu_dots) and timed interleaved with torch.einsum on the same
-                 operands, float32 on the CPU: per-step sums on both sides and the shapes that
-                 lose the most; how much of the compare_torch gap the products explain.
+                 operands (the step's dtypes), on the CPU: per-step sums on both sides and the
+                 shapes that lose the most. mim_jax's sum is an upper bound (each product
+                 alone carries its own layout copies); PyTorch's is close to its step's.
   compare_steps  mim_jax train steps of --config and every --also config, timed interleaved at
                  the same batch / image size: step-time ratios to --config's step, XLA FLOPs,
                  and with --profile where each step's time goes.

@@ -157,9 +157,8 @@ def run_compare_attention(config, threads: int, steps: int, warmup: int) -> dict
         for name, impl in (("mim_jax", None), ("mim_jax xla", "xla")):
             fns[name], library = _jax_call(batch, shape, impl, products)
             libraries.add(library)
-        fns.update({
-               "torch sdpa": _torch_call(batch, shape, True),
-               "torch eager": _torch_call(batch, shape, False)})
+        fns.update({"torch sdpa": _torch_call(batch, shape, True),
+                    "torch eager": _torch_call(batch, shape, False)})
         calls = interleaved_calls(fns, steps, warmup)
         summary = {name: call_summary(c) for name, c in calls.items()}
         rows.append({

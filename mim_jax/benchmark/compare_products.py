@@ -4,8 +4,12 @@ library the step compiles with) next to PyTorch's (torch.einsum on the same oper
 The step's products are read from its jaxpr (forward, backward and any product inside a cond,
 scan or remat), one entry per distinct (shapes, dimension numbers, dtype) with how often the
 step runs it. Each is compiled alone (XLA picks its own layout for it, so a transposing copy
-it needs is in its time) and timed in interleaved rounds with the PyTorch call. The sums say
-how much of a compare_torch gap is the products themselves, and which shapes lose it.
+it needs is in its time) and timed in interleaved rounds with the PyTorch call.
+
+Reading the sums: mim_jax's is an upper bound on its products inside the step, where XLA lays
+out each operand for its neighbours and copies less; PyTorch's is close to the time its own
+step spends in mm / addmm, since PyTorch multiplies strided operands as they are. Per shape,
+the rows show which products lose the most.
 """
 from __future__ import annotations
 
@@ -35,9 +39,12 @@ def _subjaxprs(params: dict) -> Iterable:
 
 def jaxpr_products(jaxpr, counts: Optional[collections.Counter] = None,
                    times: int = 1) -> collections.Counter:
-    """{(lhs shape, rhs shape, dimension numbers, input dtype, result dtype): calls} of every
-    dot_general in a jaxpr and the jaxprs inside it; a scan's body counts once per
-    iteration."""
+    """{(lhs shape, rhs shape, dimension numbers, lhs dtype, rhs dtype, result dtype,
+    precision): calls} of every dot_general in a jaxpr and the jaxprs inside it. A scan's
+    body counts once per iteration, a while loop's once (its trip count is not known when
+    tracing). Of a cond's branches, a program for a CPU runs the 'cpu' one of a
+    lax.platform_dependent; any other cond counts its costliest branch, which overcounts a
+    branch taken on some steps only (e.g. a first-step initialisation)."""
     counts = collections.Counter() if counts is None else counts
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
@@ -45,19 +52,28 @@ def jaxpr_products(jaxpr, counts: Optional[collections.Counter] = None,
             lhs, rhs = (v.aval for v in eqn.invars)
             dims = ((tuple(map(int, lc)), tuple(map(int, rc))),
                     (tuple(map(int, lb)), tuple(map(int, rb))))
-            result = eqn.outvars[0].aval.dtype
-            counts[(tuple(lhs.shape), tuple(rhs.shape), dims, str(lhs.dtype),
-                    str(result))] += times
-        repeat = int(eqn.params.get("length", 1)) if eqn.primitive.name == "scan" else 1
-        if eqn.primitive.name == "cond":  # one branch runs: count the costliest
-            branches = [jaxpr_products(b.jaxpr) for b in eqn.params["branches"]]
-            biggest = max(branches, key=lambda c: sum(_flops(*k[:3]) * n for k, n in c.items()))
-            for key, n in biggest.items():
-                counts[key] += n * times
+            counts[(tuple(lhs.shape), tuple(rhs.shape), dims, str(lhs.dtype), str(rhs.dtype),
+                    str(eqn.outvars[0].aval.dtype), eqn.params.get("precision"))] += times
+        if eqn.primitive.name == "cond":
+            counts.update({key: n * times for key, n in _cond_products(eqn).items()})
             continue
+        repeat = int(eqn.params.get("length", 1)) if eqn.primitive.name == "scan" else 1
         for sub in _subjaxprs(eqn.params):
             jaxpr_products(sub, counts, times * repeat)
     return counts
+
+
+def _cond_products(eqn) -> collections.Counter:
+    branches = [jaxpr_products(b.jaxpr) for b in eqn.params["branches"]]
+    platforms = eqn.params.get("branches_platforms")
+    if platforms:
+        for branch, names in zip(branches, platforms):
+            if names is not None and "cpu" in names:
+                return branch
+        default = [b for b, names in zip(branches, platforms) if names is None]
+        if default:
+            return default[0]
+    return max(branches, key=lambda c: sum(_flops(*k[:3]) * n for k, n in c.items()))
 
 
 def _flops(lhs_shape, rhs_shape, dims) -> int:
@@ -93,17 +109,18 @@ def run_compare_products(config, threads: int, steps: int, warmup: int,
     products = jaxpr_products(jax.make_jaxpr(setup.step)(setup.state, setup.batch).jaxpr)
     rng = np.random.default_rng(0)
     rows, libraries = [], set()
-    for (lhs_shape, rhs_shape, dims, dtype, result), calls in products.items():
+    for key, calls in products.items():
+        lhs_shape, rhs_shape, dims, dtype, rhs_dtype, result, precision = key
         lhs = rng.standard_normal(lhs_shape, np.float32).astype(dtype)
-        rhs = rng.standard_normal(rhs_shape, np.float32).astype(dtype)
-        product = jax.jit(lambda a, b, dims=dims, result=result: lax.dot_general(
-            a, b, dims, preferred_element_type=result))
+        rhs = rng.standard_normal(rhs_shape, np.float32).astype(rhs_dtype)
+        product = jax.jit(lambda a, b, key=key: lax.dot_general(
+            a, b, key[2], precision=key[6], preferred_element_type=key[5]))
         compiled, library = cpu_dots.compile_step(product.lower(lhs, rhs),
                                                   config.get("cpu_dots", "auto"),
                                                   report=lambda message: None)
         libraries.add(library)
         device_args = jax.device_put((lhs, rhs))
-        torch_args = [torch.from_numpy(np.array(a, np.float32)).to(getattr(torch, dtype))
+        torch_args = [torch.from_numpy(np.array(a, np.float32)).to(getattr(torch, str(a.dtype)))
                       for a in (lhs, rhs)]
         spec = einsum_spec(lhs_shape, rhs_shape, dims)
         timed = interleaved_calls(
@@ -112,7 +129,8 @@ def run_compare_products(config, threads: int, steps: int, warmup: int,
         median = {side: call_summary(c)["median_s"] for side, c in timed.items()}
         flops = _flops(lhs_shape, rhs_shape, dims)
         rows.append({"lhs": list(lhs_shape), "rhs": list(rhs_shape), "dims": dims,
-                     "dtype": dtype, "result_dtype": result, "calls_per_step": calls, "einsum": spec,
+                     "dtypes": [dtype, rhs_dtype, result], "precision": str(precision),
+                     "calls_per_step": calls, "einsum": spec,
                      "gflop_per_call": flops / 1e9,
                      "median_s": median,
                      "per_step_s": {side: t * calls for side, t in median.items()},

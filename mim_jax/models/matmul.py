@@ -176,30 +176,43 @@ _LOGITS_DIMS = (((3,), (3,)), ((0, 2), (0, 2)))
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def scaled_logits(q, k, scale: float):
     """(q * scale) k^T as [B, H, Nq, Nk] float32 logits of float32 q, k [B, N, H, D]: the
-    forward pass is lax.dot_general's; the backward pass forms both gradients as products
-    whose operands are laid out [M, K] x [K, N]. JAX's own transpose computes d k as
-    d logits^T (q * scale), a batched product whose left operand is read transposed, and
-    oneDNN runs that form at a quarter of its rate on a CPU: at MAE's decoder shape it took
-    21 of the attention's ~100 ms. Here d k = ((q * scale)^T d logits)^T, the small operand
-    transposed instead (6 ms), and d q multiplies by k * scale rather than scaling its result
-    (XLA materialised the broadcast scale for that). A custom_vjp: forward-mode (jvp,
-    jacfwd) is not defined for it."""
+    forward pass is lax.dot_general's. In a program for a CPU the backward pass forms both
+    gradients as products whose operands are laid out [M, K] x [K, N]: JAX's own transpose
+    computes d k as d logits^T (q * scale), a batched product whose left operand is read
+    transposed, and oneDNN ran that form at a quarter of its rate (21 of the MAE decoder
+    attention's ~100 ms). Here d k = ((q * scale)^T d logits)^T, the small operand transposed
+    instead (6 ms), and d q multiplies by k * scale rather than scaling its result (XLA
+    materialised the broadcast scale for that). Programs for other platforms get JAX's own
+    transposes. A custom_vjp: forward-mode (jvp, jacfwd) is not defined for it."""
+    return _plain_logits(q, k, scale)
+
+
+def _plain_logits(q, k, scale):
     return lax.dot_general(q * scale, k, _LOGITS_DIMS, preferred_element_type=jnp.float32)
 
 
 def _scaled_logits_fwd(q, k, scale):
-    scaled_q = q * scale
-    return (lax.dot_general(scaled_q, k, _LOGITS_DIMS, preferred_element_type=jnp.float32),
-            (scaled_q, k))
+    return _plain_logits(q, k, scale), (q, k)
 
 
-def _scaled_logits_bwd(scale, residuals, d_logits):
-    scaled_q, k = residuals
+def _logits_grads_for_cpu(q, k, d_logits, scale):
     # d q [B, H, Nq, D] = d logits . (k * scale): batch (B, H), contract Nk.
     d_q = lax.dot_general(d_logits, k * scale, (((3,), (1,)), ((0, 1), (0, 2))))
     # d k^T [B, H, D, Nk] = (q * scale)^T . d logits: batch (B, H), contract Nq.
-    d_k_t = lax.dot_general(scaled_q, d_logits, (((1,), (2,)), ((0, 2), (0, 1))))
+    d_k_t = lax.dot_general(q * scale, d_logits, (((1,), (2,)), ((0, 2), (0, 1))))
     return jnp.swapaxes(d_q, 1, 2), jnp.transpose(d_k_t, (0, 3, 1, 2))
+
+
+def _logits_grads_by_jax(q, k, d_logits, scale):
+    return jax.vjp(lambda q, k: _plain_logits(q, k, scale), q, k)[1](d_logits)
+
+
+def _scaled_logits_bwd(scale, residuals, d_logits):
+    q, k = residuals
+    d_q, d_k = lax.platform_dependent(
+        q, k, d_logits, cpu=functools.partial(_logits_grads_for_cpu, scale=scale),
+        default=functools.partial(_logits_grads_by_jax, scale=scale))
+    return d_q.astype(q.dtype), d_k.astype(k.dtype)
 
 
 scaled_logits.defvjp(_scaled_logits_fwd, _scaled_logits_bwd)
@@ -215,13 +228,13 @@ def attention(q, k, v, bias=None, dot_general: Optional[callable] = None):
     logits), the logits come out as [B, heads, N, N] from one batched product, and the
     softmax is taken in float32. On a CPU its forward and backward ran 15-28% faster than
     jax.nn.dot_product_attention at MAE's shapes; with float32 q and k the logits' backward
-    is `scaled_logits`'. It is the default on every backend (model.attention_impl=None);
-    'xla' and 'cudnn' select JAX's."""
+    is `scaled_logits`' (so forward-mode autodiff is not defined there). It is the default
+    on every backend (model.attention_impl=None); 'xla' and 'cudnn' select JAX's."""
     dot = dot_general or lax.dot_general
-    scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     if dot_general is None and q.dtype == jnp.float32 and k.dtype == jnp.float32:
         logits = scaled_logits(q, k, float(q.shape[-1] ** -0.5))
     else:
+        scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
         logits_dot = dot
         if dot_general is None and q.dtype == jnp.bfloat16:
             # As jax.nn.dot_product_attention: bfloat16 q / k into float32 logits must name
