@@ -112,11 +112,13 @@ def test_no_good_checkpoint_stops_and_never_starts_over(finished_run, tmp_path):
     for step in ("4", "8"):
         _flip_one_bit(_largest_file(os.path.join(workdir, "checkpoints", step, "default")))
     # The flipped byte lands in raw array bytes (a fingerprint mismatch, or a non-finite
-    # value where it hits an exponent) or in a compressed chunk (unreadable), depending on how
-    # orbax laid the file out and on the trained values; each must stop the run.
+    # value where it hits an exponent), in a compressed chunk (unreadable) or in the metadata,
+    # depending on how orbax laid the files out and on the trained values; each must stop the
+    # run with its reason.
     with pytest.raises(CheckpointError, match=r"no checkpoint in .* can be restored \(step 8: "
                                               r"(integrity fingerprint mismatch|it cannot be "
-                                              r"read|non-finite values)"):
+                                              r"read|its (array )?metadata cannot be read|"
+                                              r"non-finite values)"):
         train.train_and_evaluate(cfg, workdir)
     assert checkpointing.Checkpointer(workdir).all_steps() == []  # nothing new was trained
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints_damaged"))) == ["4", "8"]
