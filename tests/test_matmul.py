@@ -83,17 +83,13 @@ def test_attention_equals_jax_dot_product_attention_with_a_bias():
     np.testing.assert_allclose(vit.attend(q, k, v, bias, "xla"), ref(q, k, v), rtol=1e-6)
 
 
-def _plain_logits(q, k, scale):
-    return lax.dot_general(q * scale, k, matmul._LOGITS_DIMS, preferred_element_type=jnp.float32)
-
-
 def test_scaled_logits_are_the_plain_product_and_its_gradients():
     keys = jax.random.split(jax.random.key(2), 3)
     q, k = (jax.random.normal(key, (2, 9, 3, 8)) for key in keys[:2])
     g = jax.random.normal(keys[2], (2, 3, 9, 9))
     scale = 8 ** -0.5
     ours, ours_vjp = jax.vjp(lambda q, k: matmul.scaled_logits(q, k, scale), q, k)
-    want, want_vjp = jax.vjp(lambda q, k: _plain_logits(q, k, scale), q, k)
+    want, want_vjp = jax.vjp(lambda q, k: matmul._plain_logits(q, k, scale), q, k)
     np.testing.assert_array_equal(ours, want)
     for a, b in zip(ours_vjp(g), want_vjp(g)):
         assert a.shape == b.shape

@@ -147,4 +147,5 @@ def run_compare_products(config, threads: int, steps: int, warmup: int,
             "method": "each distinct dot_general of the train step's jaxpr compiled alone with "
                       "config.cpu_dots and timed interleaved with torch.einsum on the same "
                       "operands (medians of the rounds); per step = median x the calls the "
-                      "step makes; a cond counts its costliest branch"}
+                      "step makes; a platform choice counts its CPU branch, any other cond its "
+                      "costliest branch, a while loop's body once"}
