@@ -234,6 +234,32 @@ def test_compare_torch_pairs():
         torch_steps.torch_step_class(simmim_config.get_config("model=vit_b"))
 
 
+@pytest.mark.parametrize("precision, autocast", [("float32", None),
+                                                  ("bfloat16", "bfloat16")])
+def test_torch_step_autocasts_where_mim_jax_multiplies_in_bfloat16(precision, autocast):
+    """compare_torch's PyTorch step runs its forward pass under CPU bfloat16 autocast exactly
+    when the mim_jax config's products are bfloat16: its linear layers then return bfloat16,
+    its parameters and gradients stay float32."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import torch
+    from configs import mae as mae_config
+    from mim_jax.benchmark import torch_steps
+    config = mae_config.get_config("quickstart")
+    config.model.matmul_precision = precision
+    config.batch_size = 2
+    images = np.random.default_rng(0).normal(size=(2, 28, 28, 1)).astype(np.float32)
+    step = torch_steps.TorchMAEStep(config, images)
+    assert step.describe()["autocast"] == (autocast or "off (float32)")
+    seen = []
+    linear = next(m for m in step.model.modules() if isinstance(m, torch.nn.Linear))
+    linear.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    assert np.isfinite(step())
+    assert seen == [torch.bfloat16 if autocast else torch.float32]
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32
+               for p in step.model.parameters() if p.grad is not None)
+
+
 def test_hf_swin_config_is_the_mim_jax_swin():
     """SwinForMaskedImageModeling of the config has exactly mim_jax SimMIM's parameter count."""
     pytest.importorskip("torch")
@@ -539,3 +565,37 @@ def test_compare_products_times_both_sides_on_a_tiny_mae(tmp_path):
     assert result["calls_per_step"] == sum(r["calls_per_step"] for r in result["rows"]) > 50
     assert result["per_step_s"]["mim_jax"] > 0 and result["per_step_s"]["torch"] > 0
     assert result["products"] in ("onednn", "xla", "onednn/xla")
+
+
+def test_torch_environment_drops_only_the_settings_mim_jax_added():
+    from mim_jax import allocator
+    from mim_jax.benchmark.torch_process import torch_environment
+    added = dict(allocator.SETTINGS, PATH="/bin", **{allocator.OPT_OUT: "applied"})
+    assert torch_environment(added) == {"PATH": "/bin", "JAX_PLATFORMS": "cpu"}
+    chosen = {"MALLOC_ARENA_MAX": "2", "PATH": "/bin"}  # the user's: both sides keep it
+    assert torch_environment(chosen) == dict(chosen, JAX_PLATFORMS="cpu")
+
+
+@pytest.mark.parametrize("torch_process", ["own", "shared"])
+def test_compare_torch_runs_pytorch_in_its_own_process_or_in_mim_jaxs(tmp_path, torch_process):
+    """The default runs PyTorch in a child process without mim_jax's allocator settings; the
+    child measures its own steps (CPU time and faults included) and reports its losses."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    out = tmp_path / "compare.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mim_jax.benchmark", "--config", "configs/mae.py:quickstart",
+         "--mode", "compare_torch", "--variant", "Ti/4", "--batch", "4", "--steps", "2",
+         "--warmup", "1", "--tokenizer_step=false", f"--torch_process={torch_process}",
+         "--json_out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    torch_side = result["torch"]
+    assert result["torch_process"] == torch_process
+    assert ("process" in torch_side) == (torch_process == "own")
+    assert len(torch_side["step_time"]["all_s"]) == 2
+    assert torch_side["step_time"]["cpu_median_s"] > 0
+    assert np.isfinite(torch_side["final_loss"])
+    assert "torch process" in proc.stdout

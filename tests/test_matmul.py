@@ -169,6 +169,43 @@ def test_mae_with_bfloat16_matmuls_is_close_to_float32():
     assert cosine > 0.999, cosine
 
 
+def _dot_operand_dtypes(jaxpr) -> list:
+    """(has batch dims, lhs dtype, rhs dtype) of every dot_general, sub-jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (_, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
+            found.append((bool(lhs_batch), str(eqn.invars[0].aval.dtype),
+                          str(eqn.invars[1].aval.dtype)))
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            found += _dot_operand_dtypes(sub)
+    return found
+
+
+@pytest.mark.parametrize("config_name", ["mae", "swin"])
+def test_bfloat16_products_leave_the_attention_products_float32(config_name):
+    """model.matmul_precision='bfloat16' rounds the weights' products (forward and backward)
+    and not the attention's batched q k^T and p v, which stay float32: on a CPU those run on
+    oneDNN over every core, where bfloat16 ones would take XLA's one-threaded path."""
+    if config_name == "mae":
+        cfg = tiny_mae_config()
+    else:
+        from configs import simmim as simmim_config
+        cfg = simmim_config.get_config("quickstart,model=swin")
+    cfg.model.matmul_precision = "bfloat16"
+    obj = objectives.build(cfg)
+    params = obj.init(jax.random.key(0))
+    size, channels = cfg.data.image_size, cfg.data.channels
+    images = jnp.zeros((2, size, size, channels))
+    loss = lambda p: obj.loss_fn(p, {"image": images}, {"mask": jax.random.key(1)},
+                                 train=False)[0]
+    dots = _dot_operand_dtypes(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    batched = {d[1:] for d in dots if d[0]}
+    weights = {d[1:] for d in dots if not d[0]}
+    assert batched == {("float32", "float32")}
+    assert weights == {("bfloat16", "bfloat16")}
+
+
 @pytest.mark.parametrize("name,value,match", [
     ("vit", "float16", r"model.matmul_precision='float16'; allowed: \['float32', 'bfloat16', 'auto'\]"),
     ("resnet", "bfloat16", r"model.matmul_precision='bfloat16' applies to ViT and Swin"),

@@ -42,9 +42,12 @@ Modes:
   compare_torch  The mim_jax train step and transformers' PyTorch model + AdamW, timed interleaved
                  (A, B, A, B, ...) on the CPU with the same thread count: MAE ViT vs
                  ViTMAEForPreTraining, SimMIM Swin vs SwinForMaskedImageModeling, or BEiT ViT
-                 vs BeitForMaskedImageModeling. BEiT: both sides get token ids as labels (no
-                 tokenizer), and the mim_jax step that runs its tokenizer (dVAE at 112 px /
-                 VQ-KD) is timed as a third call per round, for the tokenizer's share.
+                 vs BeitForMaskedImageModeling. Float32 on both sides; with bfloat16
+                 products (model.matmul_precision) PyTorch's forward runs under its CPU
+                 bfloat16 autocast, the like-for-like setting. BEiT: both sides get token
+                 ids as labels (no tokenizer), and the mim_jax step that runs its tokenizer
+                 (dVAE at 112 px / VQ-KD) is timed as a third call per round, for the
+                 tokenizer's share.
   compare_attention
                  Attention alone, forward + backward, float32: mim_jax's (own and 'xla') next to
                  torch's scaled_dot_product_attention and its eager softmax(q k^T) v, at the
@@ -118,6 +121,11 @@ _TRACE_DIR = flags.DEFINE_string(
 _TOKENIZER_STEP = flags.DEFINE_bool(
     "tokenizer_step", True, "compare_torch with a tokenizer objective (BEiT): also time the "
     "mim_jax step that runs the tokenizer, interleaved as a third call per round.")
+_TORCH_PROCESS = flags.DEFINE_enum(
+    "torch_process", "own", ("own", "shared"),
+    "compare_torch: run PyTorch in a process of its own with the environment the command was "
+    "started in, less the allocator settings mim_jax adds for itself ('own'), or in mim_jax's "
+    "process under those settings ('shared').")
 _ALSO = flags.DEFINE_multi_string(
     "also", [], "compare_steps: another config (path[:arg][+field=value...]) whose train step "
     "is timed next to --config's, e.g. --also configs/mae.py:variant=B/16 or --also "
@@ -168,7 +176,7 @@ def main(argv):
     else:
         apply_overrides(config, batch, _IMAGE_SIZE.value, variant)
         result = run_compare_torch(config, threads, steps, warmup, _PROFILE.value,
-                                   _TOKENIZER_STEP.value)
+                                   _TOKENIZER_STEP.value, _TORCH_PROCESS.value)
     result["command"] = " ".join(["python -m mim_jax.benchmark"] + sys.argv[1:])
     report(result, _JSON_OUT.value)
 

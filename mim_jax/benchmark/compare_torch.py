@@ -11,6 +11,7 @@ from mim_jax.benchmark.environment import environment, usable_cores
 from mim_jax.benchmark.masking_share import measure_masking
 from mim_jax.benchmark.model_config import describe_model
 from mim_jax.benchmark.op_profile import profile_ops
+from mim_jax.benchmark.torch_process import TorchStepProcess
 from mim_jax.benchmark.torch_steps import torch_step_class
 from mim_jax.benchmark.timing import call_summary, interleaved_calls, paired_ratios
 from mim_jax.benchmark.train_step import (StepRunner, build_train_setup, compile_step,
@@ -43,9 +44,15 @@ def _tokenizer_share(calls: dict, with_tok: dict, without: dict) -> dict:
 
 
 def run_compare_torch(config, threads: int, steps: int, warmup: int,
-                      profile: bool = False, tokenizer_step: bool = True) -> dict:
+                      profile: bool = False, tokenizer_step: bool = True,
+                      torch_process: str = "own") -> dict:
+    """torch_process: 'own' runs PyTorch in a child process with the environment a PyTorch user
+    has (torch_process.py says why); 'shared' runs it in this process, under mim_jax's
+    allocator settings."""
     import torch
     torch.set_num_threads(threads)
+    if torch_process not in ("own", "shared"):
+        raise ValueError(f"torch_process={torch_process!r}; allowed: ['own', 'shared'].")
     if jax.devices()[0].platform != "cpu":
         raise ValueError("--mode=compare_torch compares on the CPU; run with JAX_PLATFORMS=cpu.")
     if config.model.get("dtype", "float32") != "float32":
@@ -55,14 +62,25 @@ def run_compare_torch(config, threads: int, steps: int, warmup: int,
     # the step with the tokenizer is timed as a third call per round (tokenizer_step).
     tokens = token_labels_shape(objectives.build(config)) is not None
     setup = build_train_setup(config, precomputed_tokens=tokens)
+    # The same images as the JAX step sees after its on-device normalisation.
+    images = np.asarray(data.normalize_images(jax.device_get(setup.batch["image"]),
+                                              config.data))
+    if torch_process == "shared":
+        return _compare(config, threads, steps, warmup, profile, tokenizer_step, setup, tokens,
+                        torch_step_cls(config, images), torch_process)
+    with TorchStepProcess(torch_step_cls, config, images, threads) as child:
+        return _compare(config, threads, steps, warmup, profile, tokenizer_step, setup, tokens,
+                        child, torch_process)
+
+
+def _compare(config, threads, steps, warmup, profile, tokenizer_step, setup, tokens,
+             torch_step, torch_process) -> dict:
+    import torch
     compiled, compile_times = compile_step(setup)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.state.params))
     jax_step = StepRunner(compiled, setup.state, setup.batch)
     per_device = config.batch_size // setup.mesh.devices.size
     with_tok = _tokenizer_step(config, per_device) if tokens and tokenizer_step else None
-    # The same images as the JAX step sees after its on-device normalisation.
-    torch_step = torch_step_cls(config, np.asarray(data.normalize_images(
-        jax.device_get(setup.batch["image"]), config.data)))
     fns = {"mim_jax": jax_step, "torch": torch_step}
     if with_tok:
         fns["mim_jax_with_tokenizer"] = with_tok[0]
@@ -81,6 +99,7 @@ def run_compare_torch(config, threads: int, steps: int, warmup: int,
                     "process_affinity_cores": usable_cores()},
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")
                        or k == "LD_PRELOAD"},
+        "torch_process": torch_process,
         "mim_jax": {"step_time": jax_t, "images_per_sec": per_sec(jax_t),
                     "compile": compile_times, "parameters": n_params,
                     "xla_memory": xla_memory(compiled),

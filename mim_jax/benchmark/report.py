@@ -136,11 +136,14 @@ def _compare_rows(r: dict) -> list:
                   f"{r['model']['batch_size']}, float32, matmul inputs "
                   f"{r['model'].get('matmul_precision', 'float32')}, CPU"),
         ("threads", ", ".join(f"{k} {v}" for k, v in r["threads"].items())),
-        ("malloc env", ", ".join(f"{k}={v}" for k, v in r["malloc_env"].items()) or "default"),
+        ("malloc env (mim_jax)", ", ".join(f"{k}={v}" for k, v in r["malloc_env"].items())
+         or "default"),
+        ("torch process", t.get("process", "shared with mim_jax")),
         ("mim_jax step", _step_line(j["step_time"]) + f"  ({j['images_per_sec']:.2f} img/s)"
                          + _products(j["compile"])),
         ("torch step", _step_line(t["step_time"]) + f"  ({t['images_per_sec']:.2f} img/s, "
-                       f"attn {t['attn_implementation']})"),
+                       f"attn {t['attn_implementation']}, autocast "
+                       f"{t.get('autocast', 'off (float32)')})"),
         ("torch / mim_jax (median)", f"{r['torch_over_mim_jax']:.3f}"),
         ("torch / mim_jax (per round)", f"median {paired['median']:.3f}, range "
                                         f"{paired['min']:.3f}-{paired['max']:.3f}"),

@@ -1,5 +1,11 @@
 """The PyTorch side of --mode compare_torch: transformers' models of the mim_jax config, each
-one forward + backward + torch.optim.AdamW step per call (float32, train mode).
+one forward + backward + torch.optim.AdamW step per call (float32, train mode). Where the
+mim_jax config's products are bfloat16 (`model.matmul_precision` 'bfloat16', or 'auto' on a CPU
+that multiplies bfloat16 natively), the forward pass runs under torch.autocast('cpu',
+bfloat16): PyTorch's own bfloat16 mixed precision, the like-for-like setting. It is not the
+same arithmetic: autocast also keeps the products' outputs, and so the activations between
+them, in bfloat16, where mim_jax rounds only the products' inputs and keeps everything else
+float32.
 
   MAE ViT     -> transformers.ViTMAEForPreTraining (it draws its own random masking)
   SimMIM Swin -> transformers.SwinForMaskedImageModeling, fed a bool_masked_pos drawn each
@@ -158,22 +164,34 @@ def _nchw(images_nhwc):
         np.array(np.transpose(np.asarray(images_nhwc), (0, 3, 1, 2)), order="C", copy=True))
 
 
+def autocast_dtype(config):
+    """'bfloat16' where the mim_jax config multiplies in bfloat16 on this host, else None."""
+    from mim_jax.models import matmul
+    asked = config.model.get("matmul_precision", "float32")
+    return "bfloat16" if matmul.resolve_precision(asked) == "bfloat16" else None
+
+
 class _TorchStep:
     """forward + backward + optimizer step of `self.model` on fixed pixels; subclasses say
-    how the loss is computed."""
+    how the loss is computed. `autocast`: None (float32) or 'bfloat16' (the forward pass under
+    torch.autocast on the CPU; parameters, gradients and AdamW stay float32)."""
 
-    def __init__(self, model, optimizer, images_nhwc, hf_model=None):
+    def __init__(self, model, optimizer, images_nhwc, hf_model=None, autocast=None):
         self.model, self.optimizer = model, optimizer
         self.hf_model = model if hf_model is None else hf_model  # the transformers model
         self.pixels = _nchw(images_nhwc)
+        self.autocast = autocast
         self.loss = None
 
     def _loss(self):
         raise NotImplementedError
 
     def __call__(self):
+        import torch
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._loss()
+        with torch.autocast("cpu", dtype=getattr(torch, self.autocast or "bfloat16"),
+                            enabled=self.autocast is not None):
+            loss = self._loss()
         loss.backward()
         self.optimizer.step()
         self.loss = float(loss.detach())
@@ -188,6 +206,7 @@ class _TorchStep:
                 "attn_implementation": getattr(self.hf_model.config, "_attn_implementation",
                                                None),
                 "torch_threads": torch.get_num_threads(),
+                "autocast": self.autocast or "off (float32)",
                 "optimizer": "torch.optim.AdamW (default implementation)",
                 "parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad)}
 
@@ -200,7 +219,8 @@ class TorchMAEStep(_TorchStep):
         import transformers
         torch.manual_seed(config.seed)
         model = transformers.ViTMAEForPreTraining(hf_vitmae_config(config)).float().train()
-        super().__init__(model, _adamw(model, config), images_nhwc)
+        super().__init__(model, _adamw(model, config), images_nhwc,
+                         autocast=autocast_dtype(config))
 
     def _loss(self):
         return self.model(pixel_values=self.pixels).loss
@@ -216,7 +236,7 @@ class TorchSwinSimMIMStep(_TorchStep):
         torch.manual_seed(config.seed)
         model = transformers.SwinForMaskedImageModeling(hf_swin_config(config)).float().train()
         super().__init__(model, _adamw(model, config, ("relative_position_bias_table",)),
-                         images_nhwc)
+                         images_nhwc, autocast=autocast_dtype(config))
         obj, arch = config.objective, flops.backbone_arch(config)
         self._rng = np.random.default_rng(config.seed)
         self._mask_args = (self.pixels.shape[0], arch.image_size, obj.mask_patch_size,
@@ -290,7 +310,7 @@ class TorchBEiTStep(_TorchStep):
                  if head_layers else mim)
         super().__init__(model, _adamw(model, config, ("cls_token", "mask_token",
                                                        "relative_position_bias_table")),
-                         images_nhwc, hf_model=mim)
+                         images_nhwc, hf_model=mim, autocast=autocast_dtype(config))
         self._rng = np.random.default_rng(config.seed)
         m = obj.mask
         self._mask_args = (self.pixels.shape[0], arch.grid, m.num_masking_patches)

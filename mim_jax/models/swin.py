@@ -239,7 +239,7 @@ class WindowAttention(nn.Module):
             bias = bias[None] + jnp.asarray(shift_mask)[None, :, None]  # [1, nW, heads, N, N]
             bias = jnp.broadcast_to(bias, (b,) + bias.shape[1:])
             bias = bias.reshape(b * num_windows, self.num_heads, n, n)
-        out = vit.attend(q, k, v, bias, self.attention_impl, dot)
+        out = vit.attend(q, k, v, bias, self.attention_impl)
         out = out.reshape(b, num_windows, n, self.num_heads, head_dim)
         return nn.DenseGeneral(width, axis=(-2, -1), name="proj", **dense)(out)
 

@@ -170,12 +170,19 @@ class QKVProjection(nn.Module):
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 
 
-def attend(q, k, v, bias=None, impl: Optional[str] = None, dot_general=None):
+def attend(q, k, v, bias=None, impl: Optional[str] = None):
     """Attention of q, k, v [B, N, heads, head_dim] with an additive logit bias: mim_jax's own
-    (impl None; the fastest on a CPU, and the only one that honours `dot_general`), or
-    jax.nn.dot_product_attention's 'xla' / 'cudnn' implementation."""
+    (impl None; the fastest on a CPU), or jax.nn.dot_product_attention's 'xla' / 'cudnn'
+    implementation.
+
+    Its two products multiply q, k, v in their own dtype, whatever model.matmul_precision
+    says: bfloat16 products are for the layers' weights. On a CPU, XLA runs a batched
+    bfloat16 x bfloat16 -> float32 product (its YNNPACK path) on one thread, where the float32
+    one runs on oneDNN over every core; MAE ViT-B/16's and SimMIM Swin-B's bfloat16-product
+    steps took 12% and 11% less time with float32 attention products on a 2-core Xeon, and
+    the same time with XLA's own products (BENCHMARKS.md section 15)."""
     if impl is None:
-        return matmul.attention(q, k, v, bias, dot_general)
+        return matmul.attention(q, k, v, bias)
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl={impl!r}; allowed: {list(ATTENTION_IMPLS)}.")
     if bias is not None:
@@ -220,7 +227,7 @@ class Attention(nn.Module):
         qkv = QKVProjection(self.num_heads, head_dim, self.qkv_bias, self.dtype, self.param_dtype,
                             self.init_style, self.matmul_precision, name="qkv")(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = attend(q, k, v, bias, self.attention_impl, dot)
+        out = attend(q, k, v, bias, self.attention_impl)
         return nn.DenseGeneral(
             features=width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
             dot_general=dot,

@@ -1,0 +1,121 @@
+"""compare_torch's PyTorch step in a process of its own, started with the environment a PyTorch
+user has.
+
+mim_jax's entry points re-execute themselves with glibc allocator settings (mim_jax/allocator.py)
+that suit XLA's per-step scratch buffers. A PyTorch step in the same process inherits them: its
+float32 step took about the same time with and without them, but its bfloat16 autocast step
+took twice as long (BENCHMARKS.md section 15). So PyTorch runs in a child process whose
+environment is the command's without the variables mim_jax added (variables the user set stay,
+for both sides). The two processes still take turns, one step each per round; the child measures
+its own steps (wall time, CPU time, page faults) as compare_torch measures mim_jax's.
+
+Protocol: pickled requests on the child's stdin, pickled replies on its stdout (the child sends
+its own prints to stderr).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import traceback
+
+from mim_jax import allocator
+
+
+def torch_environment(environ=None) -> dict:
+    """`environ` (default os.environ) without the allocator settings mim_jax's re-execution
+    added; JAX, imported by the child for the config helpers only, stays on the CPU."""
+    env = dict(os.environ if environ is None else environ)
+    if env.get(allocator.OPT_OUT) == "applied":
+        for name in allocator.SETTINGS:
+            env.pop(name, None)
+        env.pop(allocator.OPT_OUT)
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+class TorchStepProcess:
+    """A torch_steps step class built and called in a child process; `measured_call()` runs one
+    step there and returns timing.measure_call's figures, measured there."""
+
+    def __init__(self, step_class: type, config, images_nhwc, threads: int):
+        self._child = subprocess.Popen(
+            [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            env=torch_environment())
+        self.loss = None
+        self.pid = self._child.pid
+        self._describe = self._request(("build", step_class.__name__, config, images_nhwc,
+                                        threads))
+
+    def _request(self, message):
+        pickle.dump(message, self._child.stdin)
+        self._child.stdin.flush()
+        try:
+            kind, payload = pickle.load(self._child.stdout)
+        except EOFError:
+            raise RuntimeError(f"The PyTorch process exited (code {self._child.wait()}); "
+                               "its error is printed above.") from None
+        if kind == "error":
+            raise RuntimeError(f"The PyTorch process failed: {payload}")
+        return payload
+
+    def measured_call(self) -> dict:
+        measured, self.loss = self._request(("step",))
+        return measured
+
+    def __call__(self):
+        return self.measured_call()
+
+    def describe(self) -> dict:
+        return dict(self._describe, process="its own, without mim_jax's allocator settings")
+
+    def close(self) -> None:
+        if self._child.poll() is None:
+            try:
+                pickle.dump(("exit",), self._child.stdin)
+                self._child.stdin.close()
+            except (BrokenPipeError, OSError):
+                pass
+            self._child.wait(timeout=60)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _serve(requests, replies) -> None:
+    from mim_jax.benchmark.timing import measure_call
+    from mim_jax.benchmark.torch_steps import TORCH_STEPS
+    classes = {cls.__name__: cls for cls in TORCH_STEPS.values()}
+    step = None
+    while True:
+        try:
+            message = pickle.load(requests)
+        except EOFError:
+            return
+        try:
+            if message[0] == "exit":
+                return
+            if message[0] == "build":
+                import torch
+                _, name, config, images, threads = message
+                torch.set_num_threads(threads)
+                step = classes[name](config, images)
+                reply = step.describe()
+            else:
+                measured = measure_call(step)
+                reply = (measured, step.loss)
+            pickle.dump(("ok", reply), replies)
+        except Exception as e:  # the parent raises it with this line; the traceback goes above
+            traceback.print_exc()
+            pickle.dump(("error", f"{type(e).__name__}: {e}"), replies)
+        replies.flush()
+
+
+if __name__ == "__main__":
+    _replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # prints must not corrupt the replies
+    _serve(sys.stdin.buffer, _replies)
