@@ -10,7 +10,8 @@ backward pass does the same for the two gradient products (JAX's own transpose o
 would multiply the float32 cotangent by a bfloat16 operand: a float32 product again). Only
 the products change: activations, norms, softmax, the loss and the parameters stay float32.
 This is what TPUs do by default for float32 matmuls (one bfloat16 pass), so a run with it
-sees the rounding a TPU run sees.
+sees the rounding a TPU run sees, except in the attention: the models multiply q k^T and p v
+in the activations' own dtype (`vit.attend` says why).
 """
 from __future__ import annotations
 
