@@ -45,8 +45,13 @@ class TorchStepProcess:
             env=torch_environment())
         self.loss = None
         self.pid = self._child.pid
-        self._describe = self._request(("build", step_class.__name__, config, images_nhwc,
-                                        threads))
+        try:
+            self._describe = self._request(("build", step_class.__name__, config, images_nhwc,
+                                            threads))
+        except BaseException:
+            self._child.kill()  # no step to run: do not leave the child waiting for requests
+            self._child.wait()
+            raise
 
     def _request(self, message):
         pickle.dump(message, self._child.stdin)
