@@ -582,20 +582,45 @@ def test_compare_torch_runs_pytorch_in_its_own_process_or_in_mim_jaxs(tmp_path, 
     child measures its own steps (CPU time and faults included) and reports its losses."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
+    from mim_jax.benchmark.torch_process import torch_environment
     out = tmp_path / "compare.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-m", "mim_jax.benchmark", "--config", "configs/mae.py:quickstart",
          "--mode", "compare_torch", "--variant", "Ti/4", "--batch", "4", "--steps", "2",
          "--warmup", "1", "--tokenizer_step=false", f"--torch_process={torch_process}",
          "--json_out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     torch_side = result["torch"]
     assert result["torch_process"] == torch_process
     assert ("process" in torch_side) == (torch_process == "own")
+    if torch_process == "own":  # the child has the user's allocator variables, not mim_jax's
+        assert torch_side["malloc_env"] == {
+            k: v for k, v in torch_environment(env).items()
+            if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
+        if env.get("MIM_JAX_ALLOCATOR") == "applied":  # the suite runs under mim_jax's settings
+            assert result["malloc_env"] and torch_side["malloc_env"] == {}
     assert len(torch_side["step_time"]["all_s"]) == 2
     assert torch_side["step_time"]["cpu_median_s"] > 0
     assert np.isfinite(torch_side["final_loss"])
     assert "torch process" in proc.stdout
+
+
+def test_a_pytorch_process_that_fails_to_build_raises_one_line_and_is_reaped(monkeypatch):
+    from mim_jax.benchmark import torch_process
+    started = []
+
+    class RecordingPopen(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    class NotAStep:  # the child knows no step class of this name
+        pass
+
+    monkeypatch.setattr(torch_process.subprocess, "Popen", RecordingPopen)
+    with pytest.raises(RuntimeError, match="The PyTorch process failed: KeyError"):
+        torch_process.TorchStepProcess(NotAStep, {}, np.zeros((1, 4, 4, 1)), 1)
+    assert len(started) == 1 and started[0].poll() is not None

@@ -13,6 +13,8 @@ Modules, by job:
   jpeg_dataset    generated JPEG datasets (TFDS records or a folder)
   input_pipeline  --mode input
   compare_torch   --mode compare_torch
+  torch_steps     its PyTorch side: transformers' models of the config, AdamW, autocast
+  torch_process   that PyTorch step in a child process with the user's environment
   report          the table and the JSON output
   aot_table       python -m mim_jax.benchmark.aot_table: largest per-chip batch on TPU slices
 """

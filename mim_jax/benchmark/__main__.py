@@ -10,7 +10,8 @@ Run from the repository root (configs/ is imported as a package from the working
   # Input pipeline alone: JPEG decode + RandomResizedCrop + flip at 224 px, images/s per core
   python -m mim_jax.benchmark --config configs/mae.py --mode input
 
-  # mim_jax vs Hugging Face PyTorch ViTMAE, one process, same threads / batch / model, float32
+  # mim_jax vs Hugging Face PyTorch ViTMAE (in a process of its own, --torch_process), same
+  # threads / batch / model, float32
   python -m mim_jax.benchmark --config configs/mae.py --mode compare_torch --batch 16 \
       --warmup 2 --steps 5
   # mim_jax SimMIM Swin-B/192 (window 6) vs transformers' SwinForMaskedImageModeling

@@ -49,8 +49,6 @@ def run_compare_torch(config, threads: int, steps: int, warmup: int,
     """torch_process: 'own' runs PyTorch in a child process with the environment a PyTorch user
     has (torch_process.py says why); 'shared' runs it in this process, under mim_jax's
     allocator settings."""
-    import torch
-    torch.set_num_threads(threads)
     if torch_process not in ("own", "shared"):
         raise ValueError(f"torch_process={torch_process!r}; allowed: ['own', 'shared'].")
     if jax.devices()[0].platform != "cpu":
@@ -66,6 +64,8 @@ def run_compare_torch(config, threads: int, steps: int, warmup: int,
     images = np.asarray(data.normalize_images(jax.device_get(setup.batch["image"]),
                                               config.data))
     if torch_process == "shared":
+        import torch
+        torch.set_num_threads(threads)
         return _compare(config, threads, steps, warmup, profile, tokenizer_step, setup, tokens,
                         torch_step_cls(config, images), torch_process)
     with TorchStepProcess(torch_step_cls, config, images, threads) as child:
@@ -75,7 +75,6 @@ def run_compare_torch(config, threads: int, steps: int, warmup: int,
 
 def _compare(config, threads, steps, warmup, profile, tokenizer_step, setup, tokens,
              torch_step, torch_process) -> dict:
-    import torch
     compiled, compile_times = compile_step(setup)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.state.params))
     jax_step = StepRunner(compiled, setup.state, setup.batch)
@@ -95,10 +94,10 @@ def _compare(config, threads, steps, warmup, profile, tokenizer_step, setup, tok
         "mode": "compare_torch", "environment": environment(threads),
         "model": describe_model(config),
         "threads": {"xla_cpu_pool (PJRT_NPROC)": int(os.environ["PJRT_NPROC"]),
-                    "torch.get_num_threads": torch.get_num_threads(),
+                    "torch.get_num_threads": torch_step.describe()["torch_threads"],
                     "process_affinity_cores": usable_cores()},
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")
-                       or k == "LD_PRELOAD"},
+                       or k == "LD_PRELOAD"},  # mim_jax's; PyTorch's is in torch.malloc_env
         "torch_process": torch_process,
         "mim_jax": {"step_time": jax_t, "images_per_sec": per_sec(jax_t),
                     "compile": compile_times, "parameters": n_params,

@@ -138,7 +138,9 @@ def _compare_rows(r: dict) -> list:
         ("threads", ", ".join(f"{k} {v}" for k, v in r["threads"].items())),
         ("malloc env (mim_jax)", ", ".join(f"{k}={v}" for k, v in r["malloc_env"].items())
          or "default"),
-        ("torch process", t.get("process", "shared with mim_jax")),
+        ("torch process", "shared with mim_jax" if "process" not in t else
+         "its own, malloc env " + (", ".join(f"{k}={v}" for k, v in t["malloc_env"].items())
+                                   or "default")),
         ("mim_jax step", _step_line(j["step_time"]) + f"  ({j['images_per_sec']:.2f} img/s)"
                          + _products(j["compile"])),
         ("torch step", _step_line(t["step_time"]) + f"  ({t['images_per_sec']:.2f} img/s, "

@@ -54,11 +54,11 @@ class TorchStepProcess:
             raise
 
     def _request(self, message):
-        pickle.dump(message, self._child.stdin)
-        self._child.stdin.flush()
         try:
+            pickle.dump(message, self._child.stdin)
+            self._child.stdin.flush()
             kind, payload = pickle.load(self._child.stdout)
-        except EOFError:
+        except (EOFError, BrokenPipeError, pickle.UnpicklingError):
             raise RuntimeError(f"The PyTorch process exited (code {self._child.wait()}); "
                                "its error is printed above.") from None
         if kind == "error":
@@ -73,7 +73,9 @@ class TorchStepProcess:
         return self.measured_call()
 
     def describe(self) -> dict:
-        return dict(self._describe, process="its own, without mim_jax's allocator settings")
+        """The step's description, with the child's pid and its MALLOC_* / LD_PRELOAD
+        variables (the user's own, if any; never the ones mim_jax added)."""
+        return dict(self._describe, process="its own", pid=self.pid)
 
     def close(self) -> None:
         if self._child.poll() is None:
@@ -82,7 +84,12 @@ class TorchStepProcess:
                 self._child.stdin.close()
             except (BrokenPipeError, OSError):
                 pass
-            self._child.wait(timeout=60)
+            try:
+                self._child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self._child.kill()
+                self._child.wait()
+        self._child.stdout.close()
 
     def __enter__(self):
         return self
@@ -109,7 +116,9 @@ def _serve(requests, replies) -> None:
                 _, name, config, images, threads = message
                 torch.set_num_threads(threads)
                 step = classes[name](config, images)
-                reply = step.describe()
+                reply = dict(step.describe(), malloc_env={
+                    k: v for k, v in os.environ.items()
+                    if k.startswith("MALLOC_") or k == "LD_PRELOAD"})
             else:
                 measured = measure_call(step)
                 reply = (measured, step.loss)

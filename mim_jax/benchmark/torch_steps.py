@@ -189,8 +189,7 @@ class _TorchStep:
     def __call__(self):
         import torch
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=getattr(torch, self.autocast or "bfloat16"),
-                            enabled=self.autocast is not None):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast == "bfloat16"):
             loss = self._loss()
         loss.backward()
         self.optimizer.step()

@@ -1,5 +1,5 @@
 """Matrix products of the transformer layers: full float32, or bfloat16 inputs with float32
-accumulation (`model.matmul_precision`), and the attention built from them.
+accumulation (`model.matmul_precision`) for the layers' weights; and the softmax attention.
 
 Why bfloat16 inputs: CPUs with AVX512-BF16 (and AMX) multiply bfloat16 pairs at about twice
 the float32 rate when the products are summed in float32, but XLA's CPU backend takes that
@@ -85,11 +85,14 @@ _rounded_dot.defvjp(_rounded_dot_fwd, _rounded_dot_bwd)
 def plain_matmul(lhs, rhs, dims):
     """dot_general(lhs, rhs, dims) with float32 sums, computed as a batched [M, K] x [K, N]
     product of operands laid out that way. XLA's CPU backend multiplies bfloat16 into
-    float32 only in its fast (YNNPACK) kernels, which take a contracted axis last on the
-    left and first on the right; for another layout it falls back to a kernel that has no
-    such product ("Unsupported element type for DotThunk") — which is what the gradient
-    products, contracting the batch and token axes, would get. The transposes are kept
-    apart from the product (an optimisation barrier), or XLA would fold them back into it."""
+    float32 only in its fast (YNNPACK) kernels; when this was written (BENCHMARKS.md section
+    8) they took a contracted axis last on the left and first on the right, and for another
+    layout XLA fell back to a kernel that has no such product ("Unsupported element type for
+    DotThunk") — which is what the weight gradients, contracting the batch and token axes,
+    would get. With jax 0.10.2 JAX's own form of d x runs in bfloat16 and this layout of it
+    does not, so it serves the forward product and d W (equally fast there either way), and
+    `dot_transposes` forms d x itself. The transposes are kept apart from the product (an
+    optimisation barrier), or XLA would fold them back into it."""
     (lc, rc), (lb, rb) = dims
     lhs_free = [i for i in range(lhs.ndim) if i not in lc and i not in lb]
     rhs_free = [i for i in range(rhs.ndim) if i not in rc and i not in rb]
@@ -118,7 +121,8 @@ def dot_transposes(g, lhs, rhs, dims):
     d lhs = g . rhs^T is one dot_general in the form JAX's own transpose writes (rhs
     contracted on its free axes). Laid out [M, K] x [K, N] instead, with the layer's weight
     transposed behind a barrier, XLA (jax 0.10.2) converted that bfloat16 product to float32:
-    the MLP and embedding layers' d x of the MAE ViT-B/16 step, 42 of its products, ran at
+    the d x of the MAE ViT-B/16 step's MLP layers and of its decoder's embedding and
+    prediction layers, 42 of its products, ran at
     134-235 GFLOP/s, against 547-1,048 in this form, and the step took 25% less time with it
     (BENCHMARKS.md section 15). d rhs keeps plain_matmul's layout, with its axes in the order
     of the operand it belongs to (d kernel = x^T g, not (g^T x)^T: XLA would turn the latter
@@ -237,7 +241,9 @@ def attention(q, k, v, bias=None, dot_general: Optional[callable] = None):
     softmax is taken in float32. On a CPU its forward and backward ran 15-28% faster than
     jax.nn.dot_product_attention at MAE's shapes; with float32 q and k the logits' backward
     is `scaled_logits`' (so forward-mode autodiff is not defined there). It is the default
-    on every backend (model.attention_impl=None); 'xla' and 'cudnn' select JAX's."""
+    on every backend (model.attention_impl=None); 'xla' and 'cudnn' select JAX's. The models
+    call it without `dot_general` (`vit.attend` says why); the argument is for other
+    callers' products."""
     dot = dot_general or lax.dot_general
     if dot_general is None and q.dtype == jnp.float32 and k.dtype == jnp.float32:
         logits = scaled_logits(q, k, float(q.shape[-1] ** -0.5))
