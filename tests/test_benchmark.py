@@ -582,7 +582,7 @@ def test_compare_torch_runs_pytorch_in_its_own_process_or_in_mim_jaxs(tmp_path, 
     child measures its own steps (CPU time and faults included) and reports its losses."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from mim_jax.benchmark.torch_process import torch_environment
+    from mim_jax.benchmark.torch_process import allocator_variables, torch_environment
     out = tmp_path / "compare.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
@@ -597,9 +597,7 @@ def test_compare_torch_runs_pytorch_in_its_own_process_or_in_mim_jaxs(tmp_path, 
     assert result["torch_process"] == torch_process
     assert ("process" in torch_side) == (torch_process == "own")
     if torch_process == "own":  # the child has the user's allocator variables, not mim_jax's
-        assert torch_side["malloc_env"] == {
-            k: v for k, v in torch_environment(env).items()
-            if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
+        assert torch_side["malloc_env"] == allocator_variables(torch_environment(env))
         if env.get("MIM_JAX_ALLOCATOR") == "applied":  # the suite runs under mim_jax's settings
             assert result["malloc_env"] and torch_side["malloc_env"] == {}
     assert len(torch_side["step_time"]["all_s"]) == 2

@@ -1,6 +1,7 @@
 """--mode compare_torch: the mim_jax train step next to the PyTorch (transformers) one."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -11,7 +12,7 @@ from mim_jax.benchmark.environment import environment, usable_cores
 from mim_jax.benchmark.masking_share import measure_masking
 from mim_jax.benchmark.model_config import describe_model
 from mim_jax.benchmark.op_profile import profile_ops
-from mim_jax.benchmark.torch_process import TorchStepProcess
+from mim_jax.benchmark.torch_process import TorchStepProcess, allocator_variables
 from mim_jax.benchmark.torch_steps import torch_step_class
 from mim_jax.benchmark.timing import call_summary, interleaved_calls, paired_ratios
 from mim_jax.benchmark.train_step import (StepRunner, build_train_setup, compile_step,
@@ -66,11 +67,12 @@ def run_compare_torch(config, threads: int, steps: int, warmup: int,
     if torch_process == "shared":
         import torch
         torch.set_num_threads(threads)
+        torch_side = contextlib.nullcontext(torch_step_cls(config, images))
+    else:
+        torch_side = TorchStepProcess(torch_step_cls, config, images, threads)
+    with torch_side as torch_step:
         return _compare(config, threads, steps, warmup, profile, tokenizer_step, setup, tokens,
-                        torch_step_cls(config, images), torch_process)
-    with TorchStepProcess(torch_step_cls, config, images, threads) as child:
-        return _compare(config, threads, steps, warmup, profile, tokenizer_step, setup, tokens,
-                        child, torch_process)
+                        torch_step, torch_process)
 
 
 def _compare(config, threads, steps, warmup, profile, tokenizer_step, setup, tokens,
@@ -96,8 +98,7 @@ def _compare(config, threads, steps, warmup, profile, tokenizer_step, setup, tok
         "threads": {"xla_cpu_pool (PJRT_NPROC)": int(os.environ["PJRT_NPROC"]),
                     "torch.get_num_threads": torch_step.describe()["torch_threads"],
                     "process_affinity_cores": usable_cores()},
-        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")
-                       or k == "LD_PRELOAD"},  # mim_jax's; PyTorch's is in torch.malloc_env
+        "malloc_env": allocator_variables(os.environ),  # PyTorch's own: torch.malloc_env
         "torch_process": torch_process,
         "mim_jax": {"step_time": jax_t, "images_per_sec": per_sec(jax_t),
                     "compile": compile_times, "parameters": n_params,

@@ -35,6 +35,11 @@ def torch_environment(environ=None) -> dict:
     return env
 
 
+def allocator_variables(environ) -> dict:
+    """The MALLOC_* and LD_PRELOAD variables of an environment: what decides its allocator."""
+    return {k: v for k, v in environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
+
+
 class TorchStepProcess:
     """A torch_steps step class built and called in a child process; `measured_call()` runs one
     step there and returns timing.measure_call's figures, measured there."""
@@ -44,7 +49,6 @@ class TorchStepProcess:
             [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             env=torch_environment())
         self.loss = None
-        self.pid = self._child.pid
         try:
             self._describe = self._request(("build", step_class.__name__, config, images_nhwc,
                                             threads))
@@ -75,7 +79,7 @@ class TorchStepProcess:
     def describe(self) -> dict:
         """The step's description, with the child's pid and its MALLOC_* / LD_PRELOAD
         variables (the user's own, if any; never the ones mim_jax added)."""
-        return dict(self._describe, process="its own", pid=self.pid)
+        return dict(self._describe, process="its own", pid=self._child.pid)
 
     def close(self) -> None:
         if self._child.poll() is None:
@@ -116,9 +120,7 @@ def _serve(requests, replies) -> None:
                 _, name, config, images, threads = message
                 torch.set_num_threads(threads)
                 step = classes[name](config, images)
-                reply = dict(step.describe(), malloc_env={
-                    k: v for k, v in os.environ.items()
-                    if k.startswith("MALLOC_") or k == "LD_PRELOAD"})
+                reply = dict(step.describe(), malloc_env=allocator_variables(os.environ))
             else:
                 measured = measure_call(step)
                 reply = (measured, step.loss)
