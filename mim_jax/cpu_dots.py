@@ -19,7 +19,15 @@ does mim_jax's attention differentiated on its own; the BEiT v2 steps and the ba
 an attention on jax.nn.softmax (the quotient rule's multiply fed into a product) do not, and
 fall back.
 
-Config field `cpu_dots`: 'auto' (oneDNN on x86-64 CPUs), 'onednn' (on any CPU), 'xla' (never).
+The float32 products of the layers (Dense, DenseGeneral) can instead run on MKL's sgemm, called
+from the compiled step (mim_jax/blas: on an Intel Xeon those products were 14% of the MAE
+ViT-B/16 step faster there than on oneDNN, BENCHMARKS.md section 16); the other products
+(attention's, bfloat16 ones) then still go to oneDNN.
+
+Config field `cpu_dots`: 'auto' (MKL + oneDNN on Intel x86-64 CPUs where MKL loads, oneDNN on
+other x86-64 CPUs), 'mkl' (MKL + oneDNN, an error where MKL cannot be loaded), 'onednn' (on
+any CPU), 'xla' (XLA's own products only). MKL is not chosen by 'auto' on AMD CPUs, where
+oneDNN alone was measured faster than PyTorch (section 11) and MKL was not measured.
 The environment variable MIM_JAX_CPU_DOTS, when set, replaces 'auto' (not an explicit choice): the test suite sets it to 'xla', because JAX's
 persistent compilation cache, which saves the suite most of its compiles, cannot store a
 oneDNN program; tests/test_cpu_dots.py runs the oneDNN path itself.
@@ -35,9 +43,10 @@ from typing import Callable, Optional
 import jax
 from absl import logging
 
+from mim_jax import blas
 from mim_jax.errors import ConfigError
 
-CHOICES = ("auto", "onednn", "xla")
+CHOICES = ("auto", "mkl", "onednn", "xla")
 ENV = "MIM_JAX_CPU_DOTS"  # replaces 'auto' where set
 ONEDNN_OPTIONS = {"xla_cpu_use_onednn": True,
                   "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
@@ -51,12 +60,59 @@ def validate(choice) -> None:
                           f"{list(CHOICES)}.")
 
 
+def _effective(choice: str) -> str:
+    validate(choice)
+    if choice == "auto" and os.environ.get(ENV):
+        return os.environ[ENV]
+    return choice
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor_id from /proc/cpuinfo ('GenuineIntel', 'AuthenticAMD'), or ''."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+    return line.partition(":")[2].strip()
+
+
+def wants_mkl(choice: str, backend: Optional[str] = None, machine: Optional[str] = None,
+              vendor: Optional[str] = None) -> bool:
+    """Whether the layers' float32 products should run on MKL (mim_jax.blas)."""
+    choice = _effective(choice)
+    if (backend or jax.default_backend()) != "cpu" or choice in ("onednn", "xla"):
+        return False
+    if choice == "mkl":
+        return True
+    machine = (machine or platform.machine()).lower()
+    vendor = cpu_vendor() if vendor is None else vendor
+    return machine in ("x86_64", "amd64") and vendor == "GenuineIntel"
+
+
+def prepare(choice: str, report: Callable[[str], None] = logging.warning) -> bool:
+    """Before the step is traced: turns on MKL's products where `choice` asks for them
+    (mim_jax.blas.enable). True when they are on. An explicit 'mkl' that cannot load is a
+    ConfigError naming why; under 'auto' the reason is reported and XLA's products stay."""
+    if not wants_mkl(choice):
+        return False
+    reason = blas.enable()
+    if not reason:
+        return True
+    if _effective(choice) == "mkl":
+        raise ConfigError(f"cpu_dots='mkl': MKL's products cannot be used ({reason}); "
+                          "allowed without it: 'auto', 'onednn', 'xla'.")
+    report(f"cpu_dots='auto': the float32 layer products stay XLA's, as MKL's cannot be "
+           f"used ({reason}).")
+    return False
+
+
 def compiler_options(choice: str, backend: Optional[str] = None,
                      machine: Optional[str] = None) -> Optional[dict]:
     """XLA options for the step's compile: oneDNN's, or None (XLA's defaults)."""
-    validate(choice)
-    if choice == "auto" and os.environ.get(ENV):
-        choice = os.environ[ENV]
+    choice = _effective(choice)
+    if choice == "mkl":
+        choice = "onednn"  # the products MKL does not take go to oneDNN
     backend = backend or jax.default_backend()
     machine = (machine or platform.machine()).lower()
     if backend != "cpu" or choice == "xla":
@@ -119,11 +175,25 @@ def compile_step(lowered, choice: str, report: Callable[[str], None] = logging.w
         text = compiled.as_text()
         unsafe = unsafe_onednn_fusions(text)
         if not unsafe:  # without any oneDNN fusion (a ConvNet) it is XLA's own program
-            return compiled, "onednn" if '"__onednn_fusion"' in text else "xla"
+            return compiled, library_label(text, "onednn" if '"__onednn_fusion"' in text
+                                           else "xla")
         report(f"cpu_dots={choice!r}: the step compiled for oneDNN has {len(unsafe)} oneDNN "
                f"fusion(s) of a form not known to run ({', '.join(unsafe[:3])}); compiling it "
                "with XLA's own CPU products instead (cpu_dots='xla' skips the attempt).")
-    return lowered.compile(), "xla"
+    compiled = lowered.compile()
+    return compiled, library_label(compiled.as_text() if blas.enabled() else "", "xla")
+
+
+def describe(library: str) -> str:
+    """Words for a compile_step label, for logs and reports."""
+    words = {"mkl": "MKL (float32 layer products)", "onednn": "oneDNN",
+             "xla": "XLA's own CPU kernels"}
+    return " + ".join(words.get(part, part) for part in library.split(" + "))
+
+
+def library_label(hlo_text: str, rest: str) -> str:
+    """'mkl + onednn' / 'mkl + xla' for a program with MKL's products, else `rest`."""
+    return f"mkl + {rest}" if blas.TARGET in hlo_text else rest
 
 
 class Step:
@@ -133,6 +203,7 @@ class Step:
 
     def __init__(self, jitted, choice: str):
         self._jitted, self._choice = jitted, choice
+        self._mkl = prepare(choice)
         self._options = compiler_options(choice)
         self._compiled = {}
         self.library = None if self._options else "xla"
@@ -144,8 +215,9 @@ class Step:
         key = (structure, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
         compiled = self._compiled.get(key)
         if compiled is None:
-            compiled, self.library = compile_step(self._jitted.lower(state, batch), self._choice)
-            logging.info("Train step compiled; its products run on %s.",
-                         "oneDNN" if self.library == "onednn" else "XLA's own CPU kernels")
+            with blas.layer_products(self._mkl):  # read by the layers as they are traced
+                lowered = self._jitted.lower(state, batch)
+            compiled, self.library = compile_step(lowered, self._choice)
+            logging.info("Train step compiled; its products run on %s.", describe(self.library))
             self._compiled[key] = compiled
         return compiled(state, batch)

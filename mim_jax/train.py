@@ -289,6 +289,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     NonFiniteError (a non-finite step) with a one-line message, or preemption.Stopped after a
     SIGTERM / SIGINT has been answered with a checkpoint; nothing else is expected."""
     task = validate_config(config)
+    # MKL's products load (or an explicit cpu_dots='mkl' fails) before anything computes.
+    cpu_dots.prepare(config.get("cpu_dots", "auto"))
     objective = task.objective
     mesh = sharding.make_mesh(config.get("mesh"))
     accum = config.get("accum_steps", 1)
@@ -379,7 +381,7 @@ def _run(config, workdir, task, objective, mesh, accum, is_main, ckpt, allow_con
         logging.info("Mesh %s; train state %.1f MiB, %.1f MiB per device.",
                      dict(mesh.shape), state_bytes / 2**20, per_device / 2**20)
 
-    # On a CPU the step's products may run on oneDNN (mim_jax/cpu_dots.py).
+    # On a CPU the step's products may run on MKL and oneDNN (mim_jax/cpu_dots.py).
     train_step = cpu_dots.Step(jax.jit(
         make_train_step(objective, tx, schedule, accum, step_rng, mesh, task.ema_decay,
                         data_cfg=config.data),

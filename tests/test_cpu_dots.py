@@ -25,8 +25,11 @@ def test_choice_and_backend_decide_the_options(monkeypatch):
     for choice in cpu_dots.CHOICES:  # never off the CPU
         assert cpu_dots.compiler_options(choice, backend="gpu", machine="x86_64") is None
         assert cpu_dots.compiler_options(choice, backend="tpu", machine="x86_64") is None
-    with pytest.raises(ConfigError, match=r"cpu_dots='mkl' is not supported; allowed: "):
-        cpu_dots.validate("mkl")
+    # 'mkl' compiles the products MKL does not take with oneDNN.
+    assert cpu_dots.compiler_options("mkl", backend="cpu", machine="aarch64") == onednn
+    with pytest.raises(ConfigError, match=r"cpu_dots='blas' is not supported; allowed: "
+                                          r"\['auto', 'mkl', 'onednn', 'xla'\]"):
+        cpu_dots.validate("blas")
     monkeypatch.setenv(cpu_dots.ENV, "xla")  # replaces 'auto', not an explicit choice
     assert cpu_dots.compiler_options("auto", backend="cpu", machine="x86_64") is None
     assert cpu_dots.compiler_options("onednn", backend="cpu", machine="x86_64") == onednn

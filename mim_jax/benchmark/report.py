@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from typing import Optional
 
+from mim_jax import cpu_dots
+
 
 def _fmt_seconds(s: float) -> str:
     return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.3f} s"
@@ -26,9 +28,12 @@ def _step_line(t: dict) -> str:
 
 
 def _products(compile_record: dict) -> str:
-    """', products: oneDNN' for a CPU step whose products run on oneDNN (cpu_dots)."""
+    """', products: oneDNN' (or 'MKL ... + oneDNN') for a CPU step whose products do not
+    all run on XLA's own kernels (cpu_dots)."""
     library = compile_record.get("products")
-    return {"onednn": ", products: oneDNN", "xla": ""}.get(library, "")
+    if not library or library == "xla":
+        return ""
+    return ", products: " + cpu_dots.describe(library)
 
 
 def _train_rows(r: dict) -> list:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from mim_jax import blas
 from mim_jax.models import activations
 
 MATMUL_PRECISIONS = ("float32", "bfloat16", "auto")
@@ -54,7 +55,9 @@ def resolve_precision(matmul_precision: str) -> str:
 def dot_general_for(matmul_precision: str):
     """The dot_general of the layers: None (flax's default, lax.dot_general) or the bfloat16
     one."""
-    return None if resolve_precision(matmul_precision) == "float32" else bf16_dot_general
+    if resolve_precision(matmul_precision) == "float32":
+        return blas.dot_general  # lax.dot_general unless mim_jax.blas is enabled
+    return bf16_dot_general
 
 
 def _dims(dimension_numbers):

@@ -1,0 +1,171 @@
+"""MKL's float32 layer products as an XLA custom call (mim_jax/blas, cpu_dots='mkl')."""
+import platform
+import shutil
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mim_jax import blas, cpu_dots
+from mim_jax.errors import ConfigError
+
+# On x86-64 Linux `mkl` is one of mim_jax's requirements and a C++ compiler builds the
+# handler; there the custom call must work. Elsewhere only the fallbacks are tested.
+MKL_EXPECTED = (sys.platform == "linux" and platform.machine().lower() in ("x86_64", "amd64")
+                and shutil.which("c++") is not None)
+
+
+@pytest.fixture
+def mkl():
+    reason = blas.enable()
+    if reason and not MKL_EXPECTED:
+        pytest.skip(f"MKL's products are not available here: {reason}")
+    assert reason == "", reason
+    with blas.layer_products():
+        yield
+
+
+@pytest.fixture
+def fresh_status(monkeypatch):
+    """enable() tried again from scratch; the process's own state afterwards."""
+    monkeypatch.setattr(blas, "_status", None)
+    yield
+
+
+def _custom_calls(fn, *args) -> int:
+    return jax.jit(fn).lower(*args).as_text().count(blas.TARGET)
+
+
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_gemm_and_its_gradients_match_lax(mkl, transpose_a, transpose_b):
+    m, k, n = 37, 53, 29  # odd sizes: leading dimensions differ from the product's
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.standard_normal((k, m) if transpose_a else (m, k)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((n, k) if transpose_b else (k, n)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)  # weights the output
+
+    def ours(a, b):
+        return jnp.sum(blas.gemm(a, b, transpose_a, transpose_b) * w)
+
+    def reference(a, b):
+        return jnp.sum(((a.T if transpose_a else a) @ (b.T if transpose_b else b)) * w)
+
+    assert _custom_calls(ours, a, b) == 1
+    assert _custom_calls(jax.value_and_grad(ours, (0, 1)), a, b) == 3  # forward, d a, d b
+    out = jax.jit(lambda a, b: blas.gemm(a, b, transpose_a, transpose_b))(a, b)
+    expected = (a.T if transpose_a else a) @ (b.T if transpose_b else b)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-4)
+    grads = jax.jit(jax.grad(ours, (0, 1)))(a, b)
+    for got, want in zip(grads, jax.grad(reference, (0, 1))(a, b)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_dense_layers_use_it_only_when_traced_inside_layer_products(mkl):
+    x = jax.random.normal(jax.random.key(0), (2, 5, 3, 8))
+    dense = nn.Dense(6, dot_general=blas.dot_general)
+    general = nn.DenseGeneral(7, axis=(-2, -1), dot_general=blas.dot_general)
+    for layer in (dense, general):
+        params = layer.init(jax.random.key(1), x)
+        plain = layer.clone(dot_general=jax.lax.dot_general)
+        got = jax.jit(layer.apply)(params, x)
+        np.testing.assert_allclose(got, plain.apply(params, x), rtol=1e-5, atol=1e-5)
+        assert _custom_calls(layer.apply, params, x) == 1
+        with blas.layer_products(False):
+            assert _custom_calls(layer.apply, params, x) == 0
+        loss = lambda p: jnp.sum(layer.apply(p, x) ** 2)
+        plain_loss = lambda p: jnp.sum(plain.apply(p, x) ** 2)
+        for got, want in zip(jax.tree.leaves(jax.grad(loss)(params)),
+                             jax.tree.leaves(jax.grad(plain_loss)(params))):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_other_products_stay_lax(mkl):
+    x = jnp.ones((2, 4, 8))
+    batched = lambda x: blas.dot_general(x, x, (((2,), (2,)), ((0,), (0,))))  # attention's
+    rhs_trailing = lambda x: blas.dot_general(x, jnp.ones((3, 8)), (((2,), (1,)), ((), ())))
+    assert _custom_calls(batched, x) == 0
+    assert _custom_calls(rhs_trailing, x) == 0
+    lhs_leading = lambda x: blas.dot_general(x, jnp.ones((2, 3)), (((0,), (0,)), ((), ())))
+    assert _custom_calls(lhs_leading, jnp.ones((2, 5))) == 0
+    bf16 = lambda x: blas.dot_general(x.astype(jnp.bfloat16), jnp.ones((8, 3), jnp.bfloat16),
+                                      (((2,), (0,)), ((), ())))
+    assert _custom_calls(bf16, x) == 0
+    # A program for another platform has no custom call, even traced inside.
+    tpu = jax.jit(lambda x: blas.dot_general(x, jnp.ones((8, 3)), (((2,), (0,)), ((), ()))))
+    text = tpu.trace(x).lower(lowering_platforms=("tpu",)).as_text()
+    assert blas.TARGET not in text and "dot_general" in text
+
+
+def test_mae_step_on_mkl_matches_xla_products(mkl):
+    from configs import mae as mae_config
+    from mim_jax.benchmark.train_step import StepRunner, build_train_setup, compile_step
+
+    def run(choice):
+        config = mae_config.get_config("quickstart")
+        config.batch_size, config.model.matmul_precision, config.cpu_dots = 8, "float32", choice
+        setup = build_train_setup(config)
+        compiled, info = compile_step(setup)
+        runner = StepRunner(compiled, setup.state, setup.batch)
+        return [float(runner()["loss"]) for _ in range(3)], info["products"]
+
+    losses_mkl, library = run("mkl")
+    losses_xla, library_xla = run("xla")
+    assert library.startswith("mkl + ") and library_xla == "xla"
+    np.testing.assert_allclose(losses_mkl, losses_xla, rtol=2e-5)
+
+
+def test_wants_mkl_by_choice_vendor_machine_and_backend(monkeypatch):
+    monkeypatch.delenv(cpu_dots.ENV, raising=False)
+    intel = dict(backend="cpu", machine="x86_64", vendor="GenuineIntel")
+    assert cpu_dots.wants_mkl("auto", **intel)
+    assert not cpu_dots.wants_mkl("auto", **dict(intel, vendor="AuthenticAMD"))
+    assert cpu_dots.wants_mkl("mkl", **dict(intel, vendor="AuthenticAMD"))
+    assert not cpu_dots.wants_mkl("auto", **dict(intel, machine="aarch64"))
+    for choice in ("onednn", "xla"):
+        assert not cpu_dots.wants_mkl(choice, **intel)
+    for choice in cpu_dots.CHOICES:
+        assert not cpu_dots.wants_mkl(choice, **dict(intel, backend="gpu"))
+    monkeypatch.setenv(cpu_dots.ENV, "xla")  # the suite's setting replaces 'auto' only
+    assert not cpu_dots.wants_mkl("auto", **intel)
+    assert cpu_dots.wants_mkl("mkl", **intel)
+
+
+def test_a_missing_library_is_one_line_and_auto_falls_back(fresh_status, monkeypatch):
+    monkeypatch.setenv(blas.ENV, "/nonexistent/libblas_missing.so")
+    monkeypatch.setattr(cpu_dots, "wants_mkl", lambda choice: True)
+    reasons = []
+    assert cpu_dots.prepare("auto", report=reasons.append) is False
+    assert len(reasons) == 1 and "\n" not in reasons[0]
+    assert "/nonexistent/libblas_missing.so" in reasons[0]
+    assert not blas.enabled()
+    with blas.layer_products():  # asked for, but never enabled: lax
+        assert _custom_calls(lambda x: blas.dot_general(x, x, (((1,), (0,)), ((), ()))),
+                             jnp.ones((4, 4))) == 0
+    with pytest.raises(ConfigError, match=r"^cpu_dots='mkl': MKL's products cannot be used "
+                                          r"\(/nonexistent/libblas_missing.so: .*\); allowed "
+                                          r"without it: 'auto', 'onednn', 'xla'\.$"):
+        cpu_dots.prepare("mkl")
+
+
+def test_none_turns_it_off(fresh_status, monkeypatch):
+    monkeypatch.setenv(blas.ENV, "none")
+    assert blas.enable() == f"{blas.ENV}=none"
+
+
+@pytest.mark.skipif(not MKL_EXPECTED, reason="needs MKL and a C++ compiler")
+def test_a_failed_compile_leaves_nothing_in_the_cache(fresh_status, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a compiler that fails
+    reason = blas.enable()
+    assert reason.startswith("compiling sgemm.cc failed"), reason
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+    monkeypatch.setenv("CXX", "c++")
+    monkeypatch.setattr(blas, "_status", None)
+    assert blas.enable() == ""
+    built = [p.name for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(built) == 1 and built[0].startswith("sgemm_") and built[0].endswith(".so")
