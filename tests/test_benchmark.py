@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import test_blas
 from conftest import tiny_mae_config
 from mim_jax import flops, masking, objectives
 from mim_jax.benchmark import input_pipeline, masking_share, op_profile, timing, train_step
@@ -551,12 +552,12 @@ def test_jaxpr_products_take_the_cpu_branch_of_a_platform_choice():
     assert sum(jaxpr_products(jax.make_jaxpr(fn)(x).jaxpr).values()) == 1
 
 
-def test_compare_products_times_both_sides_on_a_tiny_mae(tmp_path):
-    out = tmp_path / "products.json"
+def _compare_products(tmp_path, *overrides) -> dict:
+    out = tmp_path / f"products{len(list(tmp_path.iterdir()))}.json"
     proc = subprocess.run(
         [sys.executable, "-m", "mim_jax.benchmark", "--config", "configs/mae.py:quickstart",
          "--mode", "compare_products", "--batch", "2", "--steps", "1", "--warmup", "0",
-         "--config.model.matmul_precision=float32", "--json_out", str(out)],
+         "--config.model.matmul_precision=float32", "--json_out", str(out), *overrides],
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -564,7 +565,19 @@ def test_compare_products_times_both_sides_on_a_tiny_mae(tmp_path):
     result = json.loads(out.read_text())
     assert result["calls_per_step"] == sum(r["calls_per_step"] for r in result["rows"]) > 50
     assert result["per_step_s"]["mim_jax"] > 0 and result["per_step_s"]["torch"] > 0
+    return result
+
+
+def test_compare_products_times_both_sides_on_a_tiny_mae(tmp_path):
+    result = _compare_products(tmp_path)
     assert result["products"] in ("onednn", "xla", "onednn/xla")
+    if not test_blas.MKL_EXPECTED:
+        return
+    # With MKL's products, the same arithmetic: the layers' products become MKL's calls.
+    mkl = _compare_products(tmp_path, "--config.cpu_dots=mkl")
+    assert "mkl + " in mkl["products"]
+    assert any(r["precision"] == "mkl" for r in mkl["rows"])
+    assert mkl["gflop_per_step"] == pytest.approx(result["gflop_per_step"], rel=1e-9)
 
 
 def test_torch_environment_drops_only_the_settings_mim_jax_added():

@@ -117,6 +117,7 @@ def test_mae_step_on_mkl_matches_xla_products(mkl):
     losses_xla, library_xla = run("xla")
     assert library.startswith("mkl + ") and library_xla == "xla"
     np.testing.assert_allclose(losses_mkl, losses_xla, rtol=2e-5)
+    assert run("mkl")[0] == losses_mkl  # bit for bit again: a resumed run continues exactly
 
 
 def test_wants_mkl_by_choice_vendor_machine_and_backend(monkeypatch):
@@ -169,3 +170,13 @@ def test_a_failed_compile_leaves_nothing_in_the_cache(fresh_status, monkeypatch,
     assert blas.enable() == ""
     built = [p.name for p in tmp_path.rglob("*") if p.is_file()]
     assert len(built) == 1 and built[0].startswith("sgemm_") and built[0].endswith(".so")
+
+
+def test_flops_of_the_custom_calls_are_counted(mkl):
+    from mim_jax.benchmark.train_step import xla_flops
+    a, b = jnp.ones((6, 4)), jnp.ones((5, 4))
+    compiled = jax.jit(lambda a, b: blas.gemm(a, b, False, True)).lower(a, b).compile()
+    assert blas.hlo_flops(compiled.as_text()) == 2 * 6 * 5 * 4
+    assert xla_flops(compiled) == pytest.approx(2 * 6 * 5 * 4, abs=1)  # XLA counts it as -1
+    grads = jax.jit(jax.grad(lambda a, b: jnp.sum(blas.gemm(a, b.T)), (0, 1)))
+    assert blas.hlo_flops(grads.lower(a, b).compile().as_text()) == 2 * (2 * 6 * 5 * 4)

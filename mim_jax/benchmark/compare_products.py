@@ -2,7 +2,7 @@
 library the step compiles with) next to PyTorch's (torch.einsum on the same operands).
 
 The step's products are read from its jaxpr (forward, backward and any product inside a cond,
-scan or remat), one entry per distinct (shapes, dimension numbers, dtype) with how often the
+scan or remat; with cpu_dots 'mkl', MKL's custom calls are products too and are timed as such), one entry per distinct (shapes, dimension numbers, dtype) with how often the
 step runs it. Each is compiled alone (XLA picks its own layout for it, so a transposing copy
 it needs is in its time) and timed in interleaved rounds with the PyTorch call.
 
@@ -20,12 +20,13 @@ import jax
 import numpy as np
 from jax import lax
 
-from mim_jax import cpu_dots
+from mim_jax import blas, cpu_dots
 from mim_jax.benchmark.environment import environment
 from mim_jax.benchmark.timing import call_summary, interleaved_calls
 from mim_jax.benchmark.train_step import build_train_setup
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
+MKL = "mkl"  # the precision slot of a product the step hands to MKL (mim_jax.blas)
 
 
 def _subjaxprs(params: dict) -> Iterable:
@@ -54,6 +55,16 @@ def jaxpr_products(jaxpr, counts: Optional[collections.Counter] = None,
                     (tuple(map(int, lb)), tuple(map(int, rb))))
             counts[(tuple(lhs.shape), tuple(rhs.shape), dims, str(lhs.dtype), str(rhs.dtype),
                     str(eqn.outvars[0].aval.dtype), eqn.params.get("precision"))] += times
+        if (eqn.primitive.name == "ffi_call"
+                and eqn.params.get("target_name") == blas.TARGET):
+            # MKL's product (cpu_dots 'mkl'), recorded as the dot_general it computes with
+            # "mkl" for precision; run_compare_products times it through mim_jax.blas.
+            attributes = dict(eqn.params["attributes"])
+            lhs, rhs = (v.aval for v in eqn.invars)
+            dims = (((0 if attributes["transpose_a"] else 1,),
+                     (1 if attributes["transpose_b"] else 0,)), ((), ()))
+            counts[(tuple(lhs.shape), tuple(rhs.shape), dims, str(lhs.dtype), str(rhs.dtype),
+                    str(eqn.outvars[0].aval.dtype), MKL)] += times
         if eqn.primitive.name == "cond":
             counts.update({key: n * times for key, n in _cond_products(eqn).items()})
             continue
@@ -106,15 +117,20 @@ def run_compare_products(config, threads: int, steps: int, warmup: int,
         raise ValueError("--mode=compare_products compares on the CPU; run with "
                          "JAX_PLATFORMS=cpu.")
     setup = build_train_setup(config)
-    products = jaxpr_products(jax.make_jaxpr(setup.step)(setup.state, setup.batch).jaxpr)
+    with blas.layer_products(cpu_dots.prepare(setup.cpu_dots)):  # as the step is traced
+        products = jaxpr_products(jax.make_jaxpr(setup.step)(setup.state, setup.batch).jaxpr)
     rng = np.random.default_rng(0)
     rows, libraries = [], set()
     for key, calls in products.items():
         lhs_shape, rhs_shape, dims, dtype, rhs_dtype, result, precision = key
         lhs = rng.standard_normal(lhs_shape, np.float32).astype(dtype)
         rhs = rng.standard_normal(rhs_shape, np.float32).astype(rhs_dtype)
-        product = jax.jit(lambda a, b, key=key: lax.dot_general(
-            a, b, key[2], precision=key[6], preferred_element_type=key[5]))
+        if precision == MKL:
+            (lc, rc), _ = dims
+            product = jax.jit(lambda a, b, ta=lc == (0,), tb=rc == (1,): blas.gemm(a, b, ta, tb))
+        else:
+            product = jax.jit(lambda a, b, key=key: lax.dot_general(
+                a, b, key[2], precision=key[6], preferred_element_type=key[5]))
         compiled, library = cpu_dots.compile_step(product.lower(lhs, rhs),
                                                   config.get("cpu_dots", "auto"),
                                                   report=lambda message: None)
