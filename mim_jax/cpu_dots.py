@@ -102,9 +102,14 @@ def prepare(choice: str, report: Callable[[str], None] = logging.warning) -> boo
     if _effective(choice) == "mkl":
         raise ConfigError(f"cpu_dots='mkl': MKL's products cannot be used ({reason}); "
                           "allowed without it: 'auto', 'onednn', 'xla'.")
-    report(f"cpu_dots='auto': the float32 layer products stay XLA's, as MKL's cannot be "
-           f"used ({reason}).")
+    if reason not in _reported:  # once per process, however many steps are built
+        _reported.add(reason)
+        report(f"cpu_dots='auto': the float32 layer products stay XLA's, as MKL's cannot be "
+               f"used ({reason}).")
     return False
+
+
+_reported = set()
 
 
 def compiler_options(choice: str, backend: Optional[str] = None,
@@ -209,8 +214,9 @@ class Step:
         self.library = None if self._options else "xla"
 
     def __call__(self, state, batch):
-        if not self._options:
-            return self._jitted(state, batch)
+        if not self._options:  # no MKL either (wants_mkl implies options), but say so
+            with blas.layer_products(self._mkl):
+                return self._jitted(state, batch)
         leaves, structure = jax.tree.flatten(batch)
         key = (structure, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
         compiled = self._compiled.get(key)
@@ -218,6 +224,10 @@ class Step:
             with blas.layer_products(self._mkl):  # read by the layers as they are traced
                 lowered = self._jitted.lower(state, batch)
             compiled, self.library = compile_step(lowered, self._choice)
+            if _effective(self._choice) == "mkl" and not self.library.startswith("mkl"):
+                logging.warning("cpu_dots='mkl': the compiled step has none of MKL's products "
+                                "(MKL takes the float32 layer products of a step on one device; "
+                                "this one has %d device(s)).", jax.device_count())
             logging.info("Train step compiled; its products run on %s.", describe(self.library))
             self._compiled[key] = compiled
         return compiled(state, batch)

@@ -160,16 +160,74 @@ def test_none_turns_it_off(fresh_status, monkeypatch):
 
 @pytest.mark.skipif(not MKL_EXPECTED, reason="needs MKL and a C++ compiler")
 def test_a_failed_compile_leaves_nothing_in_the_cache(fresh_status, monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setenv("CXX", "false")  # a compiler that fails
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    # A compiler that writes half a library where it was told to, then fails.
+    broken = tmp_path / "broken-c++"
+    broken.write_text('#!/bin/sh\nwhile [ $# -gt 0 ]; do [ "$1" = "-o" ] && '
+                      'echo half > "$2"; shift; done\necho "error: out of memory" >&2\nexit 1\n')
+    broken.chmod(0o755)
+    monkeypatch.setenv("CXX", str(broken))
     reason = blas.enable()
-    assert reason.startswith("compiling sgemm.cc failed"), reason
-    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert reason == "compiling sgemm.cc failed: error: out of memory", reason
+    assert not [p for p in cache.rglob("*") if p.is_file()]
     monkeypatch.setenv("CXX", "c++")
     monkeypatch.setattr(blas, "_status", None)
     assert blas.enable() == ""
-    built = [p.name for p in tmp_path.rglob("*") if p.is_file()]
+    built = [p.name for p in cache.rglob("*") if p.is_file()]
     assert len(built) == 1 and built[0].startswith("sgemm_") and built[0].endswith(".so")
+
+
+def test_one_jitted_function_is_traced_again_when_the_setting_changes(mkl):
+    product = jax.jit(lambda x: blas.dot_general(x, jnp.ones((8, 3)), (((1,), (0,)), ((), ()))))
+    x = jnp.ones((4, 8))
+    assert blas.TARGET in product.lower(x).as_text()
+    with blas.layer_products(False):
+        assert blas.TARGET not in product.lower(x).as_text()
+        np.testing.assert_allclose(product(x), 8.0)
+    np.testing.assert_allclose(product(x), 8.0)
+
+
+def test_the_train_steps_wrapper_traces_inside_layer_products(mkl):
+    dense = nn.Dense(5, dot_general=blas.dot_general)
+    x = jax.random.normal(jax.random.key(0), (6, 7))
+    params = dense.init(jax.random.key(1), x)
+    with blas.layer_products(False):  # as the trainer calls it: outside any context
+        step = cpu_dots.Step(jax.jit(dense.apply), "mkl")
+        out = step(params, x)
+    assert step.library.startswith("mkl + ")
+    np.testing.assert_allclose(out, x @ params["params"]["kernel"] + params["params"]["bias"],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_several_devices_and_odd_shapes_stay_lax(mkl, monkeypatch):
+    dims = (((1,), (0,)), ((), ()))
+    assert _custom_calls(lambda x: blas.dot_general(x, x.T, dims), jnp.ones((4, 4))) == 1
+    empty = jnp.ones((4, 0))
+    np.testing.assert_array_equal(blas.dot_general(empty, empty.T, dims), jnp.zeros((4, 4)))
+    with pytest.raises(TypeError):  # mismatched contracted sizes: lax's own error
+        blas.dot_general(jnp.ones((4, 2, 3)), jnp.ones((3, 2, 5)), (((1, 2), (0, 1)), ((), ())))
+    monkeypatch.setattr(jax, "device_count", lambda: 2)  # a mesh: no sharding rule for it
+    assert _custom_calls(lambda x: blas.dot_general(x, x.T, dims), jnp.ones((4, 4))) == 0
+
+
+@pytest.mark.skipif(not MKL_EXPECTED, reason="needs MKL and a C++ compiler")
+def test_mkl_told_to_take_64_bit_integers_still_works(tmp_path):
+    """MKL_INTERFACE_LAYER=ILP64 would make MKL read sgemm.cc's 32-bit integers as 64-bit."""
+    import os
+    import subprocess
+    code = ("import jax, jax.numpy as jnp, numpy as np\n"
+            "from mim_jax import blas\n"
+            "assert blas.enable() == '', blas.enable()\n"
+            "a = np.arange(12, dtype=np.float32).reshape(3, 4)\n"
+            "with blas.layer_products():\n"
+            "    out = jax.jit(lambda a: blas.gemm(a, a, False, True))(a)\n"
+            "np.testing.assert_allclose(out, a @ a.T)\n"
+            "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, MKL_INTERFACE_LAYER="ILP64",
+                                                JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 def test_flops_of_the_custom_calls_are_counted(mkl):

@@ -6,7 +6,8 @@ libraries (its own, YNNPACK, oneDNN) ran them at 86-203 GFLOP/s, where MKL, whic
 wheels use, ran the same shapes at 164-261 (BENCHMARKS.md sections 14 and 16). So the layers'
 float32 products can be an XLA custom call (`sgemm.cc`, an XLA FFI handler) that hands the
 product to the Fortran `sgemm_` of a BLAS library loaded at run time: MKL from PyPI's `mkl`
-wheel (the `mkl` extra), or any library named by the environment variable MIM_JAX_BLAS.
+wheel (a requirement of mim_jax on x86-64 Linux), or any library named by the environment
+variable MIM_JAX_BLAS.
 
 The handler is compiled on first use with the host's C++ compiler against the FFI headers
 that ship with jaxlib, into a per-user cache keyed by the source and jaxlib's version
@@ -20,7 +21,11 @@ contracts its trailing axes and whose right operand contracts its leading ones, 
 axes - every Dense and DenseGeneral layer. Batched products (attention) stay XLA's. Programs
 for other platforms, or for several devices (the custom call has no sharding rule), get
 lax.dot_general itself. Remat policies that save dots do not recognise the custom call, so a
-rematerialised block recomputes it (remat is off by default and meant for accelerators).
+rematerialised block recomputes it (remat is off by default and meant for accelerators). The
+product has a custom VJP, so forward-mode differentiation (jvp) of a function traced inside
+`layer_products` is not defined. MKL's results are repeatable run to run with the same
+threads and the same buffer alignment, which XLA keeps (tests/test_blas.py checks a step bit
+for bit, and the resume-exactly tests passed on this path); MKL's CNR mode is not set.
 """
 from __future__ import annotations
 
@@ -31,7 +36,9 @@ import ctypes.util
 import functools
 import hashlib
 import os
+import platform
 import re
+import shlex
 import site
 import subprocess
 import sys
@@ -52,9 +59,25 @@ _lock = threading.Lock()
 _status: Optional[str] = None  # None: not tried; "" ready; else why not
 _keep = []  # the loaded libraries: ctypes must not unload them
 _registered = []  # the handler library registered with XLA, once
-# Whether functions traced now put their layer products on BLAS: set around one trace by
-# `layer_products`, so one process can trace a step with them and another without.
-_active = contextvars.ContextVar("mim_jax_blas_active", default=False)
+# Whether functions traced now put their layer products on BLAS: set around a trace by
+# `layer_products`, so one process can trace a step with them and another without. A JAX user
+# context is part of jit's cache keys: a function traced both ways is traced twice.
+if hasattr(jax, "make_user_context"):
+    _active = jax.make_user_context(default_value=False)
+    _active_now = lambda: bool(_active.value)
+else:  # older JAX: a context variable (jit's caches do not see it)
+    _active_var = contextvars.ContextVar("mim_jax_blas_active", default=False)
+    _active = lambda value: _set_var(_active_var, value)
+    _active_now = _active_var.get
+
+
+@contextlib.contextmanager
+def _set_var(var, value):
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
 
 
 def _cache_dir() -> Path:
@@ -89,9 +112,21 @@ def _load_sgemm():
             errors.append(f"{path}: {e}")
             continue
         _keep.append(library)
+        _use_32_bit_integers(library)
         _prefer_gnu_openmp(library)
         return address, path
     raise OSError("; ".join(errors))
+
+
+def _use_32_bit_integers(library) -> None:
+    """sgemm.cc passes 32-bit integers; MKL's runtime library reads 64-bit ones when
+    MKL_INTERFACE_LAYER=ILP64 is set, and would then read garbage (and crash)."""
+    setter = getattr(library, "MKL_Set_Interface_Layer", None)
+    if setter is None:
+        return
+    setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+    if setter(0) != 0:  # MKL_INTERFACE_LP64
+        raise OSError(f"{library._name}: MKL would not take 32-bit integers (LP64)")
 
 
 def _prefer_gnu_openmp(library) -> None:
@@ -114,24 +149,26 @@ def _prefer_gnu_openmp(library) -> None:
 
 
 def _compiled_handler() -> Path:
-    """The handler's shared library, compiled once per source and jaxlib version."""
+    """The handler's shared library, compiled once per source, jaxlib version, machine and
+    compiler command (a home directory shared by several machines keeps one per kind)."""
     import jaxlib
     include = jax.ffi.include_dir()
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + jaxlib.__version__.encode()).hexdigest()[:16]
+    compiler = shlex.split(os.environ.get("CXX") or "c++")  # e.g. CXX="ccache g++"
+    flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{include}"]
+    identity = [jaxlib.__version__, platform.machine(), *compiler, *flags]
+    key = hashlib.sha256(SOURCE.read_bytes() + "\0".join(identity).encode()).hexdigest()[:16]
     target = _cache_dir() / f"sgemm_{key}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    compiler = os.environ.get("CXX") or "c++"
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         partial = Path(tmp) / target.name
-        command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
-                   f"-I{include}", str(SOURCE), "-o", str(partial)]
+        command = [*compiler, *flags, str(SOURCE), "-o", str(partial)]
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            done = subprocess.run(command, capture_output=True, text=True, errors="replace",
+                                  timeout=300)
         except (OSError, subprocess.TimeoutExpired) as e:
-            raise OSError(f"could not run the C++ compiler {compiler!r}: {e}") from None
+            raise OSError(f"could not run the C++ compiler {' '.join(compiler)!r}: {e}") from None
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise OSError(f"compiling {SOURCE.name} failed: {last}")
@@ -152,18 +189,19 @@ def enable() -> str:
 def _try_enable() -> str:
     if os.environ.get(ENV, "").lower() == "none":
         return f"{ENV}=none"
-    try:
-        address, _ = _load_sgemm()
+    try:  # the handler first: a failed compile leaves no BLAS library loaded
         handler = ctypes.CDLL(str(_compiled_handler()))
-    except OSError as e:
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
-    handler.mim_jax_set_sgemm.argtypes = [ctypes.c_void_p]
-    handler.mim_jax_set_sgemm(address)
-    _keep.append(handler)
-    if not _registered:  # XLA keeps one handler per name for the process's life
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler.MimJaxSgemm),
-                                    platform="cpu")
-        _registered.append(handler)
+        set_sgemm, entry = handler.mim_jax_set_sgemm, handler.MimJaxSgemm
+        address, _ = _load_sgemm()
+        set_sgemm.argtypes = [ctypes.c_void_p]
+        set_sgemm(address)
+        _keep.append(handler)
+        if not _registered:  # XLA keeps one handler per name for the process's life
+            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(entry), platform="cpu")
+            _registered.append(handler)
+    except Exception as e:  # noqa: BLE001 - any failure means: keep XLA's products
+        text = str(e).strip()
+        return text.splitlines()[0] if text else type(e).__name__
     return ""
 
 
@@ -176,11 +214,8 @@ def enabled() -> bool:
 def layer_products(on: bool = True):
     """Functions traced inside put their float32 layer products on BLAS (when `on` and
     `enable` has succeeded); outside, `dot_general` is lax.dot_general."""
-    token = _active.set(bool(on) and enabled())
-    try:
+    with _active(bool(on) and enabled()):
         yield
-    finally:
-        _active.reset(token)
 
 
 def _ffi_gemm(a, b, transpose_a: bool, transpose_b: bool):
@@ -229,20 +264,23 @@ gemm.defvjp(_gemm_fwd, _gemm_bwd)
 
 def _layer_form(lhs, rhs, dimension_numbers) -> bool:
     """Whether dot_general(lhs, rhs, dims) is a layer's product: no batch axes, lhs
-    contracting its trailing axes and rhs its leading ones, in order."""
+    contracting its trailing axes and rhs its leading ones, in order, of matching and
+    nonzero sizes (anything else, including an invalid product, is lax's to handle)."""
     (lc, rc), (lb, rb) = dimension_numbers
-    if lb or rb or not lc:
+    if lb or rb or not lc or len(lc) != len(rc) or len(lc) > min(lhs.ndim, rhs.ndim):
         return False
     n = len(lc)
+    contracted = lhs.shape[lhs.ndim - n:]
     return (tuple(lc) == tuple(range(lhs.ndim - n, lhs.ndim)) and
-            tuple(rc) == tuple(range(n)))
+            tuple(rc) == tuple(range(n)) and tuple(rhs.shape[:n]) == tuple(contracted) and
+            all(size > 0 for size in lhs.shape + rhs.shape))
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
                 **kwargs):
     """A drop-in dot_general (flax's `dot_general=`): the BLAS product for a float32 layer
     product on one CPU device, traced inside `layer_products`, else lax.dot_general."""
-    use = (_active.get() and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32 and
+    use = (_active_now() and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32 and
            preferred_element_type in (None, jnp.float32) and jax.device_count() == 1 and
            _layer_form(lhs, rhs, dimension_numbers))
     if not use:
@@ -268,6 +306,8 @@ def hlo_flops(hlo_text: str) -> float:
     does not see (a custom call is opaque to it): 2 m n k for each."""
     total = 0.0
     for m, n, a0, a1 in _CALL.findall(hlo_text):
+        if int(m) == 0:
+            continue
         k = int(a0) * int(a1) // int(m)  # a is [m, k] or [k, m]
         total += 2.0 * int(m) * int(n) * k
     return total
