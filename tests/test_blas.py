@@ -238,3 +238,22 @@ def test_flops_of_the_custom_calls_are_counted(mkl):
     assert xla_flops(compiled) == pytest.approx(2 * 6 * 5 * 4, abs=1)  # XLA counts it as -1
     grads = jax.jit(jax.grad(lambda a, b: jnp.sum(blas.gemm(a, b.T)), (0, 1)))
     assert blas.hlo_flops(grads.lower(a, b).compile().as_text()) == 2 * (2 * 6 * 5 * 4)
+
+
+def test_convnext_pointwise_layers_take_it(mkl):
+    from mim_jax.models import convnext
+    config = convnext.ConvNeXtConfig(depths=(1, 1, 1, 1), dims=(8, 16, 16, 16))
+    model = convnext.ConvNeXt(config)
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    with blas.layer_products(False):
+        variables = model.init(jax.random.key(1), x)
+        plain = jax.jit(model.apply)(variables, x)
+    loss = lambda v: jnp.sum(jax.tree.leaves(model.apply(v, x))[0] ** 2)
+    assert _custom_calls(model.apply, variables, x) == 8  # two per block
+    for got, expected in zip(jax.tree.leaves(jax.jit(model.apply)(variables, x)),
+                             jax.tree.leaves(plain)):  # one feature map per stage
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    with blas.layer_products(False):
+        want = jax.grad(loss)(variables)
+    for got, expected in zip(jax.tree.leaves(jax.grad(loss)(variables)), jax.tree.leaves(want)):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

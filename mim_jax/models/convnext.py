@@ -23,6 +23,7 @@ from typing import Any, Optional, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mim_jax import blas
 from mim_jax.models import activations, remat as remat_lib, sparse
 from mim_jax.models.resnet import _positive_ints
 from mim_jax.models.swin import trunc_normal
@@ -86,9 +87,11 @@ class ConvNeXtBlock(nn.Module):
         """positions: None, or int32 [B, n] of the visible positions (sparse.visible_positions):
         everything after the depthwise conv is per position, so it then runs on the n visible
         rows only and is scattered back into zeros - the masked branch, without the work."""
+        # blas.dot_general: MKL's float32 product on a CPU where the step asks for it
+        # (mim_jax/cpu_dots.py), lax.dot_general otherwise.
         dense = lambda features, name: nn.Dense(
             features, kernel_init=trunc_normal, dtype=self.dtype, param_dtype=self.param_dtype,
-            name=name)
+            dot_general=blas.dot_general, name=name)
         y = nn.Conv(self.dim, (7, 7), padding=[(3, 3), (3, 3)], feature_group_count=self.dim,
                     kernel_init=trunc_normal, dtype=self.dtype, param_dtype=self.param_dtype,
                     name="dwconv")(x)
