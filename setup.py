@@ -15,7 +15,7 @@ setup(
         "chex>=0.1.87",
         "clu>=0.0.12",
         "flax>=0.10",
-        "jax>=0.5",
+        "jax>=0.8",  # jax.make_user_context (mim_jax/blas)
         "ml-collections>=0.1.1",
         "numpy>=1.26",
         "optax>=0.2.4",

@@ -48,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     # Library of the train step's products on a CPU (mim_jax/cpu_dots.py): 'auto' (oneDNN on
     # x86-64: the float32 ViT-B step 12-20% faster on 2 cores; on Intel CPUs MKL for the
-    # float32 layer products: 14% faster again), 'mkl', 'onednn', 'xla'.
+    # float32 layer products: 14% less step time again), 'mkl', 'onednn', 'xla'.
     c.cpu_dots = "auto"
 
     # Device mesh (mim_jax/sharding.py): the batch is split over data x fsdp; fsdp > 1 also

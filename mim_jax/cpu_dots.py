@@ -20,8 +20,8 @@ an attention on jax.nn.softmax (the quotient rule's multiply fed into a product)
 fall back.
 
 The float32 products of the layers (Dense, DenseGeneral) can instead run on MKL's sgemm, called
-from the compiled step (mim_jax/blas: on an Intel Xeon those products were 14% of the MAE
-ViT-B/16 step faster there than on oneDNN, BENCHMARKS.md section 16); the other products
+from the compiled step (mim_jax/blas: on an Intel Xeon the float32 MAE ViT-B/16 step took 0.856
+of the oneDNN step's time with them, BENCHMARKS.md section 16); the other products
 (attention's, bfloat16 ones) then still go to oneDNN.
 
 Config field `cpu_dots`: 'auto' (MKL + oneDNN on Intel x86-64 CPUs where MKL loads, oneDNN on
@@ -214,9 +214,8 @@ class Step:
         self.library = None if self._options else "xla"
 
     def __call__(self, state, batch):
-        if not self._options:  # no MKL either (wants_mkl implies options), but say so
-            with blas.layer_products(self._mkl):
-                return self._jitted(state, batch)
+        if not self._options:  # no MKL either: wants_mkl implies oneDNN's options
+            return self._jitted(state, batch)
         leaves, structure = jax.tree.flatten(batch)
         key = (structure, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
         compiled = self._compiled.get(key)

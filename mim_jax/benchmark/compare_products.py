@@ -2,8 +2,9 @@
 library the step compiles with) next to PyTorch's (torch.einsum on the same operands).
 
 The step's products are read from its jaxpr (forward, backward and any product inside a cond,
-scan or remat; with cpu_dots 'mkl', MKL's custom calls are products too and are timed as such), one entry per distinct (shapes, dimension numbers, dtype) with how often the
-step runs it. Each is compiled alone (XLA picks its own layout for it, so a transposing copy
+scan or remat; with cpu_dots 'mkl', MKL's custom calls are products too and are timed as
+such), one entry per distinct (shapes, dimension numbers, dtype) with how often the step runs
+it. Each is compiled alone (XLA picks its own layout for it, so a transposing copy
 it needs is in its time) and timed in interleaved rounds with the PyTorch call.
 
 Reading the sums: mim_jax's is an upper bound on its products inside the step, where XLA lays

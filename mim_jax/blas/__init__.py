@@ -1,17 +1,17 @@
 """Float32 matrix products on a CPU by MKL's sgemm, called from the compiled step.
 
 Why: on the Intel Xeon (AVX-512, 2 cores) these figures were taken on, the float32 products
-of the MAE ViT-B/16 step were the whole of mim_jax's gap to PyTorch. Each of XLA's CPU product
-libraries (its own, YNNPACK, oneDNN) ran them at 86-203 GFLOP/s, where MKL, which PyTorch's
-wheels use, ran the same shapes at 164-261 (BENCHMARKS.md sections 14 and 16). So the layers'
-float32 products can be an XLA custom call (`sgemm.cc`, an XLA FFI handler) that hands the
+of the MAE ViT-B/16 step were the whole of mim_jax's gap to PyTorch (BENCHMARKS.md section
+14). Its 21 layer-product shapes, each compiled alone and timed in one run, took 0.617 s on
+XLA's own kernels, 0.502 s on oneDNN and 0.431 s on MKL, which PyTorch's wheels use (section
+16). So the layers' float32 products can be an XLA custom call (`sgemm.cc`, an XLA FFI handler) that hands the
 product to the Fortran `sgemm_` of a BLAS library loaded at run time: MKL from PyPI's `mkl`
 wheel (a requirement of mim_jax on x86-64 Linux), or any library named by the environment
 variable MIM_JAX_BLAS.
 
 The handler is compiled on first use with the host's C++ compiler against the FFI headers
-that ship with jaxlib, into a per-user cache keyed by the source and jaxlib's version
-(written to a temporary file and renamed, so a half-written library is never loaded). When no
+that ship with jaxlib, into a per-user cache keyed by the source, jaxlib's version, the machine
+and the compiler command (written to a temporary file and renamed, so a half-written library is never loaded). When no
 library, compiler or header is found, `enable` returns why and the caller keeps XLA's
 products: nothing else changes. A step takes these products only when traced inside
 `layer_products()` (mim_jax.cpu_dots does that for the train step when config.cpu_dots asks).
@@ -30,11 +30,11 @@ for bit, and the resume-exactly tests passed on this path); MKL's CNR mode is no
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import ctypes
 import ctypes.util
 import functools
 import hashlib
+import math
 import os
 import platform
 import re
@@ -62,22 +62,7 @@ _registered = []  # the handler library registered with XLA, once
 # Whether functions traced now put their layer products on BLAS: set around a trace by
 # `layer_products`, so one process can trace a step with them and another without. A JAX user
 # context is part of jit's cache keys: a function traced both ways is traced twice.
-if hasattr(jax, "make_user_context"):
-    _active = jax.make_user_context(default_value=False)
-    _active_now = lambda: bool(_active.value)
-else:  # older JAX: a context variable (jit's caches do not see it)
-    _active_var = contextvars.ContextVar("mim_jax_blas_active", default=False)
-    _active = lambda value: _set_var(_active_var, value)
-    _active_now = _active_var.get
-
-
-@contextlib.contextmanager
-def _set_var(var, value):
-    token = var.set(value)
-    try:
-        yield
-    finally:
-        var.reset(token)
+_active = jax.make_user_context(default_value=False)
 
 
 def _cache_dir() -> Path:
@@ -109,7 +94,7 @@ def _load_sgemm():
             library = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             address = ctypes.cast(library.sgemm_, ctypes.c_void_p).value
         except (OSError, AttributeError) as e:
-            errors.append(f"{path}: {e}")
+            errors.append(str(e) if path in str(e) else f"{path}: {e}")  # dlerror names it
             continue
         _keep.append(library)
         _use_32_bit_integers(library)
@@ -280,19 +265,16 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
                 **kwargs):
     """A drop-in dot_general (flax's `dot_general=`): the BLAS product for a float32 layer
     product on one CPU device, traced inside `layer_products`, else lax.dot_general."""
-    use = (_active_now() and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32 and
+    use = (_active.value and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32 and
            preferred_element_type in (None, jnp.float32) and jax.device_count() == 1 and
            _layer_form(lhs, rhs, dimension_numbers))
     if not use:
         return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type, **kwargs)
     n = len(dimension_numbers[0][0])
-    free_lhs, free_rhs = lhs.shape[:lhs.ndim - n], rhs.shape[n:]
-    k = 1
-    for size in lhs.shape[lhs.ndim - n:]:
-        k *= size
+    k = math.prod(lhs.shape[lhs.ndim - n:])
     out = gemm(lhs.reshape(-1, k), rhs.reshape(k, -1))
-    return out.reshape(*free_lhs, *free_rhs)
+    return out.reshape(*lhs.shape[:lhs.ndim - n], *rhs.shape[n:])
 
 
 # '%x = f32[m,n]{1,0} custom-call(%a, %b), custom_call_target="mim_jax_sgemm",
