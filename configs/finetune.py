@@ -57,8 +57,8 @@ def classification_evaluator(every_epochs: float = 1.0, batch_size: int = 256) -
 
 def model_of_run(workdir: str):
     """The model and data blocks of a mim_jax pretraining run (its config.json)."""
-    from mim_jax import checkpointing
-    run = checkpointing.read_run_config(checkpointing.resolve_checkpoint(workdir)[0])
+    from mim_jax import pretrained
+    run = pretrained.read_run_config(pretrained.resolve_checkpoint(workdir)[0])
     return run.model, run.data
 
 

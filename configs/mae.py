@@ -42,9 +42,6 @@ def _quickstart(c):
     c.model.update(variant="Ti/4", width=128, depth=4, num_heads=4, mlp_dim=512)
     # A narrow decoder, as in the paper's design: it runs on all 49 tokens and dominates cost.
     c.objective.update(norm_pix_loss=False, decoder_width=64, decoder_depth=2, decoder_heads=4)
-    # bfloat16 matmul inputs with float32 sums on CPUs that multiply bfloat16 natively (1.4x
-    # the float32 step here, same masked error and kNN), float32 elsewhere.
-    c.model.matmul_precision = "auto"
     c.data.update(name="mnist5k", split="train", eval_split="test", image_size=28, channels=1,
                   crop_scale=(0.6, 1.0), interpolation="bilinear", flip=False,
                   mean=(0.1307,), std=(0.3081,), shuffle_buffer=5000)

@@ -61,7 +61,7 @@ def get_config(arg=None):
 
 def _quickstart(c):
     """A two-stage Swin on digits at 32 px (stride 8) with 4 px mask cells: it reconstructs
-    well but its features do not beat its random initialisation (README.md)."""
+    well but its features do not beat its random initialisation (docs/objectives/simmim.md)."""
     c.model = common.swin_model_config("T", window_size=4)
     c.model.update(embed_dim=48, depths=(2, 2), num_heads=(3, 6))
     # 4 px mask cells (the model's patch): with 8 px cells (4 x 4 of them) the L1 loss sits on
@@ -86,13 +86,13 @@ def _quickstart_vit(c):
     """A ViT of 4 blocks, patch 4, width 96 (the MAE quickstart's ViT, narrower) under SimMIM
     at 32 px. SimMIM encodes all 64 patches, so width 96 (0.56x the FLOPs of 128) is what fits
     the run in 5 minutes on 2 CPU cores; its features beat random init by more than width
-    128's did (README.md).
+    128's did (docs/objectives/simmim.md).
 
     The mask geometry follows the reference's ViT-B/16 recipe, whose 32 px mask cells are 2 x 2
     patches: here 8 px cells (2 x 2 patches of 4 px, a 4 x 4 grid of cells). A masked cell is
     then never partly visible to its own tokens and must be inferred from context, which is
     what makes the encoder's features beat its random initialisation (with 4 px cells, one per
-    patch, the task is local interpolation and they do not; measured in README.md). Half the
+    patch, the task is local interpolation and they do not; measured in docs/objectives/simmim.md). Half the
     cells are masked: at 0.6 the masked error stays above 0.7x the constant guess within this
     budget. 1,400 steps of batch 64 at lr 2e-3."""
     _quickstart(c)

@@ -86,7 +86,7 @@ def _quickstart(c):
     The stem without its stride and max-pool (model.stem_stride=1) makes the backbone's
     deepest map stride 8, so the mask grid is 4 x 4 cells of 8 px (7 px of the 28 px digit
     each), 6 kept and 10 masked at 0.6 - the cell geometry with which the SimMIM ViT quickstart
-    learns (README.md). With the default stride 32 the grid at 32 px would be 1 x 1.
+    learns (docs/objectives/simmim.md). With the default stride 32 the grid at 32 px would be 1 x 1.
     """
     c.model = convnet_model_config("resnet", "50")
     c.model.update(depths=(1, 1, 1, 1), stem_width=16, widths=(8, 16, 32, 64))

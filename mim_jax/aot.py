@@ -19,9 +19,9 @@ import sys
 import time
 from typing import Optional
 
-if __name__ == "__main__":
-    from mim_jax.allocator import reexec_with_cpu_allocator
-    reexec_with_cpu_allocator()
+if __name__ == "__main__":  # first: before anything starts threads (mim_jax/allocator.py)
+    from mim_jax.allocator import apply_cpu_policy
+    apply_cpu_policy()
 
 import os
 
@@ -109,29 +109,25 @@ def compile_train_step(config, devices, per_chip_batch: int) -> CompiledStep:
     global_batch = per_chip_batch * n_batch_shards
     config = config.copy_and_resolve_references()
     config.batch_size = global_batch
-    if config.model.get("matmul_precision") == "auto":
-        # 'auto' looks at the machine that computes, here the compiling CPU; the target is a
-        # TPU, where it means float32 (whose products a TPU takes in bfloat16 passes anyway).
-        config.model.matmul_precision = "float32"
     n_processes = max(d.process_index for d in devices) + 1
-    task = train.validate_config(config, device_count=len(devices), process_count=n_processes,
-                                 check_data_dir=False)
+    objective = train.validate_config(config, device_count=len(devices),
+                                      process_count=n_processes, check_data_dir=False)
     accum = config.get("accum_steps", 1)
     sharding.check_batch_divisible(global_batch, accum, mesh)  # ValueError naming the fields
     base_rng = jax.random.key(config.seed)
     init_rng, step_rng, _ = jax.random.split(base_rng, 3)
-    abstract_state = train.abstract_train_state(config, task, init_rng)
+    abstract_state = train.abstract_train_state(config, objective, init_rng)
     state_sh = train.make_state_shardings(config, abstract_state, mesh)
     schedule = optim.make_schedule(1e-3, 1000, 10)  # values do not change the program
     abstract_params = abstract_state.params
     tx = optim.make_optimizer(config.optimizer, schedule, abstract_params)
-    step = train.make_train_step(task.objective, tx, schedule, accum, step_rng, mesh,
-                                 task.ema_decay, data_cfg=config.data)
+    step = train.make_train_step(objective, tx, schedule, accum, step_rng, mesh,
+                                 data_cfg=config.data)
     size, channels = config.data.image_size, config.data.channels
     rows = sharding.batch_sharded(mesh)
     batch = {"image": jax.ShapeDtypeStruct((global_batch, size, size, channels), jnp.uint8,
                                            sharding=rows)}
-    if task.with_labels:
+    if objective.with_labels:
         batch["label"] = jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=rows)
     jitted = jax.jit(step, in_shardings=(state_sh, rows),
                      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))

@@ -9,8 +9,6 @@ WORKDIR/checkpoints_damaged/ with a warning, and the newest good one is restored
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import re
 import shutil
@@ -397,40 +395,11 @@ def abstract_like(tree):
         tree)
 
 
-@dataclasses.dataclass(frozen=True)
-class PretrainedEncoder:
-    """The encoder of a pretraining run: its module, parameters and the run's config."""
-    module: Any  # flax.linen.Module, built from `config` exactly as pretraining built it
-    params: Any  # numpy arrays
-    config: Any  # ml_collections.ConfigDict of the pretraining run
-    step: int
-    objective: str
-    # The encoder's BatchNorm statistics (the run's model_state['batch_stats'][encoder key]:
-    # SparK's ResNets); None for encoders without any.
-    batch_stats: Any = None
-
-
-def resolve_checkpoint(path: str, step: Optional[int] = None):
-    """A workdir, its checkpoints/ folder or one checkpoints/STEP folder -> (workdir, step)."""
-    path = os.path.abspath(path)
-    name = os.path.basename(path)
-    if name.isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints":
-        return os.path.dirname(os.path.dirname(path)), int(name)
-    if name == "checkpoints":
-        path = os.path.dirname(path)
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"{path!r} is not a mim_jax workdir (no config.json): pass the "
-                         "--workdir of a pretraining run or one of its checkpoints/STEP folders.")
-    return path, step
-
-
-def read_run_config(workdir: str):
-    """The config a run's checkpoints were written with (the newest recorded one)."""
-    import ml_collections
-
-    from mim_jax import workdir as workdir_lib
-    with open(workdir_lib.latest_record(workdir) or os.path.join(workdir, "config.json")) as f:
-        return ml_collections.ConfigDict(json.load(f))
+def latest_step(directory: str) -> Optional[int]:
+    """The step of the newest complete checkpoint in `directory`, or None (none yet)."""
+    if not os.path.isdir(directory):
+        return None
+    return ocp.CheckpointManager(directory).latest_step()
 
 
 def restore_raw(directory: str, step: int, subtree: str = "params"):
@@ -448,46 +417,3 @@ def restore_raw(directory: str, step: int, subtree: str = "params"):
     if problem:
         raise CheckpointError(f"the checkpoint {directory}/{step} is damaged: {problem}.")
     return jax.tree.map(np.asarray, restored[subtree])
-
-
-def load_encoder(path: str, step: Optional[int] = None) -> PretrainedEncoder:
-    """The encoder (module + parameters, + BatchNorm statistics) of a mim_jax pretraining run.
-
-    `path` is the run's workdir (latest checkpoint, or `step`), its checkpoints/ folder, or a
-    checkpoints/STEP folder. Works for every objective (MAE, SimMIM with ViT or Swin, ...): the
-    objective is rebuilt from the run's config.json and names its encoder. Raises ValueError
-    listing the parameter names whose shapes do not match the encoder that config describes.
-    """
-    from mim_jax import objectives  # the objectives import models; keep this module light
-
-    workdir, step = resolve_checkpoint(path, step)
-    config = read_run_config(workdir)
-    objective = objectives.build(config)
-    directory = os.path.join(workdir, "checkpoints")
-    if step is None:
-        step = ocp.CheckpointManager(directory).latest_step() if os.path.isdir(directory) else None
-        if step is None:
-            raise ValueError(f"{workdir!r} has no complete checkpoint yet.")
-    params = restore_raw(directory, step)
-    key = objective.encoder_keys[0]
-    expected = jax.eval_shape(objective.init, jax.random.key(0))[key]
-    check_shapes(params.get(key, {}), expected, f"checkpoint {directory}/{step}")
-    batch_stats = None
-    if objective.stateful:  # e.g. SparK: model_state = {'batch_stats': {'encoder': ...}, ...}
-        state = restore_raw(directory, step, subtree="model_state")
-        batch_stats = (state.get("batch_stats") or {}).get(key) or None
-    return PretrainedEncoder(module=objective.encoder, params=params[key], config=config,
-                             step=step, objective=objective.name, batch_stats=batch_stats)
-
-
-def check_shapes(params, expected, what: str) -> None:
-    """Raises ValueError naming every parameter missing, unexpected or of another shape."""
-    from flax import traverse_util
-    got = traverse_util.flatten_dict(params, sep="/")
-    want = traverse_util.flatten_dict(expected, sep="/")
-    problems = [f"{k} missing" for k in sorted(set(want) - set(got))]
-    problems += [f"{k} unexpected" for k in sorted(set(got) - set(want))]
-    problems += [f"{k} {tuple(np.shape(got[k]))} != {tuple(want[k].shape)}"
-                 for k in sorted(set(got) & set(want)) if np.shape(got[k]) != tuple(want[k].shape)]
-    if problems:
-        raise ValueError(f"{what} does not match the model: " + "; ".join(problems))

@@ -20,14 +20,14 @@ import os
 import sys
 import time
 
-if __name__ == "__main__":  # first of all: glibc reads its MALLOC_* policy only at start-up
-    from mim_jax.allocator import reexec_with_cpu_allocator
-    reexec_with_cpu_allocator()
+if __name__ == "__main__":  # first: before anything starts threads (mim_jax/allocator.py)
+    from mim_jax.allocator import apply_cpu_policy
+    apply_cpu_policy()
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mim_jax.benchmark.compare_steps import load_config
+from mim_jax.config_file import load_config
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "The pretraining config, e.g. configs/mae.py:quickstart.", lock_config=True)
@@ -48,11 +48,11 @@ def _finished(workdir: str) -> bool:
 def _frozen_scores(config, workdir: str, seeds: int, pool: str) -> dict:
     import jax
     import numpy as np
-    from mim_jax import checkpointing, objectives, sharding
+    from mim_jax import pretrained, sharding
     from mim_jax.evaluators import features, knn, probe
 
     mesh = sharding.make_mesh()
-    objective = objectives.build(config)
+    objective = pretrained.build_objective(config)
     data_cfg = config.data
     feature_fn = features.make_feature_fn(objective.encoder, pool, mesh, data_cfg)
     splits = (data_cfg.split, data_cfg.eval_split)
@@ -68,11 +68,11 @@ def _frozen_scores(config, workdir: str, seeds: int, pool: str) -> dict:
         return scores(train, test)
 
     key = objective.encoder_keys[0]
-    pretrained = checkpointing.load_encoder(workdir)
-    # A stateful objective's encoder also needs its BatchNorm statistics of that checkpoint.
-    state = (checkpointing.restore_raw(os.path.join(workdir, "checkpoints"), pretrained.step,
-                                       "model_state") if objective.stateful else {})
-    out = {"pretrained": encoder_scores(pretrained.params, state)}
+    encoder = pretrained.load_encoder(workdir)
+    # An encoder with BatchNorm also needs the statistics of that checkpoint.
+    state = ({"batch_stats": {key: encoder.batch_stats}} if encoder.batch_stats is not None
+             else {})
+    out = {"pretrained": encoder_scores(encoder.params, state)}
     # The objective's own init (BEiT rescales it after init), at other seeds than the run's.
     inits = (objective.init_variables(jax.random.key(1000 + s)) for s in range(seeds))
     runs = [encoder_scores(params[key], model_state) for params, model_state in inits]

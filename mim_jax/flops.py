@@ -1,4 +1,5 @@
-"""Analytic model FLOPs of the ViT / MAE step, for throughput and MFU reports.
+"""Analytic model FLOPs, for throughput and MFU reports: the counting helpers every objective
+builds its own count from (Objective.forward_flops), and the devices' peaks.
 
 Convention (the one behind the usual ViT figures: B/16 35.2, L/16 123.2, H/14 334.8 GFLOP per
 224 px image): a multiply-add counts as 2 FLOPs, and only matrix multiplications are counted:
@@ -14,9 +15,9 @@ so their attention term is 4nwd; its patch merging is a Dense from 4d to 2d on n
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
-from mim_jax import masking, models
+from mim_jax import models
 from mim_jax.models import vit
 
 TRAIN_TO_FORWARD = 3.0
@@ -53,26 +54,6 @@ def vit_forward_flops(arch: vit.ViTConfig, cls_token: bool = True) -> dict:
             "encoder": transformer_flops(tokens, arch.width, arch.depth, arch.mlp_dim)}
 
 
-def mae_forward_flops(arch: vit.ViTConfig, mask_ratio: float, decoder_width: int,
-                      decoder_depth: int, decoder_mlp_dim: int) -> dict:
-    """Forward FLOPs per image of MAE, split by part.
-
-    The patch embedding runs on every patch (tokens are dropped after it), the encoder on the
-    visible patches + CLS, the decoder on all patches + CLS; the decoder's embed projection sees
-    the encoder output (visible + CLS) and its prediction head every decoder token.
-    """
-    visible = masking.num_visible(arch.num_patches, mask_ratio) + 1
-    full = arch.num_patches + 1
-    patch_dim = arch.patch_size**2 * arch.channels
-    return {
-        "patch_embed": patch_embed_flops(arch),
-        "encoder": transformer_flops(visible, arch.width, arch.depth, arch.mlp_dim),
-        "decoder_embed": dense_flops(visible, arch.width, decoder_width),
-        "decoder": transformer_flops(full, decoder_width, decoder_depth, decoder_mlp_dim),
-        "decoder_pred": dense_flops(full, decoder_width, patch_dim),
-    }
-
-
 def swin_forward_flops(arch) -> dict:
     """Forward FLOPs per image of a Swin encoder (a models.swin.SwinConfig) on all patches."""
     encoder = merging = 0.0
@@ -86,17 +67,14 @@ def swin_forward_flops(arch) -> dict:
             "patch_merging": merging}
 
 
-def simmim_forward_flops(arch, cls_token: bool = True) -> dict:
-    """SimMIM: the encoder on every patch (masked ones hold the mask token), then a 1x1 conv
-    from the final feature map to stride^2 * C pixels per position."""
+def encoder_forward_flops(arch, cls_token: bool = True) -> dict:
+    """Forward FLOPs per image of a ViT or Swin encoder on every patch; {} for a ConvNet,
+    which has no analytic count."""
     if hasattr(arch, "embed_dim"):  # Swin
-        out = swin_forward_flops(arch)
-        positions, width, stride = arch.feature_size**2, arch.num_features, arch.stride
-    else:
-        out = vit_forward_flops(arch, cls_token)
-        positions, width, stride = arch.num_patches, arch.width, arch.patch_size
-    out["decoder"] = dense_flops(positions, width, stride**2 * arch.channels)
-    return out
+        return swin_forward_flops(arch)
+    if hasattr(arch, "num_patches"):
+        return vit_forward_flops(arch, cls_token)
+    return {}
 
 
 def vit_arch(config) -> vit.ViTConfig:
@@ -113,65 +91,11 @@ def backbone_arch(config):
                                        config.data.get("channels", 3)).config
 
 
-def classifier_forward_flops(arch, cls_token: bool, num_classes: int) -> dict:
-    """Fine-tuning / linear probe: the encoder on every patch, then a linear head."""
-    if hasattr(arch, "embed_dim"):  # Swin
-        out, width = swin_forward_flops(arch), arch.num_features
-    elif not hasattr(arch, "num_patches"):  # ResNet / ConvNeXt: no count (no MFU), as SparK's
-        raise ValueError(f"{type(arch).__name__} has no analytic FLOP count; supported: ViT, "
-                         "Swin.")
-    else:
-        out, width = vit_forward_flops(arch, cls_token), arch.width
-    out["head"] = dense_flops(1, width, num_classes)
-    return out
-
-
-def beit_forward_flops(config) -> dict:
-    """BEiT: the encoder on every patch + CLS, the LM head on every patch (as the model computes
-    it), and v2's CLS head (its blocks on 1 + L tokens, then the LM head again). The frozen
-    tokenizer is not counted: it is not part of the trained model."""
-    from mim_jax import objectives  # the vocabulary is the tokenizer's; objectives import models
-    arch, obj = vit_arch(config), config.objective
-    vocab = objectives.build(config).model.vocab_size
-    out = dict(vit_forward_flops(arch, True),
-               lm_head=dense_flops(arch.num_patches, arch.width, vocab))
-    head_layers = obj.get("cls_head_layers", 0)
-    if head_layers:
-        out["cls_head"] = transformer_flops(arch.num_patches + 1, arch.width, head_layers,
-                                            arch.mlp_dim)
-        out["cls_head_lm_head"] = out["lm_head"]
-    return out
-
-
-def forward_flops_breakdown(config) -> dict:
-    """Forward FLOPs per image by model part, for the experiment config's objective (or its
-    classifier, for fine-tuning)."""
-    if config.get("finetune") is not None:
-        return classifier_forward_flops(backbone_arch(config), config.model.get("cls_token", True),
-                                        config.finetune.get("num_classes") or 1000)
-    obj = config.objective
-    if obj.name == "simmim":
-        return simmim_forward_flops(backbone_arch(config), config.model.get("cls_token", True))
-    if obj.name == "beit":
-        return beit_forward_flops(config)
-    if obj.name != "mae":
-        raise ValueError(f"objective.name={obj.name!r} has no analytic FLOP count; "
-                         "supported: ['beit', 'mae', 'simmim'].")
-    width = obj.decoder_width
-    return mae_forward_flops(
-        vit_arch(config), obj.mask_ratio, decoder_width=width, decoder_depth=obj.decoder_depth,
-        decoder_mlp_dim=int(width * obj.get("decoder_mlp_ratio", 4.0)))
-
-
-def model_flops_per_image(config) -> float:
-    """Analytic TRAIN-step FLOPs per image (3x forward); pass to reporting.Progress for MFU.
-    A linear probe's frozen encoder only runs forward: 1x for it, 3x for the head."""
-    parts = forward_flops_breakdown(config)
-    finetune = config.get("finetune")
-    if finetune is not None and finetune.get("mode") == "linear_probe":
-        head = parts.pop("head")
-        return sum(parts.values()) + TRAIN_TO_FORWARD * head
-    return TRAIN_TO_FORWARD * sum(parts.values())
+def train_step_flops(forward: Mapping[str, float], forward_only: Sequence[str] = ()) -> float:
+    """Train-step FLOPs per image from the forward ones by part: 3x forward, except for the
+    parts that run forward only (a linear probe's frozen encoder)."""
+    return sum(v if part in forward_only else TRAIN_TO_FORWARD * v
+               for part, v in forward.items())
 
 
 # Dense bf16 peak FLOP/s of one device (chip), by a lower-case substring of device_kind; the

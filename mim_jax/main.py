@@ -9,9 +9,9 @@ import os
 import sys
 import threading
 
-if __name__ == "__main__":  # first of all: glibc reads its MALLOC_* policy only at start-up
-    from mim_jax.allocator import reexec_with_cpu_allocator
-    reexec_with_cpu_allocator()
+if __name__ == "__main__":  # first: before anything starts threads (mim_jax/allocator.py)
+    from mim_jax.allocator import apply_cpu_policy
+    apply_cpu_policy()
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -116,6 +116,8 @@ def _parse_flags(argv):
 
 
 def run():
+    from mim_jax.allocator import apply_cpu_policy
+    apply_cpu_policy()  # for the mim-jax-train command; under `python -m` it is set already
     # Configs import `configs.common`: make the repository root importable from anywhere.
     sys.path.insert(0, os.getcwd())
     app.run(main, flags_parser=_parse_flags)

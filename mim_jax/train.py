@@ -1,12 +1,12 @@
-"""The training loop: jit-compiled, data-parallel, exactly resumable. It runs pretraining
-objectives and the fine-tuning / linear-probe tasks of mim_jax.finetune alike."""
+"""The training loop: jit-compiled, data-parallel, exactly resumable. It runs every objective
+alike: the pretraining methods and the fine-tuning / linear probing of a classifier."""
 from __future__ import annotations
 
 import dataclasses
 import os
 import signal
 import time
-from typing import Any, Callable, Optional
+from typing import Any
 
 import flax
 import jax
@@ -16,8 +16,8 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from mim_jax import (checkpointing, cpu_dots, data, evaluators, flops, objectives, optim,
-                     preemption, reporting, sharding, workdir as workdir_lib)
+from mim_jax import (checkpointing, data, evaluators, flops, objectives, optim, preemption,
+                     pretrained, reporting, sharding, workdir as workdir_lib)
 from mim_jax.errors import ConfigError, RunError
 
 
@@ -34,22 +34,11 @@ class TrainState:
     # Steps whose loss or gradient was not finite (their updates are skipped) or whose update
     # left a non-finite state. The host stops the run when it is > 0, before saving anything.
     nonfinite_steps: jax.Array
-    # Variables that are not trained by the optimizer: BatchNorm statistics, a frozen encoder
-    # (linear probe). Empty for the pretraining objectives.
+    # Variables that are not trained by the optimizer: BatchNorm statistics, a frozen tokenizer,
+    # teacher or encoder (linear probe). Empty for objectives without any.
     model_state: Any = dataclasses.field(default_factory=dict)
     # Exponential moving average of the parameters (None when off).
     ema_params: Any = None
-
-
-@dataclasses.dataclass
-class Task:
-    """What the loop trains: pretraining builds it from config.objective, fine-tuning and
-    linear probing (mim_jax.finetune) from config.finetune. The loop itself is shared."""
-    objective: objectives.Objective
-    with_labels: bool = False  # the data iterator yields 'label'
-    # (params, model_state) of a fresh run -> the starting ones (e.g. a pretrained encoder).
-    start_from: Optional[Callable] = None
-    ema_decay: float = 0.0
 
 
 def _skip_by_cond(mesh) -> bool:
@@ -81,21 +70,20 @@ def _float_norm(tree) -> jax.Array:
     return optax.global_norm(leaves) if leaves else jnp.zeros((), jnp.float32)
 
 
-def make_train_step(objective, tx, schedule, accum_steps: int, base_rng, mesh,
-                    ema_decay: float = 0.0, data_cfg=None):
+def make_train_step(objective, tx, schedule, accum_steps: int, base_rng, mesh, data_cfg=None):
     """(state, batch) -> (state, metrics); `batch` is the global batch of one optimizer step.
 
     batch['image'] is normalised here, on the device, by data.normalize_images with
     `data_cfg`'s mean / std: uint8 pixels as the pipelines yield them (then `data_cfg` is
     required), or floats that are already normalised."""
     grad_fn = jax.value_and_grad(objective.loss_fn, has_aux=True)
+    ema_decay = objective.ema_decay
 
     def loss_and_grads(params, model_state, batch, key):
         # Per micro-batch: only one micro-batch of float32 images is live at a time.
         batch = data.normalize_batch(batch, data_cfg)
-        kwargs = {"model_state": model_state} if objective.stateful else {}
-        (_, aux), grads = grad_fn(params, batch, objectives.make_rngs(key), True, **kwargs)
-        return grads, aux["metrics"], aux.get("model_state", model_state)
+        (_, aux), grads = grad_fn(params, model_state, batch, objectives.make_rngs(key), True)
+        return grads, aux["metrics"], aux["model_state"]
 
     def train_step(state: TrainState, batch):
         key = jax.random.fold_in(base_rng, state.step)
@@ -188,11 +176,11 @@ def _check_run_fields(config) -> None:
 
 def validate_config(config, *, device_count=None, process_count=None, check_data_dir=True):
     """Every check that can fail before the data is touched or anything compiles; each block
-    is checked by the module that owns it. Returns the task to train; raises ConfigError.
+    is checked by the module that owns it. Returns the objective to train (its frozen parts
+    resolved, their weights not read yet); raises ConfigError.
     The device and process counts default to this job's (mim_jax.aot passes a pod's)."""
     try:
         _check_run_fields(config)
-        cpu_dots.validate(config.get("cpu_dots", "auto"))
         optim.validate_config(config.optimizer)
         checkpointing.validate_config(config.checkpoint)
         data.validate_data_config(config.data)
@@ -204,11 +192,7 @@ def validate_config(config, *, device_count=None, process_count=None, check_data
         sharding.rules_from_config(config)
         sharding.fsdp_min_size(config)
         evaluators.validate(config)
-        if config.get("finetune") is not None:
-            from mim_jax import finetune  # the fine-tuning / linear-probe task
-            return finetune.build_task(config)
-        objective = objectives.build(config)
-        return Task(objective=objective, start_from=objective.start_from)
+        return pretrained.build_objective(config)
     except ConfigError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -250,13 +234,12 @@ def _write_parameter_counts(workdir, state, mesh):
     return total, state_bytes, per_device
 
 
-def abstract_train_state(config, task, init_rng):
+def abstract_train_state(config, objective, init_rng):
     """The TrainState's shapes and dtypes, without computing anything. The optimizer state's
     structure does not depend on the schedule's values, so a placeholder schedule does."""
-    abstract_params, abstract_model_state = jax.eval_shape(task.objective.init_variables,
-                                                           init_rng)
+    abstract_params, abstract_model_state = jax.eval_shape(objective.init_variables, init_rng)
     tx = optim.make_optimizer(config.optimizer, optim.make_schedule(1.0, 1, 0), abstract_params)
-    ema = task.ema_decay > 0
+    ema = objective.ema_decay > 0
     return jax.eval_shape(lambda p, m: TrainState(
         step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
         nonfinite_steps=jnp.zeros((), jnp.int32), model_state=m,
@@ -288,10 +271,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     `allow_config_change`), CheckpointError (no restorable checkpoint, a failed save) or
     NonFiniteError (a non-finite step) with a one-line message, or preemption.Stopped after a
     SIGTERM / SIGINT has been answered with a checkpoint; nothing else is expected."""
-    task = validate_config(config)
-    # MKL's products load (or an explicit cpu_dots='mkl' fails) before anything computes.
-    cpu_dots.prepare(config.get("cpu_dots", "auto"))
-    objective = task.objective
+    objective = validate_config(config)
     mesh = sharding.make_mesh(config.get("mesh"))
     accum = config.get("accum_steps", 1)
     try:
@@ -304,7 +284,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     try:
         # Signals from here on stop the run at the next step boundary, with a checkpoint.
         with preemption.PreemptionWatch() as watch:
-            return _run(config, workdir, task, objective, mesh, accum, is_main, ckpt,
+            return _run(config, workdir, objective, mesh, accum, is_main, ckpt,
                         allow_config_change, watch)
     finally:
         # Let an in-flight async save finish (or fail) cleanly; an unfinished one is never
@@ -312,13 +292,12 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         ckpt.close()
 
 
-def _run(config, workdir, task, objective, mesh, accum, is_main, ckpt, allow_config_change,
-         watch):
+def _run(config, workdir, objective, mesh, accum, is_main, ckpt, allow_config_change, watch):
     changes = workdir_lib.check(workdir, config, resume_step=ckpt.latest_step(),
                                 allow_change=allow_config_change, is_main=is_main)
     base_rng = jax.random.key(config.seed)
     init_rng, step_rng, eval_rng = jax.random.split(base_rng, 3)
-    abstract_state = abstract_train_state(config, task, init_rng)
+    abstract_state = abstract_train_state(config, objective, init_rng)
     state_sh = make_state_shardings(config, abstract_state, mesh)
     # Restore (verifying, falling back past damaged checkpoints) before touching the data.
     restored, start_step = _restore(ckpt, abstract_state, state_sh)
@@ -329,11 +308,12 @@ def _run(config, workdir, task, objective, mesh, accum, is_main, ckpt, allow_con
         return {k: v for k, v in finished.items() if k not in ("step", "wall_seconds")}
     start_step = start_step or 0
     start = None
-    if restored is None and task.start_from is not None:
-        # A fresh fine-tuning run: load the pretrained encoder before the data is touched, so
-        # an unusable checkpoint fails at once with one line.
+    if restored is None and objective.frozen:
+        # A fresh run of an objective with frozen weights (a tokenizer, a teacher, a pretrained
+        # encoder): read them before the data is touched, so an unusable file fails at once.
         try:
-            start = task.start_from(*jax.device_get(jax.jit(objective.init_variables)(init_rng)))
+            start = pretrained.load_frozen(
+                config, objective, *jax.device_get(jax.jit(objective.init_variables)(init_rng)))
         except ValueError as e:
             raise ConfigError(str(e)) from e
 
@@ -344,7 +324,7 @@ def _run(config, workdir, task, objective, mesh, accum, is_main, ckpt, allow_con
     try:
         train_data = data.create_train_iterator(
             config.data, global_batch_size=config.batch_size, seed=config.seed,
-            start_step=start_step, with_labels=task.with_labels)
+            start_step=start_step, with_labels=objective.with_labels)
     except ValueError as e:  # a split or batch size the prepared dataset cannot serve
         raise ConfigError(str(e)) from e
     total_steps, warmup_steps = _total_steps(config, train_data.steps_per_epoch)
@@ -362,14 +342,14 @@ def _run(config, workdir, task, objective, mesh, accum, is_main, ckpt, allow_con
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params), nonfinite_steps=jnp.zeros((), jnp.int32),
                           model_state=model_state,
-                          ema_params=params if task.ema_decay > 0 else None)
+                          ema_params=params if objective.ema_decay > 0 else None)
 
     if restored is not None:
         logging.info("Resuming from the checkpoint of step %d in %s", start_step, ckpt.directory)
         state = restored
     elif start is None:
         state = jax.jit(init_state, out_shardings=state_sh)(init_rng)
-    else:  # a fresh fine-tuning run: the pretrained encoder goes into the initial parameters
+    else:  # a fresh run with frozen weights read in
         state = jax.jit(init_state, out_shardings=state_sh)(init_rng, start)
     writers = reporting.create_writers(workdir, is_main)
     if is_main:
@@ -381,21 +361,15 @@ def _run(config, workdir, task, objective, mesh, accum, is_main, ckpt, allow_con
         logging.info("Mesh %s; train state %.1f MiB, %.1f MiB per device.",
                      dict(mesh.shape), state_bytes / 2**20, per_device / 2**20)
 
-    # On a CPU the step's products may run on MKL and oneDNN (mim_jax/cpu_dots.py).
-    train_step = cpu_dots.Step(jax.jit(
-        make_train_step(objective, tx, schedule, accum, step_rng, mesh, task.ema_decay,
-                        data_cfg=config.data),
+    train_step = jax.jit(
+        make_train_step(objective, tx, schedule, accum, step_rng, mesh, data_cfg=config.data),
         in_shardings=(state_sh, sharding.batch_sharded(mesh)), out_shardings=(state_sh, repl),
-        donate_argnums=(0,)), config.get("cpu_dots", "auto"))
+        donate_argnums=(0,))
     evals = evaluators.create(config, objective, mesh, workdir, writers, eval_rng,
                               steps_per_epoch=train_data.steps_per_epoch)
     peak = flops.device_peak_flops(jax.devices()[0])
-    try:
-        flops_per_image = flops.model_flops_per_image(config)
-    except ValueError:  # an objective without an analytic count: no MFU, training goes on
-        flops_per_image = None
     progress = reporting.Progress(
-        total_steps, start_step, config.batch_size, flops_per_image,
+        total_steps, start_step, config.batch_size, objective.flops_per_image,
         peak * jax.device_count() if peak else None)  # MFU only where the peak is known
 
     def check_finite():

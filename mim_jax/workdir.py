@@ -25,8 +25,8 @@ FINAL_METRICS = "final_metrics.json"
 OPERATIONAL = ("log_every_steps", "checkpoint", "evaluators", "accum_steps", "data.data_dir",
                "data.manual_dir", "data.prefetch", "data.num_parallel_calls", "model.remat",
                "model.attention_impl", "model.scan", "mesh", "partition_rules", "fsdp_min_size",
-               # rounding of the products' inputs, like attention_impl a speed choice (and
-               # 'auto' differs between machines by design); records before it lack it
+               # CPU speed choices that older records hold (the fields are gone): such a run
+               # resumes
                "model.matmul_precision", "cpu_dots")
 
 

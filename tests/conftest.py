@@ -5,6 +5,12 @@ import os
 # Tests run on CPU in float32; keep XLA from grabbing every core for intra-op threads twice.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# The suite runs the CPU path the entry points ship: their allocator policy, set before jax
+# starts its threads (a subprocess that runs an entry point sets it itself).
+from mim_jax.allocator import apply_cpu_policy  # noqa: E402
+
+apply_cpu_policy()
+
 import re
 import tempfile
 
@@ -19,10 +25,6 @@ _CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-# That cache cannot store a train step compiled for oneDNN (config cpu_dots='auto' on x86-64),
-# which would cost the suite ~2x its time: 'auto' means XLA's own products here (also in the
-# subprocesses); tests/test_cpu_dots.py asks for oneDNN explicitly.
-os.environ.setdefault("MIM_JAX_CPU_DOTS", "xla")
 
 
 def tiny_mae_config(**objective):
@@ -38,6 +40,22 @@ def tiny_mae_config(**objective):
 @pytest.fixture
 def tiny_config():
     return tiny_mae_config()
+
+
+def tiny_beit_config(version: int):
+    """configs/beit.py's quickstart shrunk: 2 blocks of width 64 on a 7 x 7 grid; v1 with a
+    small dVAE (56 px view), v2 with the quickstart VQ-KD and a 1-block CLS head."""
+    from configs import beit as beit_config
+    config = beit_config.get_config("quickstart")
+    config.model.update(depth=2, width=64, num_heads=2, mlp_dim=128, drop_path_rate=0.1)
+    if version == 1:
+        config.objective.tokenizer = beit_config.dall_e_tokenizer()
+        config.objective.tokenizer.update(input_size=56, n_hid=16, n_blk_per_group=1,
+                                          vocab_size=512)
+    else:
+        config.objective.update(cls_head_layers=1, early_layers=1)
+    config.batch_size = 4
+    return config
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +108,7 @@ def adam_losses(objective, params, batch, rngs, lr: float, steps: int):
     @jax.jit
     def step(params, opt_state):
         (loss, _), grads = jax.value_and_grad(
-            lambda p: objective.loss_fn(p, batch, rngs, train=True), has_aux=True)(params)
+            lambda p: objective.loss_fn(p, {}, batch, rngs, train=True), has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 

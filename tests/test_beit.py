@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from mim_jax import convert, objectives  # noqa: E402
+from mim_jax import convert, pretrained  # noqa: E402
 from mim_jax.models import resize, vit  # noqa: E402
 from mim_jax.objectives import beit  # noqa: E402
 from test_simmim import (assert_same_tree, nhwc, numpy_state_dict, randomize,  # noqa: E402
@@ -99,7 +99,7 @@ def our_outputs(obj, params, batch):
     images, bool_masked_pos, labels = batch
     with jax.default_matmul_precision("highest"):  # the reference runs float32 on CPU
         loss, aux = jax.jit(obj.loss_fn, static_argnames=("train", "with_outputs"))(
-            params, {"image": nhwc(images)}, {}, train=False, with_outputs=True,
+            params, {}, {"image": nhwc(images)}, {}, train=False, with_outputs=True,
             token_mask=jnp.asarray(bool_masked_pos.numpy()),
             labels=jnp.asarray(labels.numpy(), jnp.int32))
     return np.asarray(aux["outputs"]["logits"]), float(loss), aux["metrics"]
@@ -109,7 +109,7 @@ def our_outputs(obj, params, batch):
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scan"])
 def test_parity_with_transformers(hf_beit, batch, scan):
-    obj = objectives.build(beit_config(scan=scan))
+    obj = pretrained.build_objective(beit_config(scan=scan))
     expected = param_shapes(obj)
     params = convert.beit_params_from_hf(hf_beit.state_dict(), num_heads=HEADS, scan=scan,
                                          expected=expected)
@@ -182,9 +182,9 @@ def test_official_layout_matches_transformers_names(hf_beit):
 @pytest.mark.parametrize("variant", ["v2_cls_head", "per_layer_abs_pos"])
 def test_official_round_trip_through_a_torch_file(variant, tmp_path):
     if variant == "v2_cls_head":
-        obj = objectives.build(beit_config(cls_head_layers=2))
+        obj = pretrained.build_objective(beit_config(cls_head_layers=2))
     else:
-        obj = objectives.build(beit_config(pos_embed="learned", rel_pos_bias="per_layer"))
+        obj = pretrained.build_objective(beit_config(pos_embed="learned", rel_pos_bias="per_layer"))
     params = random_params(obj)
     official = convert.beit_params_to_official(params)
     if variant == "v2_cls_head":
@@ -210,7 +210,7 @@ def test_official_round_trip_through_a_torch_file(variant, tmp_path):
 def test_official_encoder_fits_a_finetuning_vit():
     """What fine-tuning from an official pretraining file needs: the imported encoder fits a
     classifier's ViT (no mask token, a relative position bias per layer)."""
-    obj = objectives.build(beit_config())
+    obj = pretrained.build_objective(beit_config())
     official = convert.beit_params_to_official(random_params(obj))
     encoder = convert.beit_params_from_official(official, num_heads=HEADS,
                                                 strict=False)["encoder"]
@@ -229,7 +229,7 @@ def test_official_encoder_fits_a_finetuning_vit():
 # ------------------------------------------------------------------ init
 
 def test_beit_init_truncation_std_and_depth_rescale():
-    obj = objectives.build(beit_config(cls_head_layers=2))
+    obj = pretrained.build_objective(beit_config(cls_head_layers=2))
     # jit and the rbg key: a fraction of the compile time of threefry's eager init on CPU.
     params = jax.jit(lambda k: obj.init_variables(k)[0])(jax.random.key(0, impl="rbg"))
     params = jax.tree.map(np.asarray, params)
@@ -298,7 +298,7 @@ def test_wrong_shapes_are_listed_by_name(hf_beit):
     bad["beit.layers.1.mlp.fc1.bias"] = np.zeros(96)
     with pytest.raises(ValueError) as err:
         convert.beit_params_from_hf(bad, num_heads=HEADS,
-                                    expected=param_shapes(objectives.build(beit_config())))
+                                    expected=param_shapes(pretrained.build_objective(beit_config())))
     message = str(err.value)
     for name in ("lm_head/kernel", "lm_head/bias", "encoder/transformer/block_1/fc1/kernel",
                  "beit.layers.1.mlp.fc1.weight (96, 64)", "4 problems"):
@@ -313,7 +313,7 @@ def test_wrong_shapes_are_listed_by_name(hf_beit):
 
 
 def test_official_checkpoint_errors():
-    obj = objectives.build(beit_config(cls_head_layers=2))
+    obj = pretrained.build_objective(beit_config(cls_head_layers=2))
     official = convert.beit_params_to_official(random_params(obj))
     missing = {k: v for k, v in official.items() if k != "cls_pt_layers.1.gamma_1"}
     with pytest.raises(ValueError, match=re.escape("cls_pt_layers.1.gamma_1")):

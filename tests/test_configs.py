@@ -10,7 +10,7 @@ import ml_collections
 from ml_collections import config_flags
 import pytest
 
-from mim_jax import objectives, train
+from mim_jax import objectives, pretrained, train
 from mim_jax.data import config as data_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,11 +58,11 @@ def test_config_docstring_commands_resolve(path, tmp_path):
         if cfg.get("objective") is not None and cfg.objective.get("teacher") is not None:
             _stand_in_teacher(cfg, tmp_path)
         if cfg.get("finetune") is None:
-            obj = objectives.build(cfg)  # objective, backbone and its variant
+            obj = pretrained.build_objective(cfg)  # objective, backbone and its variant
             assert obj.name == cfg.objective.name
         data_config.validate_data_config(cfg.data)  # dataset name is a known builder
-        task = train.validate_config(cfg)  # evaluators, numbers, the fine-tuning classifier
-        assert task.objective.name in objectives.names() + ["finetune", "linear_probe"]
+        obj = train.validate_config(cfg)  # evaluators, numbers, the fine-tuning classifier
+        assert obj.name in objectives.names() + ["finetune", "linear_probe"]
 
 
 def test_mae_paper_recipe():
@@ -121,7 +121,7 @@ def _optional_fields(cfg, prefix=""):
 
 DATA_OPTIONAL = {"data.data_dir", "data.manual_dir", "data.folder", "data.crop_scale",
                  "data.randaugment"}
-BACKBONE_OPTIONAL = {"model.patch_size", "model.attention_impl"}
+BACKBONE_OPTIONAL = {"model.patch_size"}
 VIT_OPTIONAL = BACKBONE_OPTIONAL | {"model.width", "model.depth", "model.num_heads",
                                     "model.mlp_dim", "model.layer_scale_init"}
 SWIN_OPTIONAL = BACKBONE_OPTIONAL | {"model.embed_dim", "model.depths", "model.num_heads"}

@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from mim_jax import pretrained
 from mim_jax.convert import dall_e as convert
 from mim_jax.models import tokenizers
 from mim_jax.models.tokenizers import dvae
@@ -97,7 +98,8 @@ def test_state_dict_round_trip_through_torch_files(tmp_path, spec, reference):
     official = convert.params_to_official(params)
     assert sorted(official) == sorted(reference.state_dict())
     path = save_state_dict(official, tmp_path / "enc.pt")
-    loaded = tokenizers.build(tiny_cfg(checkpoint=path), SIZE, 3).load(abstract_of(spec.module))
+    loaded = pretrained.load_tokenizer(tokenizers.build(tiny_cfg(checkpoint=path), SIZE, 3),
+                                       abstract_of(spec.module))
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
     # The file is one the reference itself loads strictly.
     fresh = dall_e.Encoder(n_hid=64, n_blk_per_group=2, vocab_size=512)
@@ -113,7 +115,7 @@ def test_pickled_module_is_refused_with_the_extraction_command(tmp_path, monkeyp
     spec = tokenizers.build(tiny_cfg(checkpoint=str(pickled)), SIZE, 3)
     abstract = abstract_of(spec.module)
     with pytest.raises(ValueError) as err:
-        spec.load(abstract)
+        pretrained.load_tokenizer(spec, abstract)
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith(f"{pickled} holds a pickled dall_e.encoder.Encoder")
@@ -123,7 +125,8 @@ def test_pickled_module_is_refused_with_the_extraction_command(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     exec(command, {})  # what the user runs, in the directory the message names the output in
     extracted = tmp_path / "dall_e_encoder.pt"
-    params = tokenizers.build(tiny_cfg(checkpoint=str(extracted)), SIZE, 3).load(abstract)
+    params = pretrained.load_tokenizer(
+        tokenizers.build(tiny_cfg(checkpoint=str(extracted)), SIZE, 3), abstract)
     images = np.random.default_rng(2).random((1, SIZE, SIZE, 3), dtype=np.float32)
     np.testing.assert_array_equal(
         np.asarray(encode(params, images)),
@@ -137,7 +140,8 @@ def test_wrong_shapes_are_all_listed(tmp_path, spec, reference):
     state["blocks.output.conv.b"] = np.zeros((256,), np.float32)
     path = save_state_dict(state, tmp_path / "bad.pt")
     with pytest.raises(ValueError) as err:
-        tokenizers.build(tiny_cfg(checkpoint=path), SIZE, 3).load(abstract_of(spec.module))
+        pretrained.load_tokenizer(tokenizers.build(tiny_cfg(checkpoint=path), SIZE, 3),
+                                  abstract_of(spec.module))
     message = str(err.value)
     assert "(3 problems)" in message
     assert ("input/kernel: blocks.input.w (64, 4, 7, 7) converts to (7, 7, 4, 64), expected "
@@ -152,7 +156,7 @@ def test_structure_mismatch_names_the_missing_keys(tmp_path, reference):
     spec = tokenizers.build(tiny_cfg(checkpoint=path, n_blk_per_group=3), SIZE, 3)
     with pytest.raises(ValueError, match=r"missing keys \['blocks\.group_1\.block_3\.res_path"
                                          r"\.conv_1\.w'"):
-        spec.load(abstract_of(spec.module))
+        pretrained.load_tokenizer(spec, abstract_of(spec.module))
 
 
 def test_default_size_has_the_official_parameters():
@@ -223,4 +227,4 @@ def test_missing_checkpoint_names_the_field(spec, tmp_path):
         tok = tokenizers.build(tiny_cfg(checkpoint=checkpoint), SIZE, 3)
         with pytest.raises(ValueError, match=rf"^{re.escape(repr(checkpoint))} is not a file; "
                                              rf"objective\.tokenizer\.checkpoint must name"):
-            tok.load(abstract_of(spec.module))
+            pretrained.load_tokenizer(tok, abstract_of(spec.module))

@@ -245,6 +245,7 @@ def _can_mount_tmpfs(path):
     return True
 
 
+@pytest.mark.slow
 def test_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(tfds_dir, tmp_path):
     ckpt_dir = tmp_path / "run" / "checkpoints"
     if not _can_mount_tmpfs(ckpt_dir):
@@ -284,6 +285,7 @@ def test_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(tfds_di
     assert checkpointing.Checkpointer(str(tmp_path / "run")).latest_step() == 12
 
 
+@pytest.mark.slow
 def test_kill_9_during_async_save_resumes_exactly(tfds_dir, tmp_path):
     overrides = ["--config.total_steps=12", "--config.checkpoint.every_steps=4",
                  "--config.checkpoint.asynchronous=true"]
@@ -355,6 +357,7 @@ def test_bad_config_is_one_line_exit_2(tfds_dir, tmp_path, what, args, expect):
     print(f"{what}: {seconds:.1f}s: {errors[0]}")
 
 
+@pytest.mark.slow
 def test_read_only_checkpoint_dir_stops_with_one_line(tfds_dir, tmp_path):
     ckpt_dir = tmp_path / "run" / "checkpoints"
     if not _can_mount_tmpfs(ckpt_dir):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import short_run, tiny_train_config
-from mim_jax import checkpointing, data, train
+from mim_jax import checkpointing, data, pretrained, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,13 +41,13 @@ def _records(workdir):
 
 
 def test_load_encoder_returns_the_pretrained_encoder(pretrained_run):
-    enc = checkpointing.load_encoder(pretrained_run)
+    enc = pretrained.load_encoder(pretrained_run)
     assert enc.objective == "mae" and enc.step == 8
     raw = checkpointing.restore_raw(os.path.join(pretrained_run, "checkpoints"), 8)
     for a, b in zip(jax.tree.leaves(enc.params), jax.tree.leaves(raw["encoder"])):
         np.testing.assert_array_equal(a, b)
     # A checkpoints/STEP folder works too.
-    again = checkpointing.load_encoder(os.path.join(pretrained_run, "checkpoints", "8"))
+    again = pretrained.load_encoder(os.path.join(pretrained_run, "checkpoints", "8"))
     assert again.step == 8
 
 
@@ -60,7 +60,7 @@ def test_load_encoder_names_mismatched_parameters(pretrained_run, tmp_path):
     config["model"]["num_heads"] = 2
     json.dump(config, open(changed / "config.json", "w"))
     with pytest.raises(ValueError) as e:
-        checkpointing.load_encoder(str(changed))
+        pretrained.load_encoder(str(changed))
     assert "patch_embed/kernel (4, 4, 1, 32) != (4, 4, 1, 48)" in str(e.value)
     assert "norm/scale (32,) != (48,)" in str(e.value)
 
@@ -72,9 +72,9 @@ def test_finetune_starts_from_the_pretrained_encoder(tfds_dir, pretrained_run, t
     workdir = str(tmp_path / "ft")
     train.train_and_evaluate(cfg, workdir)
     params = checkpointing.restore_raw(os.path.join(workdir, "checkpoints"), 1)
-    pretrained = checkpointing.load_encoder(pretrained_run).params
+    encoder = pretrained.load_encoder(pretrained_run).params
     np.testing.assert_allclose(params["encoder"]["patch_embed"]["kernel"],
-                               pretrained["patch_embed"]["kernel"], atol=1e-6)
+                               encoder["patch_embed"]["kernel"], atol=1e-6)
     assert "norm" not in params["encoder"]  # global pooling normalises after pooling
     assert os.path.isfile(os.path.join(workdir, "best.json"))
     rec = _records(workdir)[1]
@@ -130,13 +130,14 @@ def test_finetune_and_probe_resume_exactly(tfds_dir, pretrained_run, tmp_path, m
     if mode == "finetune":
         assert "classification/ema_top1" in a[8]
     else:  # the encoder is frozen: its checkpointed copy never moves
-        before = checkpointing.load_encoder(pretrained_run).params
+        before = pretrained.load_encoder(pretrained_run).params
         state = checkpointing.restore_raw(os.path.join(straight, "checkpoints"), 8,
                                           subtree="model_state")
         np.testing.assert_array_equal(state["encoder"]["patch_embed"]["kernel"],
                                       before["patch_embed"]["kernel"])
 
 
+@pytest.mark.slow
 def test_pretrain_then_finetune_through_main(tfds_dir, tmp_path):
     """The README path: pretrain with main, then fine-tune that workdir with main."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -207,31 +208,25 @@ def _assert_trees_equal(a, b):
 
 def test_spark_finetune_starts_from_the_pretrained_encoder_and_statistics(
         tfds_dir, spark_run, tmp_path, monkeypatch):
-    from mim_jax import finetune
-    pretrained = checkpointing.load_encoder(spark_run)
+    encoder = pretrained.load_encoder(spark_run)
     state = checkpointing.restore_raw(os.path.join(spark_run, "checkpoints"), 4,
                                       subtree="model_state")
-    assert pretrained.objective == "spark" and pretrained.step == 4
-    _assert_trees_equal(pretrained.batch_stats, state["batch_stats"]["encoder"])
+    assert encoder.objective == "spark" and encoder.step == 4
+    _assert_trees_equal(encoder.batch_stats, state["batch_stats"]["encoder"])
 
     cfg = _spark_finetune_config(tfds_dir, spark_run, "finetune")
     assert cfg.model.name == "resnet" and cfg.model.stem_stride == 1
     assert cfg.data.image_size == 32 and tuple(cfg.model.widths) == (4, 8, 8, 16)
     # Record the state the trainer starts from (step 0).
     starts = []
-    real_build = finetune.build_task
-
-    def build_task(config):
-        task = real_build(config)
-        start_from = task.start_from
-        task.start_from = lambda *a: starts.append(start_from(*a)) or starts[-1]
-        return task
-    monkeypatch.setattr(finetune, "build_task", build_task)
+    real_load = pretrained.load_frozen
+    monkeypatch.setattr(pretrained, "load_frozen",
+                        lambda *a: starts.append(real_load(*a)) or starts[-1])
     workdir = str(tmp_path / "ft")
     train.train_and_evaluate(cfg, workdir)
     (params, model_state), = starts
-    _assert_trees_equal(params["encoder"], pretrained.params)
-    _assert_trees_equal(model_state["batch_stats"]["encoder"], pretrained.batch_stats)
+    _assert_trees_equal(params["encoder"], encoder.params)
+    _assert_trees_equal(model_state["batch_stats"]["encoder"], encoder.batch_stats)
     assert "fc_norm" not in params and params["head"]["kernel"].shape == (64, 10)
     rec = _records(workdir)[2]
     assert np.isfinite(rec["loss"]) and 0.0 <= rec["classification/top1"] <= 1.0
@@ -239,13 +234,13 @@ def test_spark_finetune_starts_from_the_pretrained_encoder_and_statistics(
     after = checkpointing.restore_raw(os.path.join(workdir, "checkpoints"), 2,
                                       subtree="model_state")["batch_stats"]["encoder"]
     moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(after),
-                                                   jax.tree.leaves(pretrained.batch_stats))]
+                                                   jax.tree.leaves(encoder.batch_stats))]
     assert any(moved)
 
 
 def test_spark_linear_probe_keeps_the_encoder_and_its_statistics(tfds_dir, spark_run,
                                                                  tmp_path):
-    pretrained = checkpointing.load_encoder(spark_run)
+    encoder = pretrained.load_encoder(spark_run)
     cfg = _spark_finetune_config(tfds_dir, spark_run, "linear_probe")
     workdir = str(tmp_path / "probe")
     train.train_and_evaluate(cfg, workdir)
@@ -254,58 +249,59 @@ def test_spark_linear_probe_keeps_the_encoder_and_its_statistics(tfds_dir, spark
     state = checkpointing.restore_raw(os.path.join(workdir, "checkpoints"), 2,
                                       subtree="model_state")
     # Frozen encoder in eval mode: its weights and statistics are the pretrained ones.
-    _assert_trees_equal(state["encoder"], pretrained.params)
-    _assert_trees_equal(state["batch_stats"]["encoder"], pretrained.batch_stats)
+    _assert_trees_equal(state["encoder"], encoder.params)
+    _assert_trees_equal(state["batch_stats"]["encoder"], encoder.batch_stats)
     assert set(state["batch_stats"]) == {"encoder", "probe"}
 
 
 def test_convnext_classifier_has_timms_head_and_no_state(tfds_dir):
     from configs import finetune as finetune_config
-    from mim_jax import finetune
     from mim_jax.objectives.base import make_rngs
     c = short_run(finetune_config.get_config("quickstart,model=convnext"), tfds_dir)
     assert c.optimizer.layer_decay == 0.75 and c.data.image_size == 32
-    objective = finetune.build_task(c).objective
-    assert not objective.stateful  # ConvNeXt has no BatchNorm
+    objective = pretrained.build_objective(c)
     params, model_state = objective.init_variables(jax.random.key(0))
-    assert model_state == {} and params["fc_norm"]["scale"].shape == (128,)
+    assert model_state == {}  # ConvNeXt has no BatchNorm
+    assert params["fc_norm"]["scale"].shape == (128,)
     batch = {"image": np.zeros((2, 32, 32, 1), np.float32), "label": np.zeros(2, np.int32)}
-    loss, aux = objective.loss_fn(params, batch, make_rngs(jax.random.key(1)), False)
+    loss, aux = objective.loss_fn(params, model_state, batch, make_rngs(jax.random.key(1)),
+                                  False)
     assert np.isfinite(loss) and aux["metrics"]["train_top1"].shape == ()
+    assert aux["model_state"] == {}
 
 
 def test_convnet_finetune_reads_a_timm_layout_pth(tfds_dir, spark_run, tmp_path):
     """SparK releases its encoders as timm state dicts: finetune.pretrained takes the .pth."""
     torch = pytest.importorskip("torch")
-    from mim_jax import finetune
     from mim_jax.convert import timm_convnet
-    pretrained = checkpointing.load_encoder(spark_run)
+    from mim_jax.objectives import classification
+    encoder = pretrained.load_encoder(spark_run)
     cfg = _spark_finetune_config(tfds_dir, spark_run, "finetune")
-    arch = finetune._encoder(cfg, for_probe=False).config
+    arch = classification.encoder_from_config(cfg, for_probe=False).config
     state = timm_convnet.convnet_variables_to_timm(
-        {"params": {"encoder": pretrained.params},
-         "batch_stats": {"encoder": pretrained.batch_stats}}, config=arch)
+        {"params": {"encoder": encoder.params},
+         "batch_stats": {"encoder": encoder.batch_stats}}, config=arch)
     path = str(tmp_path / "resnet_timm_style.pth")
     torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}, path)
     cfg.finetune.pretrained = path
-    params, model_state = finetune.build_task(cfg).objective.init_variables(jax.random.key(0))
-    got, stats = finetune.pretrained_encoder_params(
+    params, model_state = pretrained.build_objective(cfg).init_variables(jax.random.key(0))
+    got, stats = pretrained.fitted_encoder_params(
         cfg, params["encoder"], model_state["batch_stats"]["encoder"])
-    _assert_trees_equal(got, pretrained.params)
-    _assert_trees_equal(stats, pretrained.batch_stats)
+    _assert_trees_equal(got, encoder.params)
+    _assert_trees_equal(stats, encoder.batch_stats)
 
 
 def test_bce_loss_is_timms_binary_cross_entropy():
     """finetune.loss='bce' (SparK's ResNet recipe): mean over batch and classes of the
     per-class logistic loss on the soft (mixup, smoothed) targets."""
-    from mim_jax import finetune
+    from mim_jax.objectives import classification
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(4, 5)).astype(np.float32) * 3
     targets = rng.dirichlet(np.ones(5), size=4).astype(np.float32)
     p = 1 / (1 + np.exp(-logits.astype(np.float64)))
     want = -np.mean(targets * np.log(p) + (1 - targets) * np.log(1 - p))
-    np.testing.assert_allclose(float(finetune.classification_loss(logits, targets, "bce")),
+    np.testing.assert_allclose(float(classification.classification_loss(logits, targets, "bce")),
                                want, rtol=1e-5)
-    ce = float(finetune.classification_loss(logits, targets))
+    ce = float(classification.classification_loss(logits, targets))
     np.testing.assert_allclose(ce, -np.mean(np.sum(targets * (logits - np.log(np.sum(
         np.exp(logits.astype(np.float64)), -1, keepdims=True))), -1)), rtol=1e-5)

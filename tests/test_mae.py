@@ -52,7 +52,7 @@ def test_objective_outputs_and_encoder_keys():
     params = obj.init(jax.random.key(0))
     assert obj.encoder_keys == ("encoder",)
     assert set(obj.encoder_params(params)) == {"encoder"}
-    loss, aux = obj.loss_fn(params, {"image": _images()}, {"mask": jax.random.key(1)},
+    loss, aux = obj.loss_fn(params, {}, {"image": _images()}, {"mask": jax.random.key(1)},
                             train=False, with_outputs=True)
     assert np.isfinite(loss)
     assert aux["outputs"]["reconstruction"].shape == (4, 32, 32, 3)
@@ -75,7 +75,7 @@ def test_drop_path_uses_its_own_stream_and_only_in_training():
     params = obj.init(jax.random.key(0))
     batch = {"image": _images()}
     loss = lambda dp, train: obj.loss_fn(
-        params, batch, {"mask": jax.random.key(1), "drop_path": jax.random.key(dp)},
+        params, {}, batch, {"mask": jax.random.key(1), "drop_path": jax.random.key(dp)},
         train=train)[0]
     assert loss(0, False) == loss(1, False)  # eval: deterministic
     assert loss(0, True) != loss(1, True)  # train: drop path draws from 'drop_path'
@@ -100,9 +100,9 @@ def test_scan_and_remat_give_the_same_loss(option, value):
         shapes = jax.eval_shape(other.init, jax.random.key(0))
         assert jax.tree.structure(shapes) == jax.tree.structure(other_params)
     batch, rngs = {"image": _images()}, {"mask": jax.random.key(1)}
-    grad = lambda o, p: jax.grad(lambda q: o.loss_fn(q, batch, rngs, train=True)[0])(p)
-    np.testing.assert_allclose(other.loss_fn(other_params, batch, rngs, train=True)[0],
-                               base.loss_fn(params, batch, rngs, train=True)[0], rtol=1e-6)
+    grad = lambda o, p: jax.grad(lambda q: o.loss_fn(q, {}, batch, rngs, train=True)[0])(p)
+    np.testing.assert_allclose(other.loss_fn(other_params, {}, batch, rngs, train=True)[0],
+                               base.loss_fn(params, {}, batch, rngs, train=True)[0], rtol=1e-6)
     g_base, g_other = grad(base, params), grad(other, other_params)
     if option == "scan":
         g_other["encoder"]["transformer"] = vit.unstack_block_params(
@@ -119,7 +119,7 @@ def test_bf16_compute_with_float32_params():
     obj = objectives.build(cfg)
     params = obj.init(jax.random.key(0))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
-    loss, aux = obj.loss_fn(params, {"image": _images()}, {"mask": jax.random.key(1)},
+    loss, aux = obj.loss_fn(params, {}, {"image": _images()}, {"mask": jax.random.key(1)},
                             train=False, with_outputs=True)
     assert aux["outputs"]["prediction"].dtype == jnp.bfloat16
     assert loss.dtype == jnp.float32 and np.isfinite(loss)
@@ -155,7 +155,7 @@ def test_image_shape_checked():
     obj = objectives.build(tiny_mae_config())
     params = obj.init(jax.random.key(0))
     with pytest.raises(ValueError, match=r"images has shape \(2, 28, 28, 3\); expected"):
-        obj.loss_fn(params, {"image": jnp.zeros((2, 28, 28, 3))}, {"mask": jax.random.key(0)},
+        obj.loss_fn(params, {}, {"image": jnp.zeros((2, 28, 28, 3))}, {"mask": jax.random.key(0)},
                     train=False)
 
 
@@ -180,5 +180,5 @@ def test_scan_with_remat_and_drop_path_runs():
     params = obj.init(jax.random.key(0))
     rngs = {"mask": jax.random.key(1), "drop_path": jax.random.key(2)}
     grads = jax.jit(jax.grad(
-        lambda p: obj.loss_fn(p, {"image": _images()}, rngs, train=True)[0]))(params)
+        lambda p: obj.loss_fn(p, {}, {"image": _images()}, rngs, train=True)[0]))(params)
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))

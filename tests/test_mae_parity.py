@@ -97,7 +97,7 @@ def run_both(model, obj, params, images, noise):
     # reference here runs in float32 on CPU.
     with jax.default_matmul_precision("highest"):
         loss, aux = jax.jit(obj.loss_fn, static_argnames=("train", "with_outputs"))(
-            params, {"image": x}, {}, train=False, with_outputs=True,
+            params, {}, {"image": x}, {}, train=False, with_outputs=True,
             noise=jnp.asarray(noise.numpy()))
     return ref, float(loss), aux["outputs"]
 

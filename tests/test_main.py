@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import SMALL_PROBES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,6 +23,7 @@ def _main(workdir, tfds_dir, *overrides, devices=4):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_main_trains_data_parallel_on_4_devices(tfds_dir, tmp_path):
     run = _main(tmp_path / "w", tfds_dir, "--config.total_steps=6", "--config.batch_size=32",
                 "--config.log_every_steps=2", "--config.checkpoint.every_steps=3",
@@ -47,6 +50,7 @@ def test_typo_in_override_fails_with_the_field_name(tfds_dir, tmp_path):
     assert "batch_sise" in run.stderr
 
 
+@pytest.mark.slow
 def test_simmim_quickstart_through_main_learns_and_writes_png(tfds_dir, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
     cmd = [sys.executable, "-m", "mim_jax.main", "--config",

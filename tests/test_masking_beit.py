@@ -1,5 +1,5 @@
 """BEiT blockwise masking against a numpy version of the reference algorithm (written from the
-paper and its released code; the benchmark's PyTorch side draws its masks with it too).
+paper and its released code; tools/torch_compare draws the PyTorch side's masks with it too).
 
 The two use different random generators, so masks are compared as distributions over a few
 thousand draws: masked count, per-position coverage, connected blocks and rows/columns touched.
@@ -13,7 +13,7 @@ import pytest
 from scipy import ndimage, stats
 
 from mim_jax import masking
-from mim_jax.benchmark.torch_steps import reference_block_mask as reference_mask
+from tools.torch_compare.torch_steps import reference_block_mask as reference_mask
 
 DRAWS = 3000
 # block_mask arguments after the key and batch size: the BEiT ViT-B/16 setting (grid 14x14,

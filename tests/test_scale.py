@@ -11,6 +11,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from conftest import logged_losses
 from test_main import ROOT, TINY
@@ -28,15 +29,10 @@ def _env(devices):
                 XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
-# float32 products: these tests compare losses across device counts, whose different summation
-# orders bfloat16 input rounding ('auto' on CPUs with AVX512-BF16) would amplify past 1e-5.
-FLOAT32 = ["--config.model.matmul_precision=float32"]
-
-
 def _cmd(workdir, tfds_dir, *overrides):
     return [sys.executable, "-m", "mim_jax.main", "--config", "configs/mae.py:quickstart",
             "--workdir", str(workdir), f"--config.data.data_dir={tfds_dir}", *TINY, *STEPS,
-            *FLOAT32, *overrides]
+            *overrides]
 
 
 def _run(workdir, tfds_dir, *overrides, devices=4):
@@ -80,6 +76,7 @@ def _assert_same_losses(a, b, rtol):
     np.testing.assert_allclose([a[s] for s in sorted(a)], [b[s] for s in sorted(a)], rtol=rtol)
 
 
+@pytest.mark.slow
 def test_fsdp_quarters_the_state_per_device_and_trains_like_data_parallel(tfds_dir, tmp_path):
     """fsdp=4 on 4 devices: each device holds ~1/4 of the parameter and optimizer bytes, the
     losses equal the data-parallel run's, and a data-parallel checkpoint resumes under FSDP."""
@@ -101,6 +98,7 @@ def test_fsdp_quarters_the_state_per_device_and_trains_like_data_parallel(tfds_d
     _assert_same_losses(logged_losses(dp), logged_losses(tmp_path / "dp_to_fsdp"), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_and_checkpoints_reshard(tfds_dir, tmp_path):
     """2 processes x 2 devices give the losses of 1 process x 4 devices (same global batch and
     seed); their checkpoint resumes on 1 x 4 with fsdp and on 1 x 1 with the same losses."""
@@ -163,6 +161,7 @@ def _stopped_step(err, signame, total=200):
     return int(re.search(r"after step (\d+)", last).group(1))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_the_current_step_and_the_run_resumes_exactly(tfds_dir, tmp_path):
     workdir = tmp_path / "w"
     proc = subprocess.Popen(_cmd(workdir, tfds_dir, *SYNTHETIC, *LONG), cwd=ROOT,
@@ -187,6 +186,7 @@ def test_sigterm_saves_at_the_current_step_and_the_run_resumes_exactly(tfds_dir,
     assert [a[s] for s in range(1, 201)] == [b[s] for s in range(1, 201)]  # bitwise
 
 
+@pytest.mark.slow
 def test_sigint_to_one_process_stops_every_process_at_the_same_step(tfds_dir, tmp_path):
     workdir = tmp_path / "w"
     procs = _run_processes(workdir, tfds_dir, *SYNTHETIC, *LONG)

@@ -84,7 +84,7 @@ def objective_outputs(obj, params, images, bool_masked_pos):
     # Full float32 matmuls: the reference runs float32 on CPU.
     with jax.default_matmul_precision("highest"):
         loss, aux = jax.jit(obj.loss_fn, static_argnames=("train", "with_outputs"))(
-            params, {"image": nhwc(images)}, {}, train=False, with_outputs=True,
+            params, {}, {"image": nhwc(images)}, {}, train=False, with_outputs=True,
             token_mask=jnp.asarray(bool_masked_pos.numpy()))
     return float(loss), np.asarray(aux["outputs"]["reconstruction"])
 
@@ -205,7 +205,7 @@ def test_simmim_vit_runs_and_uses_its_relative_position_bias():
     assert not np.any(encoder["rel_pos_bias"]["table"])  # zero init, as BEiT
     np.testing.assert_array_equal(encoder["transformer"]["block_0"]["ls1"], np.float32(0.1))
     images = jax.random.normal(jax.random.key(1), (2, IMAGE, IMAGE, 3))
-    run = jax.jit(lambda p: obj.loss_fn(p, {"image": images}, {"mask": jax.random.key(2)},
+    run = jax.jit(lambda p: obj.loss_fn(p, {}, {"image": images}, {"mask": jax.random.key(2)},
                                         train=False, with_outputs=True))
     loss, aux = run(params)
     assert np.isfinite(float(loss))

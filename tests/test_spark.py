@@ -180,7 +180,7 @@ def test_builds_on_the_real_backbones(model):
                                          "resnet" else (8, 16, 16, 32)))
     rngs = {"mask": jax.random.key(1), "drop_path": jax.random.key(2)}
     loss, aux = jax.eval_shape(lambda p, s: obj.loss_fn(
-        p, {"image": jnp.zeros((2, 64, 64, 3))}, rngs, True, with_outputs=True, model_state=s),
+        p, s, {"image": jnp.zeros((2, 64, 64, 3))}, rngs, True, with_outputs=True),
         params, state)
     assert loss.shape == () and aux["outputs"]["reconstruction"].shape == (2, 64, 64, 3)
     assert jax.tree.structure(aux["model_state"]) == jax.tree.structure(state)
@@ -199,8 +199,8 @@ def test_loss_fn_outputs_and_state():
     params, state = obj.init_variables(jax.random.key(0))
     images = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
     rngs = {"mask": jax.random.key(2), "drop_path": jax.random.key(3)}
-    loss, aux = jax.jit(lambda p, s: obj.loss_fn(p, {"image": images}, rngs, True,
-                                                 with_outputs=True, model_state=s))(params, state)
+    loss, aux = jax.jit(lambda p, s: obj.loss_fn(p, s, {"image": images}, rngs, True,
+                                                 with_outputs=True))(params, state)
     out = aux["outputs"]
     mask = np.asarray(out["mask"])
     assert mask.shape == (4, 64, 64, 1)
@@ -209,11 +209,9 @@ def test_loss_fn_outputs_and_state():
                                   np.asarray(images)[mask[..., 0] == 0])
     assert masked_error(out["prediction"], out["target"], out["loss_mask"], "mse") == \
         pytest.approx(float(loss), rel=1e-5)
-    assert obj.error_metric == "mse" and obj.stateful and obj.encoder_keys == ("encoder",)
+    assert obj.error_metric == "mse" and obj.encoder_keys == ("encoder",)
     changed = jax.tree.map(lambda a, b: bool((a != b).any()), aux["model_state"], state)
     assert all(jax.tree.leaves(changed["batch_stats"]["decoder"]))  # statistics updated
-    with pytest.raises(ValueError, match="needs model_state"):
-        obj.loss_fn(params, {"image": images}, rngs, False)
 
 
 def test_a_few_steps_lower_the_loss():
@@ -227,7 +225,7 @@ def test_a_few_steps_lower_the_loss():
     @jax.jit
     def step(params, state, opt_state):
         (loss, aux), grads = jax.value_and_grad(
-            lambda p: obj.loss_fn(p, {"image": images}, rngs, True, model_state=state),
+            lambda p: obj.loss_fn(p, state, {"image": images}, rngs, True),
             has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state)
         return optax.apply_updates(params, updates), aux["model_state"], opt_state, loss

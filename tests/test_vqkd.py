@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import vqkd as vqkd_config
-from mim_jax import data, objectives
+from mim_jax import data, pretrained
 from mim_jax.convert import official_vqkd
 from mim_jax.convert.official_mae import load_torch_state_dict
 from mim_jax.models.tokenizers import build as build_tokenizer
@@ -154,7 +154,7 @@ def test_wrong_shapes_list_every_mismatched_name(tmp_path):
     # A tokenizer config that does not describe the file: wider encoder, bigger codebook.
     spec = build_tokenizer(_tok_cfg(checkpoint=path, width=48, n_codes=32), 16, 3)
     with pytest.raises(ValueError) as err:
-        spec.load(_abstract(spec.module))
+        pretrained.load_tokenizer(spec, _abstract(spec.module))
     message = str(err.value)
     for name in ("encoder/patch_embed/kernel", "encoder/pos_embed", "encoder/norm/scale",
                  "encoder/transformer/block_1/fc1/kernel", "encode_task_layer/fc1/kernel",
@@ -248,7 +248,7 @@ def test_config_errors_are_one_line(tmp_path, tfds_dir):
             holder = holder[head]
         holder[name] = value
         with pytest.raises(ValueError, match=match) as err:
-            objectives.build(bad)
+            pretrained.build_objective(bad)
         assert "\n" not in str(err.value)
 
 
@@ -260,7 +260,7 @@ def test_training_restarts_dead_codes_and_raises_the_cosine(tmp_path, tfds_dir):
     import optax
     c = _vqkd_quickstart(tmp_path, tfds_dir)
     c.objective.update(decay=0.9, dead_code_threshold=1.0)
-    objective = objectives.build(c)
+    objective = pretrained.build_objective(c)
     params, model_state = jax.jit(objective.init_variables)(jax.random.key(0))
     images = data.normalize_images(data.fixed_eval_images(c.data, 256), c.data)
     tx = optax.adam(2e-3)
@@ -268,7 +268,7 @@ def test_training_restarts_dead_codes_and_raises_the_cosine(tmp_path, tfds_dir):
     @jax.jit
     def step(params, opt_state, model_state, batch, key):
         (_, aux), grads = jax.value_and_grad(objective.loss_fn, has_aux=True)(
-            params, {"image": batch}, make_rngs(key), True, model_state=model_state)
+            params, model_state, {"image": batch}, make_rngs(key), True)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, aux
 
@@ -302,11 +302,42 @@ def test_teacher_from_an_official_mae_file(tmp_path, tfds_dir):
                           convert.mae_params_to_official({"encoder": params},
                                                          image_size=28).items()}}, path)
     c.objective.teacher.update(checkpoint=path, variant="Ti/4")
-    obj = objectives.build(c)
+    obj = pretrained.build_objective(c)
     fresh = obj.init_variables(jax.random.key(0))
-    _, state = obj.start_from(*fresh)
+    _, state = pretrained.load_frozen(c, obj, *fresh)
     for a, b in zip(jax.tree.leaves(state["teacher"]), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     c.objective.teacher.variant = "S/4"  # width 384: the file's 192 does not fit
     with pytest.raises(ValueError, match=r"^objective\.teacher\.checkpoint=.* is unusable: .*"):
-        objectives.build(c).start_from(*fresh)
+        pretrained.load_frozen(c, pretrained.build_objective(c), *fresh)
+
+
+def test_beit_v2_takes_the_tokenizer_of_a_vqkd_run(tmp_path, tfds_dir):
+    """A mim_jax VQ-KD run as BEiT v2's tokenizer: the sizes that run recorded build it (not
+    the BEiT config's own), and its params with the EMA codebook are what a fresh BEiT run's
+    model_state starts from."""
+    from configs import beit as beit_config
+    from mim_jax import checkpointing
+    c = _vqkd_quickstart(tmp_path, tfds_dir)
+    run = tmp_path / "tokenizer_run"
+    run.mkdir()
+    (run / "config.json").write_text(c.to_json())
+    params, state = jax.jit(pretrained.build_objective(c).init_variables)(jax.random.key(0))
+    codes = jax.random.normal(jax.random.key(1), state["codebook"]["embedding"].shape)
+    state = dict(state, codebook=dict(state["codebook"], embedding=codes,
+                                      initted=jnp.asarray(True)))
+    ckpt = checkpointing.Checkpointer(str(run), asynchronous=False)
+    ckpt.maybe_save(3, {"params": params, "model_state": state}, force=True)
+    ckpt.close()
+
+    beit_cfg = beit_config.get_config("quickstart")
+    beit_cfg.objective.tokenizer.checkpoint = str(run)
+    beit = pretrained.build_objective(beit_cfg)
+    assert beit.model.vocab_size == 64  # the run's n_codes, not the config's 256
+    _, loaded = pretrained.load_frozen(beit_cfg, beit, *beit.init_variables(jax.random.key(2)))
+    tokenizer = loaded["tokenizer"]
+    assert set(tokenizer) == {"encoder", "encode_task_layer", "codebook"}  # no decoder
+    np.testing.assert_array_equal(tokenizer["codebook"], codes)
+    for part in ("encoder", "encode_task_layer"):
+        for a, b in zip(jax.tree.leaves(tokenizer[part]), jax.tree.leaves(params[part])):
+            np.testing.assert_array_equal(a, b)

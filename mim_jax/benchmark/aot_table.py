@@ -23,9 +23,9 @@ import os
 import sys
 import time
 
-if __name__ == "__main__":
-    from mim_jax.allocator import reexec_with_cpu_allocator
-    reexec_with_cpu_allocator()
+if __name__ == "__main__":  # first: before anything starts threads (mim_jax/allocator.py)
+    from mim_jax.allocator import apply_cpu_policy
+    apply_cpu_policy()
 
 from absl import app, flags
 
@@ -43,7 +43,7 @@ class Cell:
     fsdp: int  # 1: data parallel over the slice; 4: data=1, fsdp=4
     start: int  # first per-chip batch tried on the first chip
     # Unrolled blocks: a scanned ViT compiles in about half the time, but on a TPU its remat
-    # program needed far more memory per image than the unrolled one (BENCHMARKS.md 7b).
+    # program needed far more memory per image than the unrolled one (docs/performance.md, TPU).
     scan: bool = False
 
     @property

@@ -8,64 +8,20 @@ the machine, and the ratios say what a user pays per image.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Optional, Sequence
 
 from mim_jax.benchmark.environment import environment
 from mim_jax.benchmark.model_config import apply_overrides
-from mim_jax.benchmark.op_profile import profile_ops
 from mim_jax.benchmark.timing import call_summary, interleaved_calls, paired_ratios
 from mim_jax.benchmark.train_step import (StepRunner, build_train_setup, compile_step, xla_flops,
                                           xla_memory)
 
 
-def load_config(spec: str, flag: str = "--also"):
-    """'configs/spark.py:model=resnet50' -> that file's get_config('model=resnet50') (also
-    evaluate's way to its fine-tuning config). Fields may follow, each after a '+':
-    'configs/mae.py:quickstart+model.matmul_precision=bfloat16' (one config two ways)."""
-    spec, *fields = spec.split("+")
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise ValueError(f"{flag}={spec!r}: {path!r} is not a config file.")
-    module_spec = importlib.util.spec_from_file_location(
-        f"compare_steps_config_{abs(hash(spec))}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(arg or None)
-    for field in fields:
-        name, sep, text = field.partition("=")
-        *parents, leaf = name.split(".")
-        node = config
-        try:
-            for key in parents:
-                node = node[key]
-            node[leaf]  # the field must exist
-        except (KeyError, AttributeError):
-            raise ValueError(f"{flag}: {name!r} is not a field of {path}.") from None
-        if not sep:
-            raise ValueError(f"{flag}: {field!r} is not FIELD=VALUE.")
-        node[leaf] = _value(text)
-    return config
-
-
 def label_suffix(spec: str) -> str:
-    """' + model.x=y, ...' for a spec with fields (load_config), else ''."""
+    """' + model.x=y, ...' for a spec with fields (mim_jax.config_file.load_config), else ''."""
     fields = spec.split("+")[1:]
     return " + " + ", ".join(fields) if fields else ""
-
-
-def _value(text: str):
-    """A field value from text: int, float, True / False / None, or the string itself."""
-    special = {"True": True, "true": True, "False": False, "false": False, "None": None}
-    if text in special:
-        return special[text]
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def label_of(config) -> str:
@@ -78,7 +34,7 @@ def label_of(config) -> str:
 
 def run_compare_steps(configs: Sequence, threads: int, steps: int, warmup: int,
                       batch: Optional[int], image_size: Optional[int],
-                      profile: bool = False, suffixes: Sequence[str] = ()) -> dict:
+                      suffixes: Sequence[str] = ()) -> dict:
     """configs: the first is the reference every ratio divides by; suffixes: appended to
     the labels (label_suffix of each spec)."""
     runners, entries = {}, {}
@@ -95,8 +51,7 @@ def run_compare_steps(configs: Sequence, threads: int, steps: int, warmup: int,
         entries[label] = {"compile": compile_times, "xla_memory": xla_memory(compiled),
                           "xla_train_flops_per_image": flops and flops / config.batch_size,
                           "batch_size": config.batch_size,
-                          "image_size": config.data.image_size,
-                          "_compiled": compiled}
+                          "image_size": config.data.image_size}
     calls = interleaved_calls(runners, steps, warmup)
     first = next(iter(runners))
     for label, entry in entries.items():
@@ -108,9 +63,6 @@ def run_compare_steps(configs: Sequence, threads: int, steps: int, warmup: int,
         entry["step_over_first_paired_wall"] = paired_ratios(calls[label], calls[first],
                                                              "wall_s")
         entry["final_loss"] = float(runners[label].metrics["loss"])
-        compiled = entry.pop("_compiled")
-        if profile:
-            entry["profile"] = profile_ops(runners[label], compiled, min(steps, 3))
     return {"mode": "compare_steps", "environment": environment(threads), "threads": threads,
             "xla_cpu_pool": os.environ.get("PJRT_NPROC"),
             "reference": first, "steps": entries}

@@ -20,7 +20,16 @@ import re
 import sys
 from typing import Iterable, Optional, Sequence, Tuple
 
-from mim_jax.benchmark.op_profile import hlo_instruction_ops, op_category
+# Kernels are classified by the HLO opcodes they run (fusions expanded), first match wins.
+OP_CATEGORIES = (
+    ("masking (gather/scatter/sort)", ("gather", "scatter", "sort")),
+    ("matmul / conv", ("dot", "convolution")),
+    ("reductions (norms, softmax, sums)", ("reduce",)),
+)
+OTHER_CATEGORY = "elementwise / copies / other"
+_CALLEE = re.compile(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
+_INSTRUCTION = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 
 ATTENTION = "attention (cuDNN)"
 MATMUL = "matmul / conv (cuBLAS, cuDNN, gemm fusions)"
@@ -30,7 +39,85 @@ _ATTENTION_WORDS = ("sdpa", "fmha", "flash")
 _MATMUL_WORDS = ("nvjet", "gemm", "xmma", "cutlass", "cublas", "wgmma")
 
 Event = Tuple[str, int, int]  # (kernel name, start ps, duration ps)
-STEPS_FILE = "traced_steps.txt"  # written by op_profile.write_trace
+STEPS_FILE = "traced_steps.txt"  # written by write_trace
+
+
+def write_trace(runner, compiled, steps: int, trace_dir: str) -> dict:
+    """A jax.profiler trace of `steps` calls of a StepRunner (any backend: TensorBoard's profile
+    plugin or XProf read it; on a GPU it holds every kernel with its HLO op) and the compiled
+    step's HLO text beside it, to name the ops behind the kernels (what `load` reads)."""
+    import jax
+    os.makedirs(trace_dir, exist_ok=True)
+    with open(os.path.join(trace_dir, "train_step.hlo.txt"), "w") as f:
+        f.write(compiled.as_text())
+    with open(os.path.join(trace_dir, STEPS_FILE), "w") as f:
+        f.write(f"{steps}\n")
+    with jax.profiler.trace(trace_dir):
+        for _ in range(steps):
+            runner()
+    return {"trace_dir": trace_dir, "steps": steps}
+
+
+def _opcode(rhs: str) -> Optional[str]:
+    """'f32[2]{0} add(x, y)' or '(f32[2], s32[2]) sort(...)' -> the opcode."""
+    depth, i = 0, 0
+    if rhs.startswith("("):  # tuple shape: skip to its closing parenthesis
+        for i, ch in enumerate(rhs):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if depth == 0:
+                break
+        rhs = rhs[i + 1:]
+    match = re.match(r"\s*(?:\S+\s+)?([a-z][a-z0-9\-]*)\(", rhs)
+    return match.group(1) if match else None
+
+
+def _parse_hlo(hlo_text: str):
+    """-> (computation -> its opcodes, computation -> computations it calls,
+           instruction -> (opcode, computations it calls))."""
+    body_ops, nested, instructions, computation = {}, {}, {}, None
+    for line in hlo_text.splitlines():
+        head = _COMPUTATION.match(line)
+        if head and not line.startswith(" "):
+            computation = head.group(1)
+            body_ops[computation], nested[computation] = set(), set()
+            continue
+        inst = _INSTRUCTION.match(line)
+        if inst and computation is not None:
+            op, callees = _opcode(inst.group(2)), _CALLEE.findall(inst.group(2))
+            body_ops[computation].add(op)
+            nested[computation].update(callees)
+            instructions[inst.group(1)] = (op, callees)
+    return body_ops, nested, instructions
+
+
+def hlo_instruction_ops(hlo_text: str) -> dict:
+    """Instruction name -> every opcode it executes (called computations expanded)."""
+    body_ops, nested, instructions = _parse_hlo(hlo_text)
+    memo = {}
+
+    def closure(computation, stack=()):
+        if computation not in memo:
+            ops = set(body_ops.get(computation, ()))
+            for callee in nested.get(computation, ()):
+                if callee not in stack:  # HLO has no recursion; this only guards bad input
+                    ops |= closure(callee, stack + (computation,))
+            memo[computation] = ops
+        return memo[computation]
+
+    out = {}
+    for name, (op, callees) in instructions.items():
+        ops = {op} - {None}
+        for callee in callees:
+            ops |= closure(callee)
+        out[name] = ops
+    return out
+
+
+def op_category(ops: set) -> str:
+    for category, opcodes in OP_CATEGORIES:
+        if ops & set(opcodes):
+            return category
+    return OTHER_CATEGORY
 
 
 def _normalise(name: str) -> str:

@@ -29,18 +29,6 @@ def describe_model(config) -> dict:
             "variant": config.model.variant, "arch": dataclasses.asdict(arch),
             "image_size": config.data.image_size, "objective_config": obj.to_dict(),
             "dtype": config.model.get("dtype", "float32"),
-            "matmul_precision": _matmul_precision(config),
             "remat": config.model.get("remat", False), "scan": config.model.get("scan", False),
             "batch_size": config.batch_size, "accum_steps": config.get("accum_steps", 1)}
 
-
-
-def _matmul_precision(config) -> str:
-    """The products' precision as this machine resolves it ('auto' -> what it means here)."""
-    from mim_jax.models import matmul
-    asked = config.model.get("matmul_precision", "float32")
-    try:
-        resolved = matmul.resolve_precision(asked)
-    except ValueError:
-        return asked
-    return resolved if asked != "auto" else f"auto ({resolved})"

@@ -8,9 +8,9 @@ import jax
 
 from mim_jax import data, sharding
 from mim_jax.benchmark.environment import environment, peak_memory
+from mim_jax.benchmark.gpu_trace import write_trace
 from mim_jax.benchmark.masking_share import measure_masking
 from mim_jax.benchmark.model_config import describe_model
-from mim_jax.benchmark.op_profile import profile_ops, write_trace
 from mim_jax.benchmark.timing import call_summary, measure_each, mfu
 from mim_jax.benchmark.train_step import (StepRunner, build_train_setup, compile_step,
                                           flops_report, xla_memory)
@@ -20,7 +20,7 @@ SYNTHETIC = "synthetic"
 
 
 def benchmark_train_step(config, steps: int, warmup: int, peak_override=None,
-                         profile: bool = False, trace_dir: Optional[str] = None) -> dict:
+                         trace_dir: Optional[str] = None) -> dict:
     setup = build_train_setup(config)
     compiled, compile_times = compile_step(setup)
     runner = StepRunner(compiled, setup.state, setup.batch)
@@ -70,8 +70,6 @@ def benchmark_train_step(config, steps: int, warmup: int, peak_override=None,
                    "unshuffle; SimMIM: simmim_mask + mask-token replacement; BEiT: block_mask + "
                    "mask-token replacement), with its gradients, "
                    "jitted and timed alone on the step's shapes / the full step")
-    if profile:
-        result["profile"] = profile_ops(runner, compiled, min(steps, 3))
     if trace_dir:
         result["trace"] = write_trace(runner, compiled, min(steps, 3), trace_dir)
     # Reused by the input-pipeline loop; popped before output.
@@ -111,8 +109,7 @@ def benchmark_pipeline_loop(config, train_data, runner: StepRunner, synthetic: d
 
 
 def run_train(config, threads: int, use_data: Optional[bool], steps: int, warmup: int,
-              peak_flops: Optional[float] = None, profile: bool = False,
-              trace_dir: Optional[str] = None) -> dict:
+              peak_flops: Optional[float] = None, trace_dir: Optional[str] = None) -> dict:
     result = {"mode": "train", "environment": environment(threads),
               "model": describe_model(config)}
     if use_data is None:
@@ -120,8 +117,7 @@ def run_train(config, threads: int, use_data: Optional[bool], steps: int, warmup
     # Opened first, so that a dataset that is not there fails before minutes of measuring.
     train_data = (data.create_train_iterator(config.data, global_batch_size=config.batch_size,
                                              seed=config.seed) if use_data else None)
-    result["train_step"] = benchmark_train_step(config, steps, warmup, peak_flops, profile,
-                                                 trace_dir)
+    result["train_step"] = benchmark_train_step(config, steps, warmup, peak_flops, trace_dir)
     runner = result["train_step"].pop("_runner")
     result["input_pipeline_loop"] = (
         benchmark_pipeline_loop(config, train_data, runner, result["train_step"]["back_to_back"],

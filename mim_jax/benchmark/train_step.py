@@ -9,12 +9,11 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from mim_jax import blas, cpu_dots, flops, objectives, optim, sharding, train
+from mim_jax import optim, pretrained, sharding, train
 
 
 def xla_flops(compiled) -> Optional[float]:
-    """FLOPs of one call of a compiled executable by XLA's cost analysis (one device's share),
-    with MKL's products (mim_jax.blas) added."""
+    """FLOPs of one call of a compiled executable by XLA's cost analysis (one device's share)."""
     try:
         cost = compiled.cost_analysis()
     except Exception:  # not every backend implements it
@@ -23,8 +22,7 @@ def xla_flops(compiled) -> Optional[float]:
         cost = cost[0] if cost else None
     if not cost or "flops" not in cost:
         return None
-    # MKL's products are custom calls, which the cost analysis leaves out.
-    return float(cost["flops"]) + (blas.hlo_flops(compiled.as_text()) if blas.enabled() else 0.0)
+    return float(cost["flops"])
 
 
 def xla_memory(compiled) -> Optional[dict]:
@@ -47,7 +45,6 @@ class TrainSetup:
     step: object  # the jitted (not yet lowered) train step
     state: object
     batch: dict  # on-device synthetic images, sharded like the trainer's batch
-    cpu_dots: str = "auto"  # config.cpu_dots: the products' library on a CPU
 
 
 def token_labels_shape(objective) -> Optional[tuple]:
@@ -91,14 +88,8 @@ def build_train_setup(config, precomputed_tokens: bool = False) -> TrainSetup:
     without data. precomputed_tokens: the batch carries token ids, so a tokenizer objective
     (BEiT) does not run its tokenizer in the step. A config with a finetune block gives the
     fine-tuning (or linear-probe) step, with random labels and randomly initialised weights."""
-    num_classes, ema_decay = None, 0.0
-    if config.get("finetune") is not None:
-        from mim_jax import finetune
-        task = finetune.build_task(config)
-        objective, ema_decay = task.objective, task.ema_decay
-        num_classes = finetune.num_classes(config)
-    else:
-        objective = objectives.build(config)
+    objective = pretrained.build_objective(config)
+    num_classes = objective.model.num_classes if objective.with_labels else None
     mesh = sharding.make_mesh()
     accum = config.get("accum_steps", 1)
     sharding.check_batch_divisible(config.batch_size, accum, mesh)
@@ -117,31 +108,28 @@ def build_train_setup(config, precomputed_tokens: bool = False) -> TrainSetup:
                                 opt_state=tx.init(params),
                                 nonfinite_steps=jnp.zeros((), jnp.int32),
                                 model_state=model_state,
-                                ema_params=params if ema_decay > 0 else None)
+                                ema_params=params if objective.ema_decay > 0 else None)
 
     state = jax.jit(init_state, out_shardings=repl)(init_rng)
     step = jax.jit(train.make_train_step(objective, tx, schedule, accum, step_rng, mesh,
-                                         ema_decay, data_cfg=config.data),
+                                         data_cfg=config.data),
                    in_shardings=(repl, sharding.batch_sharded(mesh)), out_shardings=(repl, repl),
                    donate_argnums=(0,))
     batch = _synthetic_device_batch(objective, config.batch_size, mesh, config.seed,
                                     precomputed_tokens, num_classes)
-    return TrainSetup(objective, mesh, step, state, batch, config.get("cpu_dots", "auto"))
+    return TrainSetup(objective, mesh, step, state, batch)
 
 
 def compile_step(setup: TrainSetup):
     """-> (compiled step, {'trace_lower_s', 'compile_s'})."""
-    mkl = cpu_dots.prepare(setup.cpu_dots)
     start = time.perf_counter()
-    with blas.layer_products(mkl):  # read by the layers as they are traced
-        lowered = setup.step.lower(setup.state, setup.batch)
+    lowered = setup.step.lower(setup.state, setup.batch)
     lowered_at = time.perf_counter()
     logging.info("Compiling the train step (traced and lowered in %.1f s)...", lowered_at - start)
-    compiled, library = cpu_dots.compile_step(lowered, setup.cpu_dots)
+    compiled = lowered.compile()
     done = time.perf_counter()
-    logging.info("Compiled in %.1f s (products: %s).", done - lowered_at, library)
-    return compiled, {"trace_lower_s": lowered_at - start, "compile_s": done - lowered_at,
-                      "products": library}
+    logging.info("Compiled in %.1f s.", done - lowered_at)
+    return compiled, {"trace_lower_s": lowered_at - start, "compile_s": done - lowered_at}
 
 
 class StepRunner:
@@ -162,11 +150,8 @@ class StepRunner:
 
 
 def flops_report(config, compiled, per_device_batch: int) -> dict:
-    try:
-        forward = flops.forward_flops_breakdown(config)
-        analytic = flops.model_flops_per_image(config)
-    except ValueError:  # SparK / ConvNets: no analytic count, XLA's stands in
-        forward, analytic = {}, None
+    objective = pretrained.build_objective(config)  # SparK / ConvNets: no count, XLA's stands in
+    forward, analytic = dict(objective.forward_flops), objective.flops_per_image
     measured = xla_flops(compiled)
     xla_per_image = measured / per_device_batch if measured is not None else None
     loops = [name for name, on in (("model.scan", config.model.get("scan", False)),

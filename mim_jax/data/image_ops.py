@@ -342,7 +342,7 @@ def train_image_uint8(encoded, seed, spec: ImageSpec):
     Without colour jitter or RandAugment (the pretraining recipes) the image is rounded right
     after the resize, which already clipped it to [0, 255], and flipped as uint8: a flip only
     moves pixels, so it commutes with the rounding, and it then moves a quarter of the bytes.
-    The same pixels, ~0.2 ms less CPU per 224 px image (BENCHMARKS.md, section 5)."""
+    The same pixels, ~0.2 ms less CPU per 224 px image."""
     if spec.color_jitter > 0 or spec.randaugment is not None:
         return to_uint8(train_image(encoded, seed, spec))
     image, flip_seed = _crop_resized(encoded, seed, spec)

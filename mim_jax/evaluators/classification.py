@@ -9,20 +9,65 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 from absl import logging
 
-from mim_jax import checkpointing
+from mim_jax import checkpointing, data, sharding
 from mim_jax.evaluators.schedule import Periodic
+from mim_jax.objectives import make_rngs
+
+
+def top_k_correct(logits, labels, valid, k: int):
+    """Number of valid rows whose label is among the k highest logits."""
+    top = jax.lax.top_k(logits, min(k, logits.shape[-1]))[1]
+    hit = jnp.any(top == labels[:, None], axis=-1)
+    return jnp.sum(hit & valid)
+
+
+def make_predict(objective, mesh, data_cfg):
+    """jitted (params, model_state, batch) -> [top-1 hits, top-5 hits, summed loss, valid rows];
+    batch['image'] (uint8 from data.eval_batches) is normalised inside with `data_cfg`."""
+
+    def predict(params, model_state, batch):
+        rngs = make_rngs(jax.random.key(0))
+        images = data.normalize_images(batch["image"], data_cfg)
+        _, aux = objective.loss_fn(params, model_state,
+                                   {"image": images, "label": batch["label"]}, rngs, False,
+                                   with_outputs=True)
+        logits, labels, valid = aux["outputs"]["logits"], batch["label"], batch["valid"]
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return jnp.stack([top_k_correct(logits, labels, valid, 1),
+                          top_k_correct(logits, labels, valid, 5),
+                          jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)]).astype(
+                              jnp.float32)
+    return jax.jit(predict, out_shardings=sharding.replicated(mesh))
+
+
+def evaluate_classifier(objective, params, model_state, data_cfg, split: str, *,
+                        batch_size: int, mesh, max_examples: Optional[int] = None,
+                        predict=None) -> dict:
+    """top-1 / top-5 (in [0, 1]) and the loss of the classifier on `split`."""
+    if predict is None:
+        predict = make_predict(objective, mesh, data_cfg)
+    totals = np.zeros(4)
+    for batch in data.eval_batches(data_cfg, split, global_batch_size=batch_size,
+                                   max_examples=max_examples):
+        batch = sharding.global_batch(batch, mesh)
+        totals += np.asarray(jax.device_get(predict(params, model_state, batch)))
+    n = max(totals[3], 1.0)
+    return {"top1": totals[0] / n, "top5": totals[1] / n, "loss": totals[2] / n,
+            "examples": int(totals[3])}
 
 
 class ClassificationEvaluator(Periodic):
     def __init__(self, config, eval_cfg, objective, mesh, workdir, writers, rng, *, name: str,
                  kind: str):
         del rng, kind
-        from mim_jax import finetune  # finetune imports the trainer; import it lazily
-        self._finetune = finetune
         self.name = name
         self.cfg = eval_cfg
         self.data_cfg = config.data
@@ -30,7 +75,7 @@ class ClassificationEvaluator(Periodic):
         self.mesh = mesh
         self.writers = writers
         self.is_main = jax.process_index() == 0
-        self.predict = finetune.make_predict(objective, mesh, config.data)
+        self.predict = make_predict(objective, mesh, config.data)
         self.best_dir = os.path.join(workdir, "best")
         self.best_json = os.path.join(workdir, "best.json")
         self.best = self._read_best()
@@ -47,7 +92,7 @@ class ClassificationEvaluator(Periodic):
         return None
 
     def _evaluate(self, params, model_state) -> dict:
-        return self._finetune.evaluate_classifier(
+        return evaluate_classifier(
             self.objective, params, model_state, self.data_cfg,
             self.cfg.get("split") or self.data_cfg.eval_split,
             batch_size=self.cfg.get("batch_size", 256), mesh=self.mesh,

@@ -72,14 +72,11 @@ class ReconstructionEvaluator(Periodic):
 
         data_cfg = self.data_cfg
 
-        stateful = objective.stateful
-
         def outputs(params, images, model_state):
             # uint8 from data.fixed_eval_images, normalised on the device.
             images = data.normalize_images(images, data_cfg)
-            kwargs = {"model_state": model_state} if stateful else {}
-            _, aux = objective.loss_fn(params, {"image": images}, rngs, False, with_outputs=True,
-                                       **kwargs)
+            _, aux = objective.loss_fn(params, model_state, {"image": images}, rngs, False,
+                                       with_outputs=True)
             return aux.get("outputs")
         self._outputs = jax.jit(outputs, out_shardings=repl)
 
@@ -116,7 +113,7 @@ class ReconstructionEvaluator(Periodic):
                 "masked_error_ratio": model / max(constant, 1e-12)}
 
     def run(self, step: int, params, model_state=None):
-        """`model_state`: the objective's (a stateful one's BatchNorm statistics)."""
+        """`model_state`: the objective's (e.g. BatchNorm statistics; None = {})."""
         model_state = {} if model_state is None else model_state
         if self.images is None:
             self._load(params, model_state)

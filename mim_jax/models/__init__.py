@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
-from absl import logging
+from jax import lax
 
-from mim_jax.models import matmul, remat as remat_lib, vit
+from mim_jax.models import activations, attention, remat as remat_lib, vit
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _QKV_BIAS = {"qkv": True, "qv": "qv", "none": False}
@@ -17,16 +17,21 @@ def dtype_from_name(name: str, field: str):
     return jnp.dtype(name)
 
 
+def layer_functions(model_cfg) -> dict:
+    """The products, attention and activation every layer takes (`dot_general`,
+    `attention_fn`, `activation`), from config.model; attention_impl None (unset) is the
+    default."""
+    impl = model_cfg.get("attention_impl")
+    impl = attention.DEFAULT if impl is None else impl
+    if impl not in attention.IMPLEMENTATIONS:
+        raise ValueError(f"model.attention_impl={impl!r}; allowed: "
+                         f"{list(attention.IMPLEMENTATIONS)}.")
+    return dict(dot_general=lax.dot_general, attention_fn=attention.IMPLEMENTATIONS[impl],
+                activation=activations.gelu)
+
+
 def _common_kwargs(model_cfg) -> dict:
     """Options every backbone shares, validated with the config field names."""
-    impl = model_cfg.get("attention_impl")
-    if impl not in vit.ATTENTION_IMPLS:
-        raise ValueError(f"model.attention_impl={impl!r}; allowed: None, 'xla', 'cudnn'.")
-    asked = model_cfg.get("matmul_precision", "float32")
-    precision = matmul.resolve_precision(asked)  # ValueError naming the field
-    if asked == "auto" and model_cfg.get("name", "vit") in ("vit", "swin"):
-        logging.log_first_n(logging.INFO, "model.matmul_precision='auto': %s on this machine",
-                            1, precision)
     rate = model_cfg.get("drop_path_rate", 0.0)
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"model.drop_path_rate={rate!r} must be in [0, 1).")
@@ -34,7 +39,7 @@ def _common_kwargs(model_cfg) -> dict:
         drop_path_rate=rate, remat=remat_lib.policy_name(model_cfg.get("remat", False)) or False,
         dtype=dtype_from_name(model_cfg.get("dtype", "float32"), "model.dtype"),
         param_dtype=dtype_from_name(model_cfg.get("param_dtype", "float32"), "model.param_dtype"),
-        attention_impl=impl, matmul_precision=precision)
+        **layer_functions(model_cfg))
 
 
 def vit_from_config(model_cfg, image_size: int, channels: int, **extra) -> vit.ViT:
@@ -89,11 +94,7 @@ def _convnet_arch(model_cfg, image_size: int, resolve, fields, **fixed):
 
 def _convnet_kwargs(model_cfg) -> dict:
     kwargs = _common_kwargs(model_cfg)
-    kwargs.pop("matmul_precision")
-    if model_cfg.get("matmul_precision", "float32") == "bfloat16":  # 'auto' means float32 here
-        raise ValueError(f"model.matmul_precision='bfloat16' applies to ViT and Swin; "
-                         f"model.name={model_cfg.get('name')!r} allows 'float32', 'auto'.")
-    del kwargs["attention_impl"]  # validated (None by default) but meaningless for ConvNets
+    del kwargs["attention_fn"]  # validated but meaningless for ConvNets
     return kwargs
 
 
@@ -103,7 +104,9 @@ def resnet_from_config(model_cfg, image_size: int, channels: int, **extra):
     from mim_jax.models import resnet
     arch = _convnet_arch(model_cfg, image_size, resnet.resolve_resnet_config,
                          ("depths", "stem_width", "widths", "stem_stride"), channels=channels)
-    return resnet.ResNet(config=arch, **_convnet_kwargs(model_cfg), **extra)
+    kwargs = _convnet_kwargs(model_cfg)
+    del kwargs["dot_general"], kwargs["activation"]  # convolutions and the references' ReLU
+    return resnet.ResNet(config=arch, **kwargs, **extra)
 
 
 def convnext_from_config(model_cfg, image_size: int, channels: int, **extra):

@@ -7,11 +7,12 @@ head initialised with std 0.01.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 POOLS = ("gap", "cls")
 
@@ -50,6 +51,7 @@ class Classifier(nn.Module):
     head_init_std: float = 2e-5
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    dot_general: Callable = lax.dot_general
 
     @nn.compact
     def __call__(self, images, *, train: bool = False):
@@ -60,7 +62,7 @@ class Classifier(nn.Module):
                              name="fc_norm")(x)
         return nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype,
                         kernel_init=_head_init(self.head_init_std),
-                        name="head")(x.astype(jnp.float32))
+                        dot_general=self.dot_general, name="head")(x.astype(jnp.float32))
 
 
 class ProbeHead(nn.Module):

@@ -18,12 +18,12 @@ does, so masked positions stay exactly zero between layers.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
-from mim_jax import blas
 from mim_jax.models import activations, remat as remat_lib, sparse
 from mim_jax.models.resnet import _positive_ints
 from mim_jax.models.swin import trunc_normal
@@ -81,17 +81,17 @@ class ConvNeXtBlock(nn.Module):
     layer_scale_init: float = LAYER_SCALE_INIT
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    dot_general: Callable = lax.dot_general
+    activation: Callable = activations.gelu
 
     @nn.compact
     def __call__(self, x, active=None, train: bool = False, positions=None):
         """positions: None, or int32 [B, n] of the visible positions (sparse.visible_positions):
         everything after the depthwise conv is per position, so it then runs on the n visible
         rows only and is scattered back into zeros - the masked branch, without the work."""
-        # blas.dot_general: MKL's float32 product on a CPU where the step asks for it
-        # (mim_jax/cpu_dots.py), lax.dot_general otherwise.
         dense = lambda features, name: nn.Dense(
             features, kernel_init=trunc_normal, dtype=self.dtype, param_dtype=self.param_dtype,
-            dot_general=blas.dot_general, name=name)
+            dot_general=self.dot_general, name=name)
         y = nn.Conv(self.dim, (7, 7), padding=[(3, 3), (3, 3)], feature_group_count=self.dim,
                     kernel_init=trunc_normal, dtype=self.dtype, param_dtype=self.param_dtype,
                     name="dwconv")(x)
@@ -101,7 +101,7 @@ class ConvNeXtBlock(nn.Module):
         # Only the depthwise conv mixes positions and its input is masked; everything up to
         # the branch's final mask is per position, so one mask there is the reference's three.
         y = _layer_norm(self.dtype, self.param_dtype, "norm")(y)
-        y = dense(self.dim, "fc2")(activations.gelu(dense(4 * self.dim, "fc1")(y)))
+        y = dense(self.dim, "fc2")(self.activation(dense(4 * self.dim, "fc1")(y)))
         gamma = self.param("gamma", nn.initializers.constant(self.layer_scale_init),
                            (self.dim,), self.param_dtype)
         y = y * jnp.asarray(gamma, y.dtype)
@@ -123,6 +123,8 @@ class ConvNeXtStage(nn.Module):
     remat: Any = False  # False or a policy name: see mim_jax.models.remat
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    dot_general: Callable = lax.dot_general
+    activation: Callable = activations.gelu
 
     @nn.compact
     def __call__(self, x, active=None, train: bool = False, visible_cells=None):
@@ -137,8 +139,11 @@ class ConvNeXtStage(nn.Module):
             positions = sparse.visible_positions(active, x.shape[1], x.shape[2], visible_cells)
         block_cls = remat_lib.wrap(ConvNeXtBlock, self.remat, static_argnums=(3,))  # train
         for j in range(self.depth):
-            x = block_cls(self.dim, self.drop_rates[j], self.layer_scale_init, self.dtype,
-                          self.param_dtype, name=f"block_{j}")(x, active, train, positions)
+            x = block_cls(dim=self.dim, drop_rate=self.drop_rates[j],
+                          layer_scale_init=self.layer_scale_init, dtype=self.dtype,
+                          param_dtype=self.param_dtype, dot_general=self.dot_general,
+                          activation=self.activation, name=f"block_{j}")(
+                              x, active, train, positions)
         return x
 
 
@@ -159,6 +164,8 @@ class ConvNeXt(nn.Module):
     remat: Any = False  # False or a policy name: see mim_jax.models.remat
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    dot_general: Callable = lax.dot_general
+    activation: Callable = activations.gelu
 
     @property
     def stage_widths(self) -> Tuple[int, ...]:
@@ -197,6 +204,7 @@ class ConvNeXt(nn.Module):
                               drop_rates=per_stage[stage],
                               downsample=stage > 0, layer_scale_init=cfg.layer_scale_init,
                               remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype,
+                              dot_general=self.dot_general, activation=self.activation,
                               name=f"stage_{stage}")(x, active, train, visible_cells)
             features.append(x)
         return features[-1] if self.last_stage_only else features

@@ -108,8 +108,9 @@ class Bottleneck(nn.Module):
             use_bias=False, kernel_init=conv_init, dtype=self.dtype,
             param_dtype=self.param_dtype, name=name)
         bn = lambda name, zero=False: sparse.MaskedBatchNorm(
-            BN_MOMENTUM, BN_EPS, nn.initializers.zeros if zero else nn.initializers.ones,
-            self.dtype, self.param_dtype, name=name)
+            momentum=BN_MOMENTUM, epsilon=BN_EPS,
+            scale_init=nn.initializers.zeros if zero else nn.initializers.ones,
+            dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         y = nn.relu(bn("bn1")(conv(self.width, 1, 1, "conv1")(x), active, train=train))
         y = nn.relu(bn("bn2")(conv(self.width, 3, self.stride, "conv2")(y), active, train=train))
         y = bn("bn3", self.zero_init_last)(conv(EXPANSION * self.width, 1, 1, "conv3")(y),
@@ -188,7 +189,7 @@ class ResNet(nn.Module):
                     padding=[(3, 3), (3, 3)],
                     use_bias=False, kernel_init=conv_init, dtype=self.dtype,
                     param_dtype=self.param_dtype, name="stem_conv")(x)
-        x = sparse.MaskedBatchNorm(BN_MOMENTUM, BN_EPS, dtype=self.dtype,
+        x = sparse.MaskedBatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPS, dtype=self.dtype,
                                    param_dtype=self.param_dtype, name="stem_bn")(
             x, active, train=train)
         x = nn.relu(x)

@@ -15,14 +15,15 @@ Behaviour follows the official microsoft/Swin-Transformer code and transformers'
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-from mim_jax.models import activations, matmul, remat as remat_lib, vit
+from mim_jax.models import activations, attention, remat as remat_lib
 from mim_jax.models.vit import DropPath
 
 VARIANTS = {
@@ -211,17 +212,16 @@ class WindowAttention(nn.Module):
     window_size: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_impl: Optional[str] = None
-    matmul_precision: str = "float32"  # see mim_jax.models.matmul
+    dot_general: Callable = lax.dot_general
+    attention_fn: Callable = attention.IMPLEMENTATIONS[attention.DEFAULT]  # models/attention.py
 
     @nn.compact
     def __call__(self, windows, shift_mask=None):
         """windows [B, nW, N, C]; shift_mask None or [nW, N, N] additive."""
         b, num_windows, n, width = windows.shape
         head_dim = width // self.num_heads
-        dot = matmul.dot_general_for(self.matmul_precision)
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=trunc_normal,
-                     bias_init=nn.initializers.zeros, dot_general=dot)
+                     bias_init=nn.initializers.zeros, dot_general=self.dot_general)
         # Fused q/k/v kernel (C, 3, heads, head_dim): the layout shared with the ViT converters.
         qkv = nn.DenseGeneral((3, self.num_heads, head_dim), name="qkv", **dense)(windows)
         qkv = qkv.reshape(b * num_windows, n, 3, self.num_heads, head_dim)
@@ -235,11 +235,11 @@ class WindowAttention(nn.Module):
         bias = bias.transpose(2, 0, 1)[None]  # [1, heads, N, N]
         if shift_mask is not None:
             # Per-window masks: broadcast over the batch so the bias matches the flattened
-            # (batch * windows) leading axis that dot_product_attention sees.
+            # (batch * windows) leading axis that the attention sees.
             bias = bias[None] + jnp.asarray(shift_mask)[None, :, None]  # [1, nW, heads, N, N]
             bias = jnp.broadcast_to(bias, (b,) + bias.shape[1:])
             bias = bias.reshape(b * num_windows, self.num_heads, n, n)
-        out = vit.attend(q, k, v, bias, self.attention_impl)
+        out = self.attention_fn(q, k, v, bias=bias)
         out = out.reshape(b, num_windows, n, self.num_heads, head_dim)
         return nn.DenseGeneral(width, axis=(-2, -1), name="proj", **dense)(out)
 
@@ -254,8 +254,9 @@ class SwinBlock(nn.Module):
     drop_rate: float = 0.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_impl: Optional[str] = None
-    matmul_precision: str = "float32"
+    dot_general: Callable = lax.dot_general
+    attention_fn: Callable = attention.IMPLEMENTATIONS[attention.DEFAULT]
+    activation: Callable = activations.gelu
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
@@ -267,22 +268,23 @@ class SwinBlock(nn.Module):
         dense = lambda features, name: nn.Dense(
             features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
             kernel_init=trunc_normal, bias_init=nn.initializers.zeros,
-            dot_general=matmul.dot_general_for(self.matmul_precision))
+            dot_general=self.dot_general)
 
         y, s = norm("norm1")(x), self.shift_size
         if s:  # cyclic shift up-left; the mask keeps wrapped-around neighbours apart
             y = jnp.roll(y, (-s, -s), axis=(1, 2))
         mask = shifted_window_mask(h, self.window_size, s)
-        y = WindowAttention(self.num_heads, self.window_size, self.dtype, self.param_dtype,
-                            self.attention_impl, self.matmul_precision, name="attn")(
-            window_partition(y, self.window_size), mask)
+        y = WindowAttention(num_heads=self.num_heads, window_size=self.window_size,
+                            dtype=self.dtype, param_dtype=self.param_dtype,
+                            dot_general=self.dot_general, attention_fn=self.attention_fn,
+                            name="attn")(window_partition(y, self.window_size), mask)
         y = window_reverse(y, self.window_size, h, w)
         if s:
             y = jnp.roll(y, (s, s), axis=(1, 2))
         x = x + DropPath(name="drop_path1")(y, self.drop_rate, no_drop)
 
         y = dense(int(self.mlp_ratio * c), "fc1")(norm("norm2")(x))
-        y = activations.gelu(y)  # exact erf GELU, as the references use
+        y = self.activation(y)
         y = dense(c, "fc2")(y)
         return x + DropPath(name="drop_path2")(y, self.drop_rate, no_drop)
 
@@ -292,7 +294,7 @@ class PatchMerging(nn.Module):
     layer_norm_eps: float = LAYER_NORM_EPS
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    matmul_precision: str = "float32"
+    dot_general: Callable = lax.dot_general
 
     @nn.compact
     def __call__(self, x):
@@ -304,8 +306,8 @@ class PatchMerging(nn.Module):
         x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                          param_dtype=self.param_dtype, name="norm")(x)
         return nn.Dense(2 * c, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                        kernel_init=trunc_normal, name="reduction",
-                        dot_general=matmul.dot_general_for(self.matmul_precision))(x)
+                        kernel_init=trunc_normal, dot_general=self.dot_general,
+                        name="reduction")(x)
 
 
 class SwinStage(nn.Module):
@@ -321,8 +323,9 @@ class SwinStage(nn.Module):
     remat: Any = False  # False or a policy name: see mim_jax.models.remat
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_impl: Optional[str] = None
-    matmul_precision: str = "float32"
+    dot_general: Callable = lax.dot_general
+    attention_fn: Callable = attention.IMPLEMENTATIONS[attention.DEFAULT]
+    activation: Callable = activations.gelu
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
@@ -332,13 +335,13 @@ class SwinStage(nn.Module):
                           shift_size=self.shift_size if j % 2 else 0, mlp_ratio=self.mlp_ratio,
                           layer_norm_eps=self.layer_norm_eps, drop_rate=self.drop_rates[j],
                           dtype=self.dtype, param_dtype=self.param_dtype,
-                          attention_impl=self.attention_impl,
-                          matmul_precision=self.matmul_precision, name=f"block_{j}")(
-                              x, deterministic)
+                          dot_general=self.dot_general, attention_fn=self.attention_fn,
+                          activation=self.activation, name=f"block_{j}")(x, deterministic)
         if self.downsample:
             # torch's default eps, as in both references, whatever layer_norm_eps says.
-            x = PatchMerging(LAYER_NORM_EPS, self.dtype, self.param_dtype,
-                             self.matmul_precision, name="downsample")(x)
+            x = PatchMerging(layer_norm_eps=LAYER_NORM_EPS, dtype=self.dtype,
+                             param_dtype=self.param_dtype, dot_general=self.dot_general,
+                             name="downsample")(x)
         return x
 
 
@@ -360,8 +363,9 @@ class Swin(nn.Module):
     remat: Any = False  # False or a policy name: see mim_jax.models.remat
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_impl: Optional[str] = None  # see vit.attend
-    matmul_precision: str = "float32"  # see mim_jax.models.matmul
+    dot_general: Callable = lax.dot_general
+    attention_fn: Callable = attention.IMPLEMENTATIONS[attention.DEFAULT]  # models/attention.py
+    activation: Callable = activations.gelu
 
     @property
     def num_features(self) -> int:
@@ -409,7 +413,8 @@ class Swin(nn.Module):
                 layer_norm_eps=cfg.layer_norm_eps,
                 drop_rates=tuple(float(r) for r in per_stage[stage]),
                 downsample=stage < cfg.num_stages - 1, remat=self.remat, dtype=self.dtype,
-                param_dtype=self.param_dtype, attention_impl=self.attention_impl,
-                matmul_precision=self.matmul_precision, name=f"stage_{stage}")(x, not train)
+                param_dtype=self.param_dtype, dot_general=self.dot_general,
+                attention_fn=self.attention_fn, activation=self.activation,
+                name=f"stage_{stage}")(x, not train)
         return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype,
                             param_dtype=self.param_dtype, name="norm")(x)

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-from mim_jax.models import activations, matmul, remat as remat_lib
+from mim_jax.models import activations, attention, remat as remat_lib
 
 # width, depth, mlp_dim, num_heads (ViT paper / DeiT sizes).
 VARIANTS = {
@@ -146,7 +147,7 @@ class QKVProjection(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     init_style: str = "xavier"
-    matmul_precision: str = "float32"  # see mim_jax.models.matmul
+    dot_general: Callable = lax.dot_general
 
     @nn.compact
     def __call__(self, x):
@@ -156,9 +157,9 @@ class QKVProjection(nn.Module):
         # xavier-uniform on the 2-D (D, 3D) view, as the reference's fused Linear.
         kernel = self.param("kernel", kernel_init(self.init_style, 0, (1, 2, 3)),
                             (x.shape[-1], *shape), self.param_dtype)
-        dot = matmul.dot_general_for(self.matmul_precision) or jax.lax.dot_general
         # [B, N, D] x [D, 3, heads, head_dim] -> [B, N, 3, heads, head_dim]
-        y = dot(x.astype(self.dtype), kernel.astype(self.dtype), (((2,), (0,)), ((), ())))
+        y = self.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                             (((2,), (0,)), ((), ())))
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype)
             if self.use_bias == "qv":  # the k slot exists in the layout but is never used
@@ -167,55 +168,14 @@ class QKVProjection(nn.Module):
         return y
 
 
-ATTENTION_IMPLS = (None, "xla", "cudnn")
-
-
-def attend(q, k, v, bias=None, impl: Optional[str] = None):
-    """Attention of q, k, v [B, N, heads, head_dim] with an additive logit bias: mim_jax's own
-    (impl None; the fastest on a CPU), or jax.nn.dot_product_attention's 'xla' / 'cudnn'
-    implementation.
-
-    Its two products multiply q, k, v in their own dtype, whatever model.matmul_precision
-    says: bfloat16 products are for the layers' weights. On a CPU, XLA runs a batched
-    bfloat16 x bfloat16 -> float32 product (its YNNPACK path) on one thread, where the float32
-    one runs on oneDNN over every core; MAE ViT-B/16's and SimMIM Swin-B's bfloat16-product
-    steps took 12% and 11% less time with float32 attention products on a 2-core Xeon, and
-    the same time with XLA's own products (BENCHMARKS.md section 15)."""
-    if impl is None:
-        return matmul.attention(q, k, v, bias)
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention_impl={impl!r}; allowed: {list(ATTENTION_IMPLS)}.")
-    if bias is not None:
-        bias = bias.astype(q.dtype)
-    n = q.shape[1]
-    if impl != "cudnn" or n % 2 == 0:
-        return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=impl)
-    return _even_length_attention(q, k, v, bias, impl)
-
-
-def _even_length_attention(q, k, v, bias, impl):
-    """jax.nn.dot_product_attention on a sequence padded to an even length (cuDNN's flash
-    attention trains only on even lengths, e.g. not on a ViT's 197 tokens): the padding token
-    is masked out as a key (key_value_seq_lengths) and dropped from the output."""
-    n = q.shape[1]
-    pad = lambda t: jnp.pad(t, ((0, 0), (0, 1), (0, 0), (0, 0)))
-    if bias is not None:  # [..., N, N] -> [..., N+1, N+1]
-        bias = jnp.pad(bias, [(0, 0)] * (bias.ndim - 2) + [(0, 1), (0, 1)])
-    lengths = jnp.full((q.shape[0],), n, jnp.int32)
-    out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), bias=bias,
-                                       key_value_seq_lengths=lengths, implementation=impl)
-    return out[:, :n]
-
-
 class Attention(nn.Module):
     num_heads: int
     qkv_bias: Any = True  # True, False, or 'qv' (BEiT: q and v biases, k bias fixed at zero)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    # None: mim_jax.models.matmul.attention; 'xla' or 'cudnn': jax.nn.dot_product_attention's.
-    attention_impl: Optional[str] = None
     init_style: str = "xavier"
-    matmul_precision: str = "float32"  # see mim_jax.models.matmul
+    dot_general: Callable = lax.dot_general
+    attention_fn: Callable = attention.IMPLEMENTATIONS[attention.DEFAULT]  # models/attention.py
 
     @nn.compact
     def __call__(self, x, bias=None):
@@ -223,14 +183,15 @@ class Attention(nn.Module):
         if width % self.num_heads:
             raise ValueError(f"width={width} is not divisible by num_heads={self.num_heads}.")
         head_dim = width // self.num_heads
-        dot = matmul.dot_general_for(self.matmul_precision)
-        qkv = QKVProjection(self.num_heads, head_dim, self.qkv_bias, self.dtype, self.param_dtype,
-                            self.init_style, self.matmul_precision, name="qkv")(x)
+        qkv = QKVProjection(num_heads=self.num_heads, head_dim=head_dim, use_bias=self.qkv_bias,
+                            dtype=self.dtype, param_dtype=self.param_dtype,
+                            init_style=self.init_style, dot_general=self.dot_general,
+                            name="qkv")(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = attend(q, k, v, bias, self.attention_impl)
+        out = self.attention_fn(q, k, v, bias=bias)
         return nn.DenseGeneral(
             features=width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-            dot_general=dot,
+            dot_general=self.dot_general,
             # DenseGeneral initialises on the flattened 2-D (D, D) view: default fan axes.
             name="proj", kernel_init=kernel_init(self.init_style))(out)
 
@@ -243,38 +204,40 @@ class Block(nn.Module):
     layer_scale_init: Optional[float] = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_impl: Optional[str] = None
     # A relative position bias of this block's own (grid size), as SimMIM-ViT/BEiT fine-tuning.
     rel_pos_grid: Optional[int] = None
     rel_pos_cls: bool = True
     # Static switch: with stochastic depth off no 'drop_path' RNG is needed or drawn.
     use_drop_path: bool = False
     init_style: str = "xavier"
-    matmul_precision: str = "float32"  # see mim_jax.models.matmul
+    dot_general: Callable = lax.dot_general
+    attention_fn: Callable = attention.IMPLEMENTATIONS[attention.DEFAULT]
+    activation: Callable = activations.gelu
 
     @nn.compact
     def __call__(self, x, drop_rate=0.0, deterministic: bool = True, attn_bias=None):
         no_drop = deterministic or not self.use_drop_path
         if self.rel_pos_grid is not None:
-            own = RelativePositionBias(self.rel_pos_grid, self.num_heads, self.rel_pos_cls,
-                                       self.param_dtype, name="rel_pos_bias")()
+            own = RelativePositionBias(grid=self.rel_pos_grid, num_heads=self.num_heads,
+                                       cls_token=self.rel_pos_cls, param_dtype=self.param_dtype,
+                                       name="rel_pos_bias")()
             attn_bias = own if attn_bias is None else attn_bias + own
         width = x.shape[-1]
         norm = lambda name: nn.LayerNorm(
             epsilon=LAYER_NORM_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         dense = lambda features, name: nn.Dense(
             features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-            kernel_init=kernel_init(self.init_style),
-            dot_general=matmul.dot_general_for(self.matmul_precision))
+            kernel_init=kernel_init(self.init_style), dot_general=self.dot_general)
 
-        y = Attention(self.num_heads, self.qkv_bias, self.dtype, self.param_dtype,
-                      self.attention_impl, self.init_style, self.matmul_precision,
+        y = Attention(num_heads=self.num_heads, qkv_bias=self.qkv_bias, dtype=self.dtype,
+                      param_dtype=self.param_dtype, init_style=self.init_style,
+                      dot_general=self.dot_general, attention_fn=self.attention_fn,
                       name="attn")(norm("norm1")(x), attn_bias)
         y = self._scale(y, "ls1", width)
         x = x + DropPath(name="drop_path1")(y, drop_rate, no_drop)
 
         y = dense(self.mlp_dim, "fc1")(norm("norm2")(x))
-        y = activations.gelu(y)  # exact erf GELU, as the references use
+        y = self.activation(y)
         y = self._scale(dense(width, "fc2")(y), "ls2", width)
         return x + DropPath(name="drop_path2")(y, drop_rate, no_drop)
 
@@ -303,11 +266,12 @@ class Transformer(nn.Module):
     scan: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_impl: Optional[str] = None
     rel_pos_grid: Optional[int] = None  # per-block relative position bias
     rel_pos_cls: bool = True
     init_style: str = "xavier"
-    matmul_precision: str = "float32"
+    dot_general: Callable = lax.dot_general
+    attention_fn: Callable = attention.IMPLEMENTATIONS[attention.DEFAULT]
+    activation: Callable = activations.gelu
 
     # Drop-path rates follow linspace(0, drop_path_rate, rate_depth)[rate_offset:][:depth]
     # (None: depth): a head stacked on top of an encoder continues its rule (BEiT v2's CLS head).
@@ -324,10 +288,10 @@ class Transformer(nn.Module):
             raise ValueError(f"capture={capture} must be a block number in [1, {self.depth}].")
         block_kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, qkv_bias=self.qkv_bias,
                             layer_scale_init=self.layer_scale_init, dtype=self.dtype,
-                            param_dtype=self.param_dtype, attention_impl=self.attention_impl,
-                            use_drop_path=self.drop_path_rate > 0,
+                            param_dtype=self.param_dtype, use_drop_path=self.drop_path_rate > 0,
                             rel_pos_grid=self.rel_pos_grid, rel_pos_cls=self.rel_pos_cls,
-                            init_style=self.init_style, matmul_precision=self.matmul_precision)
+                            init_style=self.init_style, dot_general=self.dot_general,
+                            attention_fn=self.attention_fn, activation=self.activation)
         block_cls = remat_lib.wrap(Block, self.remat, static_argnums=(3,))  # deterministic
         if self.scan:
             def body(module, carry, rate):
@@ -416,10 +380,11 @@ class ViT(nn.Module):
     scan: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_impl: Optional[str] = None
     # 'xavier' (MAE / SimMIM) or 'beit' (truncated normal; see also rescale_beit_init).
     init_style: str = "xavier"
-    matmul_precision: str = "float32"  # see mim_jax.models.matmul
+    dot_general: Callable = lax.dot_general
+    attention_fn: Callable = attention.IMPLEMENTATIONS[attention.DEFAULT]  # models/attention.py
+    activation: Callable = activations.gelu
 
     def setup(self):
         cfg = self.config
@@ -431,8 +396,9 @@ class ViT(nn.Module):
             raise ValueError(f"rel_pos_bias={self.rel_pos_bias!r}; allowed: 'none', 'shared', "
                              "'per_layer'.")
         if self.rel_pos_bias == "shared":
-            self.shared_rel_pos = RelativePositionBias(cfg.grid, cfg.num_heads, self.cls_token,
-                                                       self.param_dtype, name="rel_pos_bias")
+            self.shared_rel_pos = RelativePositionBias(
+                grid=cfg.grid, num_heads=cfg.num_heads, cls_token=self.cls_token,
+                param_dtype=self.param_dtype, name="rel_pos_bias")
         # The reference initialises the patch conv as a flattened Linear (fan_in p*p*C, fan_out D).
         self.patch_embed = nn.Conv(
             cfg.width, (cfg.patch_size,) * 2, strides=(cfg.patch_size,) * 2, padding="VALID",
@@ -458,10 +424,10 @@ class ViT(nn.Module):
             depth=cfg.depth, num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim,
             drop_path_rate=self.drop_path_rate, qkv_bias=self.qkv_bias,
             layer_scale_init=self.layer_scale_init, remat=self.remat, scan=self.scan,
-            dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+            dtype=self.dtype, param_dtype=self.param_dtype,
             rel_pos_grid=cfg.grid if self.rel_pos_bias == "per_layer" else None,
-            rel_pos_cls=self.cls_token, init_style=self.init_style,
-            matmul_precision=self.matmul_precision, name="transformer")
+            rel_pos_cls=self.cls_token, init_style=self.init_style, dot_general=self.dot_general,
+            attention_fn=self.attention_fn, activation=self.activation, name="transformer")
         self.norm = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype,
                                  param_dtype=self.param_dtype, name="norm")
 

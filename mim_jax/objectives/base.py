@@ -1,20 +1,26 @@
-"""The objective interface: everything the trainer needs to know about a MIM method."""
+"""The objective interface: everything the trainer needs to know about a method."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# loss_fn(params, batch, rngs, train, with_outputs=False) -> (loss, aux)
+from mim_jax import flops
+
+# loss_fn(params, model_state, batch, rngs, train, with_outputs=False) -> (loss, aux)
+#   model_state: the variables the optimizer does not train (BatchNorm statistics, a frozen
+#           tokenizer, teacher or encoder); {} for an objective without any
 #   batch:  {'image': float32 [B, H, W, C]} (normalised pixels)
-#   rngs:   {'mask': key, 'drop_path': key}
-#   aux:    {'metrics': {name: scalar}} and, with with_outputs=True, 'outputs':
+#   rngs:   {'mask': key, 'drop_path': key, 'augment': key}
+#   aux:    {'metrics': {name: scalar}, 'model_state': the new model_state (the one given, for
+#           an objective that updates none)} and, with with_outputs=True, 'outputs':
 #           {'reconstruction': [B, H, W, C] normalised pixels, 'mask': [B, H, W, 1] 1 = masked,
 #            'prediction', 'target': what the loss compares (same shape), 'loss_mask': where
 #            (broadcastable, 1 = counted)}; the error evaluators use the last three.
+# Objectives may take keyword-only extras after these (an explicit mask, for tests).
 LossFn = Callable[..., Tuple[jax.Array, Mapping[str, Any]]]
 
 # 'augment': on-device batch augmentation of fine-tuning (mixup / cutmix / random erasing).
@@ -24,6 +30,33 @@ RNG_STREAMS = ("mask", "drop_path", "augment")
 def make_rngs(key: jax.Array) -> dict:
     """One independent key per RNG stream, derived from `key` (e.g. a per-step key)."""
     return {name: jax.random.fold_in(key, i) for i, name in enumerate(RNG_STREAMS)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    """Weights an objective runs but never trains, named by a config block. The objective
+    declares them; mim_jax.pretrained resolves the module they run in when the objective is
+    built (`part`) and reads the weights once, into a fresh run, before the data is touched."""
+    # 'tokenizer': BEiT's targets (models.tokenizers; part: its TokenizerSpec).
+    # 'teacher': an encoder run as it was pretrained (part: a FrozenEncoder).
+    # 'encoder': pretrained weights for the objective's own encoder, fitted to it (no part).
+    kind: str
+    source: str  # the config block that names them, e.g. 'objective.tokenizer'
+    # Where they go in {'params': ..., 'model_state': ...}, e.g. ('model_state', 'tokenizer').
+    into: Tuple[str, ...]
+    part: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenEncoder:
+    """A frozen encoder with the input it was trained on: `channels`-channel images resized to
+    `image_size` and normalised with `mean` / `std`. `source`: the path it comes from."""
+    module: nn.Module
+    image_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    channels: int
+    source: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,21 +72,29 @@ class Objective:
     # How the loss compares prediction and target ('mse' or 'l1'): the best constant guess is
     # the per-element mean or median of the target, which the error evaluator reports.
     error_metric: str = "mse"
-    # A stateful objective's loss_fn takes model_state=... (variables the optimizer does not
-    # train: BatchNorm statistics, a frozen encoder) and returns the new one in
-    # aux['model_state'].
-    stateful: bool = False
     # rng -> (params, model_state); the default is init() and no state.
     init_fn: Optional[Callable] = None
-    # Host-side (params, model_state) of a fresh run -> the starting ones, run once before the
-    # data is touched: loads frozen weights an objective needs (BEiT's tokenizer, VQ-KD's
-    # teacher). Raises ValueError naming the config field when they cannot be loaded.
-    start_from: Optional[Callable] = None
+    # Forward FLOPs per image by model part (mim_jax.flops' convention), for throughput and
+    # MFU; empty where there is no analytic count (ConvNets).
+    forward_flops: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    # Parts that only run forward in training (a linear probe's frozen encoder).
+    forward_only: Tuple[str, ...] = ()
+    # name -> the frozen weights it needs (see Frozen); the registry fills it in.
+    frozen: Mapping[str, Frozen] = dataclasses.field(default_factory=dict)
+    with_labels: bool = False  # the data iterator must yield 'label'
+    ema_decay: float = 0.0  # exponential moving average of the parameters (0 = off)
 
     @property
     def encoder(self) -> nn.Module:
         """The encoder module (its parameters are params[encoder_keys[0]])."""
         return getattr(self.model, self.encoder_keys[0])
+
+    @property
+    def flops_per_image(self) -> Optional[float]:
+        """Analytic train-step FLOPs per image, or None without a count."""
+        if not self.forward_flops:
+            return None
+        return flops.train_step_flops(self.forward_flops, self.forward_only)
 
     def init(self, rng: jax.Array, batch_size: int = 1):
         """Parameters for this objective's model (a pure function of `rng`)."""

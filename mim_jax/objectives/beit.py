@@ -7,8 +7,9 @@ VQ-KD tokens of the same image (name='vqkd') and may add the CLS-pretraining hea
 over [final CLS, block `early_layers`'s patch tokens] whose masked tokens go through the same
 norm and LM head, a second cross-entropy added to the first.
 
-The tokenizer is frozen: its weights live in the train state's model_state (loaded once by
-`start_from`, then checkpointed with the run) and its ids are computed inside the jitted step.
+The tokenizer is frozen: its weights live in the train state's model_state (read once by
+mim_jax.pretrained into a fresh run, then checkpointed with it) and its ids are computed inside
+the jitted step.
 Deliberate difference from v1's reference: the tokenizer view is resized on device from the
 model's crop (lanczos3) instead of being a second PIL resize of the same crop.
 """
@@ -19,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mim_jax import masking, models
-from mim_jax.models import matmul, tokenizers, vit
-from mim_jax.objectives.base import Objective, make_rngs
+from mim_jax import flops, masking, models
+from mim_jax.models import vit
+from mim_jax.objectives.base import Frozen, Objective, make_rngs
 
 
 class BEiT(nn.Module):
@@ -36,7 +37,7 @@ class BEiT(nn.Module):
         """-> logits [B, L, vocab] for every patch (and the CLS head's, or None)."""
         enc = self.encoder
         lm_head = nn.Dense(self.vocab_size, dtype=enc.dtype, param_dtype=enc.param_dtype,
-                           dot_general=matmul.dot_general_for(enc.matmul_precision),
+                           dot_general=enc.dot_general,
                            kernel_init=vit.beit_trunc_normal(), name="lm_head")
         if not self.cls_head_layers:
             tokens = enc(images, token_mask=token_mask, train=train)
@@ -48,8 +49,8 @@ class BEiT(nn.Module):
             depth=self.cls_head_layers, num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim,
             drop_path_rate=enc.drop_path_rate, qkv_bias=enc.qkv_bias,
             layer_scale_init=enc.layer_scale_init, dtype=enc.dtype, param_dtype=enc.param_dtype,
-            attention_impl=enc.attention_impl, init_style=enc.init_style,
-            matmul_precision=enc.matmul_precision,
+            init_style=enc.init_style, dot_general=enc.dot_general,
+            attention_fn=enc.attention_fn, activation=enc.activation,
             rate_depth=max(cfg.depth, self.early_layers + self.cls_head_layers),
             rate_offset=self.early_layers,
             # with per-layer tables (fine-tuning layout) the head's blocks have their own too
@@ -99,7 +100,15 @@ def _images_01(images, data_cfg):
     return jnp.clip(images.astype(jnp.float32) * std + mean, 0.0, 1.0)
 
 
-def build(config) -> Objective:
+def needs(config) -> dict:
+    """The frozen tokenizer objective.tokenizer names, kept in model_state['tokenizer']."""
+    del config
+    return {"tokenizer": Frozen(kind="tokenizer", source="objective.tokenizer",
+                                into=("model_state", "tokenizer"))}
+
+
+def build(config, frozen) -> Objective:
+    """`frozen`: needs(config) resolved (mim_jax.pretrained): the tokenizer's module."""
     obj_cfg, data_cfg, model_cfg = config.objective, config.data, config.model
     if model_cfg.get("name", "vit") != "vit":
         raise ValueError(f"model.name={model_cfg.get('name')!r}: BEiT needs model.name='vit'.")
@@ -109,7 +118,7 @@ def build(config) -> Objective:
                                      use_mask_token=True)
     arch = encoder.config
     grid = arch.grid
-    tokenizer = tokenizers.build(obj_cfg.tokenizer, data_cfg.image_size, data_cfg.channels)
+    tokenizer = frozen["tokenizer"].part
     if tokenizer.grid != grid:
         raise ValueError(
             f"objective.tokenizer gives a {tokenizer.grid}x{tokenizer.grid} token grid but the "
@@ -148,17 +157,8 @@ def build(config) -> Objective:
         tok_params = tokenizer.module.init(tok_rng, images, method="encode")["params"]
         return params, {"tokenizer": tok_params}
 
-    def start_from(params, model_state):
-        abstract = jax.eval_shape(lambda: model_state["tokenizer"])
-        try:
-            loaded = tokenizer.load(abstract)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"objective.tokenizer.checkpoint="
-                             f"{obj_cfg.tokenizer.get('checkpoint')!r}: {e}") from e
-        return params, dict(model_state, tokenizer=loaded)
-
-    def loss_fn(params, batch, rngs, train: bool, with_outputs: bool = False, token_mask=None,
-                model_state=None, labels=None):
+    def loss_fn(params, model_state, batch, rngs, train: bool, with_outputs: bool = False, *,
+                token_mask=None, labels=None):
         images = batch["image"]
         if token_mask is None:
             token_mask = draw_mask(rngs["mask"], images.shape[0])
@@ -188,7 +188,21 @@ def build(config) -> Objective:
     return Objective(name="beit", model=model, loss_fn=loss_fn, encoder_keys=("encoder",),
                      image_shape=image_shape,
                      init_args=lambda b: (jnp.zeros((b, grid * grid), bool),),
-                     stateful=True, init_fn=init_fn, start_from=start_from)
+                     init_fn=init_fn,
+                     forward_flops=forward_flops(arch, tokenizer.vocab_size, head_layers))
 
 
-__all__ = ["BEiT", "build", "masked_cross_entropy", "most_frequent_token_accuracy"]
+def forward_flops(arch: vit.ViTConfig, vocab_size: int, head_layers: int) -> dict:
+    """The encoder on every patch + CLS, the LM head on every patch (as the model computes it),
+    and v2's CLS head (its blocks on 1 + L tokens, then the LM head again). The frozen tokenizer
+    is not counted: it is not part of the trained model."""
+    out = dict(flops.vit_forward_flops(arch, True),
+               lm_head=flops.dense_flops(arch.num_patches, arch.width, vocab_size))
+    if head_layers:
+        out["cls_head"] = flops.transformer_flops(arch.num_patches + 1, arch.width, head_layers,
+                                                  arch.mlp_dim)
+        out["cls_head_lm_head"] = out["lm_head"]
+    return out
+
+
+__all__ = ["BEiT", "build", "masked_cross_entropy", "most_frequent_token_accuracy", "needs"]

@@ -1,15 +1,15 @@
 """MAE (He et al. 2022): encode visible patches only, light decoder, MSE on masked pixels."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mim_jax import masking, models
-from mim_jax.models import matmul, vit
+from mim_jax import flops, masking, models
+from mim_jax.models import activations, attention, vit
 from mim_jax.objectives.base import Objective
 
 
@@ -55,18 +55,18 @@ class MAEDecoder(nn.Module):
     mlp_ratio: float = 4.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_impl: Optional[str] = None
-    matmul_precision: str = "float32"
     remat: bool = False
     scan: bool = False
+    dot_general: Callable = jax.lax.dot_general
+    attention_fn: Callable = attention.IMPLEMENTATIONS[attention.DEFAULT]
+    activation: Callable = activations.gelu
 
     @nn.compact
     def __call__(self, latent, ids_restore):
         """latent: [B, 1+K, D_enc] (CLS first); ids_restore: [B, L] -> [B, L, p*p*C]."""
         dense = lambda features, name: nn.Dense(
             features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-            kernel_init=vit.xavier_uniform(),
-            dot_general=matmul.dot_general_for(self.matmul_precision))
+            kernel_init=vit.xavier_uniform(), dot_general=self.dot_general)
         x = dense(self.width, "decoder_embed")(latent)
         b, n_vis = x.shape[0], x.shape[1] - 1
         mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.width),
@@ -82,8 +82,9 @@ class MAEDecoder(nn.Module):
         x = x + jnp.asarray(pos, x.dtype)[None]
         x = vit.Transformer(
             depth=self.depth, num_heads=self.num_heads, mlp_dim=int(self.width * self.mlp_ratio),
-            dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
-            matmul_precision=self.matmul_precision, remat=self.remat, scan=self.scan, name="transformer")(x)
+            dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, scan=self.scan,
+            dot_general=self.dot_general, attention_fn=self.attention_fn,
+            activation=self.activation, name="transformer")(x)
         x = nn.LayerNorm(epsilon=vit.LAYER_NORM_EPS, dtype=self.dtype,
                          param_dtype=self.param_dtype, name="decoder_norm")(x)
         return dense(self.patch_dim, "decoder_pred")(x)[:, 1:]
@@ -122,19 +123,21 @@ def build(config) -> Objective:
         num_patches=arch.num_patches, patch_dim=arch.patch_size**2 * arch.channels,
         width=obj_cfg.decoder_width, depth=obj_cfg.decoder_depth, num_heads=obj_cfg.decoder_heads,
         mlp_ratio=obj_cfg.get("decoder_mlp_ratio", 4.0), dtype=encoder.dtype,
-        param_dtype=encoder.param_dtype, attention_impl=encoder.attention_impl,
-        matmul_precision=encoder.matmul_precision,
-        remat=encoder.remat, scan=encoder.scan)
+        param_dtype=encoder.param_dtype, remat=encoder.remat, scan=encoder.scan,
+        dot_general=encoder.dot_general, attention_fn=encoder.attention_fn,
+        activation=encoder.activation)
     model = MAE(encoder=encoder, decoder=decoder, mask_ratio=obj_cfg.mask_ratio)
     norm_pix = bool(obj_cfg.norm_pix_loss)
     p, c = arch.patch_size, arch.channels
 
-    def loss_fn(params, batch, rngs, train: bool, with_outputs: bool = False, noise=None):
+    def loss_fn(params, model_state, batch, rngs, train: bool, with_outputs: bool = False, *,
+                noise=None):
         images = batch["image"]
         pred, m = model.apply({"params": params}, images, train=train, noise=noise, rngs=rngs)
         target = patchify(images.astype(jnp.float32), p)
         loss = masked_mse(pred, target, m.mask, norm_pix)
-        aux = {"metrics": {"loss": loss, "mask_ratio": jnp.mean(m.mask)}}
+        aux = {"metrics": {"loss": loss, "mask_ratio": jnp.mean(m.mask)},
+               "model_state": model_state}
         if with_outputs:
             recon, loss_target = pred.astype(jnp.float32), target
             if norm_pix:  # show pixels: undo the per-patch normalisation with the target's stats
@@ -148,4 +151,26 @@ def build(config) -> Objective:
         return loss, aux
 
     return Objective(name="mae", model=model, loss_fn=loss_fn, encoder_keys=("encoder",),
-                     image_shape=(arch.image_size, arch.image_size, arch.channels))
+                     image_shape=(arch.image_size, arch.image_size, arch.channels),
+                     forward_flops=forward_flops(arch, obj_cfg))
+
+
+def forward_flops(arch: vit.ViTConfig, obj_cfg) -> dict:
+    """Forward FLOPs per image of MAE, split by part.
+
+    The patch embedding runs on every patch (tokens are dropped after it), the encoder on the
+    visible patches + CLS, the decoder on all patches + CLS; the decoder's embed projection sees
+    the encoder output (visible + CLS) and its prediction head every decoder token.
+    """
+    visible = masking.num_visible(arch.num_patches, obj_cfg.mask_ratio) + 1
+    full = arch.num_patches + 1
+    width = obj_cfg.decoder_width
+    mlp_dim = int(width * obj_cfg.get("decoder_mlp_ratio", 4.0))
+    patch_dim = arch.patch_size**2 * arch.channels
+    return {
+        "patch_embed": flops.patch_embed_flops(arch),
+        "encoder": flops.transformer_flops(visible, arch.width, arch.depth, arch.mlp_dim),
+        "decoder_embed": flops.dense_flops(visible, arch.width, width),
+        "decoder": flops.transformer_flops(full, width, obj_cfg.decoder_depth, mlp_dim),
+        "decoder_pred": flops.dense_flops(full, width, patch_dim),
+    }

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mim_jax import masking, models
+from mim_jax import flops, masking, models
 from mim_jax.objectives.base import Objective
 
 
@@ -71,7 +71,8 @@ def build(config) -> Objective:
     model = SimMIM(encoder=encoder, stride=stride, channels=data_cfg.channels,
                    dtype=encoder.dtype, param_dtype=encoder.param_dtype)
 
-    def loss_fn(params, batch, rngs, train: bool, with_outputs: bool = False, token_mask=None):
+    def loss_fn(params, model_state, batch, rngs, train: bool, with_outputs: bool = False, *,
+                token_mask=None):
         images = batch["image"]
         if token_mask is None:
             token_mask = masking.simmim_mask(rngs["mask"], images.shape[0], data_cfg.image_size,
@@ -79,7 +80,8 @@ def build(config) -> Objective:
         recon = model.apply({"params": params}, images, token_mask, train=train, rngs=rngs)
         pixel_mask = upsample_mask(token_mask, grid, arch.patch_size)
         loss = masked_l1(recon, images, pixel_mask)
-        aux = {"metrics": {"loss": loss, "mask_ratio": jnp.mean(token_mask.astype(jnp.float32))}}
+        aux = {"metrics": {"loss": loss, "mask_ratio": jnp.mean(token_mask.astype(jnp.float32))},
+               "model_state": model_state}
         if with_outputs:
             aux["outputs"] = {"reconstruction": recon.astype(jnp.float32), "mask": pixel_mask,
                               "prediction": recon.astype(jnp.float32),
@@ -89,4 +91,17 @@ def build(config) -> Objective:
     return Objective(name="simmim", model=model, loss_fn=loss_fn, encoder_keys=("encoder",),
                      image_shape=(data_cfg.image_size, data_cfg.image_size, data_cfg.channels),
                      init_args=lambda b: (jnp.zeros((b, grid * grid), bool),),
-                     error_metric="l1")
+                     error_metric="l1",
+                     forward_flops=forward_flops(arch, model_cfg.get("cls_token", True)))
+
+
+def forward_flops(arch, cls_token: bool) -> dict:
+    """The encoder on every patch (masked ones hold the mask token), then a 1x1 conv from the
+    final feature map to stride^2 * C pixels per position."""
+    out = flops.encoder_forward_flops(arch, cls_token)
+    if hasattr(arch, "embed_dim"):  # Swin
+        positions, width, stride = arch.feature_size**2, arch.num_features, arch.stride
+    else:
+        positions, width, stride = arch.num_patches, arch.width, arch.patch_size
+    out["decoder"] = flops.dense_flops(positions, width, stride**2 * arch.channels)
+    return out

@@ -124,7 +124,7 @@ class UNetBlock(nn.Module):
         width = x.shape[-1]
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         # kaiming_normal(fan_out, relu), as the reference's ConvTranspose2d.
-        x = Upsample2x(width, name="up", **common)(x)
+        x = Upsample2x(features=width, name="up", **common)(x)
         conv = lambda features, name: nn.Conv(
             features, (3, 3), padding=1, use_bias=False, name=name,
             kernel_init=nn.initializers.normal(0.02), **common)
@@ -150,7 +150,7 @@ class LightDecoder(nn.Module):
         for i in range(self.num_blocks):
             if i < len(to_dec):
                 x = x + to_dec[i]
-            x = UNetBlock(self.width // 2 ** (i + 1), dtype=self.dtype,
+            x = UNetBlock(out_width=self.width // 2 ** (i + 1), dtype=self.dtype,
                           param_dtype=self.param_dtype, name=f"block_{i}")(x, train=train)
         if len(to_dec) > self.num_blocks:
             x = x + to_dec[self.num_blocks]
@@ -187,12 +187,13 @@ class SparK(nn.Module):
         to_dec, width = [], self.decoder_width
         for i, f in enumerate(feats):
             deepest_identity = i == 0 and f.shape[-1] == width
-            to_dec.append(Densify(width, 0 if deepest_identity else (1 if i == 0 else 3),
-                                  self.densify_norm, name=f"densify_{i}", **common)(
-                                      f, active, train=train))
+            kernel = 0 if deepest_identity else (1 if i == 0 else 3)
+            to_dec.append(Densify(out_width=width, kernel=kernel, norm=self.densify_norm,
+                                  name=f"densify_{i}", **common)(f, active, train=train))
             width //= 2
-        return LightDecoder(self.decoder_width, int(math.log2(self.cell)), self.channels,
-                            name="decoder", **common)(to_dec, train=train)
+        return LightDecoder(width=self.decoder_width, num_blocks=int(math.log2(self.cell)),
+                            channels=self.channels, name="decoder", **common)(to_dec,
+                                                                               train=train)
 
 
 def masked_cell_loss(rec: jax.Array, images: jax.Array, active: jax.Array):
@@ -285,12 +286,9 @@ def build(config, encoder=None) -> Objective:
                                jnp.ones((1, grid, grid), bool), train=False)
         return variables["params"], {"batch_stats": variables.get("batch_stats", {})}
 
-    def loss_fn(params, batch, rngs, train: bool, with_outputs: bool = False,
-                model_state=None, active=None):
+    def loss_fn(params, model_state, batch, rngs, train: bool, with_outputs: bool = False, *,
+                active=None):
         """`active` [B, grid, grid] bool (True = visible) replaces the drawn mask."""
-        if model_state is None:
-            raise ValueError("the spark objective is stateful: loss_fn needs model_state "
-                             "(its BatchNorm statistics).")
         images = batch["image"]
         if active is None:
             active = masking.spark_mask(rngs["mask"], images.shape[0], grid, grid,
@@ -320,4 +318,4 @@ def build(config, encoder=None) -> Objective:
     return Objective(name="spark", model=model, loss_fn=loss_fn, encoder_keys=("encoder",),
                      image_shape=image_shape,
                      init_args=lambda b: (jnp.ones((b, grid, grid), bool),),
-                     error_metric="mse", stateful=True, init_fn=init_fn)
+                     error_metric="mse", init_fn=init_fn)

@@ -35,15 +35,14 @@ data's).
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from mim_jax.models import vit
+from mim_jax.models.classifier import encoder_has_cls
 from mim_jax.models.tokenizers import vqkd as tok
-from mim_jax.objectives.base import Objective, make_rngs
+from mim_jax.objectives.base import Frozen, FrozenEncoder, Objective, make_rngs
 
 FIELD = "objective"
 _DEFAULTS = dict(beta=1.0, decay=0.99, kmeans_init=True, kmeans_iters=10,
@@ -127,44 +126,24 @@ def validate(obj_cfg) -> dict:
                                    lambda v: _number(v) and v >= 0, "a number >= 0 (0 = off)"))
 
 
+def needs(config) -> dict:
+    """The frozen teacher objective.teacher names, kept in model_state['teacher']."""
+    del config
+    return {"teacher": Frozen(kind="teacher", source=f"{FIELD}.teacher",
+                              into=("model_state", "teacher"))}
+
+
 class Teacher:
-    """The frozen teacher encoder: of a mim_jax pretraining run (module from its config.json),
-    or of an official MAE checkpoint file (module from objective.teacher.variant, e.g. 'B/16',
-    at objective.teacher.image_size, normalised with objective.teacher.mean / std)."""
+    """The frozen teacher encoder (mim_jax.pretrained resolves objective.teacher into a
+    FrozenEncoder), checked against the tokenizer's grid and the data's channels."""
 
-    def __init__(self, teacher_cfg, channels: int, grid: int, data_cfg=None):
-        from mim_jax import checkpointing, objectives
-        from mim_jax.models.classifier import encoder_has_cls
-
-        path = teacher_cfg.get("checkpoint") if teacher_cfg is not None else None
-        self.field = f"{FIELD}.teacher.checkpoint"
-        if not path or not isinstance(path, str):
-            raise ValueError(f"{self.field} is unset: pass the --workdir of a mim_jax "
-                             "pretraining run, e.g. --config.objective.teacher.checkpoint="
-                             "runs/mae_quickstart.")
-        step = teacher_cfg.get("step")
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-            raise ValueError(f"{FIELD}.teacher.step={step!r} must be None (latest) or an "
-                             "integer >= 0.")
-        self.path, self.step = path, step
-        self.is_file = os.path.isfile(path)
-        try:
-            if self.is_file:
-                data = self._reference_data(teacher_cfg, data_cfg, channels)
-                self.module = self._reference_module(teacher_cfg, data)
-            else:
-                workdir, _ = checkpointing.resolve_checkpoint(path, step)
-                config = checkpointing.read_run_config(workdir)
-                if config.get("finetune") is not None:
-                    raise ValueError("it is a fine-tuning run, not a pretraining one")
-                self.module = objectives.build(config).encoder
-                data = config.data
-        except (ValueError, OSError, KeyError, AttributeError, TypeError) as e:
-            raise ValueError(f"{self.field}={path!r} is unusable: {e}") from None
-        self.image_size, self.mean, self.std = data.image_size, data.mean, data.std
-        if data.get("channels", 3) != channels:
-            raise ValueError(f"{self.field}={path!r}: the teacher takes {data.channels}-channel "
-                             f"images, the data has {channels} (data.channels).")
+    def __init__(self, encoder: FrozenEncoder, channels: int, grid: int):
+        self.module, self.image_size = encoder.module, encoder.image_size
+        self.mean, self.std = encoder.mean, encoder.std
+        field = f"{FIELD}.teacher.checkpoint={encoder.source!r}"
+        if encoder.channels != channels:
+            raise ValueError(f"{field}: the teacher takes {encoder.channels}-channel images, "
+                             f"the data has {channels} (data.channels).")
         self.channels = channels
         self.cls = encoder_has_cls(self.module)
         images = jax.ShapeDtypeStruct((1, self.image_size, self.image_size, channels),
@@ -173,7 +152,7 @@ class Teacher:
             jax.random.key(0), x, train=False)[0], images)
         tokens = out.shape[1] - int(self.cls) if out.ndim == 3 else -1
         if tokens != grid * grid:
-            raise ValueError(f"{self.field}={path!r}: the teacher's output {tuple(out.shape)} is "
+            raise ValueError(f"{field}: the teacher's output {tuple(out.shape)} is "
                              f"not one token per cell of the tokenizer's {grid}x{grid} grid "
                              f"(+ CLS); match data.image_size / tokenizer patch_size to it.")
         self.width = int(out.shape[-1])
@@ -192,47 +171,11 @@ class Teacher:
         out = self.module.apply({"params": params}, x, train=False)
         return jax.lax.stop_gradient(out[:, int(self.cls):].astype(jnp.float32))
 
-    @staticmethod
-    def _reference_data(teacher_cfg, data_cfg, channels: int):
-        """Input size and normalisation of a reference teacher: the teacher block's, else the
-        data's (an official MAE ViT expects ImageNet mean / std at 224 px)."""
-        pick = lambda name: teacher_cfg.get(name) or (data_cfg.get(name) if data_cfg else None)
-        return ml_collections.ConfigDict(dict(image_size=pick("image_size"),
-                                              mean=tuple(pick("mean")), std=tuple(pick("std")),
-                                              channels=channels))
-
-    @staticmethod
-    def _reference_module(teacher_cfg, data):
-        """An official MAE encoder file holds no architecture: the MAE ViT of `variant`."""
-        from mim_jax import models
-        variant = teacher_cfg.get("variant")
-        if not variant:
-            raise ValueError(f"a checkpoint file needs {FIELD}.teacher.variant (e.g. 'B/16'): "
-                             "official MAE files do not record their architecture")
-        if not data.image_size:
-            raise ValueError(f"{FIELD}.teacher.image_size is unset")
-        return models.vit_from_config(ml_collections.ConfigDict(dict(variant=variant)),
-                                      data.image_size, data.channels)
-
-    def load(self, abstract):
-        from mim_jax import checkpointing, convert
-        try:
-            if self.is_file:  # official MAE layout, checked against the teacher module
-                state = convert.load_torch_state_dict(self.path)
-                return convert.mae_params_from_official(
-                    state, num_heads=self.module.config.num_heads, strict=False,
-                    expected={"encoder": abstract})["encoder"]
-            loaded = checkpointing.load_encoder(self.path, self.step)
-            checkpointing.check_shapes(loaded.params, abstract, "its encoder")
-        except Exception as e:  # any unreadable / damaged / mismatched checkpoint: one line
-            raise ValueError(f"{self.field}={self.path!r} is unusable: {e}") from None
-        return loaded.params
-
-
 
 # ---------------------------------------------------------------- the objective
 
-def build(config) -> Objective:
+def build(config, frozen) -> Objective:
+    """`frozen`: needs(config) resolved (mim_jax.pretrained): the teacher's module."""
     obj_cfg, data_cfg = config.objective, config.data
     opts = validate(obj_cfg)
     size, channels = data_cfg.image_size, data_cfg.get("channels", 3)
@@ -241,7 +184,7 @@ def build(config) -> Objective:
         raise ValueError(f"{tok.FIELD}.image_size={cfg['image_size']} differs from "
                          f"data.image_size={size}: a trained tokenizer sees the data's images.")
     grid_probe = vit.resolve_vit_config("B/16", size, channels, patch_size=cfg["patch_size"])
-    teacher = Teacher(obj_cfg.get("teacher"), channels, grid_probe.grid, data_cfg)
+    teacher = Teacher(frozen["teacher"].part, channels, grid_probe.grid)
     if cfg["teacher_dim"] not in (None, teacher.width):
         raise ValueError(f"{tok.FIELD}.teacher_dim={cfg['teacher_dim']} differs from the "
                          f"teacher's width {teacher.width}; leave it None.")
@@ -266,11 +209,7 @@ def build(config) -> Objective:
                     "initted": jnp.asarray(not opts["kmeans_init"])}
         return params, {"codebook": codebook, "teacher": teacher.init(rng_teacher)}
 
-    def start_from(params, model_state):
-        return params, dict(model_state, teacher=teacher.load(model_state["teacher"]))
-
-    def loss_fn(params, batch, rngs, train: bool, with_outputs: bool = False,
-                model_state=None):
+    def loss_fn(params, model_state, batch, rngs, train: bool, with_outputs: bool = False):
         images01 = batch["image"].astype(jnp.float32) * data_std + data_mean
         target = teacher.features(model_state["teacher"], images01)
         state = model_state["codebook"]
@@ -321,5 +260,4 @@ def build(config) -> Objective:
         return loss, aux
 
     return Objective(name="vqkd", model=model, loss_fn=loss_fn, encoder_keys=("encoder",),
-                     image_shape=image_shape, stateful=True, init_fn=init_fn,
-                     start_from=start_from)
+                     image_shape=image_shape, init_fn=init_fn)

@@ -3,14 +3,15 @@ train step.
 
 One interface for every tokenizer (the DALL-E dVAE of BEiT v1, the VQ-KD of BEiT v2):
   build(tok_cfg, image_size, channels) -> TokenizerSpec
+    name        tok_cfg.name ('dall_e' or 'vqkd').
     module      a linen module whose `encode(images)` maps float32 images in [0, 1], NHWC, at
                 the pretraining image size, to int32 token ids [B, L] (row-major over the
                 token grid); it resizes to its own input size itself (the dVAE's 112 px view).
     vocab_size  number of distinct ids.
     grid        token grid side (L = grid * grid); BEiT's patch grid must equal it.
-    load        abstract params tree (jax.eval_shape of module.init) -> params: reads the
-                weights named by tok_cfg.checkpoint (a converted reference file or a mim_jax
-                run), checks every shape and raises ValueError listing the mismatched names.
+    config      the block's validated values (incl. `checkpoint`), for whoever reads the weights.
+Nothing here reads a file: mim_jax.pretrained reads the weights tok_cfg.checkpoint names (a
+converted reference file or a mim_jax run) and passes the block a mim_jax VQ-KD run recorded.
 Tokenizer weights are never trained by the objective that uses them: BEiT keeps them in the
 train state's model_state, so a resumed run does not depend on the file still being there.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, Callable
+from typing import Any, Mapping
 
 import flax.linen as nn
 
@@ -29,10 +30,11 @@ _MODULES = {"dall_e": "mim_jax.models.tokenizers.dvae",
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerSpec:
+    name: str
     module: nn.Module
     vocab_size: int
     grid: int
-    load: Callable[[Any], Any]
+    config: Mapping[str, Any]
 
     def encode(self, params, images):
         """images: float32 [B, H, W, C] in [0, 1] -> int32 token ids [B, grid * grid]."""

@@ -19,9 +19,6 @@ NHWC, float32 throughout (on CUDA the reference runs all convs but the last in f
 """
 from __future__ import annotations
 
-import os
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -77,7 +74,8 @@ class EncoderGroup(nn.Module):
     @nn.compact
     def __call__(self, x):
         for i in range(1, self.num_blocks + 1):
-            x = EncoderBlock(self.features, self.post_gain, name=f"block_{i}")(x)
+            x = EncoderBlock(features=self.features, post_gain=self.post_gain,
+                             name=f"block_{i}")(x)
         return nn.max_pool(x, (2, 2), strides=(2, 2)) if self.pool else x
 
 
@@ -102,7 +100,8 @@ class DVAEEncoder(nn.Module):
         post_gain = 1.0 / (self.group_count * self.n_blk_per_group) ** 2
         x = _conv(self.n_hid, 7, "input")(x)
         for g in range(1, self.group_count + 1):
-            x = EncoderGroup(self.n_hid * 2 ** (g - 1), self.n_blk_per_group, post_gain,
+            x = EncoderGroup(features=self.n_hid * 2 ** (g - 1),
+                             num_blocks=self.n_blk_per_group, post_gain=post_gain,
                              pool=g < self.group_count, name=f"group_{g}")(x)
         return _conv(self.vocab_size, 1, "output")(nn.relu(x))
 
@@ -155,26 +154,6 @@ def build(tok_cfg, image_size: int, channels: int) -> TokenizerSpec:
     module = DVAEEncoder(n_hid=n_hid, group_count=group_count, n_blk_per_group=n_blk_per_group,
                          vocab_size=vocab_size, input_size=input_size)
     del image_size  # encode resizes whatever size it gets; BEiT checks the grids agree
-
-    def load(abstract: Any) -> dict:
-        return load_params(checkpoint, abstract, group_count=group_count,
-                           n_blk_per_group=n_blk_per_group)
-
-    return TokenizerSpec(module=module, vocab_size=vocab_size, grid=module.grid, load=load)
-
-
-def load_params(checkpoint, abstract, *, group_count: int, n_blk_per_group: int) -> dict:
-    """Official encoder state dict file -> params (host float32 numpy) whose every shape matches
-    `abstract` (a params tree, or the {'params': ...} that eval_shape(module.init) returns)."""
-    from mim_jax.convert import dall_e  # converters (and torch) only when a file is read
-
-    # No field-name prefix on these errors: the objective adds objective.tokenizer.checkpoint.
-    if not checkpoint or not os.path.isfile(checkpoint):
-        raise ValueError(f"{checkpoint!r} is not a file; objective.tokenizer.checkpoint must name "
-                         f"a DALL-E encoder state dict (mim_jax/convert/dall_e.py says how to "
-                         f"extract one from OpenAI's encoder.pkl).")
-    if set(abstract) == {"params"}:
-        abstract = abstract["params"]
-    return dall_e.params_from_official(
-        dall_e.load_state_dict(checkpoint), group_count=group_count,
-        n_blk_per_group=n_blk_per_group, expected=abstract, target="objective.tokenizer")
+    return TokenizerSpec(name="dall_e", module=module, vocab_size=vocab_size, grid=module.grid,
+                         config=dict(checkpoint=checkpoint, group_count=group_count,
+                                     n_blk_per_group=n_blk_per_group))

@@ -25,14 +25,15 @@ tok_cfg fields (all but `name` optional; defaults: the official base model):
 """
 from __future__ import annotations
 
-import os
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
+from mim_jax import models
 from mim_jax.models import vit
 from mim_jax.models.tokenizers import TokenizerSpec
 
@@ -97,10 +98,12 @@ class TaskLayer(nn.Module):
     hidden: int
     out: int
     dtype: Any = jnp.float32
+    dot_general: Callable = lax.dot_general
 
     @nn.compact
     def __call__(self, x):
-        dense = lambda n, name: nn.Dense(n, dtype=self.dtype, kernel_init=_TASK_INIT, name=name)
+        dense = lambda n, name: nn.Dense(n, dtype=self.dtype, kernel_init=_TASK_INIT,
+                                         dot_general=self.dot_general, name=name)
         return dense(self.out, "fc2")(jnp.tanh(dense(self.hidden, "fc1")(x)))
 
 
@@ -116,18 +119,21 @@ class VQKD(nn.Module):
     mean: Sequence[float]
     std: Sequence[float]
     image_size: int  # the encoder's input side
+    dot_general: Callable = lax.dot_general  # the task layers'; the ViTs have their own
 
     def setup(self):
         width = self.encoder.config.width
-        self.encode_task_layer = TaskLayer(width, self.code_dim, self.encoder.dtype)
+        self.encode_task_layer = TaskLayer(hidden=width, out=self.code_dim,
+                                           dtype=self.encoder.dtype, dot_general=self.dot_general)
         # Unit random codes (the reference's init without k-means; with k-means the trainer
         # replaces them on the first batch).
         self.codebook = self.param(
             "codebook", lambda key, shape: l2norm(jax.random.normal(key, shape)),
             (self.n_codes, self.code_dim))
         if self.decoder is not None:
-            self.decode_task_layer = TaskLayer(self.decoder.config.width, self.teacher_dim,
-                                               self.decoder.dtype)
+            self.decode_task_layer = TaskLayer(hidden=self.decoder.config.width,
+                                               out=self.teacher_dim, dtype=self.decoder.dtype,
+                                               dot_general=self.dot_general)
 
     @property
     def grid(self) -> int:
@@ -178,15 +184,19 @@ class VQKD(nn.Module):
 
 
 def build_model(cfg: dict, image_size: int, channels: int, *, with_decoder: bool,
-                teacher_dim: Optional[int] = None, dtype=jnp.float32) -> VQKD:
-    """A VQKD module from validated tokenizer values (see `validate`)."""
+                teacher_dim: Optional[int] = None, dtype=jnp.float32,
+                layers: Optional[dict] = None) -> VQKD:
+    """A VQKD module from validated tokenizer values (see `validate`); `layers`: the
+    dot_general, attention_fn and activation of its layers (models.layer_functions; None:
+    the defaults)."""
+    layers = layers or models.layer_functions({})
     size = cfg["image_size"] or image_size
     arch = vit.resolve_vit_config("B/16", size, channels, patch_size=cfg["patch_size"],
                                   width=cfg["width"], depth=cfg["depth"],
                                   num_heads=cfg["num_heads"], mlp_dim=cfg["mlp_dim"])
     # The reference's VQ-KD ViT: learned positions, CLS, q/v biases, no layer scale.
     common = dict(cls_token=True, pos_embed="learned", qkv_bias="qv", init_style="beit",
-                  dtype=dtype)
+                  dtype=dtype, **layers)
     decoder = None
     if with_decoder:
         dec_arch = vit.resolve_vit_config(
@@ -198,90 +208,19 @@ def build_model(cfg: dict, image_size: int, channels: int, *, with_decoder: bool
     return VQKD(encoder=vit.ViT(config=arch, **common), decoder=decoder,
                 n_codes=cfg["n_codes"], code_dim=cfg["code_dim"], teacher_dim=teacher_dim,
                 mean=tuple(float(v) for v in cfg["mean"]),
-                std=tuple(float(v) for v in cfg["std"]), image_size=size)
+                std=tuple(float(v) for v in cfg["std"]), image_size=size,
+                dot_general=layers["dot_general"])
 
 
 def build(tok_cfg, image_size: int, channels: int) -> TokenizerSpec:
-    """The frozen, encode-only tokenizer (no decoder: BEiT never uses it). When the checkpoint
-    is an existing mim_jax VQ-KD run, the sizes, normalisation and input size are the ones
-    that run recorded (the other fields of tok_cfg are for official files); grayscale data
-    may feed an RGB tokenizer (channels repeated)."""
-    run = _run_tokenizer_config(get_field(tok_cfg, "checkpoint"))
-    tok_channels = len(get_field(run or tok_cfg, "mean") or ())
+    """The frozen, encode-only tokenizer (no decoder: BEiT never uses it). For an existing
+    mim_jax VQ-KD run, `tok_cfg` is the block that run recorded (mim_jax.pretrained passes it);
+    grayscale data may feed an RGB tokenizer (channels repeated)."""
+    tok_channels = len(get_field(tok_cfg, "mean") or ())
     if channels not in (tok_channels, 1):
         raise ValueError(f"{FIELD}.mean / std describe {tok_channels}-channel images; the data "
                          f"has {channels} channels.")
-    cfg = validate(run or tok_cfg, tok_channels)
+    cfg = validate(tok_cfg, tok_channels)
     module = build_model(cfg, image_size, tok_channels, with_decoder=False)
-    return TokenizerSpec(module=module, vocab_size=cfg["n_codes"], grid=module.grid,
-                         load=lambda abstract: load(cfg, abstract))
-
-
-def _run_tokenizer_config(path) -> Optional[dict]:
-    """The tokenizer block (with its input size made explicit) of an existing mim_jax VQ-KD
-    run, or None when `path` is not one (an official file, or not there yet)."""
-    from mim_jax import checkpointing
-
-    if not path or not os.path.isdir(path):
-        return None
-    try:
-        workdir, _ = checkpointing.resolve_checkpoint(path)
-        config = checkpointing.read_run_config(workdir)
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{FIELD}.checkpoint={path!r}: {e}") from None
-    if config.get("objective", {}).get("name") != "vqkd":
-        raise ValueError(f"{FIELD}.checkpoint={path!r} is a {config.objective.get('name')!r} "
-                         "run, not a VQ-KD one (objective.name='vqkd').")
-    recorded = dict(config.objective.get("tokenizer") or {})
-    recorded["image_size"] = recorded.get("image_size") or config.data.image_size
-    return dict(recorded, checkpoint=path)
-
-
-def load(cfg: dict, abstract) -> dict:
-    """Tokenizer params from cfg['checkpoint']: an official vqkd .pth file (teacher and other
-    keys ignored) or a mim_jax VQ-KD run. Every shape is checked against `abstract`."""
-    from mim_jax import checkpointing  # light at import; only needed when loading
-
-    path = cfg["checkpoint"]
-    if not path:
-        raise ValueError(f"{FIELD}.checkpoint is unset: pass an official vqkd .pth file or a "
-                         "mim_jax VQ-KD run (its --workdir).")
-    if os.path.isfile(path):
-        from mim_jax.convert import official_vqkd
-        from mim_jax.convert.official_mae import load_torch_state_dict
-        return official_vqkd.params_from_official(
-            load_torch_state_dict(path), num_heads=cfg["num_heads"],
-            decoder_num_heads=cfg["decoder_heads"], expected=abstract)
-    params = params_from_run(path)
-    params = {k: params[k] for k in abstract if k in params}
-    checkpointing.check_shapes(params, abstract, f"{FIELD}.checkpoint={path!r}")
-    return params
-
-
-def params_from_run(path: str, step: Optional[int] = None) -> dict:
-    """The trained tokenizer of a mim_jax VQ-KD run: its params plus the EMA codebook, which
-    the run keeps in model_state. Raises ValueError naming the problem."""
-    from mim_jax import checkpointing
-
-    try:
-        workdir, step = checkpointing.resolve_checkpoint(path, step)
-        config = checkpointing.read_run_config(workdir)
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{FIELD}.checkpoint={path!r}: {e}") from None
-    name = config.get("objective", {}).get("name")
-    if name != "vqkd":
-        raise ValueError(f"{FIELD}.checkpoint={path!r} is a {name!r} run, not a VQ-KD one "
-                         "(objective.name='vqkd').")
-    directory = os.path.join(workdir, "checkpoints")
-    if step is None:
-        import orbax.checkpoint as ocp
-        step = ocp.CheckpointManager(directory).latest_step() if os.path.isdir(directory) \
-            else None
-        if step is None:
-            raise ValueError(f"{FIELD}.checkpoint={path!r} has no complete checkpoint yet.")
-    params = checkpointing.restore_raw(directory, step, "params")
-    codebook = checkpointing.restore_raw(directory, step, "model_state")["codebook"]
-    if not bool(np.asarray(codebook["initted"])):
-        raise ValueError(f"{FIELD}.checkpoint={path!r}: the codebook of step {step} was never "
-                         "initialised (no training step ran).")
-    return dict(params, codebook=codebook["embedding"])
+    return TokenizerSpec(name="vqkd", module=module, vocab_size=cfg["n_codes"],
+                         grid=module.grid, config=cfg)

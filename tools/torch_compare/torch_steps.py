@@ -1,11 +1,5 @@
-"""The PyTorch side of --mode compare_torch: transformers' models of the mim_jax config, each
-one forward + backward + torch.optim.AdamW step per call (float32, train mode). Where the
-mim_jax config's products are bfloat16 (`model.matmul_precision` 'bfloat16', or 'auto' on a CPU
-that multiplies bfloat16 natively), the forward pass runs under torch.autocast('cpu',
-bfloat16): PyTorch's own bfloat16 mixed precision, the like-for-like setting. It is not the
-same arithmetic: autocast also keeps the products' outputs, and so the activations between
-them, in bfloat16, where mim_jax rounds only the products' inputs and keeps everything else
-float32.
+"""The PyTorch side of compare_torch: transformers' models of the mim_jax config, each one
+forward + backward + torch.optim.AdamW step per call (float32, train mode).
 
   MAE ViT     -> transformers.ViTMAEForPreTraining (it draws its own random masking)
   SimMIM Swin -> transformers.SwinForMaskedImageModeling, fed a bool_masked_pos drawn each
@@ -164,33 +158,22 @@ def _nchw(images_nhwc):
         np.array(np.transpose(np.asarray(images_nhwc), (0, 3, 1, 2)), order="C", copy=True))
 
 
-def autocast_dtype(config):
-    """'bfloat16' where the mim_jax config multiplies in bfloat16 on this host, else None."""
-    from mim_jax.models import matmul
-    asked = config.model.get("matmul_precision", "float32")
-    return "bfloat16" if matmul.resolve_precision(asked) == "bfloat16" else None
-
-
 class _TorchStep:
-    """forward + backward + optimizer step of `self.model` on fixed pixels; subclasses say
-    how the loss is computed. `autocast`: None (float32) or 'bfloat16' (the forward pass under
-    torch.autocast on the CPU; parameters, gradients and AdamW stay float32)."""
+    """forward + backward + optimizer step of `self.model` on fixed pixels (float32); subclasses
+    say how the loss is computed."""
 
-    def __init__(self, model, optimizer, images_nhwc, hf_model=None, autocast=None):
+    def __init__(self, model, optimizer, images_nhwc, hf_model=None):
         self.model, self.optimizer = model, optimizer
         self.hf_model = model if hf_model is None else hf_model  # the transformers model
         self.pixels = _nchw(images_nhwc)
-        self.autocast = autocast
         self.loss = None
 
     def _loss(self):
         raise NotImplementedError
 
     def __call__(self):
-        import torch
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast == "bfloat16"):
-            loss = self._loss()
+        loss = self._loss()
         loss.backward()
         self.optimizer.step()
         self.loss = float(loss.detach())
@@ -205,7 +188,6 @@ class _TorchStep:
                 "attn_implementation": getattr(self.hf_model.config, "_attn_implementation",
                                                None),
                 "torch_threads": torch.get_num_threads(),
-                "autocast": self.autocast or "off (float32)",
                 "optimizer": "torch.optim.AdamW (default implementation)",
                 "parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad)}
 
@@ -218,8 +200,7 @@ class TorchMAEStep(_TorchStep):
         import transformers
         torch.manual_seed(config.seed)
         model = transformers.ViTMAEForPreTraining(hf_vitmae_config(config)).float().train()
-        super().__init__(model, _adamw(model, config), images_nhwc,
-                         autocast=autocast_dtype(config))
+        super().__init__(model, _adamw(model, config), images_nhwc)
 
     def _loss(self):
         return self.model(pixel_values=self.pixels).loss
@@ -235,7 +216,7 @@ class TorchSwinSimMIMStep(_TorchStep):
         torch.manual_seed(config.seed)
         model = transformers.SwinForMaskedImageModeling(hf_swin_config(config)).float().train()
         super().__init__(model, _adamw(model, config, ("relative_position_bias_table",)),
-                         images_nhwc, autocast=autocast_dtype(config))
+                         images_nhwc)
         obj, arch = config.objective, flops.backbone_arch(config)
         self._rng = np.random.default_rng(config.seed)
         self._mask_args = (self.pixels.shape[0], arch.image_size, obj.mask_patch_size,
@@ -298,10 +279,10 @@ class TorchBEiTStep(_TorchStep):
     def __init__(self, config, images_nhwc):
         import torch
         import transformers
-        from mim_jax import objectives
+        from mim_jax import pretrained
         torch.manual_seed(config.seed)
         obj, arch = config.objective, flops.vit_arch(config)
-        self.vocab_size = objectives.build(config).model.vocab_size
+        self.vocab_size = pretrained.build_objective(config).model.vocab_size
         mim = transformers.BeitForMaskedImageModeling(
             hf_beit_config(config, self.vocab_size)).float().train()
         head_layers = obj.get("cls_head_layers", 0)
@@ -309,7 +290,7 @@ class TorchBEiTStep(_TorchStep):
                  if head_layers else mim)
         super().__init__(model, _adamw(model, config, ("cls_token", "mask_token",
                                                        "relative_position_bias_table")),
-                         images_nhwc, hf_model=mim, autocast=autocast_dtype(config))
+                         images_nhwc, hf_model=mim)
         self._rng = np.random.default_rng(config.seed)
         m = obj.mask
         self._mask_args = (self.pixels.shape[0], arch.grid, m.num_masking_patches)

@@ -1,13 +1,11 @@
-"""compare_torch's PyTorch step in a process of its own, started with the environment a PyTorch
-user has.
+"""compare_torch's PyTorch step in a process of its own, with the allocator a PyTorch user has.
 
-mim_jax's entry points re-execute themselves with glibc allocator settings (mim_jax/allocator.py)
-that suit XLA's per-step scratch buffers. A PyTorch step in the same process inherits them: its
-float32 step took about the same time with and without them, but its bfloat16 autocast step
-took twice as long (BENCHMARKS.md section 15). So PyTorch runs in a child process whose
-environment is the command's without the variables mim_jax added (variables the user set stay,
-for both sides). The two processes still take turns, one step each per round; the child measures
-its own steps (wall time, CPU time, page faults) as compare_torch measures mim_jax's.
+mim_jax's entry points set glibc allocator settings for their own process at start-up
+(mim_jax/allocator.py) that suit XLA's per-step scratch buffers. A child process starts with
+glibc's defaults again (MALLOC_* variables the user set stay, for both sides), so PyTorch is
+measured as a PyTorch user runs it. The two processes take turns, one step each per round;
+the child measures its own steps (wall time, CPU time, page faults) as compare_torch measures
+mim_jax's.
 
 Protocol: pickled requests on the child's stdin, pickled replies on its stdout (the child sends
 its own prints to stderr).
@@ -20,17 +18,15 @@ import subprocess
 import sys
 import traceback
 
-from mim_jax import allocator
+# The repository root, where `tools` is imported from (the child may start anywhere).
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def torch_environment(environ=None) -> dict:
-    """`environ` (default os.environ) without the allocator settings mim_jax's re-execution
-    added; JAX, imported by the child for the config helpers only, stays on the CPU."""
+    """`environ` (default os.environ) with the repository root importable; JAX, imported by the
+    child for the config helpers only, stays on the CPU."""
     env = dict(os.environ if environ is None else environ)
-    if env.get(allocator.OPT_OUT) == "applied":
-        for name in allocator.SETTINGS:
-            env.pop(name, None)
-        env.pop(allocator.OPT_OUT)
+    env["PYTHONPATH"] = os.pathsep.join([_ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
     env["JAX_PLATFORMS"] = "cpu"
     return env
 
@@ -78,7 +74,7 @@ class TorchStepProcess:
 
     def describe(self) -> dict:
         """The step's description, with the child's pid and its MALLOC_* / LD_PRELOAD
-        variables (the user's own, if any; never the ones mim_jax added)."""
+        variables (the user's own, if any)."""
         return dict(self._describe, process="its own", pid=self._child.pid)
 
     def close(self) -> None:
@@ -104,7 +100,7 @@ class TorchStepProcess:
 
 def _serve(requests, replies) -> None:
     from mim_jax.benchmark.timing import measure_call
-    from mim_jax.benchmark.torch_steps import TORCH_STEPS
+    from tools.torch_compare.torch_steps import TORCH_STEPS
     classes = {cls.__name__: cls for cls in TORCH_STEPS.values()}
     step = None
     while True:

@@ -19,9 +19,10 @@ frozen in eval mode. Both start from the pretraining run's statistics.
 
 `finetune.pretrained` is a mim_jax pretraining workdir (or one of its checkpoints/STEP
 folders), an official MAE or BEiT .pth file, a timm-layout ResNet / ConvNeXt .pth (SparK's
-released encoders), or '' for random initialisation (training from
-scratch, the baseline). Top-1 / top-5 on data.eval_split are written every `every_epochs` by the
-'classification' evaluator, which keeps the best weights in workdir/best/.
+released encoders), or '' for random initialisation (training from scratch, the baseline);
+mim_jax.pretrained reads it into a fresh run (`needs`). Top-1 / top-5 on data.eval_split are
+written every `every_epochs` by the 'classification' evaluator (mim_jax.evaluators), which
+keeps the best weights in workdir/best/.
 
   python -m mim_jax.main --config configs/finetune.py:pretrained=runs/mae_quickstart \
       --workdir runs/mae_quickstart_ft
@@ -29,19 +30,16 @@ scratch, the baseline). Top-1 / top-5 on data.eval_split are written every `ever
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
 
-from mim_jax import augment, checkpointing, data, models
+from mim_jax import augment, data, flops, models
 from mim_jax.models import classifier as classifier_lib
-from mim_jax.models import resize
-from mim_jax.objectives.base import Objective, make_rngs
+from mim_jax.objectives.base import Frozen, Objective, make_rngs
 
 MODES = ("finetune", "linear_probe")
 # softmax_ce: cross-entropy on soft targets (the MAE / BEiT / SimMIM recipes); bce: per-class
@@ -66,7 +64,7 @@ def _pool(config) -> str:
     return config.finetune.pool
 
 
-def _encoder(config, for_probe: bool):
+def encoder_from_config(config, for_probe: bool):
     """The encoder of config.model, configured for classification."""
     extra = {}
     if config.model.get("name", "vit") == "vit":
@@ -116,59 +114,6 @@ def num_classes(config) -> int:
     return int(n)
 
 
-def pretrained_encoder_params(config, target_params, target_batch_stats=None):
-    """finetune.pretrained -> encoder parameters fitted to `target_params` (the encoder of
-    config.model: positions / relative tables resized, shared bias copied per layer).
-
-    With `target_batch_stats` (the encoder's BatchNorm statistics: ResNets) returns
-    (params, batch_stats), the statistics the pretraining run kept (SparK's model_state)."""
-    path = config.finetune.pretrained
-    stats = None
-    try:
-        if os.path.isfile(path) and _is_convnet(config):  # timm layout (SparK's releases)
-            from mim_jax import convert
-            arch = _encoder(config, for_probe=False).config
-            variables = convert.convnet_variables_from_timm(
-                convert.load_torch_state_dict(path), config=arch, strict=False)
-            source, origin = variables["params"]["encoder"], path
-            stats = variables.get("batch_stats", {}).get("encoder")
-        elif os.path.isfile(path):  # reference weights (official MAE or BEiT layout)
-            from mim_jax import convert
-            heads = models.vit_from_config(config.model, config.data.image_size,
-                                           config.data.channels).config.num_heads
-            state = convert.load_torch_state_dict(path)
-            read = (convert.beit_params_from_official if convert.is_official_beit(state)
-                    else convert.mae_params_from_official)
-            source = read(state, num_heads=heads, strict=False)["encoder"]
-            origin = path
-        else:
-            pretrained = checkpointing.load_encoder(
-                path, config.finetune.get("pretrained_step") or None)
-            source, origin = pretrained.params, f"{path} (step {pretrained.step}, " \
-                                                f"{pretrained.objective})"
-            stats = pretrained.batch_stats
-        params, notes = resize.fit_encoder_params(source, target_params)
-        if target_batch_stats:
-            if not stats:
-                raise ValueError("the encoder has BatchNorm layers but the checkpoint keeps "
-                                 "no statistics for them (model_state['batch_stats']).")
-            stats, stat_notes = resize.fit_encoder_params(stats, target_batch_stats)
-            notes += [f"batch_stats {n}" for n in stat_notes]
-    except ValueError as e:  # named after the field, so main prints one actionable line
-        raise ValueError(f"finetune.pretrained={path!r}: {e}") from e
-    logging.info("Encoder loaded from %s%s", origin,
-                 " with its BatchNorm statistics" if target_batch_stats else "")
-    for note in notes:
-        logging.info("  %s", note)
-    return (params, stats) if target_batch_stats is not None else params
-
-
-def _with_encoder_stats(model_state, stats):
-    """model_state with its batch_stats['encoder'] replaced by `stats`."""
-    batch_stats = dict(model_state["batch_stats"], encoder=stats)
-    return dict(model_state, batch_stats=batch_stats)
-
-
 def _soft_targets(key, images, labels, ft, n_classes: int):
     """Random erasing then mixup / cutmix (timm's order) and smoothed one-hot targets."""
     erase_key, mix_key = jax.random.split(key)
@@ -195,7 +140,7 @@ def _classification_metrics(logits, labels, loss):
 
 def _finetune_objective(config, n_classes: int) -> Objective:
     ft = config.finetune
-    encoder = _encoder(config, for_probe=False)
+    encoder = encoder_from_config(config, for_probe=False)
     pool = _pool(config)
     # ViT + global pool: no final norm, LayerNorm after pooling (fc_norm). CLS pooling and Swin
     # keep the encoder's final norm and feed the head directly, as their references do.
@@ -212,7 +157,7 @@ def _finetune_objective(config, n_classes: int) -> Objective:
         lambda key: model.init({"params": key, **make_rngs(key)},
                                jnp.zeros((1, *image_shape), jnp.float32), train=False),
         jax.random.key(0))
-    stateful = bool(abstract.get("batch_stats"))
+    has_stats = bool(abstract.get("batch_stats"))
 
     def init_fn(rng):
         params_rng, stream_rng = jax.random.split(rng)
@@ -220,33 +165,32 @@ def _finetune_objective(config, n_classes: int) -> Objective:
                                jnp.zeros((1, *image_shape), jnp.float32), train=False)
         return variables["params"], {"batch_stats": variables["batch_stats"]}
 
-    def loss_fn(params, batch, rngs, train: bool, with_outputs: bool = False,
-                model_state=None):
+    def loss_fn(params, model_state, batch, rngs, train: bool, with_outputs: bool = False):
         images, labels = batch["image"], batch["label"]
         if train:
             images, targets = _soft_targets(rngs["augment"], images, labels, ft, n_classes)
         else:
             targets = jax.nn.one_hot(labels, n_classes)
         variables = {"params": params}
-        if stateful:
+        if has_stats:
             variables["batch_stats"] = model_state["batch_stats"]
-        if stateful and train:
+        if has_stats and train:
             logits, updates = model.apply(variables, images, train=True, rngs=rngs,
                                           mutable=["batch_stats"])
             model_state = dict(model_state, batch_stats=updates["batch_stats"])
         else:
             logits = model.apply(variables, images, train=train, rngs=rngs)
         loss = classification_loss(logits, targets, ft.get("loss", "softmax_ce"))
-        aux = {"metrics": _classification_metrics(logits, labels, loss)}
-        if stateful:
-            aux["model_state"] = model_state
+        aux = {"metrics": _classification_metrics(logits, labels, loss),
+               "model_state": model_state}
         if with_outputs:
             aux["outputs"] = {"logits": logits}
         return loss, aux
 
     return Objective(name="finetune", model=model, loss_fn=loss_fn, encoder_keys=("encoder",),
-                     image_shape=image_shape, stateful=stateful,
-                     init_fn=init_fn if stateful else None)
+                     image_shape=image_shape, init_fn=init_fn if has_stats else None,
+                     forward_flops=forward_flops(encoder, n_classes), with_labels=True,
+                     ema_decay=ft.get("ema_decay", 0.0))
 
 
 class _Probe(nn.Module):
@@ -266,7 +210,7 @@ class _Probe(nn.Module):
 
 def _probe_objective(config, n_classes: int) -> Objective:
     ft = config.finetune
-    encoder = _encoder(config, for_probe=True)
+    encoder = encoder_from_config(config, for_probe=True)
     model = _Probe(encoder=encoder, num_classes=n_classes, pool=_pool(config),
                    head_init_std=ft.head_init_std)
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
@@ -279,8 +223,7 @@ def _probe_objective(config, n_classes: int) -> Objective:
         return ({"probe": params["probe"]},
                 {"encoder": params["encoder"], "batch_stats": variables["batch_stats"]})
 
-    def loss_fn(params, batch, rngs, train: bool, with_outputs: bool = False,
-                model_state=None):
+    def loss_fn(params, model_state, batch, rngs, train: bool, with_outputs: bool = False):
         variables = {"params": {"probe": params["probe"], "encoder": model_state["encoder"]},
                      "batch_stats": model_state["batch_stats"]}
         labels = batch["label"]
@@ -298,86 +241,39 @@ def _probe_objective(config, n_classes: int) -> Objective:
             aux["outputs"] = {"logits": logits}
         return loss, aux
 
+    forward = forward_flops(encoder, n_classes)
     return Objective(name="linear_probe", model=model, loss_fn=loss_fn,
-                     encoder_keys=("encoder",), image_shape=image_shape, stateful=True,
-                     init_fn=init_fn)
+                     encoder_keys=("encoder",), image_shape=image_shape, init_fn=init_fn,
+                     forward_flops=forward, forward_only=tuple(k for k in forward if k != "head"),
+                     with_labels=True, ema_decay=ft.get("ema_decay", 0.0))
 
 
-def build_task(config):
-    """The train.Task of a config.finetune block."""
-    from mim_jax import train  # train imports this module lazily; avoid the cycle at import
+def forward_flops(encoder, n_classes: int) -> dict:
+    """The encoder on every patch, then a linear head; {} for a ConvNet (no analytic count)."""
+    arch = encoder.config
+    out = flops.encoder_forward_flops(arch, classifier_lib.encoder_has_cls(encoder))
+    if out:
+        width = arch.num_features if hasattr(arch, "embed_dim") else arch.width  # Swin, ViT
+        out["head"] = flops.dense_flops(1, width, n_classes)
+    return out
+
+
+def needs(config) -> dict:
+    """The encoder finetune.pretrained names (when set), fitted to this one: trained from there
+    (fine-tuning) or frozen in model_state (linear probe), with its BatchNorm statistics."""
+    ft = config.finetune
+    if not ft.pretrained:
+        return {}
+    where = "params" if ft.mode == "finetune" else "model_state"
+    return {"encoder": Frozen(kind="encoder", source="finetune", into=(where, "encoder"))}
+
+
+def build(config, frozen=None) -> Objective:
+    """The classifier of a config.finetune block: fine-tuning or linear probing. `frozen`:
+    needs(config), whose weights mim_jax.pretrained reads into a fresh run."""
+    del frozen  # the encoder is config.model's; only its starting weights come from elsewhere
     validate(config)
     n_classes = num_classes(config)
-    ft = config.finetune
-    def load_pretrained(encoder, model_state):
-        """The pretrained encoder fitted to `encoder`, and model_state with its BatchNorm
-        statistics (ConvNets) when the model keeps them."""
-        stats = model_state.get("batch_stats", {}).get("encoder")
-        if not stats:
-            return pretrained_encoder_params(config, encoder), model_state
-        encoder, stats = pretrained_encoder_params(config, encoder, stats)
-        return encoder, _with_encoder_stats(model_state, stats)
-
-    if ft.mode == "finetune":
-        objective = _finetune_objective(config, n_classes)
-
-        def start_from(params, model_state):
-            if ft.pretrained:
-                encoder, model_state = load_pretrained(params["encoder"], model_state)
-                params = dict(params, encoder=encoder)
-            return params, model_state
-    else:
-        objective = _probe_objective(config, n_classes)
-
-        def start_from(params, model_state):
-            # The probe's encoder is frozen (model state), its BatchNorm in eval mode.
-            if ft.pretrained:
-                encoder, model_state = load_pretrained(model_state["encoder"], model_state)
-                model_state = dict(model_state, encoder=encoder)
-            return params, model_state
-    return train.Task(objective=objective, with_labels=True, start_from=start_from,
-                      ema_decay=ft.get("ema_decay", 0.0))
-
-
-def top_k_correct(logits, labels, valid, k: int):
-    """Number of valid rows whose label is among the k highest logits."""
-    top = jax.lax.top_k(logits, min(k, logits.shape[-1]))[1]
-    hit = jnp.any(top == labels[:, None], axis=-1)
-    return jnp.sum(hit & valid)
-
-
-def evaluate_classifier(objective, params, model_state, data_cfg, split: str, *,
-                        batch_size: int, mesh, max_examples: Optional[int] = None,
-                        predict=None) -> dict:
-    """top-1 / top-5 (in [0, 1]) and the loss of the classifier on `split`."""
-    from mim_jax import sharding
-    if predict is None:
-        predict = make_predict(objective, mesh, data_cfg)
-    totals = np.zeros(4)
-    for batch in data.eval_batches(data_cfg, split, global_batch_size=batch_size,
-                                   max_examples=max_examples):
-        batch = sharding.global_batch(batch, mesh)
-        totals += np.asarray(jax.device_get(predict(params, model_state, batch)))
-    n = max(totals[3], 1.0)
-    return {"top1": totals[0] / n, "top5": totals[1] / n, "loss": totals[2] / n,
-            "examples": int(totals[3])}
-
-
-def make_predict(objective, mesh, data_cfg):
-    """jitted (params, model_state, batch) -> [top-1 hits, top-5 hits, summed loss, valid rows];
-    batch['image'] (uint8 from data.eval_batches) is normalised inside with `data_cfg`."""
-    from mim_jax import sharding
-    kwargs = lambda ms: {"model_state": ms} if objective.stateful else {}
-
-    def predict(params, model_state, batch):
-        rngs = make_rngs(jax.random.key(0))
-        images = data.normalize_images(batch["image"], data_cfg)
-        _, aux = objective.loss_fn(params, {"image": images, "label": batch["label"]},
-                                   rngs, False, with_outputs=True, **kwargs(model_state))
-        logits, labels, valid = aux["outputs"]["logits"], batch["label"], batch["valid"]
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        return jnp.stack([top_k_correct(logits, labels, valid, 1),
-                          top_k_correct(logits, labels, valid, 5),
-                          jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)]).astype(
-                              jnp.float32)
-    return jax.jit(predict, out_shardings=sharding.replicated(mesh))
+    if config.finetune.mode == "finetune":
+        return _finetune_objective(config, n_classes)
+    return _probe_objective(config, n_classes)
