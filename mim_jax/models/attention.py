@@ -3,7 +3,8 @@ bias=None)` on [batch, tokens, heads, head_dim] with an additive logit bias broa
 [batch, heads, tokens, tokens] (jax.nn.dot_product_attention's signature).
 `model.attention_impl` names one:
 
-  'xla'      jax.nn.dot_product_attention's XLA implementation (the default);
+  'xla'      jax.nn.dot_product_attention's XLA implementation (the default; the MAE TPU
+             steps' memory with it and with 'mim_jax' is in BENCHMARKS.md);
   'cudnn'    its cuDNN flash attention (NVIDIA GPUs), on sequences padded to an even length;
   'mim_jax'  `plain_attention`: the same function written out, q scaled before its product.
 https://docs.jax.dev/en/latest/_autosummary/jax.nn.dot_product_attention.html

@@ -213,7 +213,7 @@ class WindowAttention(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     dot_general: Callable = lax.dot_general
-    attention_fn: Callable = attention.IMPLEMENTATIONS[attention.DEFAULT]  # models/attention.py
+    attention_fn: Callable = attention.xla_attention
 
     @nn.compact
     def __call__(self, windows, shift_mask=None):
@@ -255,7 +255,7 @@ class SwinBlock(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     dot_general: Callable = lax.dot_general
-    attention_fn: Callable = attention.IMPLEMENTATIONS[attention.DEFAULT]
+    attention_fn: Callable = attention.xla_attention
     activation: Callable = activations.gelu
 
     @nn.compact
@@ -324,7 +324,7 @@ class SwinStage(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     dot_general: Callable = lax.dot_general
-    attention_fn: Callable = attention.IMPLEMENTATIONS[attention.DEFAULT]
+    attention_fn: Callable = attention.xla_attention
     activation: Callable = activations.gelu
 
     @nn.compact
@@ -364,7 +364,7 @@ class Swin(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     dot_general: Callable = lax.dot_general
-    attention_fn: Callable = attention.IMPLEMENTATIONS[attention.DEFAULT]  # models/attention.py
+    attention_fn: Callable = attention.xla_attention
     activation: Callable = activations.gelu
 
     @property

@@ -175,7 +175,7 @@ class Attention(nn.Module):
     param_dtype: Any = jnp.float32
     init_style: str = "xavier"
     dot_general: Callable = lax.dot_general
-    attention_fn: Callable = attention.IMPLEMENTATIONS[attention.DEFAULT]  # models/attention.py
+    attention_fn: Callable = attention.xla_attention
 
     @nn.compact
     def __call__(self, x, bias=None):
@@ -211,7 +211,7 @@ class Block(nn.Module):
     use_drop_path: bool = False
     init_style: str = "xavier"
     dot_general: Callable = lax.dot_general
-    attention_fn: Callable = attention.IMPLEMENTATIONS[attention.DEFAULT]
+    attention_fn: Callable = attention.xla_attention
     activation: Callable = activations.gelu
 
     @nn.compact
@@ -270,7 +270,7 @@ class Transformer(nn.Module):
     rel_pos_cls: bool = True
     init_style: str = "xavier"
     dot_general: Callable = lax.dot_general
-    attention_fn: Callable = attention.IMPLEMENTATIONS[attention.DEFAULT]
+    attention_fn: Callable = attention.xla_attention
     activation: Callable = activations.gelu
 
     # Drop-path rates follow linspace(0, drop_path_rate, rate_depth)[rate_offset:][:depth]
@@ -383,7 +383,7 @@ class ViT(nn.Module):
     # 'xavier' (MAE / SimMIM) or 'beit' (truncated normal; see also rescale_beit_init).
     init_style: str = "xavier"
     dot_general: Callable = lax.dot_general
-    attention_fn: Callable = attention.IMPLEMENTATIONS[attention.DEFAULT]  # models/attention.py
+    attention_fn: Callable = attention.xla_attention
     activation: Callable = activations.gelu
 
     def setup(self):

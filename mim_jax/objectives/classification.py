@@ -204,8 +204,8 @@ class _Probe(nn.Module):
     def __call__(self, images, *, train: bool = False):
         feats = classifier_lib.pool_features(self.encoder(images, train=False), self.pool,
                                              classifier_lib.encoder_has_cls(self.encoder))
-        return classifier_lib.ProbeHead(self.num_classes, self.head_init_std,
-                                        name="probe")(jax.lax.stop_gradient(feats), train=train)
+        return classifier_lib.ProbeHead(num_classes=self.num_classes,
+                                        head_init_std=self.head_init_std, name="probe")(jax.lax.stop_gradient(feats), train=train)
 
 
 def _probe_objective(config, n_classes: int) -> Objective:

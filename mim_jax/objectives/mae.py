@@ -58,7 +58,7 @@ class MAEDecoder(nn.Module):
     remat: bool = False
     scan: bool = False
     dot_general: Callable = jax.lax.dot_general
-    attention_fn: Callable = attention.IMPLEMENTATIONS[attention.DEFAULT]
+    attention_fn: Callable = attention.xla_attention
     activation: Callable = activations.gelu
 
     @nn.compact
