@@ -238,9 +238,12 @@ def main(argv: Sequence[str]) -> int:
         i = args.index("--steps")
         steps = int(args[i + 1])
         del args[i:i + 2]
+    usage = "usage: python -m mim_jax.benchmark.gpu_trace TRACE_DIR [--steps N]"
+    if args in (["-h"], ["--help"]):
+        print(usage)
+        return 0
     if len(args) != 1:
-        print("usage: python -m mim_jax.benchmark.gpu_trace TRACE_DIR [--steps N]",
-              file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     events, hlo, traced = load(args[0])
     steps = steps or traced or 3  # --trace_dir writes how many steps it traced
