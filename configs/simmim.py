@@ -78,7 +78,7 @@ def _quickstart(c):
     c.log_every_steps = 70
     c.checkpoint.update(every_steps=350, keep=2)
     c.evaluators.reconstruction.update(every_steps=350, num_images=8)
-    c.evaluators.update(common.quickstart_probes(every_steps=1050))
+    c.evaluators.update(common.quickstart_probes(every_steps=350))
     return c
 
 
@@ -103,5 +103,5 @@ def _quickstart_vit(c):
     c.num_epochs = 20.0  # 70 steps per epoch
     c.checkpoint.update(every_steps=700, keep=2)
     c.evaluators.reconstruction.update(every_steps=700, num_images=8)
-    c.evaluators.update(common.quickstart_probes(every_steps=1400))
+    c.evaluators.update(common.quickstart_probes(every_steps=700))
     return c

@@ -103,5 +103,5 @@ def _quickstart(c):
     c.log_every_steps = 70
     c.checkpoint.update(every_steps=560, keep=2)
     c.evaluators.reconstruction.update(every_steps=560, num_images=8)
-    c.evaluators.update(common.quickstart_probes(every_steps=1120))
+    c.evaluators.update(common.quickstart_probes(every_steps=560))
     return c

@@ -14,6 +14,11 @@ class ConfigError(RunError, ValueError):
     exit_code = 2
 
 
+class DataError(RunError):
+    """The data cannot feed the run: no decodable images, fewer than one batch, missing
+    labels. The message names the dataset (folder or split) and what was found."""
+
+
 class CheckpointError(RunError):
     """No checkpoint can be restored, or one could not be saved."""
 

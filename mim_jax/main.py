@@ -80,6 +80,11 @@ def main(argv):
         kind = "" if isinstance(e, Stopped) else "error: "
         print(f"mim_jax: {kind}{one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
+    except OSError as e:
+        # The machine, not the code: a full disk, a permission, a vanished file or mount.
+        logging.flush()
+        print(f"mim_jax: error: {one_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def _user_cause(error: BaseException) -> BaseException:

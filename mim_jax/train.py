@@ -17,7 +17,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from mim_jax import (checkpointing, data, evaluators, flops, objectives, optim, preemption,
-                     pretrained, reporting, sharding, workdir as workdir_lib)
+                     pretrained, reporting, sharding, workdir as workdir_lib, workdir_lock)
 from mim_jax.errors import ConfigError, RunError
 
 
@@ -272,6 +272,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     NonFiniteError (a non-finite step) with a one-line message, or preemption.Stopped after a
     SIGTERM / SIGINT has been answered with a checkpoint; nothing else is expected."""
     objective = validate_config(config)
+    evaluators.check_needs(config, objective)
     mesh = sharding.make_mesh(config.get("mesh"))
     accum = config.get("accum_steps", 1)
     try:
@@ -280,19 +281,29 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         raise ConfigError(str(e)) from e
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    ckpt = checkpointing.Checkpointer(workdir, **config.checkpoint)
-    try:
-        # Signals from here on stop the run at the next step boundary, with a checkpoint.
-        with preemption.PreemptionWatch() as watch:
-            return _run(config, workdir, objective, mesh, accum, is_main, ckpt,
-                        allow_config_change, watch)
-    finally:
-        # Let an in-flight async save finish (or fail) cleanly; an unfinished one is never
-        # listed, so a crash here can only lose progress, not corrupt the workdir.
-        ckpt.close()
+    # One run per workdir, taken before anything in it is read or written (opening the
+    # checkpoint manager already cleans up unfinished saves, which may be a live run's).
+    with workdir_lock.hold(workdir, is_main=is_main, agree=_agree_with_process_0) as hold:
+        ckpt = checkpointing.Checkpointer(workdir, **config.checkpoint)
+        try:
+            # Signals from here on stop the run at the next step boundary, with a checkpoint.
+            with preemption.PreemptionWatch() as watch:
+                return _run(config, workdir, objective, mesh, accum, is_main, ckpt,
+                            allow_config_change, watch, hold)
+        finally:
+            # Let an in-flight async save finish (or fail) cleanly; an unfinished one is never
+            # listed, so a crash here can only lose progress, not corrupt the workdir.
+            ckpt.close()
 
 
-def _run(config, workdir, objective, mesh, accum, is_main, ckpt, allow_config_change, watch):
+def _agree_with_process_0(ok: bool) -> bool:
+    if jax.process_count() == 1:
+        return ok
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+
+
+def _run(config, workdir, objective, mesh, accum, is_main, ckpt, allow_config_change, watch,
+         hold):
     changes = workdir_lib.check(workdir, config, resume_step=ckpt.latest_step(),
                                 allow_change=allow_config_change, is_main=is_main)
     base_rng = jax.random.key(config.seed)
@@ -327,6 +338,9 @@ def _run(config, workdir, objective, mesh, accum, is_main, ckpt, allow_config_ch
             start_step=start_step, with_labels=objective.with_labels)
     except ValueError as e:  # a split or batch size the prepared dataset cannot serve
         raise ConfigError(str(e)) from e
+    # The first batch now, before anything compiles: data that cannot fill one batch (no
+    # decodable image, too few) stops the run here with one line.
+    pending = [next(train_data)]
     total_steps, warmup_steps = _total_steps(config, train_data.steps_per_epoch)
     peak_lr = optim.peak_learning_rate(config.optimizer, config.batch_size)
     schedule = optim.make_schedule(peak_lr, total_steps, warmup_steps,
@@ -384,7 +398,7 @@ def _run(config, workdir, objective, mesh, accum, is_main, ckpt, allow_config_ch
     metrics, step = None, start_step
     t_start = time.perf_counter()
     for step in range(start_step + 1, total_steps + 1):
-        batch = sharding.global_batch(next(train_data), mesh)
+        batch = sharding.global_batch(pending.pop() if pending else next(train_data), mesh)
         state, metrics = train_step(state, batch)
         ckpt.check_for_errors()  # a failed async save stops the run at once
         if step == start_step + 1:
@@ -399,6 +413,7 @@ def _run(config, workdir, objective, mesh, accum, is_main, ckpt, allow_config_ch
             logging.info(progress.line(step, scalars, scalars["loss"]))
         if step % ckpt.every_steps == 0:
             check_finite()
+            hold.check()
             ckpt.maybe_save(step, state)
         if any(ev.is_due(step, final=step == total_steps) for ev in evals):
             check_finite()  # an evaluation never sees a broken state
@@ -408,6 +423,7 @@ def _run(config, workdir, objective, mesh, accum, is_main, ckpt, allow_config_ch
         # process agrees on, after its checkpoint is committed.
         if watch.should_stop(step) and step < total_steps:
             check_finite()
+            hold.check()
             ckpt.maybe_save(step, state, force=True)
             ckpt.wait()  # committed before the process may be killed
             writers.flush()
@@ -417,6 +433,7 @@ def _run(config, workdir, objective, mesh, accum, is_main, ckpt, allow_config_ch
                 watch.signum or signal.SIGTERM)
     if metrics is not None:
         check_finite()
+        hold.check()
         ckpt.maybe_save(step, state, force=True)
     ckpt.wait()  # the final save must have landed before the run counts as finished
     writers.flush()

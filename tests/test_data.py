@@ -15,6 +15,7 @@ import mim_jax.data as data
 from mim_jax.data import image_ops
 from mim_jax.data import sources
 from mim_jax.data.tf_setup import tf
+from mim_jax.errors import DataError
 
 NUM_FOLDER_IMAGES = 24  # Divisible by 1, 2 and 3 processes x batch 4.
 
@@ -145,7 +146,7 @@ def test_mnist5k_prepares_offline_with_expected_splits(mnist_dir):
         # Bright strokes on a mostly black background.
         assert digit.max() > 200
         assert 0.5 < np.mean(digit == 0) < 0.95
-    with pytest.raises(ValueError, match="num=501"):
+    with pytest.raises(DataError, match="split 'test'.* has 500 decodable images; 501 evaluation"):
         data.fixed_eval_images(cfg, 501)
 
 

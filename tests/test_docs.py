@@ -1,7 +1,7 @@
 """The docs stay true to the code: every `python -m` command in README.md and docs/ names a module
 that exists, its --config file and argument load, and every --config.FIELD it overrides is a
 field of that config; every config file named exists (and loads with its argument); every
-relative link and image resolves, anchors included. A self-check feeds each rule a page with
+relative link and image resolves, anchors included, and pictures stay under 200 KB. A self-check feeds each rule a page with
 one mistake and requires that the rule reports it."""
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ INLINE_CODE = re.compile(r"`([^`\n]+)`")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 CONFIG_SPEC = re.compile(r"(?<![\w/])(configs/\w+\.py)(?::([\w=/.,+-]+))?")
 # Files a page tells the reader to create: <!-- docs-test: new-file PATH [PATH ...] -->
+MAX_PICTURE_BYTES = 200_000  # pictures in the docs stay small
 NEW_FILES = re.compile(r"<!--\s*docs-test:\s*new-file\s+([^>]*?)\s*-->")
 
 
@@ -148,6 +149,9 @@ def page_problems(path: Path, text: str) -> list:
             resolved = (path.parent / file).resolve() if file else path
             if not resolved.exists():
                 problems.append(f"link {target!r} does not resolve")
+            elif resolved.suffix == ".png" and resolved.stat().st_size > MAX_PICTURE_BYTES:
+                problems.append(f"picture {target!r} is {resolved.stat().st_size} bytes, over "
+                                f"{MAX_PICTURE_BYTES}")
             elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
                 problems.append(f"link {target!r}: no heading gives #{anchor}")
     return problems
@@ -202,3 +206,12 @@ def test_python_blocks_and_declared_new_files_are_not_commands():
     text = ("<!-- docs-test: new-file configs/mine.py -->\nSave as `configs/mine.py`.\n"
             "```python\n# python -m mim_jax.main --config configs/other.py\n```\n")
     assert page_problems(REPO / "docs" / "page.md", text) == []
+
+
+def test_a_large_picture_is_reported(tmp_path):
+    (tmp_path / "big.png").write_bytes(b"\0" * (MAX_PICTURE_BYTES + 1))
+    (tmp_path / "small.png").write_bytes(b"\0" * 1000)
+    assert page_problems(tmp_path / "page.md", "![ok](small.png)") == []
+    problems = page_problems(tmp_path / "page.md", "![too big](big.png)")
+    assert problems == [f"picture 'big.png' is {MAX_PICTURE_BYTES + 1} bytes, over "
+                        f"{MAX_PICTURE_BYTES}"]

@@ -1,6 +1,7 @@
 """Fault injection: damaged checkpoints, non-finite updates, a full disk, kill -9 during an
 asynchronous save, bad configs. Each must cost no work beyond the damaged checkpoint and end
 in one clear line."""
+import dataclasses
 import json
 import os
 import re
@@ -8,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -267,7 +269,7 @@ def test_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(tfds_di
                              timeout=600)
         assert run.returncode == 1, run.stderr[-3000:]
         errors = _errors(run.stderr)
-        assert len(errors) == 1, errors[:20]
+        assert len(errors) == 1, "\n".join(errors[:20])
         assert errors[0].startswith("mim_jax: error: saving the checkpoint of step 8 to "
                                     f"{ckpt_dir} failed:"), errors[0]
         assert "space" in errors[0] and "step 4 is intact" in errors[0]
@@ -336,6 +338,9 @@ BAD_CONFIGS = [
     ("unknown dataset", ["--config.data.name=no_such_dataset"], "data.name='no_such_dataset'"),
     ("missing split", ["--config.data.split=nope"], "data.split='nope'"),
     ("batch larger than the data", ["--config.batch_size=8192"], "batch_size=8192"),
+    ("evaluator split missing", ["--config.evaluators.knn.eval_split=nope"],
+     "evaluators.knn.eval_split: 'nope' is not a split of 'mnist5k' (splits: ['test', "
+     "'train'])."),
     ("data_dir is a file", ["--config.data.data_dir=" + os.path.abspath(__file__)],
      "data.data_dir="),
 ]
@@ -411,3 +416,187 @@ def test_unusable_pretrained_file_fails_before_the_data_with_one_line(tfds_dir, 
     assert expect in errors[0], errors[0]
     assert not any(empty_data.iterdir())  # the dataset was never prepared
     assert not list((tmp_path / "ft").glob("checkpoints/[0-9]*"))  # nothing trained or saved
+
+
+# ---- one run per workdir --------------------------------------------------------------------
+
+class _Process:
+    """A background `python -m mim_jax.main` whose stderr is drained (so it never blocks on a
+    full pipe) and can be waited on for a line."""
+
+    def __init__(self, cmd):
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stderr=subprocess.PIPE,
+                                     text=True)
+        self.lines = []
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def wait_for(self, pattern, timeout=300):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if any(re.search(pattern, line) for line in list(self.lines)):
+                return
+            assert self.proc.poll() is None, "".join(self.lines)[-3000:]
+            time.sleep(0.1)
+        raise AssertionError(f"{pattern!r} not seen in {timeout} s")
+
+    def stop(self, signum, timeout=300):
+        self.proc.send_signal(signum)
+        self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=30)
+        return self.proc.returncode, "".join(self.lines)
+
+
+@pytest.mark.slow
+def test_one_run_per_workdir_and_every_ending_releases_it(tfds_dir, tmp_path):
+    workdir = tmp_path / "run"
+    lock = workdir / "run.lock"
+    cmd = _main_cmd(workdir, tfds_dir, "--config.total_steps=100000",
+                    "--config.checkpoint.every_steps=1000")
+    first = _Process(cmd)
+    first.wait_for(r"step 3/")
+    # The same command again while the first runs: refused at once, naming the holder.
+    second = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                            timeout=300)
+    errors = _errors(second.stderr)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"mim_jax: error: --workdir {workdir} is in use by another run "
+                                f"(process {first.proc.pid} on host "), errors[0]
+    assert "step 1/" not in second.stderr and "Taking over" not in second.stderr
+    assert first.proc.poll() is None  # the first run goes on, untouched
+    # SIGTERM and SIGINT stop a run with a checkpoint and release the workdir.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        code, err = first.stop(signum)
+        assert code == 128 + signum, err[-3000:]
+        assert not lock.exists()
+        first = _Process(cmd)  # resumes; the lock is its own
+        first.wait_for(r"Resuming from the checkpoint")
+        first.wait_for(r"step \d+/100000")
+    # kill -9 leaves the lock behind; the next run takes it over with one warning.
+    code, _ = first.stop(signal.SIGKILL)
+    assert code == -signal.SIGKILL and lock.exists()
+    successor = _Process(cmd)
+    successor.wait_for(rf"Taking over {lock}: its holder \(process {first.proc.pid} on host "
+                       r".*\) is gone: its process no longer exists")
+    successor.wait_for(r"Resuming from the checkpoint")
+    code, err = successor.stop(signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM and not lock.exists(), err[-3000:]
+
+
+def test_a_run_that_ends_or_fails_releases_the_workdir(finished_run, tmp_path):
+    cfg, base = finished_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(base, workdir)
+    train.train_and_evaluate(cfg, workdir)  # finished already: returns at once
+    assert not os.path.exists(os.path.join(workdir, "run.lock"))
+    changed = cfg.copy_and_resolve_references()
+    changed.optimizer.base_lr *= 2
+    with pytest.raises(ConfigError):
+        train.train_and_evaluate(changed, workdir)
+    assert not os.path.exists(os.path.join(workdir, "run.lock"))
+
+
+# ---- data that cannot serve the run: one line before compute ---------------------------------
+
+def _image_folder(path, good, bad=0, classes=None):
+    """`good` decodable 28x28 gray PNGs (in class subfolders when `classes`) and `bad` files
+    that only look like images."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for i in range(good):
+        folder = path / classes[i % len(classes)] if classes else path
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (rng.random((28, 28)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i:03d}.png")
+    path.mkdir(parents=True, exist_ok=True)
+    for i in range(bad):
+        (path / f"broken{i:03d}.png").write_bytes(b"\x89PNG not really" + bytes([i]))
+    return path
+
+
+FOLDER_ARGS = ["--config.data.name=folder", "--config.total_steps=4",
+               "--config.checkpoint.every_steps=4"]
+
+
+def test_unlabelled_folder_with_label_evaluators_is_one_line_before_compute(tfds_dir, tmp_path):
+    folder = _image_folder(tmp_path / "images", good=40)
+    run = subprocess.run(_main_cmd(tmp_path / "run", tfds_dir, *FOLDER_ARGS,
+                                   f"--config.data.folder={folder}"),
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    errors = _errors(run.stderr)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert errors == [f"mim_jax: error: evaluators.knn (knn) needs labels, but "
+                      f"data.folder='{folder}' has no class subfolders (labels come from "
+                      "FOLDER/CLASS_NAME/IMAGE). Turn it off with "
+                      "--config.evaluators.knn.every_steps=0."], errors
+    assert not (tmp_path / "run").exists()  # refused before the workdir was even made
+
+
+@pytest.mark.slow
+def test_unlabelled_folder_pretrains_with_label_evaluators_off(tfds_dir, tmp_path):
+    folder = _image_folder(tmp_path / "images", good=40)
+    run = subprocess.run(_main_cmd(tmp_path / "run", tfds_dir, *FOLDER_ARGS,
+                                   f"--config.data.folder={folder}",
+                                   "--config.evaluators.knn.every_steps=0",
+                                   "--config.evaluators.linear_probe.every_steps=0"),
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(logged_losses(tmp_path / "run")) == [1, 2, 3, 4]
+    assert os.listdir(tmp_path / "run" / "reconstructions") == ["step_0000004.png"]
+
+
+@pytest.mark.parametrize("good,bad", [(0, 28), (10, 18)], ids=["none decodable", "too few"])
+def test_folder_that_cannot_fill_a_batch_is_one_line_before_the_step_compiles(
+        tfds_dir, tmp_path, good, bad):
+    folder = _image_folder(tmp_path / "images", good=good, bad=bad)
+    run = subprocess.run(_main_cmd(tmp_path / "run", tfds_dir, *FOLDER_ARGS,
+                                   f"--config.data.folder={folder}",
+                                   "--config.evaluators.knn.every_steps=0",
+                                   "--config.evaluators.linear_probe.every_steps=0"),
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    errors = _errors(run.stderr)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert len(errors) == 1, errors
+    assert errors[0] == (
+        f"mim_jax: error: data.folder='{folder}' cannot fill one batch: epoch 0 of this "
+        f"process's 28 images gave {good} decodable and {bad} undecodable (skipped), fewer "
+        "than the 16 a batch needs on each of 1 process(es). Replace or remove the "
+        "undecodable files, or lower batch_size."), errors[0]
+    assert "Traceback" not in run.stderr
+    # Nothing was built or compiled: the train state's sizes are written after the first batch.
+    assert not (tmp_path / "run" / "parameters.txt").exists()
+    assert not (tmp_path / "run" / "run.lock").exists()
+
+
+def test_pixel_evaluator_on_a_token_objective_is_refused(tfds_dir):
+    from mim_jax import evaluators
+    cfg = tiny_train_config(tfds_dir)
+    objective = train.validate_config(cfg)
+    evaluators.check_needs(cfg, objective)  # MAE predicts pixels: fine
+    token_objective = dataclasses.replace(objective, name="beit", predicts_pixels=False)
+    with pytest.raises(ConfigError, match=r"^evaluators.reconstruction \(reconstruction\) needs "
+                                          r"pixels, but objective 'beit' does not predict "
+                                          r"pixels. Turn it off with --config.evaluators."
+                                          r"reconstruction.every_steps=0.$"):
+        evaluators.check_needs(cfg, token_objective)
+
+
+def test_split_and_label_checks_read_the_prepared_dataset(tfds_dir):
+    from mim_jax import data
+    from mim_jax.data import sources
+    cfg = tiny_train_config(tfds_dir).data
+    data.prepare(cfg)  # before that the splits are unknown, and nothing is refused
+    assert sources.missing_split(cfg, "test") is None
+    assert sources.missing_split(cfg, "train[:10%]") is None
+    assert sources.missing_split(cfg, "nope") == ("'nope' is not a split of 'mnist5k' "
+                                                  "(splits: ['test', 'train'])")
+    assert sources.missing_labels(cfg) is None
+    with cfg.unlocked():
+        cfg.label_key = "digit"
+    assert sources.missing_labels(cfg).startswith("data.label_key='digit' is not a feature of "
+                                                  "TFDS dataset 'mnist5k'")

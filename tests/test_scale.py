@@ -118,6 +118,7 @@ def test_two_processes_equal_one_and_checkpoints_reshard(tfds_dir, tmp_path):
     assert sorted(os.listdir(multi / "checkpoints")) == ["4", "8"]
     # The evaluators ran over both processes' shares of the labelled set.
     assert any("knn/top1" in r for r in records)
+    assert not (multi / "run.lock").exists()  # process 0 held the workdir for both, then let go
 
     single = tmp_path / "1x4"
     _run(single, tfds_dir, *SYNTHETIC)
@@ -203,3 +204,21 @@ def test_sigint_to_one_process_stops_every_process_at_the_same_step(tfds_dir, tm
     # The saved state is whole: one process with 4 devices resumes it to the end.
     _run(workdir, tfds_dir, *SYNTHETIC, *LONG)
     assert sorted(logged_losses(workdir)) == list(range(1, 201))
+
+
+@pytest.mark.slow
+def test_every_process_of_a_job_stops_on_a_busy_workdir(tfds_dir, tmp_path):
+    from mim_jax.workdir_lock import WorkdirLock
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    with WorkdirLock(str(workdir)):  # a live run (this test) holds the workdir
+        procs = _run_processes(workdir, tfds_dir, *SYNTHETIC)
+        outs = [p.communicate(timeout=300) for p in procs]
+    last = [err.strip().splitlines()[-1] for _, err in outs]
+    assert [p.returncode for p in procs] == [2, 2], [err[-2000:] for _, err in outs]
+    assert last[0].startswith(f"mim_jax: error: --workdir {workdir} is in use by another run "
+                              f"(process {os.getpid()} on host "), last[0]
+    assert last[1] == (f"mim_jax: error: --workdir {workdir} is in use by another run; the log "
+                       "of process 0 of this job names it."), last[1]
+    assert not any("Traceback" in err for _, err in outs)
+    assert sorted(os.listdir(workdir)) == []  # nothing written: not even a config record

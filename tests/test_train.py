@@ -180,7 +180,7 @@ def test_train_step_normalises_uint8_like_precomputed_images(accum):
     ("total_steps", -5, r"total_steps=-5 must be a finite number >= 0"),
     ("batch_size", 0, r"batch_size=0 must be an integer >= 1"),
     ("accum_steps", 3, r"accum_steps=3 must divide batch_size=16"),
-    ("evaluators.reconstruction.every_steps", 0, r"every_steps=0 must be a positive integer"),
+    ("evaluators.reconstruction.every_steps", -1, r"every_steps=-1 must be an integer >= 0"),
     ("evaluators.reconstruction.every_epochs", -1.0, r"every_epochs=-1.0 must be a number >= 0"),
     ("optimizer.layer_decay", 1.5, r"optimizer.layer_decay=1.5 must be in \(0, 1\]"),
 ])

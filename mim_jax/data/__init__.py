@@ -99,11 +99,12 @@ def create_train_iterator(
     return _pipeline().create_train_iterator(data_cfg, **kwargs)
 
 
-def fixed_eval_images(data_cfg, num: int) -> np.ndarray:
-    """The first `num` evaluation images, deterministic and identical on every process."""
+def fixed_eval_images(data_cfg, num: int, minimum=None) -> np.ndarray:
+    """The first `num` evaluation images, deterministic and identical on every process; with
+    `minimum`, fewer are fine down to that many (a small folder)."""
     if data_cfg.name == synthetic.NAME:
         return synthetic.fixed_images(data_cfg, num)
-    return _pipeline().fixed_eval_images(data_cfg, num)
+    return _pipeline().fixed_eval_images(data_cfg, num, minimum)
 
 
 def eval_batches(data_cfg, split: str, *, global_batch_size: int, max_examples=None):
@@ -123,6 +124,30 @@ def num_classes(data_cfg):
     from mim_jax.data import sources  # imports TensorFlow
 
     return sources.num_classes(data_cfg)
+
+
+def missing_labels(data_cfg):
+    """Why `data_cfg` cannot give labels (data.label_key), or None when it can (or cannot be
+    told yet: a dataset that is not prepared reports its own problems when it is read)."""
+    if data_cfg.name == synthetic.NAME or data_cfg.name in KNOWN_SPLITS:
+        return None
+    from mim_jax.data import sources  # imports TensorFlow
+
+    return sources.missing_labels(data_cfg)
+
+
+def missing_split(data_cfg, split: str):
+    """Why `split` cannot be read from `data_cfg`'s dataset, or None when it can (or cannot be
+    told before the dataset is prepared). A folder and synthetic data have one split."""
+    if data_cfg.name == synthetic.NAME or data_cfg.name == "folder":
+        return None
+    sizes = KNOWN_SPLITS.get(data_cfg.name)
+    if sizes is not None:
+        return None if split in sizes else f"{split!r} is not a split of {data_cfg.name!r} " \
+                                          f"(splits: {sorted(sizes)})"
+    from mim_jax.data import sources  # imports TensorFlow
+
+    return sources.missing_split(data_cfg, split)
 
 
 def normalize_images(images, data_cfg):
@@ -175,6 +200,8 @@ __all__ = [
     "denormalize",
     "eval_batches",
     "fixed_eval_images",
+    "missing_labels",
+    "missing_split",
     "normalize_batch",
     "normalize_images",
     "num_classes",

@@ -7,6 +7,7 @@ dataset and the TFDS builder *registry*; it never prepares or reads data.
 
 import os
 import re
+from typing import Optional
 
 from absl import flags
 import ml_collections
@@ -111,6 +112,14 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.prefetch = 2
     c.num_parallel_calls = AUTOTUNE  # -1 = tf.data.AUTOTUNE.
     return c
+
+
+def describe_source(cfg, split: Optional[str] = None) -> str:
+    """How messages name a dataset: 'data.folder=DIR' or "data.name=N, split S"."""
+    if cfg.name == FOLDER:
+        return f"data.folder={cfg.folder!r}"
+    split = split or cfg.split
+    return f"data.name={cfg.name!r}, split {split!r}"
 
 
 def tfds_base_name(name: str) -> str:

@@ -28,6 +28,7 @@ from mim_jax.data import config as config_lib
 from mim_jax.data import image_ops
 from mim_jax.data import sources
 from mim_jax.data.tf_setup import tf
+from mim_jax.errors import DataError
 
 # Purposes of derived seeds; distinct so the streams are independent.
 _SHUFFLE, _AUGMENT = 0, 1
@@ -162,10 +163,13 @@ class TrainData:
             # was read, and the ones that produced no image were undecodable.
             self._epoch_next_pos = self.num_examples
         if self._epoch_batches == 0 and offset == 0:
-            raise RuntimeError(
-                f"Epoch {self._epoch} produced no batch of {self.local_batch_size} "
-                f"images; {self.skipped_images} images were skipped as undecodable "
-                "so far. Check the dataset."
+            raise DataError(
+                f"{config_lib.describe_source(self._cfg, self._split)} cannot fill one batch: "
+                f"epoch {self._epoch} of this process's {self.num_examples} images gave "
+                f"{self._epoch_images} decodable and {self.skipped_images} undecodable "
+                f"(skipped), fewer than the {self.local_batch_size} a batch needs on each of "
+                f"{self._process_count} process(es). Replace or remove the undecodable files, "
+                "or lower batch_size."
             )
         self._skipped_done = self.skipped_images
         self._epoch_first_pos = self._epoch_next_pos = self._epoch_images = 0
@@ -282,8 +286,9 @@ def create_train_iterator(
     )
 
 
-def fixed_eval_images(data_cfg, num: int) -> np.ndarray:
-    """First `num` images of the eval split: uint8 [num, H, W, C] (normalise on the device).
+def fixed_eval_images(data_cfg, num: int, minimum: Optional[int] = None) -> np.ndarray:
+    """First `num` images of the eval split: uint8 [num, H, W, C] (normalise on the device);
+    fewer when the split has fewer decodable ones but at least `minimum` (default: `num`).
 
     No randomness (center square crop, resize), identical on every process and
     every call -- meant for reconstruction figures.  Uses data.eval_split, or
@@ -308,10 +313,10 @@ def fixed_eval_images(data_cfg, num: int) -> np.ndarray:
     ds = ds.with_options(_options())
     images = next(ds.as_numpy_iterator(), None)
     found = 0 if images is None else len(images)
-    if found < num:
-        raise ValueError(
-            f"num={num} eval images requested but split {split!r} of "
-            f"data.name={data_cfg.name!r} has only {found} decodable images."
+    if found < (num if minimum is None else minimum):
+        raise DataError(
+            f"{config_lib.describe_source(data_cfg, split)} has {found} decodable images; "
+            f"{num if minimum is None else minimum} evaluation images are needed."
         )
     return images
 

@@ -239,6 +239,45 @@ def num_classes(cfg) -> Optional[int]:
     return getattr(features[key], "num_classes", None) if key in features else None
 
 
+def missing_labels(cfg) -> Optional[str]:
+    """See mim_jax.data.missing_labels."""
+    if cfg.name == config_lib.FOLDER:
+        try:
+            _, labels, classes = list_image_files(cfg.folder)
+        except (OSError, ValueError):
+            return None  # no images at all: the training data reports that
+        if not classes:
+            return (f"data.folder={cfg.folder!r} has no class subfolders (labels come from "
+                    "FOLDER/CLASS_NAME/IMAGE)")
+        if (labels < 0).any():
+            return (f"data.folder={cfg.folder!r} has {int((labels < 0).sum())} images outside "
+                    "class subfolders (labels come from FOLDER/CLASS_NAME/IMAGE)")
+        return None
+    try:
+        features = tfds.builder(cfg.name, data_dir=cfg.data_dir).info.features
+    except Exception:  # noqa: BLE001 - an unknown or unprepared dataset fails later, clearly
+        return None
+    if cfg.label_key not in features:
+        return (f"data.label_key={cfg.label_key!r} is not a feature of TFDS dataset "
+                f"{cfg.name!r} (features: {sorted(features.keys())})")
+    return None
+
+
+def missing_split(cfg, split: str) -> Optional[str]:
+    """See mim_jax.data.missing_split."""
+    try:
+        splits = tfds.builder(cfg.name, data_dir=cfg.data_dir).info.splits
+    except Exception:  # noqa: BLE001 - an unknown dataset is reported where it is read
+        return None
+    if not splits:
+        return None  # not prepared yet: its splits are known once it is
+    try:
+        splits[split].num_examples
+    except (KeyError, ValueError):
+        return f"{split!r} is not a split of {cfg.name!r} (splits: {sorted(splits.keys())})"
+    return None
+
+
 def make_source(cfg, label_key: Optional[str] = None):
     """The source of `cfg`; with `label_key` its records carry integer labels too."""
     if cfg.name == config_lib.FOLDER:

@@ -65,6 +65,8 @@ def evaluate_classifier(objective, params, model_state, data_cfg, split: str, *,
 
 
 class ClassificationEvaluator(Periodic):
+    NEEDS = ("labels",)
+
     def __init__(self, config, eval_cfg, objective, mesh, workdir, writers, rng, *, name: str,
                  kind: str):
         del rng, kind

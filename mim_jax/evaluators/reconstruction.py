@@ -54,6 +54,8 @@ def best_constant(targets, metric: str) -> np.ndarray:
 
 
 class ReconstructionEvaluator(Periodic):
+    NEEDS = ("pixels",)
+
     def __init__(self, config, eval_cfg, objective, mesh, workdir, writers, rng, *,
                  name: str = "reconstruction", kind: str = "reconstruction"):
         del name, kind  # one reconstruction evaluator per run; its scalars are unprefixed
@@ -67,6 +69,17 @@ class ReconstructionEvaluator(Periodic):
         self.error_images = eval_cfg.get("error_images", 256)
         self.metric = objective.error_metric
         self.mesh = mesh
+        # Read now, before the train step compiles: a dataset without enough decodable images
+        # stops the run at start-up. A small folder gives fewer error images.
+        n = max(self.num_images, self.error_images)
+        self._eval_images = data.fixed_eval_images(self.data_cfg, n, minimum=self.num_images)
+        self._train_images = None
+        if self.error_images:
+            # The best constant comes from training images (the split the model learns from).
+            train_cfg = self.data_cfg.copy_and_resolve_references()
+            with train_cfg.unlocked():
+                train_cfg.eval_split = self.data_cfg.split
+            self._train_images = data.fixed_eval_images(train_cfg, n, minimum=1)
         rngs = make_rngs(rng)
         repl = sharding.replicated(mesh)
 
@@ -86,17 +99,11 @@ class ReconstructionEvaluator(Periodic):
         return None
 
     def _load(self, params, model_state):
-        # Every process loads the same images: the jitted call spans all devices.
+        # Every process holds the same images: the jitted call spans all devices.
         repl = sharding.replicated(self.mesh)
-        n = max(self.num_images, self.error_images)
-        self.images = jax.device_put(data.fixed_eval_images(self.data_cfg, n), repl)
-        if self.error_images:
-            # The best constant comes from training images (the split the model learns from).
-            train_cfg = self.data_cfg.copy_and_resolve_references()
-            with train_cfg.unlocked():
-                train_cfg.eval_split = self.data_cfg.split
-            train = jax.device_put(data.fixed_eval_images(train_cfg, n), repl)
-            out = self._outputs(params, train, model_state)
+        self.images = jax.device_put(self._eval_images, repl)
+        if self._train_images is not None:
+            out = self._outputs(params, jax.device_put(self._train_images, repl), model_state)
             if out is not None and "target" in out:
                 self.constant = best_constant(out["target"], self.metric)
 

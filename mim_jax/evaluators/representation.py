@@ -67,6 +67,8 @@ _CACHE = _FeatureCache()
 
 
 class FrozenFeatureEvaluator(Periodic):
+    NEEDS = ("labels",)
+
     def __init__(self, config, eval_cfg, objective, mesh, workdir, writers, rng, *, name: str,
                  kind: str):
         del workdir, rng

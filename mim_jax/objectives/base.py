@@ -82,6 +82,9 @@ class Objective:
     # name -> the frozen weights it needs (see Frozen); the registry fills it in.
     frozen: Mapping[str, Frozen] = dataclasses.field(default_factory=dict)
     with_labels: bool = False  # the data iterator must yield 'label'
+    # with_outputs=True returns outputs['reconstruction'] (pixels) next to 'prediction',
+    # 'target', 'mask' and 'loss_mask': what the reconstruction evaluator shows.
+    predicts_pixels: bool = False
     ema_decay: float = 0.0  # exponential moving average of the parameters (0 = off)
 
     @property

@@ -152,7 +152,7 @@ def build(config) -> Objective:
 
     return Objective(name="mae", model=model, loss_fn=loss_fn, encoder_keys=("encoder",),
                      image_shape=(arch.image_size, arch.image_size, arch.channels),
-                     forward_flops=forward_flops(arch, obj_cfg))
+                     forward_flops=forward_flops(arch, obj_cfg), predicts_pixels=True)
 
 
 def forward_flops(arch: vit.ViTConfig, obj_cfg) -> dict:

@@ -91,7 +91,7 @@ def build(config) -> Objective:
     return Objective(name="simmim", model=model, loss_fn=loss_fn, encoder_keys=("encoder",),
                      image_shape=(data_cfg.image_size, data_cfg.image_size, data_cfg.channels),
                      init_args=lambda b: (jnp.zeros((b, grid * grid), bool),),
-                     error_metric="l1",
+                     error_metric="l1", predicts_pixels=True,
                      forward_flops=forward_flops(arch, model_cfg.get("cls_token", True)))
 
 

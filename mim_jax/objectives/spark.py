@@ -318,4 +318,4 @@ def build(config, encoder=None) -> Objective:
     return Objective(name="spark", model=model, loss_fn=loss_fn, encoder_keys=("encoder",),
                      image_shape=image_shape,
                      init_args=lambda b: (jnp.ones((b, grid, grid), bool),),
-                     error_metric="mse", init_fn=init_fn)
+                     error_metric="mse", init_fn=init_fn, predicts_pixels=True)
