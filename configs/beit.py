@@ -36,6 +36,9 @@ def get_config(arg=None):
     if arg.version not in (1, 2):
         raise ValueError(f"config argument version={arg.version!r}; allowed: 1, 2.")
     c = common.base_config()
+    # The reference's skip list (VisionTransformerForMaskedImageModeling.no_weight_decay): the
+    # mask token and the shared relative position table are decayed.
+    c.optimizer.no_decay = ("pos_embed", "cls_token")
     if arg.quickstart:
         return _quickstart(c)
     epochs = arg.epochs or (800.0 if arg.version == 1 else 1600.0)

@@ -90,7 +90,7 @@ def vit_model_config(variant: str) -> ml_collections.ConfigDict:
         qkv_bias="qkv",  # 'qkv' | 'qv' (BEiT-style: no k bias) | 'none'
         layer_scale_init=optional_field(float),  # None: no layer scale
         rel_pos_bias="none",  # 'none' | 'shared' | 'per_layer'
-        init_style="xavier"))  # 'xavier' (MAE, SimMIM) | 'beit' (truncated normal, rescaled)
+        init_style="xavier"))  # 'xavier' (MAE) | 'beit' (BEiT, SimMIM: truncated normal, rescaled)
 
 
 def swin_model_config(variant: str, window_size: int) -> ml_collections.ConfigDict:

@@ -19,6 +19,9 @@ def get_config(arg=None):
     c = common.base_config()
     c.objective = dict(name="mae", mask_ratio=0.75, norm_pix_loss=True, decoder_width=512,
                        decoder_depth=8, decoder_heads=16, decoder_mlp_ratio=4.0)
+    # The reference decays every tensor of 2 or more dimensions, its cls and mask tokens too
+    # (main_pretrain.py: timm's add_weight_decay without a skip list).
+    c.optimizer.no_decay = ()
     if arg.quickstart:
         return _quickstart(c)
 

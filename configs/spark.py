@@ -57,6 +57,9 @@ def get_config(arg=None):
     # gather_visible: ConvNeXt blocks run their MLP on visible positions only (same result).
     c.objective = dict(name="spark", mask_ratio=0.6, decoder_width=768, densify_norm="bn",
                        gather_visible=arg.gather_visible)
+    # The reference's no-decay keys (pretrain/main.py get_param_groups); its mask tokens and
+    # ConvNeXt's gamma are 1-D and undecayed anyway.
+    c.optimizer.no_decay = ("cls_token", "pos_embed", "mask_token", "gamma")
     if arg.quickstart:
         return _quickstart(c)
     if arg.model not in MODELS:

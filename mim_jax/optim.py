@@ -16,24 +16,25 @@ OPTIMIZERS = ("adamw", "lamb", "lars")
 # default, SparK pretraining) or on every tensor (timm's always_adapt, SparK's fine-tuning).
 TRUST_RATIO_SCOPES = ("decayed", "all")
 
-# Parameters the references exclude from weight decay besides biases and norm scales.
-_NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "relative_position_bias_table")
+# Parameters without weight decay besides biases and 1-D tensors (norm and layer scales), when
+# a config names none (optimizer.no_decay): tokens, position embeddings and relative position
+# tables, the rule of timm's fine-tuning. The pretraining configs name their reference's list.
+DEFAULT_NO_DECAY = ("cls_token", "mask_token", "pos_embed", "relative_position_bias_table",
+                    "rel_pos_bias/table")
 
 
-def decay_mask(params):
-    """True where weight decay applies: matrices/kernels, never biases, norms, tokens, pos-embed.
-
-    Mirrors the reference rule (ndim <= 1 or a bias -> no decay) plus the named tokens; it is
-    computed on shapes alone, so it works on abstract (eval_shape) trees too.
-    """
+def decay_mask(params, no_decay=DEFAULT_NO_DECAY):
+    """True where weight decay applies. The references' rule: never a bias or a 1-D tensor,
+    nor a parameter their skip list names; here `no_decay` holds names that match a parameter's
+    own name or the end of its path ('rel_pos_bias/table'). Computed on shapes alone, so it
+    works on abstract (eval_shape) trees too."""
     def rule(path, leaf):
         names = [getattr(k, "key", str(k)) for k in path]
-        if names[-1] in _NO_DECAY_NAMES or names[-1] in ("bias", "scale"):
+        joined = "/".join(names)
+        if names[-1] == "bias" or any(joined == n or joined.endswith("/" + n) for n in no_decay):
             return False
-        if len(names) > 1 and names[-2] == "rel_pos_bias":  # our ViT's relative-position table
-            return False
-        # Scanned blocks carry a leading depth axis, so a stacked bias is 2-D: the name decides.
-        return leaf.ndim > 1
+        # A scanned Transformer stacks its blocks on a leading depth axis ('blocks').
+        return leaf.ndim - ("blocks" in names[:-1]) > 1
     return jax.tree_util.tree_map_with_path(rule, params)
 
 
@@ -68,6 +69,21 @@ def validate_config(opt_cfg) -> None:
         if trust not in TRUST_RATIO_SCOPES:
             raise ConfigError(f"optimizer.trust_ratio={trust!r} is not supported; allowed: "
                               f"{list(TRUST_RATIO_SCOPES)}.")
+    schedule = opt_cfg.get("schedule", "cosine")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"optimizer.schedule={schedule!r} is not supported; allowed: "
+                          f"{list(SCHEDULES)}.")
+    epochs = opt_cfg.get("decay_epochs", ())
+    if not isinstance(epochs, (tuple, list)) or not all(_number(e) and e > 0 for e in epochs):
+        raise ConfigError(f"optimizer.decay_epochs={epochs!r} must be a tuple of epochs > 0 "
+                          "(the multistep schedule's milestones).")
+    check("decay_rate", lambda v: 0 < v <= 1, "in (0, 1]", 0.1)
+    for field in ("cosine_from_step_0",):
+        if not isinstance(opt_cfg.get(field, False), bool):
+            raise ConfigError(f"optimizer.{field}={opt_cfg.get(field)!r} must be true or false.")
+    no_decay = opt_cfg.get("no_decay", DEFAULT_NO_DECAY)
+    if not isinstance(no_decay, (tuple, list)) or not all(isinstance(n, str) for n in no_decay):
+        raise ConfigError(f"optimizer.no_decay={no_decay!r} must be a tuple of parameter names.")
     if not isinstance(opt_cfg.get("bias_correction", True), bool):
         raise ConfigError(f"optimizer.bias_correction={opt_cfg.get('bias_correction')!r} must "
                           "be true or false.")
@@ -84,23 +100,50 @@ def peak_learning_rate(opt_cfg, global_batch_size: int) -> float:
     return opt_cfg.base_lr * global_batch_size / opt_cfg.lr_batch_divisor
 
 
+SCHEDULES = ("cosine", "multistep")
+
+
 def make_schedule(peak_lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0,
-                  warmup_start_factor: float = 0.0):
-    """Per-step linear warmup from warmup_start_factor x peak_lr (0: the MAE rule; SparK starts
-    at 0.005), then half-cycle cosine down to min_lr."""
+                  warmup_start_factor: float = 0.0, *, decay: str = "cosine",
+                  milestones=(), gamma: float = 0.1, cosine_from_step_0: bool = False):
+    """Per-step linear warmup from warmup_start_factor x peak_lr (0: the MAE rule; SparK and
+    SimMIM start at 0.005), then
+      decay='cosine': half-cycle cosine down to min_lr over the steps after the warmup (MAE,
+        BEiT); with cosine_from_step_0 over all steps, the warmup overriding its first ones
+        (timm's CosineLRScheduler without warmup_prefix, as SimMIM's 100-epoch recipes);
+      decay='multistep': peak_lr x gamma^(number of `milestones` passed) (SimMIM's 800-epoch
+        recipes: x0.1 at epoch 700)."""
     warmup_steps = min(warmup_steps, total_steps)
     start = warmup_start_factor * peak_lr
+    milestones = np.asarray(sorted(milestones), np.float32)
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
         warm = start + (peak_lr - start) * step / max(warmup_steps, 1)
-        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-        cos = min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.clip(progress, 0, 1)))
-        return jnp.where(step < warmup_steps, warm, cos)
+        if decay == "multistep":
+            passed = jnp.sum(step >= milestones) if milestones.size else 0
+            after = peak_lr * jnp.power(gamma, passed)
+        else:
+            first = 0 if cosine_from_step_0 else warmup_steps
+            progress = jnp.clip((step - first) / max(total_steps - first, 1), 0, 1)
+            after = min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        return jnp.where(step < warmup_steps, warm, after)
     # make_optimizer reads the run length from here, so a weight-decay schedule spans the
     # same steps as the learning rate without a second argument to thread through.
     schedule.total_steps = total_steps
     return schedule
+
+
+def schedule_from_config(opt_cfg, peak_lr: float, total_steps: int, warmup_steps: int,
+                         steps_per_epoch: int):
+    """make_schedule with config.optimizer's fields: min_lr, warmup_start_factor, schedule
+    ('cosine' | 'multistep'), decay_epochs and decay_rate (multistep), cosine_from_step_0."""
+    return make_schedule(
+        peak_lr, total_steps, warmup_steps, opt_cfg.get("min_lr", 0.0),
+        opt_cfg.get("warmup_start_factor", 0.0), decay=opt_cfg.get("schedule", "cosine"),
+        milestones=[int(round(e * steps_per_epoch)) for e in opt_cfg.get("decay_epochs", ())],
+        gamma=opt_cfg.get("decay_rate", 0.1),
+        cosine_from_step_0=opt_cfg.get("cosine_from_step_0", False))
 
 
 def make_weight_decay_schedule(start: float, end: float, total_steps: int):
@@ -141,6 +184,8 @@ def make_optimizer(opt_cfg, schedule, params=None,
     if total_steps is None:
         total_steps = getattr(schedule, "total_steps", None)
     weight_decay = weight_decay_rule(opt_cfg, total_steps)
+    no_decay = tuple(opt_cfg.get("no_decay", DEFAULT_NO_DECAY))
+    mask = lambda tree: decay_mask(tree, no_decay)
     parts = []
     if opt_cfg.get("grad_clip_norm"):
         parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip_norm))
@@ -154,12 +199,12 @@ def make_optimizer(opt_cfg, schedule, params=None,
     else:
         parts.append(scale_by_adam_uncorrected(opt_cfg.b1, opt_cfg.b2, opt_cfg.get("eps", 1e-8)))
     if opt_cfg.name == "lamb":
-        parts.append(decayed_weights(weight_decay, decay_mask, trust_ratio=True,
+        parts.append(decayed_weights(weight_decay, mask, trust_ratio=True,
                                      adapt_all=opt_cfg.get("trust_ratio") == "all"))
     elif callable(weight_decay):
-        parts.append(decayed_weights(weight_decay, decay_mask))
+        parts.append(decayed_weights(weight_decay, mask))
     else:  # the original AdamW chain, state and all
-        parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
+        parts.append(optax.add_decayed_weights(weight_decay, mask=mask))
     decay = opt_cfg.get("layer_decay", 1.0)
     if decay != 1.0:
         if params is None:

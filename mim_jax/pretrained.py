@@ -330,14 +330,8 @@ def fitted_encoder_params(config, target_params, target_batch_stats=None):
                 convert.load_torch_state_dict(path), config=arch, strict=False)
             source, origin = variables["params"]["encoder"], path
             stats = variables.get("batch_stats", {}).get("encoder")
-        elif os.path.isfile(path):  # reference weights (official MAE or BEiT layout)
-            heads = models.vit_from_config(config.model, config.data.image_size,
-                                           config.data.channels).config.num_heads
-            state = convert.load_torch_state_dict(path)
-            read = (convert.beit_params_from_official if convert.is_official_beit(state)
-                    else convert.mae_params_from_official)
-            source = read(state, num_heads=heads, strict=False)["encoder"]
-            origin = path
+        elif os.path.isfile(path):  # reference weights (official MAE, BEiT or SimMIM layout)
+            source, origin = _official_encoder(config, convert.load_torch_state_dict(path)), path
         else:
             pretrained = load_encoder(path, config.finetune.get("pretrained_step") or None)
             source, origin = pretrained.params, f"{path} (step {pretrained.step}, " \
@@ -357,6 +351,27 @@ def fitted_encoder_params(config, target_params, target_batch_stats=None):
     for note in notes:
         logging.info("  %s", note)
     return (params, stats) if target_batch_stats is not None else params
+
+
+def _official_encoder(config, state) -> dict:
+    """The encoder of an official pretraining file, in the layout its keys say, at the size it
+    was pretrained (fit_encoder_params adapts it): a SimMIM file's Swin comes with its own
+    configuration, a ViT takes config.model's head count."""
+    if config.model.get("name", "vit") == "swin":
+        if not convert.is_official_simmim(state):
+            raise ValueError("model.name='swin' reads official SimMIM files (keys encoder.* "
+                             "and decoder.0.*) or mim_jax runs; this file is neither.")
+        return convert.simmim_params_from_official(
+            state, swin_config=convert.swin_config_from_official(state), strict=False)["encoder"]
+    heads = models.vit_from_config(config.model, config.data.image_size,
+                                   config.data.channels).config.num_heads
+    if convert.is_official_simmim(state):
+        read = convert.simmim_params_from_official
+    elif convert.is_official_beit(state):
+        read = convert.beit_params_from_official
+    else:
+        read = convert.mae_params_from_official
+    return read(state, num_heads=heads, strict=False)["encoder"]
 
 
 def _load_encoder(config, need, variables):

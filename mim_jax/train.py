@@ -343,9 +343,8 @@ def _run(config, workdir, objective, mesh, accum, is_main, ckpt, allow_config_ch
     pending = [next(train_data)]
     total_steps, warmup_steps = _total_steps(config, train_data.steps_per_epoch)
     peak_lr = optim.peak_learning_rate(config.optimizer, config.batch_size)
-    schedule = optim.make_schedule(peak_lr, total_steps, warmup_steps,
-                                   config.optimizer.get("min_lr", 0.0),
-                                   config.optimizer.get("warmup_start_factor", 0.0))
+    schedule = optim.schedule_from_config(config.optimizer, peak_lr, total_steps, warmup_steps,
+                                          train_data.steps_per_epoch)
 
     repl = sharding.replicated(mesh)
     abstract_params, _ = jax.eval_shape(objective.init_variables, init_rng)

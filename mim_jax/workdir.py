@@ -30,6 +30,18 @@ OPERATIONAL = ("log_every_steps", "checkpoint", "evaluators", "accum_steps", "da
                "model.matmul_precision", "cpu_dots")
 
 
+# Fields added after some runs were recorded, with the value that reproduces what those runs
+# did: a record without the field compares as if it held this value.
+IMPLICIT = {
+    "optimizer.no_decay": ["cls_token", "mask_token", "pos_embed",
+                           "relative_position_bias_table", "rel_pos_bias/table"],
+    "optimizer.schedule": "cosine",
+    "optimizer.decay_epochs": [],
+    "optimizer.decay_rate": 0.1,
+    "optimizer.cosine_from_step_0": False,
+}
+
+
 def flatten(config) -> dict:
     """{'optimizer.base_lr': 1e-3, ...} of a ConfigDict, as JSON would store it."""
     tree = json.loads(config.to_json_best_effort()) if not isinstance(config, dict) else config
@@ -55,7 +67,8 @@ def changed_fields(old: dict, new: dict) -> list:
     for field in sorted(old.keys() | new.keys()):
         if _operational(field):
             continue
-        a, b = old.get(field, "<unset>"), new.get(field, "<unset>")
+        a = old.get(field, IMPLICIT.get(field, "<unset>"))
+        b = new.get(field, IMPLICIT.get(field, "<unset>"))
         if a != b:
             out.append(f"{field}: {a!r} -> {b!r}")
     return out

@@ -75,6 +75,21 @@ def tiny_train_config(data_dir, **overrides):
     return short_run(c, data_dir, **overrides)
 
 
+def recipe_config(spec: str, **overrides):
+    """A config file as a user names it (configs/NAME.py[:ARGS]) with dotted-field overrides,
+    e.g. recipe_config("configs/mae.py:variant=B/16", **{"model.depth": 2})."""
+    from mim_jax.config_file import load_config
+    config = load_config(spec)
+    with config.unlocked():
+        for dotted, value in overrides.items():
+            node = config
+            *head, last = dotted.split(".")
+            for h in head:
+                node = node[h]
+            node[last] = value
+    return config
+
+
 def short_run(c, data_dir, **overrides):
     """8 steps of batch 16 with checkpoints at 4 and 8: what the trainer tests run."""
     c.data.update(data_dir=data_dir, shuffle_buffer=256)

@@ -13,6 +13,9 @@ from mim_jax.convert.official_beit import (beit_params_from_official, beit_param
                                            is_official_beit)
 from mim_jax.convert.official_mae import (load_torch_state_dict, mae_params_from_official,
                                           mae_params_to_official)
+from mim_jax.convert.official_simmim import (is_official_simmim, simmim_params_from_official,
+                                             simmim_params_to_official,
+                                             swin_config_from_official)
 from mim_jax.convert.timm_convnet import (convnet_variables_from_timm,
                                           convnet_variables_to_timm)
 
@@ -26,13 +29,17 @@ __all__ = [
     "convnet_variables_to_timm",
     "encoder_params_to_hf",
     "is_official_beit",
+    "is_official_simmim",
     "load_torch_state_dict",
     "mae_params_from_hf",
     "mae_params_from_official",
     "mae_params_to_hf",
     "mae_params_to_official",
     "simmim_params_from_hf_vit",
+    "simmim_params_from_official",
+    "simmim_params_to_official",
     "swin_params_from_hf",
+    "swin_config_from_official",
     "swin_params_to_hf",
     "vit_params_from_hf_beit",
 ]

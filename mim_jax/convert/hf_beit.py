@@ -135,7 +135,8 @@ def _is_position(path) -> bool:
 def _implied_shapes(state, plan: common.Plan, f: Features):
     """Our parameter shapes for the sizes the checkpoint implies (width, patch, channels from
     the patch embedding, MLP width from most blocks, grid from the position tables, vocabulary
-    from the LM head), from the real modules via jax.eval_shape. -> (shapes, description)."""
+    from the LM head; a SimMIM head when the plan has a 'decoder'), from the real modules via
+    jax.eval_shape. -> (shapes, description)."""
     enc = plan["encoder"]
     width, channels, patch, _ = np.shape(state[enc["patch_embed"]["kernel"].keys[0]])
     if width % f.num_heads:
@@ -164,9 +165,16 @@ def _implied_shapes(state, plan: common.Plan, f: Features):
         rel_pos_bias=("shared" if f.shared_rel_pos else
                       "per_layer" if f.blocks.rel_pos_table else "none"))
     images = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32)
-    token_mask = jax.ShapeDtypeStruct((1, cfg.num_patches), jnp.bool_)
+    token_mask = jax.ShapeDtypeStruct((1, cfg.num_patches), jnp.bool_) if f.mask_token else None
     what = (f"a BEiT of width {cfg.width}, depth {cfg.depth}, MLP {cfg.mlp_dim}, patch "
             f"{cfg.patch_size}, {cfg.channels} channels")
+    if "decoder" in plan:  # official SimMIM: the 1x1 conv head of stride patch_size
+        from mim_jax.objectives.simmim import SimMIM  # not at import, as BEiT below
+
+        model = SimMIM(encoder=encoder, stride=cfg.patch_size, channels=cfg.channels)
+        shapes = jax.eval_shape(model.init, jax.random.key(0), images, token_mask)["params"]
+        return shapes, f"{what}, SimMIM head of stride {cfg.patch_size} (the sizes this " \
+                       f"checkpoint implies)"
     if not f.lm_head:
         shapes = jax.eval_shape(encoder.init, jax.random.key(0), images,
                                 token_mask=token_mask)["params"]

@@ -18,7 +18,7 @@ order: channel c * r * r + i * r + j becomes pixel (h * r + i, w * r + j) of ima
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import jax
 import numpy as np
@@ -49,35 +49,50 @@ def _no_bias_linear(key: str) -> common.Plan:
     return {"kernel": common.Leaf((key,), lambda w: w.T, lambda k: (k.T,))}
 
 
-def _encoder_plan(config: swin.SwinConfig, prefix: str, mask_token: bool) -> common.Plan:
-    emb, layers = f"{prefix}embeddings.", f"{prefix}encoder.layers."
-    plan: common.Plan = {"patch_embed": common.patch_conv(f"{emb}patch_embeddings.projection"),
-                         "patch_norm": common.layernorm(f"{emb}norm")}
+def encoder_plan(config: swin.SwinConfig, *, patch_embed: str, patch_norm: str,
+                 mask_token: Optional[str], layers: str, norm: str,
+                 block: Callable[[str, int], common.Plan]) -> common.Plan:
+    """Our Swin tree, given a layout's names: of the patch embedding and its norm, the mask
+    token (None: none), the stage list (`{layers}{i}.blocks.{j}.`, `{layers}{i}.downsample.`,
+    as in both the HF and the official layout), the final norm, and `block(prefix, heads)`,
+    one block's plan (with its attn/relative_position_bias_table)."""
+    plan: common.Plan = {"patch_embed": common.patch_conv(patch_embed),
+                         "patch_norm": common.layernorm(patch_norm)}
     if mask_token:
-        plan["mask_token"] = common.tensor(f"{emb}mask_token")
+        plan["mask_token"] = common.tensor(mask_token)
     for i, depth in enumerate(config.depths):
-        heads, stage = config.num_heads[i], {}
-        for j in range(depth):
-            p = f"{layers}{i}.blocks.{j}."
-            attn = f"{p}attention."
-            block = common.block(
-                norm1=f"{p}layernorm_before",
-                qkv=common.qkv_separate(f"{attn}q_proj", f"{attn}k_proj", f"{attn}v_proj", heads),
-                proj=f"{attn}o_proj", norm2=f"{p}layernorm_after", fc1=f"{p}mlp.fc1",
-                fc2=f"{p}mlp.fc2", num_heads=heads)
-            block["attn"]["relative_position_bias_table"] = common.tensor(
-                f"{attn}relative_position_bias.relative_position_bias_table")
-            stage[f"block_{j}"] = block
+        stage = {f"block_{j}": block(f"{layers}{i}.blocks.{j}.", config.num_heads[i])
+                 for j in range(depth)}
         if i < config.num_stages - 1:
             stage["downsample"] = {"norm": common.layernorm(f"{layers}{i}.downsample.norm"),
                                    "reduction": _no_bias_linear(
                                        f"{layers}{i}.downsample.reduction.weight")}
         plan[f"stage_{i}"] = stage
-    plan["norm"] = common.layernorm(f"{prefix}layernorm")
+    plan["norm"] = common.layernorm(norm)
     return plan
 
 
-def _decoder_plan() -> common.Plan:
+def _hf_block(p: str, heads: int) -> common.Plan:
+    attn = f"{p}attention."
+    block = common.block(
+        norm1=f"{p}layernorm_before",
+        qkv=common.qkv_separate(f"{attn}q_proj", f"{attn}k_proj", f"{attn}v_proj", heads),
+        proj=f"{attn}o_proj", norm2=f"{p}layernorm_after", fc1=f"{p}mlp.fc1",
+        fc2=f"{p}mlp.fc2", num_heads=heads)
+    block["attn"]["relative_position_bias_table"] = common.tensor(
+        f"{attn}relative_position_bias.relative_position_bias_table")
+    return block
+
+
+def _encoder_plan(config: swin.SwinConfig, prefix: str, mask_token: bool) -> common.Plan:
+    emb = f"{prefix}embeddings."
+    return encoder_plan(config, patch_embed=f"{emb}patch_embeddings.projection",
+                        patch_norm=f"{emb}norm", mask_token=f"{emb}mask_token" if mask_token
+                        else None, layers=f"{prefix}encoder.layers.",
+                        norm=f"{prefix}layernorm", block=_hf_block)
+
+
+def decoder_plan() -> common.Plan:
     """SimMIM head: Conv2d(C, r*r*3, 1) weight (out, C, 1, 1) -> flax Conv kernel (1, 1, C, out)."""
     return common.patch_conv("decoder.0")
 
@@ -164,7 +179,7 @@ def swin_params_from_hf(state_dict: Mapping[str, Any], *, config: swin.SwinConfi
     mask_token = f"{prefix}embeddings.mask_token" in state
     plan = {"encoder": _encoder_plan(config, prefix, mask_token)}
     if any(k.startswith("decoder.") for k in state):
-        plan["decoder"] = _decoder_plan()
+        plan["decoder"] = decoder_plan()
     _check_index_buffers(state, origin, config, prefix)
     common.check_keys(state, common.plan_keys(plan), strict, WHAT)
     params = common.load(plan, state)
@@ -188,5 +203,5 @@ def swin_params_to_hf(params: Mapping, *, config: swin.SwinConfig,
     encoder = params["encoder"]
     plan = {"encoder": _encoder_plan(config, prefix, "mask_token" in encoder)}
     if "decoder" in params:
-        plan["decoder"] = _decoder_plan()
+        plan["decoder"] = decoder_plan()
     return common.dump(plan, params, WHAT)

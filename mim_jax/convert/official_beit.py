@@ -18,6 +18,7 @@ cls_head_layers is the number of `cls_pt_layers`.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
@@ -45,21 +46,23 @@ def _block(p: str, f: hf_beit.BlockFeatures, heads: int) -> common.Plan:
         table=f"{p}attn.relative_position_bias_table")
 
 
-def _plan(f: hf_beit.Features) -> common.Plan:
+def layout_plan(f: hf_beit.Features, prefix: str = "") -> common.Plan:
+    """The layout's plan; the encoder's keys start with `prefix` ('encoder.' in SimMIM files,
+    official_simmim.py), the LM and CLS heads' never (only BEiT files have them)."""
     encoder: common.Plan = {
-        "patch_embed": common.patch_conv("patch_embed.proj"),
-        "cls_token": common.tensor("cls_token"),
-        "transformer": {f"block_{i}": _block(f"blocks.{i}.", f.blocks, f.num_heads)
+        "patch_embed": common.patch_conv(f"{prefix}patch_embed.proj"),
+        "cls_token": common.tensor(f"{prefix}cls_token"),
+        "transformer": {f"block_{i}": _block(f"{prefix}blocks.{i}.", f.blocks, f.num_heads)
                         for i in range(f.depth)},
-        "norm": common.layernorm("norm"),
+        "norm": common.layernorm(f"{prefix}norm"),
     }
     if f.mask_token:
-        encoder["mask_token"] = common.tensor("mask_token")
+        encoder["mask_token"] = common.tensor(f"{prefix}mask_token")
     if f.pos_embed:
-        encoder["pos_embed"] = common.tensor("pos_embed")
+        encoder["pos_embed"] = common.tensor(f"{prefix}pos_embed")
     if f.shared_rel_pos:
         encoder["rel_pos_bias"] = {
-            "table": common.tensor("rel_pos_bias.relative_position_bias_table")}
+            "table": common.tensor(f"{prefix}rel_pos_bias.relative_position_bias_table")}
     plan = {"encoder": encoder}
     if f.lm_head:
         plan["lm_head"] = common.linear("lm_head")
@@ -69,14 +72,29 @@ def _plan(f: hf_beit.Features) -> common.Plan:
     return plan
 
 
+def encoder_features(state: Mapping[str, Any], num_heads: int, *, prefix: str = "",
+                     what: str = NAME) -> hf_beit.Features:
+    """The encoder options of an official-layout state dict whose encoder keys start with
+    `prefix` (no heads: see beit_params_from_official for BEiT's)."""
+    depth = hf_vit.layer_count(state, f"{prefix}blocks.", what)
+    return hf_beit.Features(
+        num_heads=num_heads, depth=depth,
+        blocks=hf_beit.block_features(state, depth, _names(f"{prefix}blocks.")),
+        mask_token=f"{prefix}mask_token" in state, pos_embed=f"{prefix}pos_embed" in state,
+        shared_rel_pos=f"{prefix}rel_pos_bias.relative_position_bias_table" in state,
+        lm_head=False)
+
+
 def is_official_beit(state_dict: Mapping[str, Any]) -> bool:
     """Whether a (possibly 'model'-wrapped) official state dict is BEiT's rather than MAE's:
     BEiT keys its q/v biases, layer scale, relative position tables and LM head, none of which
-    an official MAE file has."""
+    an official MAE file has. Only top-level blocks count: files that hold such blocks inside
+    an `encoder.` (official SimMIM, VQ-KD) are not BEiT files."""
     if isinstance(state_dict.get("model"), Mapping):
         state_dict = state_dict["model"]
     return any(k.startswith(("rel_pos_bias.", "lm_head.", _HEAD)) or
-               k.endswith((".attn.q_bias", ".gamma_1", ".attn.relative_position_bias_table"))
+               (k.startswith("blocks.") and
+                k.endswith((".attn.q_bias", ".gamma_1", ".attn.relative_position_bias_table")))
                for k in state_dict)
 
 
@@ -102,19 +120,15 @@ def beit_params_from_official(state_dict: Mapping[str, Any], *, num_heads: int,
                          f"shared_lm_head=False); mim_jax's CLS head shares the final norm and "
                          f"LM head. Pass strict=False to import the rest without them.")
     hf_beit.check_index_buffers(state)
-    depth = hf_vit.layer_count(state, "blocks.", NAME)
     head_depth = common.layer_depth(state, _HEAD)
-    f = hf_beit.Features(
-        num_heads=num_heads, depth=depth,
-        blocks=hf_beit.block_features(state, depth, _names("blocks.")),
-        mask_token="mask_token" in state, pos_embed="pos_embed" in state,
-        shared_rel_pos="rel_pos_bias.relative_position_bias_table" in state,
-        lm_head="lm_head.weight" in state, head_depth=head_depth,
+    f = dataclasses.replace(
+        encoder_features(state, num_heads), lm_head="lm_head.weight" in state,
+        head_depth=head_depth,
         head_blocks=hf_beit.block_features(state, head_depth, _names(_HEAD)))
     if head_depth and not f.lm_head:
         raise ValueError(f"{NAME} state dict has a CLS head ({_HEAD}*) but no lm_head, through "
                          f"which its predictions go.")
-    return hf_beit.import_params(state, _plan(f), f, what=NAME, scan=scan, strict=strict,
+    return hf_beit.import_params(state, layout_plan(f), f, what=NAME, scan=scan, strict=strict,
                                  expected=expected)
 
 
@@ -124,12 +138,17 @@ def beit_params_to_official(params: Mapping) -> Dict[str, np.ndarray]:
     reference registers, so its `load_state_dict(strict=True)` accepts it. Build the reference
     with use_abs_pos_emb, use_shared_rel_pos_bias / use_rel_pos_bias, init_values and
     qkv_bias as the parameters have them (and early_layers / head_layers for a CLS head)."""
-    out, f, params = hf_beit.export_params(params, _plan, NAME)
+    return export(params)
+
+
+def export(params: Mapping, *, prefix: str = "", what: str = NAME) -> Dict[str, np.ndarray]:
+    """beit_params_to_official with the encoder's keys under `prefix`."""
+    out, f, params = hf_beit.export_params(params, lambda f: layout_plan(f, prefix), what)
     enc = params["encoder"]
     if f.shared_rel_pos:
-        out["rel_pos_bias.relative_position_index"] = hf_beit.index_buffer(
+        out[f"{prefix}rel_pos_bias.relative_position_index"] = hf_beit.index_buffer(
             np.asarray(enc["rel_pos_bias"]["table"]))
-    groups = [("blocks.", enc["transformer"], f.blocks)]
+    groups = [(f"{prefix}blocks.", enc["transformer"], f.blocks)]
     if f.head_depth:
         groups.append((_HEAD, params["cls_head"], f.head_blocks))
     for layers, blocks, features in groups:

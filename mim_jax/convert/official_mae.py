@@ -7,6 +7,7 @@ Both are stored under a top-level 'model' key.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import re
 from typing import Any, Dict, Mapping, Optional
@@ -48,10 +49,13 @@ LAYOUT = mae_layout.MAELayout(
     decoder=_decoder, decoder_layers="decoder_blocks.", decoder_pos="decoder_pos_embed")
 
 
-# What an official training checkpoint ('model', 'optimizer', 'epoch', 'scaler', 'args') needs
-# beyond tensors and containers: the argparse.Namespace of its command line. Nothing else is
-# ever unpickled; torch's weights_only loader refuses every other global.
-_ALLOWED_GLOBALS = (argparse.Namespace,)
+# What official training checkpoints need beyond tensors and containers. MAE's ('model',
+# 'optimizer', 'epoch', 'scaler', 'args'): the argparse.Namespace of its command line.
+# SimMIM's ('model', 'optimizer', 'lr_scheduler', 'max_accuracy', 'epoch', 'config'): its yacs
+# CfgNode, read as a plain OrderedDict without importing yacs (the weights_only loader fills
+# only exact dict / OrderedDict / Counter instances, so a dict subclass cannot stand in).
+# Nothing else is ever unpickled; torch's weights_only loader refuses every other global.
+_ALLOWED_GLOBALS = (argparse.Namespace, (collections.OrderedDict, "yacs.config.CfgNode"))
 
 
 def _extraction_hint(path) -> str:
@@ -64,9 +68,11 @@ def load_torch_state_dict(path) -> Dict[str, Any]:
     """torch.load a checkpoint on CPU with weights_only=True (no pickled code runs) and unwrap
     the 'model' key that the official training script saves around the state dict.
 
-    Official training checkpoints also hold their command line as an argparse.Namespace under
-    'args'; that one class is allowed, nothing else. Anything that cannot be read this way
-    raises ValueError with one line saying why and how to extract a plain state dict.
+    Official training checkpoints also hold their settings: MAE's command line as an
+    argparse.Namespace under 'args', which is allowed, and SimMIM's yacs CfgNode under
+    'config', which is read as a plain OrderedDict without importing yacs. Nothing else is
+    allowed. Anything that cannot be read this way raises ValueError with one line saying why
+    and how to extract a plain state dict.
     """
     import pickle
 
@@ -81,8 +87,9 @@ def load_torch_state_dict(path) -> Dict[str, Any]:
         refused = re.search(r"GLOBAL ([\w.]+)", str(err))
         if refused:  # a class outside the allow-list: the weights_only loader refused it
             raise ValueError(f"{path} holds a pickled {refused.group(1)}, which mim_jax does "
-                             f"not unpickle (it loads tensors, containers and "
-                             f"argparse.Namespace only); {_extraction_hint(path)}.") from None
+                             f"not unpickle (it loads tensors, containers, argparse."
+                             f"Namespace and yacs CfgNode, as a plain dict, only); "
+                             f"{_extraction_hint(path)}.") from None
         # not a torch file, truncated, damaged
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         cause = lines[-1].split(". ")[0] if lines else type(err).__name__

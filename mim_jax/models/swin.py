@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mim_jax.models import activations, attention, remat as remat_lib
+from mim_jax.models import activations, attention, initializers, remat as remat_lib
 from mim_jax.models.vit import DropPath
 
 VARIANTS = {
@@ -35,18 +35,8 @@ VARIANTS = {
 LAYER_NORM_EPS = 1e-5  # torch's LayerNorm default, used by both references
 SHIFT_MASK_VALUE = -100.0  # additive logit bias between tokens from different shift regions
 
-# timm's trunc_normal_(std=.02) cuts at +-2 in absolute units, i.e. +-100 std: effectively a
-# plain normal with std .02. flax's bounds are in std units, so they are widened to match.
-trunc_normal = nn.initializers.truncated_normal(0.02, lower=-100.0, upper=100.0)
-
-
-def _torch_conv_default(fan_in: int):
-    """torch's default Conv2d init, which the references keep for the patch conv: weight and
-    bias uniform in +-1/sqrt(fan_in)."""
-    bound = 1.0 / np.sqrt(fan_in)
-    return (nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
-            lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
-                                                                     bound))
+# timm's trunc_normal_(std=.02): a plain normal in effect (mim_jax.models.initializers).
+trunc_normal = initializers.timm_trunc_normal()
 
 
 # ---------------------------------------------------------------- configuration
@@ -385,7 +375,10 @@ class Swin(nn.Module):
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate={self.drop_path_rate!r} must be in [0, 1).")
         p, b = cfg.patch_size, images.shape[0]
-        kernel_init, bias_init = _torch_conv_default(p * p * cfg.channels)
+        # The reference keeps torch's default init for the patch conv (no Conv2d branch in its
+        # _init_weights).
+        kernel_init = initializers.torch_default_kernel()
+        bias_init = initializers.torch_default_bias(p * p * cfg.channels)
         x = nn.Conv(cfg.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                     param_dtype=self.param_dtype, kernel_init=kernel_init, bias_init=bias_init,
                     name="patch_embed")(images.astype(self.dtype))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mim_jax.models import activations, attention, remat as remat_lib
+from mim_jax.models import activations, attention, initializers, remat as remat_lib
 
 # width, depth, mlp_dim, num_heads (ViT paper / DeiT sizes).
 VARIANTS = {
@@ -32,14 +32,15 @@ LAYER_NORM_EPS = 1e-6
 # Reference init (official MAE): xavier-uniform on every Linear, computed on the 2-D
 # (fan_in, fan_out) view even when our kernels keep head axes separate.
 xavier_uniform = nn.initializers.xavier_uniform
-# BEiT's init: every Linear / conv weight and the tokens from a normal of std 0.02 truncated at
-# +/- 1 std (the reference calls timm's trunc_normal_ with a=-std, b=std).
-INIT_STYLES = ("xavier", "beit")
-BEIT_INIT_STD = 0.02
-
-
-def beit_trunc_normal():
-    return nn.initializers.truncated_normal(BEIT_INIT_STD, lower=-1.0, upper=1.0)
+# Init styles of the references (mim_jax.models.initializers):
+#   'xavier': MAE. xavier-uniform kernels, zero biases; the patch conv's bias keeps torch's
+#             default (the reference re-initialises only its weight).
+#   'beit':   BEiT and SimMIM-ViT. Kernels and tokens from a normal of std 0.02 cut at +-1 std,
+#             zero biases (the objective then applies rescale_beit_init).
+#   'torch':  PyTorch's default Linear init, kernels and biases U(+-1/sqrt(fan_in)): layers a
+#             reference creates after its init has run (BEiT v2's CLS-pretraining head).
+INIT_STYLES = ("xavier", "beit", "torch")
+beit_trunc_normal = initializers.beit_trunc_normal
 
 
 def kernel_init(style: str, in_axis=-2, out_axis=-1):
@@ -49,7 +50,16 @@ def kernel_init(style: str, in_axis=-2, out_axis=-1):
     if style == "xavier":
         return nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=in_axis,
                                                 out_axis=out_axis)
+    if style == "torch":
+        return initializers.torch_default_kernel(out_axis)
     raise ValueError(f"init_style={style!r}; allowed: {list(INIT_STYLES)}.")
+
+
+def bias_init(style: str, fan_in: int):
+    """The bias initialiser of an init style for a layer with `fan_in` inputs."""
+    if style == "torch":
+        return initializers.torch_default_bias(fan_in)
+    return nn.initializers.zeros
 
 
 def parse_variant(variant: str) -> dict:
@@ -161,7 +171,10 @@ class QKVProjection(nn.Module):
         y = self.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
                              (((2,), (0,)), ((), ())))
         if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype)
+            # A Linear's bias follows the style; BEiT's separate q / v biases start at zero.
+            init = (bias_init(self.init_style, x.shape[-1]) if self.use_bias is True
+                    else nn.initializers.zeros)
+            bias = self.param("bias", init, shape, self.param_dtype)
             if self.use_bias == "qv":  # the k slot exists in the layout but is never used
                 bias = bias * jnp.asarray([1.0, 0.0, 1.0], bias.dtype)[:, None, None]
             y = y + bias.astype(self.dtype)
@@ -193,7 +206,8 @@ class Attention(nn.Module):
             features=width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
             dot_general=self.dot_general,
             # DenseGeneral initialises on the flattened 2-D (D, D) view: default fan axes.
-            name="proj", kernel_init=kernel_init(self.init_style))(out)
+            name="proj", kernel_init=kernel_init(self.init_style),
+            bias_init=bias_init(self.init_style, width))(out)
 
 
 class Block(nn.Module):
@@ -225,9 +239,10 @@ class Block(nn.Module):
         width = x.shape[-1]
         norm = lambda name: nn.LayerNorm(
             epsilon=LAYER_NORM_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-        dense = lambda features, name: nn.Dense(
+        dense = lambda features, fan_in, name: nn.Dense(
             features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-            kernel_init=kernel_init(self.init_style), dot_general=self.dot_general)
+            kernel_init=kernel_init(self.init_style),
+            bias_init=bias_init(self.init_style, fan_in), dot_general=self.dot_general)
 
         y = Attention(num_heads=self.num_heads, qkv_bias=self.qkv_bias, dtype=self.dtype,
                       param_dtype=self.param_dtype, init_style=self.init_style,
@@ -236,9 +251,9 @@ class Block(nn.Module):
         y = self._scale(y, "ls1", width)
         x = x + DropPath(name="drop_path1")(y, drop_rate, no_drop)
 
-        y = dense(self.mlp_dim, "fc1")(norm("norm2")(x))
+        y = dense(self.mlp_dim, width, "fc1")(norm("norm2")(x))
         y = self.activation(y)
-        y = self._scale(dense(width, "fc2")(y), "ls2", width)
+        y = self._scale(dense(width, self.mlp_dim, "fc2")(y), "ls2", width)
         return x + DropPath(name="drop_path2")(y, drop_rate, no_drop)
 
     def _scale(self, y, name, width):
@@ -380,7 +395,7 @@ class ViT(nn.Module):
     scan: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    # 'xavier' (MAE / SimMIM) or 'beit' (truncated normal; see also rescale_beit_init).
+    # 'xavier' (MAE), 'beit' (BEiT, SimMIM; see also rescale_beit_init) or 'torch': INIT_STYLES.
     init_style: str = "xavier"
     dot_general: Callable = lax.dot_general
     attention_fn: Callable = attention.xla_attention
@@ -400,10 +415,13 @@ class ViT(nn.Module):
                 grid=cfg.grid, num_heads=cfg.num_heads, cls_token=self.cls_token,
                 param_dtype=self.param_dtype, name="rel_pos_bias")
         # The reference initialises the patch conv as a flattened Linear (fan_in p*p*C, fan_out D).
+        patch_fan_in = cfg.patch_size * cfg.patch_size * cfg.channels
         self.patch_embed = nn.Conv(
             cfg.width, (cfg.patch_size,) * 2, strides=(cfg.patch_size,) * 2, padding="VALID",
             dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed",
-            kernel_init=kernel_init(self.init_style, (0, 1, 2), 3))
+            kernel_init=kernel_init(self.init_style, (0, 1, 2), 3),
+            bias_init=(initializers.torch_default_bias(patch_fan_in)
+                       if self.init_style in ("xavier", "torch") else nn.initializers.zeros))
         token_init = (beit_trunc_normal() if self.init_style == "beit"
                       else nn.initializers.normal(0.02))
         if self.cls_token:

@@ -49,7 +49,9 @@ class BEiT(nn.Module):
             depth=self.cls_head_layers, num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim,
             drop_path_rate=enc.drop_path_rate, qkv_bias=enc.qkv_bias,
             layer_scale_init=enc.layer_scale_init, dtype=enc.dtype, param_dtype=enc.param_dtype,
-            init_style=enc.init_style, dot_general=enc.dot_general,
+            # The reference creates these blocks after its init has run: PyTorch's default
+            # Linear init, then only the depth rescale (fix_init_cls_pt_weight).
+            init_style="torch", dot_general=enc.dot_general,
             attention_fn=enc.attention_fn, activation=enc.activation,
             rate_depth=max(cfg.depth, self.early_layers + self.cls_head_layers),
             rate_offset=self.early_layers,

@@ -2,6 +2,7 @@
 learned token, a linear (1x1 conv) head with pixel shuffle, L1 on the masked pixels."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from mim_jax import flops, masking, models
+from mim_jax.models import initializers, vit
 from mim_jax.objectives.base import Objective
 
 
@@ -50,8 +52,12 @@ class SimMIM(nn.Module):
             side = images.shape[1] // self.stride
             feats = feats[:, feats.shape[1] - side * side:]  # drop CLS if present
             feats = feats.reshape(feats.shape[0], side, side, feats.shape[-1])
+        # The reference never re-initialises its decoder: torch's default Conv2d init.
         x = nn.Conv(self.stride**2 * self.channels, (1, 1), dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="decoder")(feats)
+                    param_dtype=self.param_dtype,
+                    kernel_init=initializers.torch_default_kernel(),
+                    bias_init=initializers.torch_default_bias(feats.shape[-1]),
+                    name="decoder")(feats)
         return pixel_shuffle(x, self.stride)
 
 
@@ -88,11 +94,20 @@ def build(config) -> Objective:
                               "target": images.astype(jnp.float32), "loss_mask": pixel_mask}
         return loss, aux
 
-    return Objective(name="simmim", model=model, loss_fn=loss_fn, encoder_keys=("encoder",),
-                     image_shape=(data_cfg.image_size, data_cfg.image_size, data_cfg.channels),
-                     init_args=lambda b: (jnp.zeros((b, grid * grid), bool),),
-                     error_metric="l1", predicts_pixels=True,
-                     forward_flops=forward_flops(arch, model_cfg.get("cls_token", True)))
+    objective = Objective(
+        name="simmim", model=model, loss_fn=loss_fn, encoder_keys=("encoder",),
+        image_shape=(data_cfg.image_size, data_cfg.image_size, data_cfg.channels),
+        init_args=lambda b: (jnp.zeros((b, grid * grid), bool),), error_metric="l1",
+        predicts_pixels=True, forward_flops=forward_flops(arch, model_cfg.get("cls_token", True)))
+    if isinstance(encoder, vit.ViT) and encoder.init_style == "beit":
+        # VisionTransformer.fix_init_weight: block i's attn.proj and fc2 weights / sqrt(2 i).
+        def init_fn(rng):
+            params = objective.init(rng)
+            enc = params["encoder"]
+            return dict(params, encoder=dict(
+                enc, transformer=vit.rescale_beit_init(enc["transformer"]))), {}
+        objective = dataclasses.replace(objective, init_fn=init_fn)
+    return objective
 
 
 def forward_flops(arch, cls_token: bool) -> dict:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mim_jax import masking, models
-from mim_jax.models import sparse
+from mim_jax.models import initializers, sparse
 from mim_jax.objectives.base import Objective, make_rngs
 from mim_jax.objectives.mae import patch_stats, patchify, unpatchify
 
@@ -28,20 +28,6 @@ DENSIFY_NORMS = ("bn", "ln", "none")
 # PyTorch BatchNorm defaults (momentum 0.1 there is 0.9 here), as the reference's BN layers;
 # sparse.MaskedBatchNorm also updates the running variance with the unbiased one, as torch.
 _BN = dict(momentum=0.9, epsilon=1e-5)
-
-
-def _torch_conv_init(fan_in: int):
-    """PyTorch's default Conv2d init (kernel and bias uniform in +-1/sqrt(fan_in)): the
-    reference never re-initialises its densify projections."""
-    bound = 1.0 / math.sqrt(fan_in)
-    uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(
-        key, shape, dtype, -bound, bound)
-    return uniform, uniform
-
-
-def _mask_token_init(key, shape, dtype=jnp.float32):
-    """trunc_normal(std .02, a=-.02, b=.02): a normal cut at one standard deviation."""
-    return 0.02 * jax.random.truncated_normal(key, -1.0, 1.0, shape, dtype)
 
 
 class Densify(nn.Module):
@@ -62,13 +48,17 @@ class Densify(nn.Module):
         elif self.norm == "ln":  # per position, so the masked positions do not matter
             feats = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
                                  name="norm")(feats)
-        token = self.param("mask_token", _mask_token_init, (width,), self.param_dtype)
+        # trunc_normal(std .02, a=-.02, b=.02), as the reference's mask tokens.
+        token = self.param("mask_token", initializers.beit_trunc_normal(), (width,),
+                           self.param_dtype)
         visible = sparse.upsample_mask(active, feats.shape[1], feats.shape[2])
         feats = jnp.where(visible, feats, token.astype(feats.dtype))
         if not self.kernel:
             return feats
         k = self.kernel
-        kernel_init, bias_init = _torch_conv_init(k * k * width)
+        # PyTorch's default Conv2d init: the reference never re-initialises these projections.
+        kernel_init = initializers.torch_default_kernel()
+        bias_init = initializers.torch_default_bias(k * k * width)
         return nn.Conv(self.out_width, (k, k), padding=k // 2, dtype=self.dtype,
                        param_dtype=self.param_dtype, kernel_init=kernel_init,
                        bias_init=bias_init, name="proj")(feats)
