@@ -164,3 +164,25 @@ def test_an_older_mae_run_is_told_that_the_decay_rule_changed():
     assert workdir.changed_fields(old, new) == [
         "optimizer.no_decay: ['cls_token', 'mask_token', 'pos_embed', "
         "'relative_position_bias_table', 'rel_pos_bias/table'] -> []"]
+
+
+def test_spark_lr_and_weight_decay_follow_lr_wd_annealing():
+    """keyu-tian/SparK pretrain/utils/lr_control.py lr_wd_annealing: warmup from 0.005 x peak,
+    then 0.001 + 0.999 x half cosine over (max_it - 1 - wp_it) iterations; weight decay on a
+    cosine from wd to wd_end over max_it - 1. Ours spans the lr cosine over max_it - wp_it
+    (a relative difference below 1 / max_it, documented); the weight decay is the same."""
+    config = recipe_config("configs/spark.py:model=resnet50")
+    steps = [0, 500, 40 * 312 - 1, 40 * 312 + 10, 800 * 312, 1600 * 312 - 2]
+    ours, n, total, warmup = _our_lr(config, steps)
+    peak = 2e-4 * 4096 / 256
+
+    def official(t):
+        if t < warmup:
+            return peak * (0.005 + 0.995 * t / warmup)
+        ratio = (t - warmup) / (total - 1 - warmup)
+        return peak * (0.001 + 0.999 * (0.5 + 0.5 * math.cos(math.pi * ratio)))
+    np.testing.assert_allclose(ours, [official(t) for t in steps], rtol=2e-4)
+    wd = optim.weight_decay_rule(config.optimizer, total)
+    for t in [0, 1000, total // 2, total - 1]:
+        expected = 0.2 + (0.04 - 0.2) * (0.5 + 0.5 * math.cos(math.pi * t / (total - 1)))
+        assert float(wd(t)) == pytest.approx(expected, rel=1e-5)
