@@ -161,7 +161,7 @@ def _quickstart(c, arg):
     if model in ("vit", "vit_b"):
         qs = mae_config.get_config("quickstart")
     elif model == "swin":
-        qs = simmim_config.get_config("quickstart")
+        qs = simmim_config.get_config("quickstart,model=swin")
     elif convnet:  # the SparK quickstart's data (32 px digits) and its ResNet
         qs = spark_config.get_config("quickstart")
         if model == "convnext":

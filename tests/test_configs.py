@@ -266,3 +266,18 @@ def test_linear_probe_pools_what_the_encoder_has():
     assert _load(path, "quickstart")[1].finetune.pool == "cls"
     for model in ("resnet", "convnext"):
         assert _load(path, f"quickstart,model={model}")[1].finetune.pool == "gap"
+
+
+def test_finetuning_a_swin_quickstart_run_builds_its_swin(tmp_path):
+    """`python -m mim_jax.evaluate` on the Swin quickstart fine-tunes with the run's model: the
+    fine-tuning quickstart takes the Swin quickstart's data and model, not the ViT's."""
+    import json
+
+    from configs import finetune, simmim
+    run = tmp_path / "swin_run"
+    run.mkdir()
+    (run / "config.json").write_text(simmim.get_config("quickstart,model=swin").to_json())
+    cfg = finetune.get_config(f"quickstart,pretrained={run}")
+    assert cfg.model.name == "swin" and tuple(cfg.model.num_heads) == (3, 6)
+    assert cfg.data.image_size == json.loads((run / "config.json").read_text())["data"][
+        "image_size"]
