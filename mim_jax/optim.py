@@ -78,9 +78,9 @@ def validate_config(opt_cfg) -> None:
         raise ConfigError(f"optimizer.decay_epochs={epochs!r} must be a tuple of epochs > 0 "
                           "(the multistep schedule's milestones).")
     check("decay_rate", lambda v: 0 < v <= 1, "in (0, 1]", 0.1)
-    for field in ("cosine_from_step_0",):
-        if not isinstance(opt_cfg.get(field, False), bool):
-            raise ConfigError(f"optimizer.{field}={opt_cfg.get(field)!r} must be true or false.")
+    if not isinstance(opt_cfg.get("cosine_from_step_0", False), bool):
+        raise ConfigError(f"optimizer.cosine_from_step_0={opt_cfg.get('cosine_from_step_0')!r} "
+                          "must be true or false.")
     no_decay = opt_cfg.get("no_decay", DEFAULT_NO_DECAY)
     if not isinstance(no_decay, (tuple, list)) or not all(isinstance(n, str) for n in no_decay):
         raise ConfigError(f"optimizer.no_decay={no_decay!r} must be a tuple of parameter names.")

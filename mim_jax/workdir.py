@@ -14,6 +14,7 @@ from typing import Optional
 
 from absl import logging
 
+from mim_jax import optim
 from mim_jax.errors import ConfigError
 
 RECORD = "config.json"
@@ -33,8 +34,7 @@ OPERATIONAL = ("log_every_steps", "checkpoint", "evaluators", "accum_steps", "da
 # Fields added after some runs were recorded, with the value that reproduces what those runs
 # did: a record without the field compares as if it held this value.
 IMPLICIT = {
-    "optimizer.no_decay": ["cls_token", "mask_token", "pos_embed",
-                           "relative_position_bias_table", "rel_pos_bias/table"],
+    "optimizer.no_decay": list(optim.DEFAULT_NO_DECAY),
     "optimizer.schedule": "cosine",
     "optimizer.decay_epochs": [],
     "optimizer.decay_rate": 0.1,

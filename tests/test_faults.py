@@ -600,3 +600,17 @@ def test_split_and_label_checks_read_the_prepared_dataset(tfds_dir):
         cfg.label_key = "digit"
     assert sources.missing_labels(cfg).startswith("data.label_key='digit' is not a feature of "
                                                   "TFDS dataset 'mnist5k'")
+
+
+def test_filesystem_error_is_one_line(tfds_dir, tmp_path):
+    """A workdir that cannot be created (here: below a regular file) ends as one line naming
+    the path, exit 1, no traceback."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    run = subprocess.run(_main_cmd(blocker / "run", tfds_dir), cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    errors = _errors(run.stderr)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert len(errors) == 1 and errors[0].startswith("mim_jax: error: [Errno 20] Not a "
+                                                     "directory"), errors
+    assert str(blocker) in errors[0] and "Traceback" not in run.stderr

@@ -153,11 +153,6 @@ def test_beit_cosine_after_warmup():
     assert abs(warm[0] / (base * (warmup // 2) / (warmup - 1)) - 1) < 2.0 / warmup
 
 
-def test_runs_recorded_before_no_decay_compare_as_the_default():
-    """A workdir record without optimizer.no_decay was trained with DEFAULT_NO_DECAY."""
-    assert workdir.IMPLICIT["optimizer.no_decay"] == list(optim.DEFAULT_NO_DECAY)
-
-
 def test_an_older_mae_run_is_told_that_the_decay_rule_changed():
     new = workdir.flatten(recipe_config("configs/mae.py:quickstart"))
     old = {k: v for k, v in new.items() if k != "optimizer.no_decay"}  # recorded before it
