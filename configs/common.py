@@ -102,8 +102,10 @@ def swin_model_config(variant: str, window_size: int) -> ml_collections.ConfigDi
 
 
 def quickstart_probes(every_steps: int) -> dict:
-    """kNN and cached-feature linear probe on the bundled digits (4,500 train / 500 test)."""
+    """kNN and linear probe (evaluators/probe.py) of mean-pooled features on the bundled digits
+    (4,500 train / 500 test). `python -m mim_jax.evaluate` adds the CLS token's."""
     common = dict(every_steps=every_steps, train_split="train", eval_split="test",
                   max_train_examples=0, max_eval_examples=0, pool="gap", batch_size=500)
-    return dict(knn=dict(common, type="knn", k=20, temperature=0.07),
-                linear_probe=dict(common, type="linear_probe", epochs=100, lr=1e-3))
+    probe = dict(common, type="linear_probe", l2_grid=[10.0 ** (k / 2) for k in range(-16, 5)],
+                 val_fraction=0.2, max_iter=1000)
+    return dict(knn=dict(common, type="knn", k=20, temperature=0.07), linear_probe=probe)

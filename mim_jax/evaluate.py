@@ -5,9 +5,10 @@ raw pixels, on kNN, a linear probe and fine-tuning.
 
 pretrains first when the workdir has no finished run (the same code path as mim_jax.main),
 then on the labelled splits of config.data (train -> eval_split):
-  - kNN (k=20, T=0.07, cosine) and a linear probe on features extracted once (cached), for the
-    pretrained encoder, the same encoder at random initialisation (3 seeds, mean) and raw
-    pixels;
+  - kNN (k=20, T=0.07, cosine) and the linear probe of evaluators/probe.py (L-BFGS logistic
+    regression, its l2 chosen on a validation part of train) on frozen features: mean-pooled
+    and, where the encoder has one, the CLS token; for the pretrained encoder, the same encoder
+    at random initialisation (3 seeds, mean) and raw pixels;
   - fine-tuning (configs/finetune.py quickstart recipe) of the pretrained encoder and of the
     same encoder from random initialisation, with the same budget (--finetune_epochs);
     top-1 of the last epoch is reported (the best epoch is in each run's best.json).
@@ -36,7 +37,6 @@ _FINETUNE = flags.DEFINE_string("finetune_config", "configs/finetune.py",
                                 "Fine-tuning config file; its quickstart recipe is used.")
 _FT_EPOCHS = flags.DEFINE_float("finetune_epochs", 0.0, "Fine-tuning epochs (0 = the config's).")
 _SEEDS = flags.DEFINE_integer("random_seeds", 3, "Random initialisations averaged.")
-_POOL = flags.DEFINE_enum("pool", "gap", ["gap", "cls"], "Features for kNN and the probe.")
 _SKIP_FT = flags.DEFINE_bool("skip_finetune", False, "Only kNN and the linear probe.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -45,27 +45,38 @@ def _finished(workdir: str) -> bool:
     return os.path.isfile(os.path.join(workdir, "final_metrics.json"))
 
 
-def _frozen_scores(config, workdir: str, seeds: int, pool: str) -> dict:
+def _frozen_scores(config, workdir: str, seeds: int) -> dict:
+    """{'pretrained' | 'random_init' | 'raw_pixels': {'knn': top-1, 'linear_probe': top-1,
+    'linear_probe_l2': chosen l2, and the same with '_cls' for the CLS token}}; random_init is
+    the mean over `seeds` initialisations (each in 'random_init_runs')."""
     import jax
     import numpy as np
     from mim_jax import pretrained, sharding
     from mim_jax.evaluators import features, knn, probe
+    from mim_jax.models.classifier import encoder_has_cls
 
     mesh = sharding.make_mesh()
     objective = pretrained.build_objective(config)
     data_cfg = config.data
-    feature_fn = features.make_feature_fn(objective.encoder, pool, mesh, data_cfg)
+    # Mean-pooled features always; the CLS token too where the encoder has one.
+    pools = {"": "gap", "_cls": "cls"} if encoder_has_cls(objective.encoder) else {"": "gap"}
+    feature_fns = {suffix: features.make_feature_fn(objective.encoder, pool, mesh, data_cfg)
+                   for suffix, pool in pools.items()}
     splits = (data_cfg.split, data_cfg.eval_split)
 
-    def scores(train, test):
-        return {"knn": knn.knn_accuracy(*train, *test), "linear_probe":
-                probe.linear_probe_accuracy(*train, *test)}
+    def scores(train, test, suffix=""):
+        fit = probe.linear_probe(*train, *test)
+        return {f"knn{suffix}": knn.knn_accuracy(*train, *test),
+                f"linear_probe{suffix}": fit.accuracy, f"linear_probe{suffix}_l2": fit.l2}
 
     def encoder_scores(params, model_state):
         stats = features.encoder_batch_stats(model_state, key)
-        train, test = (features.extract(feature_fn, params, data_cfg, s, batch_size=500,
-                                        mesh=mesh, batch_stats=stats) for s in splits)
-        return scores(train, test)
+        out = {}
+        for suffix, fn in feature_fns.items():
+            train, test = (features.extract(fn, params, data_cfg, s, batch_size=500,
+                                            mesh=mesh, batch_stats=stats) for s in splits)
+            out.update(scores(train, test, suffix))
+        return out
 
     key = objective.encoder_keys[0]
     encoder = pretrained.load_encoder(workdir)
@@ -76,7 +87,8 @@ def _frozen_scores(config, workdir: str, seeds: int, pool: str) -> dict:
     # The objective's own init (BEiT rescales it after init), at other seeds than the run's.
     inits = (objective.init_variables(jax.random.key(1000 + s)) for s in range(seeds))
     runs = [encoder_scores(params[key], model_state) for params, model_state in inits]
-    out["random_init"] = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
+    out["random_init"] = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]
+                          if not k.endswith("_l2")}
     out["random_init_runs"] = runs
     out["raw_pixels"] = scores(*(features.raw_pixels(data_cfg, s) for s in splits))
     return out
@@ -104,15 +116,22 @@ def _finetune(workdir: str, ft_config_path: str, pretrained: bool, epochs: float
 
 def _table(result: dict) -> str:
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"
-    rows = [("pretrained encoder", result["frozen"]["pretrained"],
-             result.get("finetune", {}).get("pretrained")),
-            (f"same encoder, random init (mean of {len(result['frozen']['random_init_runs'])})",
-             result["frozen"]["random_init"], result.get("finetune", {}).get("scratch")),
-            ("raw pixels", result["frozen"]["raw_pixels"], None)]
+    frozen, finetune = result["frozen"], result.get("finetune", {})
+    seeds = len(frozen["random_init_runs"])
+    has_cls = "knn_cls" in frozen["pretrained"]
+    rows = []
+    for suffix, pooled in ([("", "mean of patches"), ("_cls", "CLS token")] if has_cls
+                           else [("", "mean of the last map")]):
+        rows += [(f"pretrained encoder, {pooled}", frozen["pretrained"], suffix,
+                  finetune.get("pretrained") if not suffix else None),
+                 (f"same encoder at random init (mean of {seeds}), {pooled}",
+                  frozen["random_init"], suffix, finetune.get("scratch") if not suffix else None)]
+    rows.append(("raw pixels", frozen["raw_pixels"], "", None))
     lines = ["| | kNN top-1 (%) | linear probe top-1 (%) | fine-tune top-1 (%) |",
              "|---|---|---|---|"]
-    for name, frozen, ft in rows:
-        lines.append(f"| {name} | {pct(frozen['knn'])} | {pct(frozen['linear_probe'])} | "
+    for name, scores, suffix, ft in rows:
+        lines.append(f"| {name} | {pct(scores[f'knn{suffix}'])} | "
+                     f"{pct(scores[f'linear_probe{suffix}'])} | "
                      f"{pct(ft['top1'] if ft else None)} |")
     return "\n".join(lines)
 
@@ -129,7 +148,7 @@ def main(argv):
         train.train_and_evaluate(config, workdir)
         walls["pretrain"] = time.perf_counter() - start
     start = time.perf_counter()
-    result["frozen"] = _frozen_scores(config, workdir, _SEEDS.value, _POOL.value)
+    result["frozen"] = _frozen_scores(config, workdir, _SEEDS.value)
     walls["knn_and_probe"] = time.perf_counter() - start
     if not _SKIP_FT.value:
         result["finetune"] = {

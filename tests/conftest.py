@@ -159,5 +159,5 @@ SMALL_PROBES = [f"--config.evaluators.{name}.{field}={value}"
                 for name in ("knn", "linear_probe")
                 for field, value in (("max_train_examples", 64), ("max_eval_examples", 32),
                                      ("batch_size", 32))] + [
-    "--config.evaluators.linear_probe.epochs=2",
+    "--config.evaluators.linear_probe.max_iter=20",
     "--config.evaluators.reconstruction.error_images=16"]

@@ -141,16 +141,57 @@ def test_knn_on_separable_data_is_perfect_and_weighting_matters():
     assert knn.knn_accuracy(train_x, rng.permutation(train_y), test_x, test_y) < 0.6
 
 
-def test_cached_linear_probe_learns_a_linear_rule():
+def test_linear_probe_learns_a_linear_rule_and_not_shuffled_labels():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(600, 10)).astype(np.float32)
     y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int64)
-    acc = probe.linear_probe_accuracy(x[:500], y[:500], x[500:], y[500:], epochs=100, lr=1e-2,
-                                      batch_size=50)
-    assert acc > 0.93
-    chance = probe.linear_probe_accuracy(x[:500], rng.permutation(y[:500]), x[500:], y[500:],
-                                         epochs=100, lr=1e-2, batch_size=50)
+    result = probe.linear_probe(x[:500], y[:500], x[500:], y[500:])
+    assert result.accuracy > 0.95 and result.l2 in probe.DEFAULT_L2_GRID
+    chance = probe.linear_probe_accuracy(x[:500], rng.permutation(y[:500]), x[500:], y[500:])
     assert chance < 0.75
+
+
+def _three_class_problem(seed=3, n=300, d=12):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, size=n)
+    x = rng.normal(size=(n, d)) + 1.5 * rng.normal(size=(3, d))[y]
+    return (x * rng.uniform(0.5, 3.0, size=d) + rng.normal(size=d)).astype(np.float32), y
+
+
+@pytest.mark.parametrize("l2", [1e-3, 1e-1])
+def test_logistic_fit_is_scikit_learns_logistic_regression(l2):
+    """Same objective as LogisticRegression(C=1/(l2 n)), multinomial, unpenalised intercept:
+    the same weights and the same probabilities on the same standardised data."""
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    x, y = _three_class_problem()
+    x, _ = probe.standardize(np.float64(x), np.float64(x))
+    with jax.enable_x64(True):  # as the probe runs, and tight enough to compare weights
+        params, iters = probe.fit_logistic(
+            jnp.asarray(x), jnp.asarray(y, jnp.int32), jnp.float64(l2),
+            {"w": jnp.zeros((12, 3), jnp.float64), "b": jnp.zeros(3, jnp.float64)}, tol=1e-9)
+        params = jax.tree.map(np.asarray, params)
+    assert int(iters) < 1000  # converged
+    ref = sklearn.LogisticRegression(C=1 / (l2 * len(x)), tol=1e-10, max_iter=10_000).fit(x, y)
+    np.testing.assert_allclose(params["w"].T, ref.coef_, atol=1e-6)
+    logits = x @ params["w"] + params["b"]
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(probs / probs.sum(1, keepdims=True), ref.predict_proba(x),
+                               atol=1e-6)
+
+
+def test_linear_probe_chooses_l2_on_validation_and_refits_on_all_of_train():
+    x, y = _three_class_problem(seed=4, n=400, d=40)
+    test_x, test_y = _three_class_problem(seed=5, n=200, d=40)
+    grid = (1e-4, 1e-2, 1.0)
+    result = probe.linear_probe(x, y, test_x, test_y, l2_grid=grid, val_fraction=0.25)
+    fit, val = probe.validation_split(len(x), 0.25)
+    assert len(val) == 100 and not set(fit) & set(val) and len(fit) + len(val) == 400
+    val_acc, val_ce, _ = probe.fit_and_score(x[fit], y[fit], x[val], y[val], grid,
+                                             num_classes=3)
+    best = min(range(3), key=lambda i: (-val_acc[i], val_ce[i]))
+    assert result.l2 == grid[best] and result.val_accuracy == pytest.approx(val_acc[best])
+    test_acc, _, _ = probe.fit_and_score(x, y, test_x, test_y, [grid[best]], num_classes=3)
+    assert result.accuracy == pytest.approx(test_acc[0])
 
 
 def test_best_constant_guess_errors():

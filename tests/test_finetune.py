@@ -10,6 +10,7 @@ import pytest
 
 from conftest import short_run, tiny_train_config
 from mim_jax import checkpointing, data, pretrained, train
+from mim_jax.evaluators import probe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -159,10 +160,11 @@ def test_pretrain_then_finetune_through_main(tfds_dir, tmp_path):
                     "--config.evaluators.linear_probe.every_steps=4",
                     "--config.evaluators.linear_probe.max_train_examples=64",
                     "--config.evaluators.linear_probe.max_eval_examples=32",
-                    "--config.evaluators.linear_probe.epochs=2"],
+                    "--config.evaluators.linear_probe.max_iter=20"],
                    cwd=ROOT, env=env, check=True, capture_output=True)
     pre_records = _records(pre)
     assert "knn/top1" in pre_records[4] and "masked_error_ratio" in pre_records[4]
+    assert pre_records[4]["linear_probe/l2"] in probe.DEFAULT_L2_GRID
     subprocess.run([sys.executable, "-m", "mim_jax.main", "--config",
                     f"configs/finetune.py:quickstart,pretrained={pre}", "--workdir", ft, *common,
                     "--config.evaluators.classification.every_epochs=0",

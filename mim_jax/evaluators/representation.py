@@ -6,7 +6,8 @@ Config (config.evaluators.NAME):
   train_split / eval_split: labelled splits of config.data (defaults: data.split / eval_split)
   max_train_examples / max_eval_examples: caps (0 = the whole split)
   pool: 'cls' | 'gap' features; batch_size: extraction batch
-  k, temperature (knn); epochs, lr (linear_probe on cached features)
+  k, temperature (knn)
+  l2_grid, val_fraction, max_iter (linear_probe: see evaluators/probe.py)
 """
 from __future__ import annotations
 
@@ -34,16 +35,33 @@ def validate(name: str, cfg, kind: str) -> None:
             raise ValueError(f"evaluators.{name}.k={k!r} must be a positive integer.")
         if not t > 0:
             raise ValueError(f"evaluators.{name}.temperature={t!r} must be > 0.")
+    else:
+        grid = cfg.get("l2_grid", probe.DEFAULT_L2_GRID)
+        if (not isinstance(grid, (list, tuple)) or not grid
+                or not all(isinstance(v, (int, float)) and v > 0 for v in grid)):
+            raise ValueError(f"evaluators.{name}.l2_grid={grid!r} must be a non-empty list of "
+                             "numbers > 0.")
+        fraction = cfg.get("val_fraction", 0.2)
+        if not isinstance(fraction, float) or not 0 < fraction < 1:
+            raise ValueError(f"evaluators.{name}.val_fraction={fraction!r} must be a number "
+                             "in (0, 1).")
+        iters = cfg.get("max_iter", 1000)
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters <= 0:
+            raise ValueError(f"evaluators.{name}.max_iter={iters!r} must be a positive "
+                             "integer.")
 
 
-def evaluate_features(kind: str, train, test, cfg) -> float:
-    """Accuracy in [0, 1] of kNN or a cached-feature linear probe."""
+def evaluate_features(kind: str, train, test, cfg) -> dict:
+    """{'top1': accuracy in [0, 1]} of kNN, plus the chosen 'l2' for the linear probe."""
     (train_x, train_y), (test_x, test_y) = train, test
     if kind == "knn":
-        return knn.knn_accuracy(train_x, train_y, test_x, test_y, k=cfg.get("k", 20),
-                                temperature=cfg.get("temperature", 0.07))
-    return probe.linear_probe_accuracy(train_x, train_y, test_x, test_y,
-                                       epochs=cfg.get("epochs", 100), lr=cfg.get("lr", 1e-3))
+        return {"top1": knn.knn_accuracy(train_x, train_y, test_x, test_y, k=cfg.get("k", 20),
+                                         temperature=cfg.get("temperature", 0.07))}
+    result = probe.linear_probe(train_x, train_y, test_x, test_y,
+                                l2_grid=tuple(cfg.get("l2_grid", probe.DEFAULT_L2_GRID)),
+                                val_fraction=cfg.get("val_fraction", 0.2),
+                                max_iter=cfg.get("max_iter", 1000))
+    return {"top1": result.accuracy, "l2": result.l2}
 
 
 class _FeatureCache:
@@ -102,10 +120,12 @@ class FrozenFeatureEvaluator(Periodic):
                                self.cfg.get("max_train_examples", 0))
         test = self._features(enc, stats, self.cfg.get("eval_split") or self.data_cfg.eval_split,
                               self.cfg.get("max_eval_examples", 0))
-        acc = evaluate_features(self.kind, train, test, self.cfg)
+        result = evaluate_features(self.kind, train, test, self.cfg)
+        acc = result["top1"]
         if jax.process_index() == 0:
-            self.writers.write_scalars(step, {f"{self.name}/top1": acc})
-            logging.info("step %d: %s top-1 %.2f%% (%d train / %d eval examples, %.1fs)", step,
-                         self.name, 100 * acc, len(train[1]), len(test[1]),
+            self.writers.write_scalars(step, {f"{self.name}/{k}": v for k, v in result.items()})
+            chosen = f", l2 {result['l2']:.0e}" if "l2" in result else ""
+            logging.info("step %d: %s top-1 %.2f%% (%d train / %d eval examples%s, %.1fs)",
+                         step, self.name, 100 * acc, len(train[1]), len(test[1]), chosen,
                          time.perf_counter() - start)
         return acc
