@@ -6,7 +6,7 @@ setup(
     description="Masked image modeling pretraining (MAE, SimMIM, BEiT) in JAX + Flax.",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax, jaxlib, flax, orbax-checkpoint, chex need it
     packages=find_packages(include=["mim_jax", "mim_jax.*"]),
     install_requires=[
         "absl-py>=2.0",
