@@ -38,8 +38,11 @@ setup(
         # attrs and requests: what OpenAI's dall_e package (the dVAE tokenizer's reference)
         # imports; install it itself with --no-deps, as its declared torchvision pulls GPU torch.
         "test": ["pytest>=8", "torch>=2.4", "transformers>=4.45", "attrs>=19.2", "requests"],
+        # A gs:// workdir: orbax asks Cloud Storage (through this client) how a bucket lists
+        # its checkpoints. Cloud TPU runs usually write to a bucket, so "tpu" includes it.
+        "gcs": ["google-cloud-storage"],
         "gpu": ["jax[cuda12]"],
-        "tpu": ["jax[tpu]"],
+        "tpu": ["jax[tpu]", "google-cloud-storage"],
     },
     entry_points={"console_scripts": ["mim-jax-train=mim_jax.main:run"]},
 )
