@@ -6,7 +6,7 @@ setup(
     description="Masked image modeling pretraining (MAE, SimMIM, BEiT) in JAX + Flax.",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax, jaxlib, flax, orbax-checkpoint, chex need it
     packages=find_packages(include=["mim_jax", "mim_jax.*"]),
     install_requires=[
         "absl-py>=2.0",
@@ -38,8 +38,11 @@ setup(
         # attrs and requests: what OpenAI's dall_e package (the dVAE tokenizer's reference)
         # imports; install it itself with --no-deps, as its declared torchvision pulls GPU torch.
         "test": ["pytest>=8", "torch>=2.4", "transformers>=4.45", "attrs>=19.2", "requests"],
+        # A gs:// workdir: orbax asks Cloud Storage (through this client) how a bucket lists
+        # its checkpoints. Cloud TPU runs usually write to a bucket, so "tpu" includes it.
+        "gcs": ["google-cloud-storage"],
         "gpu": ["jax[cuda12]"],
-        "tpu": ["jax[tpu]"],
+        "tpu": ["jax[tpu]", "google-cloud-storage"],
     },
     entry_points={"console_scripts": ["mim-jax-train=mim_jax.main:run"]},
 )

@@ -31,9 +31,8 @@ Arguments: model=vit_b|vit_l|swin_b|resnet50|resnet101|resnet152|resnet200|convn
 convnext_b|convnext_l (quickstart: vit|swin|resnet|convnext), pretrained=PATH, epochs,
 batch, data=imagenet2012, quickstart.
 """
-import os
-
 import ml_collections
+from etils import epath
 
 from configs import common
 from configs import mae as mae_config
@@ -154,7 +153,7 @@ def _quickstart(c, arg):
     """Fine-tune a quickstart encoder on the 4,500 training digits; top-1 on the 500 test."""
     run_model = run_data = None
     model = arg.model
-    if arg.pretrained and os.path.isdir(arg.pretrained):
+    if arg.pretrained and epath.Path(arg.pretrained).is_dir():  # a run, local or gs://
         run_model, run_data = model_of_run(arg.pretrained)
         model = run_model.get("name", "vit")
     convnet = model in ("resnet", "convnext")

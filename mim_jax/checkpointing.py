@@ -6,6 +6,10 @@ On top of that, every checkpoint carries an integrity fingerprint of its arrays 
 device when saving, stored in the step's metadata): a restore recomputes it and also requires
 every value to be finite. A checkpoint that cannot be read or fails either check is moved to
 WORKDIR/checkpoints_damaged/ with a warning, and the newest good one is restored instead.
+
+The workdir may be a bucket (gs://): orbax reaches it through etils.epath and tensorstore, and on
+GCS marks a finished step with a commit_success.txt file instead of renaming it (objects cannot
+be renamed atomically); moving a damaged step aside is a copy and delete there.
 """
 from __future__ import annotations
 
@@ -19,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
-from mim_jax import sharding
+from mim_jax import paths, sharding
 from mim_jax.errors import CheckpointError, ConfigError, one_line
 
 FINGERPRINT_KEY = "mim_jax_fingerprint"
@@ -141,8 +146,8 @@ class Checkpointer:
                  asynchronous: bool = True, subdir: str = "checkpoints"):
         validate_config(dict(keep=keep, every_steps=every_steps, asynchronous=asynchronous))
         self.every_steps = every_steps
-        self.directory = os.path.join(os.path.abspath(workdir), subdir)
-        self.damaged_directory = self.directory + "_damaged"
+        self.directory = paths.resolve(workdir) / subdir
+        self.damaged_directory = self.directory.with_name(subdir + "_damaged")
         self._pending_step = None  # the step of the save that may still be in flight
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -265,15 +270,18 @@ class Checkpointer:
         """Moves a damaged step out of orbax's sight (kept for inspection, never deleted):
         otherwise it would stay "latest" and block the save of its step number."""
         if jax.process_index() == 0:
-            source = os.path.join(self.directory, str(step))
-            target = os.path.join(self.damaged_directory, str(step))
+            source = self.directory / str(step)
+            target = self.damaged_directory / str(step)
             suffix = 1
-            while os.path.exists(target):
-                target = os.path.join(self.damaged_directory, f"{step}.{suffix}")
+            while target.exists():
+                target = self.damaged_directory / f"{step}.{suffix}"
                 suffix += 1
-            os.makedirs(self.damaged_directory, exist_ok=True)
-            if os.path.exists(source):
-                shutil.move(source, target)
+            self.damaged_directory.mkdir(parents=True, exist_ok=True)
+            if source.exists():
+                # A rename on a filesystem; on an object store a copy of every object, then
+                # their deletion: interrupted, what is left is moved again by the next restore
+                # or, once its commit marker is gone, ignored like an unfinished save.
+                source.rename(target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices(f"quarantined checkpoint {step}")
@@ -302,13 +310,15 @@ class Checkpointer:
         that fails inside orbax's threads is reported many times over and can hang the exit
         for minutes; old checkpoints are only deleted after a save succeeds, so it needs room
         for a whole new one."""
-        probe = os.path.join(self.directory, f".write_probe_{os.getpid()}")
+        # Named per process of the job: two hosts may run the same pid.
+        probe = self.directory / f".write_probe_{jax.process_index()}_{os.getpid()}"
         try:
-            with open(probe, "wb") as f:
-                f.write(b"0")
-            os.remove(probe)
+            probe.write_bytes(b"0")
+            probe.unlink()
         except OSError as e:
             raise self._save_error(step, e) from e
+        if not paths.is_local(self.directory):
+            return  # a bucket has no free-space figure (and its quota is not the disk's)
         needed = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
         needed = int(needed * 1.05) + (64 << 10)  # metadata, manifests
         free = shutil.disk_usage(self.directory).free
@@ -397,7 +407,7 @@ def abstract_like(tree):
 
 def latest_step(directory: str) -> Optional[int]:
     """The step of the newest complete checkpoint in `directory`, or None (none yet)."""
-    if not os.path.isdir(directory):
+    if not epath.Path(directory).is_dir():
         return None
     return ocp.CheckpointManager(directory).latest_step()
 

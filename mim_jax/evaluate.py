@@ -28,11 +28,13 @@ if __name__ == "__main__":  # first: before anything starts threads (mim_jax/all
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mim_jax import paths
 from mim_jax.config_file import load_config
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "The pretraining config, e.g. configs/mae.py:quickstart.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Pretraining workdir (pretrained if missing).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Pretraining workdir (pretrained if missing): "
+                                "a local path or gs://BUCKET/path.")
 _FINETUNE = flags.DEFINE_string("finetune_config", "configs/finetune.py",
                                 "Fine-tuning config file; its quickstart recipe is used.")
 _FT_EPOCHS = flags.DEFINE_float("finetune_epochs", 0.0, "Fine-tuning epochs (0 = the config's).")
@@ -41,8 +43,8 @@ _SKIP_FT = flags.DEFINE_bool("skip_finetune", False, "Only kNN and the linear pr
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _finished(workdir: str) -> bool:
-    return os.path.isfile(os.path.join(workdir, "final_metrics.json"))
+def _finished(workdir) -> bool:
+    return (workdir / "final_metrics.json").is_file()
 
 
 def _frozen_scores(config, workdir: str, seeds: int) -> dict:
@@ -101,17 +103,16 @@ def _finetune(workdir: str, ft_config_path: str, pretrained: bool, epochs: float
     config.data.data_dir = _CONFIG.value.data.data_dir
     if not pretrained:
         config.finetune.pretrained = ""  # same encoder and budget, random initialisation
-    out_dir = os.path.join(workdir, "finetune_pretrained" if pretrained else "finetune_scratch")
+    out_dir = workdir / ("finetune_pretrained" if pretrained else "finetune_scratch")
     start = time.perf_counter()
     train.train_and_evaluate(config, out_dir)
     history = []
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            if "classification/top1" in record:
-                history.append(record)
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "classification/top1" in record:
+            history.append(record)
     return {"top1": history[-1]["classification/top1"], "epochs": config.num_epochs,
-            "wall_seconds": time.perf_counter() - start, "workdir": out_dir}
+            "wall_seconds": time.perf_counter() - start, "workdir": str(out_dir)}
 
 
 def _table(result: dict) -> str:
@@ -141,8 +142,8 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from mim_jax import reporting, train
     logging.get_absl_handler().addFilter(reporting.QuietLibraries())
-    config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
-    result, walls = {"config": flags.FLAGS["config"].serialize(), "workdir": workdir}, {}
+    config, workdir = _CONFIG.value, paths.resolve(_WORKDIR.value)
+    result, walls = {"config": flags.FLAGS["config"].serialize(), "workdir": str(workdir)}, {}
     if not _finished(workdir):
         start = time.perf_counter()
         train.train_and_evaluate(config, workdir)
@@ -158,11 +159,9 @@ def main(argv):
     result["wall_seconds"] = walls
     table = _table(result)
     summary = table + "\n\nwall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in walls.items())
-    with open(os.path.join(workdir, "evaluation.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(workdir, "evaluation.md"), "w") as f:
-        f.write(summary + "\n")
-    logging.info("Evaluation written to %s", os.path.join(workdir, "evaluation.md"))
+    (workdir / "evaluation.json").write_text(json.dumps(result, indent=2))
+    (workdir / "evaluation.md").write_text(summary + "\n")
+    logging.info("Evaluation written to %s", workdir / "evaluation.md")
     print(summary)
 
 

@@ -16,12 +16,13 @@ if __name__ == "__main__":  # first: before anything starts threads (mim_jax/all
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mim_jax import reporting
+from mim_jax import paths, reporting
 from mim_jax.errors import RunError, Stopped, one_line
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/mae.py:quickstart.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images: "
+                                "a local path or gs://BUCKET/path.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False,
     "Call jax.distributed.initialize(): on TPU pods and SLURM the cluster is auto-detected; "
@@ -72,7 +73,7 @@ def main(argv):
     logging.info("JAX %s, %d process(es), %d devices: %s", jax.__version__,
                  jax.process_count(), jax.device_count(), jax.devices()[0].platform)
     try:
-        train.train_and_evaluate(_CONFIG.value, os.path.abspath(_WORKDIR.value),
+        train.train_and_evaluate(_CONFIG.value, paths.resolve(_WORKDIR.value),
                                  allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     except RunError as e:
         # Something the user must act on: one line, no traceback (see mim_jax.errors).

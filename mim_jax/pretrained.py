@@ -12,16 +12,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from typing import Any, Optional
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import traverse_util
 
-from mim_jax import checkpointing, convert, models, objectives, workdir as workdir_lib
+from mim_jax import checkpointing, convert, models, objectives, paths, workdir as workdir_lib
 from mim_jax.convert import dall_e, official_vqkd
 from mim_jax.models import resize, tokenizers
 from mim_jax.models.tokenizers import vqkd as vqkd_tokenizer
@@ -44,24 +44,24 @@ class PretrainedEncoder:
     batch_stats: Any = None
 
 
-def resolve_checkpoint(path: str, step: Optional[int] = None):
-    """A workdir, its checkpoints/ folder or one checkpoints/STEP folder -> (workdir, step)."""
-    path = os.path.abspath(path)
-    name = os.path.basename(path)
-    if name.isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints":
-        return os.path.dirname(os.path.dirname(path)), int(name)
-    if name == "checkpoints":
-        path = os.path.dirname(path)
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"{path!r} is not a mim_jax workdir (no config.json): pass the "
+def resolve_checkpoint(path, step: Optional[int] = None):
+    """A workdir, its checkpoints/ folder or one checkpoints/STEP folder (local or gs://)
+    -> (workdir as an epath.Path, step)."""
+    path = paths.resolve(path)
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        return path.parent.parent, int(path.name)
+    if path.name == "checkpoints":
+        path = path.parent
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{str(path)!r} is not a mim_jax workdir (no config.json): pass the "
                          "--workdir of a pretraining run or one of its checkpoints/STEP folders.")
     return path, step
 
 
-def read_run_config(workdir: str):
+def read_run_config(workdir):
     """The config a run's checkpoints were written with (the newest recorded one)."""
-    with open(workdir_lib.latest_record(workdir) or os.path.join(workdir, "config.json")) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    record = workdir_lib.latest_record(workdir) or epath.Path(workdir) / "config.json"
+    return ml_collections.ConfigDict(json.loads(record.read_text()))
 
 
 def check_shapes(params, expected, what: str) -> None:
@@ -87,11 +87,11 @@ def load_encoder(path: str, step: Optional[int] = None) -> PretrainedEncoder:
     workdir, step = resolve_checkpoint(path, step)
     config = read_run_config(workdir)
     objective = build_objective(config)
-    directory = os.path.join(workdir, "checkpoints")
+    directory = workdir / "checkpoints"
     if step is None:
         step = checkpointing.latest_step(directory)
         if step is None:
-            raise ValueError(f"{workdir!r} has no complete checkpoint yet.")
+            raise ValueError(f"{str(workdir)!r} has no complete checkpoint yet.")
     params = checkpointing.restore_raw(directory, step)
     key = objective.encoder_keys[0]
     expected = jax.eval_shape(objective.init, jax.random.key(0))[key]
@@ -153,7 +153,7 @@ def _recorded_vqkd_block(path) -> Optional[dict]:
     """The tokenizer block (with its input size made explicit) of an existing mim_jax VQ-KD
     run, or None when `path` is not one (an official file, or not there yet)."""
     field = vqkd_tokenizer.FIELD
-    if not path or not os.path.isdir(path):
+    if not path or not epath.Path(path).is_dir():
         return None
     try:
         workdir, _ = resolve_checkpoint(path)
@@ -180,7 +180,7 @@ def _dall_e_params(cfg, abstract) -> dict:
     """Official encoder state dict file -> params (host float32 numpy)."""
     checkpoint = cfg["checkpoint"]
     # No field-name prefix on these errors: the caller adds objective.tokenizer.checkpoint.
-    if not checkpoint or not os.path.isfile(checkpoint):
+    if not checkpoint or not epath.Path(checkpoint).is_file():
         raise ValueError(f"{checkpoint!r} is not a file; objective.tokenizer.checkpoint must name "
                          f"a DALL-E encoder state dict (mim_jax/convert/dall_e.py says how to "
                          f"extract one from OpenAI's encoder.pkl).")
@@ -197,7 +197,7 @@ def _vqkd_params(cfg, abstract) -> dict:
     if not path:
         raise ValueError(f"{field}.checkpoint is unset: pass an official vqkd .pth file or a "
                          "mim_jax VQ-KD run (its --workdir).")
-    if os.path.isfile(path):
+    if epath.Path(path).is_file():
         return official_vqkd.params_from_official(
             convert.load_torch_state_dict(path), num_heads=cfg["num_heads"],
             decoder_num_heads=cfg["decoder_heads"], expected=abstract)
@@ -220,7 +220,7 @@ def vqkd_params_from_run(path: str, step: Optional[int] = None) -> dict:
     if name != "vqkd":
         raise ValueError(f"{field}.checkpoint={path!r} is a {name!r} run, not a VQ-KD one "
                          "(objective.name='vqkd').")
-    directory = os.path.join(workdir, "checkpoints")
+    directory = workdir / "checkpoints"
     if step is None:
         step = checkpointing.latest_step(directory)
         if step is None:
@@ -265,7 +265,7 @@ def _resolve_teacher(config, need) -> FrozenEncoder:
         raise ValueError(f"{need.source}.step={step!r} must be None (latest) or an "
                          "integer >= 0.")
     try:
-        if os.path.isfile(path):
+        if epath.Path(path).is_file():
             pick = lambda name: teacher_cfg.get(name) or config.data.get(name)
             data = ml_collections.ConfigDict(dict(
                 image_size=pick("image_size"), mean=tuple(pick("mean")), std=tuple(pick("std")),
@@ -300,7 +300,7 @@ def _load_teacher(config, need, variables):
     teacher_cfg, abstract = _block(config, need.source), _at(variables, need.into)
     path = teacher_cfg.checkpoint
     try:
-        if os.path.isfile(path):  # official MAE layout, checked against the teacher module
+        if epath.Path(path).is_file():  # official MAE layout, checked against the teacher
             loaded = convert.mae_params_from_official(
                 convert.load_torch_state_dict(path), num_heads=need.part.module.config.num_heads,
                 strict=False, expected={"encoder": abstract})["encoder"]
@@ -323,14 +323,15 @@ def fitted_encoder_params(config, target_params, target_batch_stats=None):
     path = config.finetune.pretrained
     stats = None
     try:
-        if os.path.isfile(path) and config.model.get("name", "vit") in classification.CONVNETS:
+        is_file = bool(path) and epath.Path(path).is_file()
+        if is_file and config.model.get("name", "vit") in classification.CONVNETS:
             # timm layout (SparK's releases)
             arch = classification.encoder_from_config(config, for_probe=False).config
             variables = convert.convnet_variables_from_timm(
                 convert.load_torch_state_dict(path), config=arch, strict=False)
             source, origin = variables["params"]["encoder"], path
             stats = variables.get("batch_stats", {}).get("encoder")
-        elif os.path.isfile(path):  # reference weights (official MAE, BEiT or SimMIM layout)
+        elif is_file:  # reference weights (official MAE, BEiT or SimMIM layout)
             source, origin = _official_encoder(config, convert.load_torch_state_dict(path)), path
         else:
             pretrained = load_encoder(path, config.finetune.get("pretrained_step") or None)

@@ -2,6 +2,7 @@
 
 TensorBoard and console writers come from clu when it can be imported (it needs TensorFlow
 and tensorboard); accelerator hosts without TensorFlow still get the console and JSON-lines logs.
+TensorFlow writes the TensorBoard files, to a bucket (gs://) too, through its own filesystems.
 """
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 from absl import logging
+from etils import epath
+
+from mim_jax import paths
+
+# An object store cannot append: metrics.jsonl there is rewritten whole, at most this often
+# (and at every flush), so a run that dies loses at most this much of its log.
+REWRITE_SECONDS = 60.0
 
 
 class QuietLibraries(std_logging.Filter):
@@ -49,10 +57,15 @@ def _to_python(value):
     return value.item() if value.size == 1 else value.tolist()
 
 
+def jsonl_writer(path):
+    """The writer of metrics.jsonl at `path`: appending to a local file, rewriting an object."""
+    return JsonlWriter(path) if paths.is_local(path) else RewritingJsonlWriter(path)
+
+
 class JsonlWriter:
     """One JSON object per write_scalars call in workdir/metrics.jsonl (appended on resume)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path):
         self._file = open(path, "a", buffering=1)
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
@@ -73,6 +86,35 @@ class JsonlWriter:
 
     def close(self):
         self._file.close()
+
+
+class RewritingJsonlWriter(JsonlWriter):
+    """metrics.jsonl in an object store, which has no append: the lines so far (those of earlier
+    runs of the workdir included) are kept and the whole object is written again at flush()
+    and at most every `rewrite_seconds`. Each write replaces the object whole, so a reader
+    sees the file of one rewrite or the next, never a part of one."""
+
+    def __init__(self, path, rewrite_seconds: float = REWRITE_SECONDS):
+        self._path = epath.Path(path)
+        text = self._path.read_text() if self._path.exists() else ""
+        self._lines = [line + "\n" for line in text.splitlines() if line.strip()]
+        self._rewrite_seconds = rewrite_seconds
+        self._written, self._last = len(self._lines), time.monotonic()
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        record = {"step": int(step), **{k: _to_python(v) for k, v in scalars.items()}}
+        self._lines.append(json.dumps(record) + "\n")
+        if time.monotonic() - self._last >= self._rewrite_seconds:
+            self.flush()
+
+    def flush(self):
+        if len(self._lines) > self._written:
+            self._path.write_text("".join(self._lines))
+            self._written = len(self._lines)
+        self._last = time.monotonic()
+
+    def close(self):
+        self.flush()
 
 
 class ConsoleWriter:
@@ -112,14 +154,15 @@ class Writers:
         return call
 
 
-def create_writers(workdir: str, is_main: bool) -> Writers:
+def create_writers(workdir, is_main: bool) -> Writers:
     """TensorBoard + console + JSON-lines on the main process; nothing elsewhere."""
     if not is_main:
         return Writers([])
-    writers = [JsonlWriter(os.path.join(workdir, "metrics.jsonl"))]
+    writers = [jsonl_writer(epath.Path(workdir) / "metrics.jsonl")]
     try:
         from clu import metric_writers  # imports TensorFlow and tensorboard
-        writers.append(metric_writers.create_default_writer(workdir, asynchronous=False))
+        writers.append(metric_writers.create_default_writer(os.fspath(workdir),
+                                                            asynchronous=False))
     except ImportError as e:
         logging.warning("TensorBoard logging is off (%s); console and metrics.jsonl only.", e)
         writers.append(ConsoleWriter())

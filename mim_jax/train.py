@@ -3,7 +3,6 @@ alike: the pretraining methods and the fine-tuning / linear probing of a classif
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import time
 from typing import Any
@@ -16,8 +15,9 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from mim_jax import (checkpointing, data, evaluators, flops, objectives, optim, preemption,
-                     pretrained, reporting, sharding, workdir as workdir_lib, workdir_lock)
+from mim_jax import (checkpointing, data, evaluators, flops, objectives, optim, paths,
+                     preemption, pretrained, reporting, sharding, workdir as workdir_lib,
+                     workdir_lock)
 from mim_jax.errors import ConfigError, RunError
 
 
@@ -229,8 +229,7 @@ def _write_parameter_counts(workdir, state, mesh):
     lines = [f"{name}: {n:,}" for name, n in counts.items()] + [f"total: {total:,}"]
     lines.append(f"train state bytes: {state_bytes} in all, {per_device} per device "
                  f"(mesh {mesh_text})")
-    with open(os.path.join(workdir, "parameters.txt"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    (workdir / "parameters.txt").write_text("\n".join(lines) + "\n")
     return total, state_bytes, per_device
 
 
@@ -263,9 +262,10 @@ def _restore(ckpt, abstract_state, state_shardings):
     return ckpt.restore(sharding.with_shardings(abstract_state, state_shardings))
 
 
-def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False) -> dict:
+def train_and_evaluate(config, workdir, *, allow_config_change: bool = False) -> dict:
     """Pretrains `config.objective` (or, with a config.finetune block, fine-tunes / probes a
-    classifier) in `workdir`, resuming from its newest good checkpoint.
+    classifier) in `workdir` (a local path or gs://BUCKET/path), resuming from its newest good
+    checkpoint.
 
     Raises ConfigError (bad config, or a workdir started with another config unless
     `allow_config_change`), CheckpointError (no restorable checkpoint, a failed save) or
@@ -280,7 +280,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     except ValueError as e:
         raise ConfigError(str(e)) from e
     is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+    workdir = paths.resolve(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     # One run per workdir, taken before anything in it is read or written (opening the
     # checkpoint manager already cleans up unfinished saves, which may be a live run's).
     with workdir_lock.hold(workdir, is_main=is_main, agree=_agree_with_process_0) as hold:

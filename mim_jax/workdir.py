@@ -8,13 +8,13 @@ next to the old one (config.stepN.json, N = the step it resumes from), never ove
 from __future__ import annotations
 
 import json
-import os
 import re
 from typing import Optional
 
 from absl import logging
+from etils import epath
 
-from mim_jax import optim
+from mim_jax import optim, paths
 from mim_jax.errors import ConfigError
 
 RECORD = "config.json"
@@ -74,37 +74,31 @@ def changed_fields(old: dict, new: dict) -> list:
     return out
 
 
-def latest_record(workdir: str) -> Optional[str]:
+def latest_record(workdir) -> Optional[epath.Path]:
     """The newest recorded config of `workdir` (config.json or the latest config.stepN.json)."""
-    changes = [(int(m.group(1)), name) for name in os.listdir(workdir)
-               if (m := _CHANGE_RECORD.match(name))] if os.path.isdir(workdir) else []
+    workdir = epath.Path(workdir)
+    changes = [(int(m.group(1)), path.name) for path in workdir.iterdir()
+               if (m := _CHANGE_RECORD.match(path.name))] if workdir.is_dir() else []
     if changes:
-        return os.path.join(workdir, max(changes)[1])
-    path = os.path.join(workdir, RECORD)
-    return path if os.path.isfile(path) else None
+        return workdir / max(changes)[1]
+    path = workdir / RECORD
+    return path if path.is_file() else None
 
 
-def _write_json(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)  # never a half-written record
-
-
-def check(workdir: str, config, *, resume_step: Optional[int], allow_change: bool,
+def check(workdir, config, *, resume_step: Optional[int], allow_change: bool,
           is_main: bool = True) -> list:
     """Records `config` for a fresh run; for a resumed one compares it with the record and
     raises ConfigError listing the changes unless `allow_change`. Returns the changes."""
+    workdir = epath.Path(workdir)
     text = config.to_json_best_effort(indent=2)
     record = latest_record(workdir)
     if resume_step is None or record is None:
         # Nothing to resume (or a run that stopped before its first checkpoint): start over.
         if is_main:
-            _write_json(os.path.join(workdir, RECORD), text)
+            paths.write_whole(workdir / RECORD, text)
         return []
     try:
-        with open(record) as f:
-            old = flatten(json.load(f))
+        old = flatten(json.loads(record.read_text()))
     except (OSError, ValueError) as e:
         raise ConfigError(f"{record} cannot be read ({e}); restore it, or pass "
                           "--allow_config_change to continue with this config.") from e
@@ -116,28 +110,27 @@ def check(workdir: str, config, *, resume_step: Optional[int], allow_change: boo
             f"{shown}): rerun with that config, use a new --workdir, or pass "
             "--allow_config_change to continue this run with the new one.")
     if changes and is_main:
-        path = os.path.join(workdir, f"config.step{resume_step}.json")
-        _write_json(path, text)
-        final = os.path.join(workdir, FINAL_METRICS)
-        if os.path.exists(final):  # it ended the old config's run, not this one's
-            os.replace(final, os.path.join(workdir, f"final_metrics.step{resume_step}.json"))
+        path = workdir / f"config.step{resume_step}.json"
+        paths.write_whole(path, text)
+        final = workdir / FINAL_METRICS
+        if final.exists():  # it ended the old config's run, not this one's
+            final.replace(workdir / f"final_metrics.step{resume_step}.json")
         logging.warning("Continuing from step %d with a changed config (%s); recorded in %s, "
                         "the earlier config is kept.", resume_step, "; ".join(changes), path)
     return changes
 
 
-def finished_metrics(workdir: str, latest_step: Optional[int]) -> Optional[dict]:
+def finished_metrics(workdir, latest_step: Optional[int]) -> Optional[dict]:
     """The final metrics of a run that completed at `latest_step`, else None."""
-    path = os.path.join(workdir, FINAL_METRICS)
-    if latest_step is None or not os.path.isfile(path):
+    path = epath.Path(workdir) / FINAL_METRICS
+    if latest_step is None or not path.is_file():
         return None
     try:
-        with open(path) as f:
-            final = json.load(f)
+        final = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     return final if final.get("step") == latest_step else None
 
 
-def write_final_metrics(workdir: str, final: dict) -> None:
-    _write_json(os.path.join(workdir, FINAL_METRICS), json.dumps(final, indent=2))
+def write_final_metrics(workdir, final: dict) -> None:
+    paths.write_whole(epath.Path(workdir) / FINAL_METRICS, json.dumps(final, indent=2))

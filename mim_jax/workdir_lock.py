@@ -1,14 +1,25 @@
 """One run per workdir: a lock file that names its holder and is kept fresh while it lives.
 
-A run creates WORKDIR/run.lock (atomically: O_CREAT | O_EXCL) holding its host, process id,
-process start time and a refresh time that a background thread rewrites every
-REFRESH_SECONDS. A second run on the same workdir - a second terminal, a requeued job while
-the first still runs, another host on a shared filesystem - finds the file and stops with one
-line naming the holder. A lock whose holder is gone is taken over with one warning:
+A run creates WORKDIR/run.lock holding its host, process id, process start time, a token of its
+own and a refresh time that a background thread rewrites every REFRESH_SECONDS. A second run on
+the same workdir - a second terminal, a requeued job while the first still runs, another host
+on a shared filesystem or bucket - finds the file and stops with one line naming the holder. A
+lock whose holder is gone is taken over with one warning:
   * same host: its process no longer exists (or the pid now belongs to a newer process);
   * another host: it has not been refreshed for STALE_SECONDS.
 SIGTERM, SIGINT, the end of the run and an error release it; after kill -9 (or a lost host)
 it stays behind, stale, for the next run to take over.
+
+What creating the lock guarantees depends on the storage:
+  * a filesystem: the file is created atomically (a hard link, or O_CREAT | O_EXCL), so of two
+    runs starting at once exactly one gets it;
+  * an object store (gs://), which has no exclusive create: a run writes its record, waits
+    SETTLE_SECONDS and reads it back; the last writer wins, and a run that reads another's
+    token stops. Two runs whose writes and read-backs interleave more than SETTLE_SECONDS
+    apart can both start: the one whose record was overwritten sees the other's token at its
+    next refresh (within REFRESH_SECONDS) and stops at its next checkpoint without saving it,
+    but until then both write into the workdir. A run started while another live one holds
+    the lock is always refused, as on a filesystem.
 
 In a multi-process job only process 0 holds the file, for all processes of the job; the
 others learn from it whether the job may go on.
@@ -25,7 +36,9 @@ import uuid
 from typing import Optional
 
 from absl import logging
+from etils import epath
 
+from mim_jax import paths
 from mim_jax.errors import RunError
 
 LOCK_FILE = "run.lock"
@@ -33,6 +46,9 @@ REFRESH_SECONDS = 60.0
 # A holder on another host counts as gone after this long without a refresh: ten refreshes
 # missed, far longer than a filesystem hiccup, far shorter than a pretraining run.
 STALE_SECONDS = 600.0
+# Object stores: how long a run waits between writing its record and reading it back, far
+# longer than the round trip of a write, so that a contender's write has landed by then.
+SETTLE_SECONDS = 5.0
 
 
 class WorkdirBusy(RunError):
@@ -83,9 +99,12 @@ def holder_gone(holder: dict, now: Optional[float] = None) -> Optional[str]:
 class WorkdirLock:
     """Context manager holding WORKDIR/run.lock for this process; see the module docstring."""
 
-    def __init__(self, workdir: str, *, refresh_seconds: float = REFRESH_SECONDS):
-        self.path = os.path.join(workdir, LOCK_FILE)
+    def __init__(self, workdir, *, refresh_seconds: float = REFRESH_SECONDS,
+                 settle_seconds: float = SETTLE_SECONDS):
+        self.path = epath.Path(workdir) / LOCK_FILE
+        self.local = paths.is_local(self.path)
         self.refresh_seconds = refresh_seconds
+        self.settle_seconds = settle_seconds
         self.token = uuid.uuid4().hex  # tells our file from a successor's
         self.lost: Optional[str] = None  # set when another run took the lock from us
         self._stop = threading.Event()
@@ -100,10 +119,9 @@ class WorkdirLock:
         return self._read_file(self.path)
 
     @staticmethod
-    def _read_file(path: str) -> Optional[dict]:
+    def _read_file(path) -> Optional[dict]:
         try:
-            with open(path) as f:
-                return json.load(f)
+            return json.loads(epath.Path(path).read_text())
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
@@ -113,7 +131,9 @@ class WorkdirLock:
         """Creates the lock file whole, or returns False when one exists: the record is written
         to a file of our own first and then hard-linked into place (a link never overwrites),
         so no reader ever sees a half-written lock. Filesystems without hard links get an
-        exclusive create instead."""
+        exclusive create instead; object stores, _claim."""
+        if not self.local:
+            return not self.path.exists() and self._claim()
         tmp = f"{self.path}.{self.token}.tmp"
         with open(tmp, "w") as f:
             json.dump(self.record, f)
@@ -133,6 +153,23 @@ class WorkdirLock:
         finally:
             os.remove(tmp)
 
+    def _claim(self) -> bool:
+        """Object stores: writes our record (over whatever is there), lets the writes of
+        contenders land and reads it back: ours only if our token is still there."""
+        self._write_record()
+        time.sleep(self.settle_seconds)
+        current = self._read()
+        return bool(current) and current.get("token") == self.token
+
+    def _write_record(self) -> None:
+        if not self.local:
+            self.path.write_text(json.dumps(self.record))  # an object is replaced whole
+            return
+        tmp = f"{self.path}.{self.token}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.record, f)
+        os.replace(tmp, self.path)
+
     def acquire(self) -> None:
         """Takes the lock (or raises WorkdirBusy) and starts refreshing it."""
         self._take()
@@ -148,16 +185,24 @@ class WorkdirLock:
             if holder is None:
                 continue
             if holder == {}:
-                age = time.time() - os.path.getmtime(self.path)
+                age = time.time() - (os.path.getmtime(self.path) if self.local
+                                     else self.path.stat().mtime)
                 reason = (f"unreadable and {age:.0f} s old" if age > STALE_SECONDS else None)
             else:
                 reason = holder_gone(holder)
             if reason is None:
                 raise WorkdirBusy(
-                    f"--workdir {os.path.dirname(self.path)} is in use by another run "
+                    f"--workdir {self.path.parent} is in use by another run "
                     f"({describe(holder) if holder else 'its lock file is being written'}); "
                     f"wait for it to end or stop it, or use another --workdir. If that run is "
                     f"gone, delete {self.path}.")
+            if not self.local:
+                # No rename to take it by: claim it like a free one. Of several contenders
+                # the last writer wins; the others read back its fresh record and are refused.
+                if self._claim():
+                    self._took_over(holder, reason)
+                    return
+                continue
             # Take over: move the stale file aside, then make sure it was the one judged
             # stale. Another contender may have replaced it with its own fresh lock in the
             # meantime; that one is put back (os.link never overwrites) and we are refused.
@@ -175,11 +220,14 @@ class WorkdirLock:
                 os.remove(aside)
                 continue
             os.remove(aside)
-            logging.warning("Taking over %s: its holder (%s) is gone: %s.", self.path,
-                            describe(holder) if holder else "unknown", reason)
+            self._took_over(holder, reason)
         if not self._create():
-            raise WorkdirBusy(f"--workdir {os.path.dirname(self.path)}: another run took "
+            raise WorkdirBusy(f"--workdir {self.path.parent}: another run took "
                               f"{self.path} at the same time; use another --workdir.")
+
+    def _took_over(self, holder: dict, reason: str) -> None:
+        logging.warning("Taking over %s: its holder (%s) is gone: %s.", self.path,
+                        describe(holder) if holder else "unknown", reason)
 
     def _refresh_loop(self) -> None:
         while not self._stop.wait(self.refresh_seconds):
@@ -193,18 +241,15 @@ class WorkdirLock:
                               "checkpoint.", self.path, self.lost)
                 return
             self.record["refreshed"] = time.time()
-            tmp = f"{self.path}.{self.token}.tmp"
             try:
-                with open(tmp, "w") as f:
-                    json.dump(self.record, f)
-                os.replace(tmp, self.path)
+                self._write_record()
             except OSError as e:  # a full disk must not kill the run; the next refresh retries
                 logging.warning("Could not refresh %s: %s", self.path, e)
 
     def check(self) -> None:
         """Raises if another run has taken the workdir over (called before each save)."""
         if self.lost:
-            raise WorkdirBusy(f"another run took over --workdir {os.path.dirname(self.path)} "
+            raise WorkdirBusy(f"another run took over --workdir {self.path.parent} "
                               f"({self.lost}) while this one was not refreshing its lock; "
                               "this run stopped without saving.")
 
@@ -214,7 +259,7 @@ class WorkdirLock:
             self._thread.join()
         current = self._read()
         if current and current.get("token") == self.token:
-            os.remove(self.path)
+            self.path.unlink()
 
     def __enter__(self):
         self.acquire()
@@ -234,7 +279,7 @@ class _CoveredByProcess0:
 
 
 @contextlib.contextmanager
-def hold(workdir: str, *, is_main: bool = True, agree=lambda ok: ok):
+def hold(workdir, *, is_main: bool = True, agree=lambda ok: ok):
     """The job's hold on `workdir`. Process 0 (`is_main`) takes the lock; every process then
     calls `agree(ok)`, which returns process 0's `ok` (a broadcast in a multi-process job), so
     all processes stop together when the workdir is busy. Yields an object with check()."""

@@ -60,16 +60,24 @@ def test_tpu_dry_run_create_copy_and_run(tmp_path):
     assert "--zone us-central2-b" in create[0] and "--accelerator-type v4-32" in create[0]
     assert "--version tpu-ubuntu2204-base" in create[0] and "--spot" not in create[0]
     assert not _lines(out, "queued-resources")
+    assert not _lines(out, "gcloud storage")  # a filesystem WORKDIR has no bucket to check
+    pack = _lines(out, "git ls-files -z | tar czf")
+    assert len(pack) == 1
     scp = _lines(out, "gcloud compute tpus tpu-vm scp")
     assert len(scp) == 1 and "--worker=all" in scp[0] and "pod1:" in scp[0]
     ssh = _lines(out, "gcloud compute tpus tpu-vm ssh pod1", "--worker=all")
-    assert len(ssh) == 2
-    assert 'pip install -q -e ".[tpu]"' in ssh[0]
-    train = ssh[1]
-    assert ("python3 -m mim_jax.main --config configs/mae.py:variant=B/16,epochs=800 "
+    assert len(ssh) == 3
+    clear, install, train = ssh
+    assert "pkill -TERM" in clear and "libtpu_lockfile" in clear
+    assert "uv venv -q --python 3.12 .venv" in install
+    assert "uv pip install -q --python .venv/bin/python -e" in install
+    assert ("/.venv/bin/python -m mim_jax.main --config configs/mae.py:variant=B/16,epochs=800 "
             "--workdir /mnt/shared/runs/mae --distributed "
             "--config.data.data_dir=/mnt/shared/tfds --config.batch_size=1024") in train
     assert "[worker" in train
+    order = out.splitlines()
+    assert (order.index(create[0]) < order.index(clear) < order.index(pack[0])
+            < order.index(install) < order.index(train))
     assert not _lines(out, "delete")
 
 
@@ -96,7 +104,7 @@ def test_tpu_dry_run_env_vars_and_git_clone(tmp_path):
     assert len(create) == 1 and "--spot" in create[0]
     assert "--version v2-alpha-tpuv5-lite" in create[0] and "--project my-proj" in create[0]
     assert not _lines(out, "tpu-vm scp")
-    assert _lines(out, "--worker=all", "git clone -q https://example.com/mim_jax.git")
+    assert _lines(out, "--worker=all", "git clone -q https://example.com/mim_jax.git", "uv venv")
     assert _lines(out, "--worker=all", "--config configs/mae.py:quickstart --workdir /mnt/shared/q "
                   "--distributed")
 
@@ -107,14 +115,51 @@ def test_tpu_usage_errors(tmp_path, args):
     assert proc.returncode == 2 and "usage:" in proc.stderr
 
 
-def test_tpu_refuses_gcs_workdir(tmp_path):
-    proc = _tpu(tmp_path, "--dry-run", "--zone", "z", "--accelerator-type", "v4-8", "c", "gs://b/w")
-    assert proc.returncode == 2 and "gcsfuse" in proc.stderr
+def test_tpu_gcs_workdir_is_checked_first_and_passed_on(tmp_path):
+    proc = _tpu(tmp_path, "--dry-run", "--zone", "z", "--accelerator-type", "v4-8",
+                "--python-version", "3.11", "c", "gs://b/w")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("+ gcloud storage cp ") and " gs://b/w/" in lines[0]
+    assert _lines(proc.stdout, "--python 3.11 .venv")
+    assert _lines(proc.stdout, "-m mim_jax.main --config c --workdir gs://b/w --distributed")
+
+
+def test_tpu_stop_dry_run(tmp_path):
+    proc = _tpu(tmp_path, "--dry-run", "--stop", "--name", "pod3", "--zone", "z")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1 and "tpu-vm ssh pod3 --zone z --worker=all" in lines[0]
+    assert "pkill -TERM" in lines[0]
+    proc = _tpu(tmp_path, "--dry-run", "--stop", "--zone", "z", "c", "w")
+    assert proc.returncode == 2 and "takes no CONFIG" in proc.stderr
+
+
+def test_python_requires_covers_the_dependencies():
+    """setup.py's python_requires is at least what the installed jax, jaxlib, flax, optax,
+    orbax-checkpoint and chex releases declare (pip would otherwise reach them late)."""
+    import importlib.metadata as md
+    import re
+    text = open(os.path.join(ROOT, "setup.py")).read()
+    floor = re.search(r'python_requires=">=3\.(\d+)"', text)
+    assert floor, "python_requires must be a >=3.N floor"
+    needed = {}
+    for dist in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex"):
+        try:
+            spec = md.metadata(dist)["Requires-Python"] or ""
+        except md.PackageNotFoundError:
+            continue
+        m = re.search(r">=\s*3\.(\d+)", spec)
+        if m:
+            needed[dist] = int(m.group(1))
+    assert needed, "none of the dependencies is installed"
+    assert int(floor.group(1)) >= max(needed.values()), needed
 
 
 def test_sbatch_directives():
     text = open(os.path.join(LAUNCH, "slurm_gpu.sbatch")).read()
     for line in ["#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --cpus-per-task=32", "#SBATCH --mem=0",
                  "#SBATCH --signal=TERM@120", "#SBATCH --requeue"]:
         assert line + "\n" in text
     assert "srun " in text and "--distributed" in text
@@ -141,6 +186,24 @@ def test_sbatch_runs_srun_with_forwarded_args(tmp_path):
     ids = [l for l in lines if l.startswith("ids=")]
     assert ids and ids[0].startswith("ids=0,1,2,3 ")
     assert "--xla_gpu_enable_latency_hiding_scheduler=true" in ids[0]
+
+
+@pytest.mark.parametrize("env, expected", [
+    (dict(SLURM_JOB_CPUS_PER_NODE="128(x2),96", SLURM_CPUS_PER_TASK="32"), "--cpus-per-task=96"),
+    (dict(SLURM_JOB_CPUS_PER_NODE="224(x4)"), "--cpus-per-task=224"),
+    (dict(SLURM_CPUS_PER_TASK="32"), "--cpus-per-task=32"),
+    ({}, None),
+])
+def test_sbatch_gives_the_task_every_cpu_of_its_node(tmp_path, env, expected):
+    _fake_bin(tmp_path, "srun", 'while [[ $1 == -* ]]; do echo "srun-opt $1"; shift; done\n')
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(["bash", os.path.join(LAUNCH, "slurm_gpu.sbatch"), "c", "w"],
+                          env=dict(clean, PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
+                                   SLURM_SUBMIT_DIR=ROOT, **env),
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    cpus = [l for l in proc.stdout.splitlines() if l.startswith("srun-opt --cpus-per-task")]
+    assert cpus == ([f"srun-opt {expected}"] if expected else [])
 
 
 def test_sbatch_usage_error():

@@ -14,17 +14,19 @@ writes
                            patches), when the run wrote one.
 
 Everything comes from WORKDIR/metrics.jsonl, so it works on a finished run, a run in progress
-and a copied workdir alike. Rows that a resumed run logged twice keep the later value.
+and a copied workdir alike, local or in a bucket (gs://BUCKET/path). Rows that a resumed run
+logged twice keep the later value.
 """
 from __future__ import annotations
 
 import argparse
-import glob
+import io
 import json
 import os
 import sys
 
 import numpy as np
+from etils import epath
 
 _MAX_BYTES = 200_000  # docs pictures stay small
 _LOSS_SMOOTHING = 0.9  # exponential moving average for the smoothed loss line
@@ -34,7 +36,7 @@ _SMOOTH_FROM = 50  # log points from which the loss is also drawn smoothed
 def read_metrics(path: str) -> dict[str, dict[int, float]]:
     """metrics.jsonl -> {key: {step: value}} for every scalar key (later rows win)."""
     series: dict[str, dict[int, float]] = {}
-    with open(path) as f:
+    with epath.Path(path).open() as f:
         for number, line in enumerate(f, 1):
             line = line.strip()
             if not line:
@@ -73,11 +75,10 @@ def accuracy_keys(series) -> list[str]:
 def random_init_accuracy(workdir: str) -> dict[str, float]:
     """{'knn': top-1, 'linear_probe': top-1} of the same encoder at random init (mean over
     seeds), from the evaluation.json that `python -m mim_jax.evaluate` wrote, if any."""
-    path = os.path.join(workdir, "evaluation.json")
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / "evaluation.json"
+    if not path.exists():
         return {}
-    with open(path) as f:
-        frozen = json.load(f).get("frozen", {})
+    frozen = json.loads(path.read_text()).get("frozen", {})
     return dict(frozen.get("random_init", {}))
 
 
@@ -154,11 +155,11 @@ def plot_curves(series, title: str, path: str, random_init=None):
 
 def copy_grid(workdir: str, path: str) -> str | None:
     """Re-save the newest reconstruction grid, halving it until it is under _MAX_BYTES."""
-    grids = sorted(glob.glob(os.path.join(workdir, "reconstructions", "step_*.png")))
+    grids = sorted(str(p) for p in epath.Path(workdir).glob("reconstructions/step_*.png"))
     if not grids:
         return None
     from PIL import Image
-    image = Image.open(grids[-1]).convert("RGB")
+    image = Image.open(io.BytesIO(epath.Path(grids[-1]).read_bytes())).convert("RGB")
     while True:
         image.save(path, optimize=True)
         if os.path.getsize(path) <= _MAX_BYTES or min(image.size) < 64:
@@ -175,7 +176,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     metrics = os.path.join(args.workdir, "metrics.jsonl")
-    if not os.path.exists(metrics):
+    if not epath.Path(metrics).exists():
         parser.exit(2, f"{metrics} does not exist; pass the workdir of a run.\n")
     series = read_metrics(metrics)
     if "loss" not in series:

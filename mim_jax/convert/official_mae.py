@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
+import io
 import re
 from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
+from etils import epath
 
+from mim_jax import paths
 from mim_jax.convert import common, mae_layout
 
 
@@ -78,11 +80,13 @@ def load_torch_state_dict(path) -> Dict[str, Any]:
 
     import torch  # only needed here; the rest of the converters take plain mappings
 
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
         raise ValueError(f"{path}: no such checkpoint file.")
+    # torch reads a local file itself; an object in a bucket (gs://) is read whole first.
+    source = path if paths.is_local(path) else io.BytesIO(epath.Path(path).read_bytes())
     try:
         with torch.serialization.safe_globals(list(_ALLOWED_GLOBALS)):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = torch.load(source, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
         refused = re.search(r"GLOBAL ([\w.]+)", str(err))
         if refused:  # a class outside the allow-list: the weights_only loader refused it

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from mim_jax import paths
 from mim_jax.data import synthetic
 from mim_jax.data.config import default_data_config, validate_data_config
 
@@ -62,6 +63,8 @@ def check_data_dir(data_cfg) -> None:
     path = data_cfg.get("data_dir")
     if not path or data_cfg.name in (synthetic.NAME, "folder"):
         return
+    if not paths.is_local(path):
+        return  # a bucket (gs://) has no directories to check; TFDS reports what it cannot do
     path = os.path.abspath(os.path.expanduser(path))
     existing = path
     while not os.path.exists(existing):  # the nearest ancestor that exists decides

@@ -5,11 +5,11 @@ work, so it only inspects the config, the filesystem path of a folder
 dataset and the TFDS builder *registry*; it never prepares or reads data.
 """
 
-import os
 import re
 from typing import Optional
 
 from absl import flags
+from etils import epath
 import ml_collections
 from ml_collections import config_dict
 from ml_collections import config_flags
@@ -175,7 +175,7 @@ def validate_data_config(cfg) -> None:
                 f"data.folder={folder!r}: data.name='{FOLDER}' needs data.folder set "
                 "to a directory of images."
             )
-        if not os.path.isdir(folder):
+        if not epath.Path(folder).is_dir():  # local or gs://
             raise ValueError(f"data.folder={folder!r} is not an existing directory.")
     elif name not in (MNIST5K, SYNTHETIC) and not _is_registered_tfds_builder(name):
         raise ValueError(

@@ -16,10 +16,12 @@ import os
 from typing import Optional, Sequence
 
 import numpy as np
+from etils import epath
 
 from mim_jax.data.tf_setup import tf  # first: hides accelerators from TensorFlow
 import tensorflow_datasets as tfds
 
+from mim_jax import paths as paths_lib
 from mim_jax.data import config as config_lib
 from mim_jax.data import mnist5k  # noqa: F401  (registers the bundled TFDS dataset)
 
@@ -125,6 +127,14 @@ class TfdsSource:
         return ref  # Already the encoded bytes.
 
 
+def _walk(folder: str):
+    """os.walk of a local folder (symlinked class folders followed); a bucket's (gs://) through
+    epath. TensorFlow reads the files of either."""
+    if paths_lib.is_local(folder):
+        return os.walk(folder, followlinks=True)
+    return epath.Path(folder).walk()
+
+
 def list_image_files(folder: str):
     """Sorted image paths under `folder` (recursive) and their labels.
 
@@ -133,7 +143,7 @@ def list_image_files(folder: str):
     images lying directly in `folder` get -1 (unlabelled).
     """
     paths = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
+    for root, dirs, files in _walk(folder):
         dirs.sort()  # Walk order does not matter (we sort below) but is cheaper.
         for f in files:
             if f.lower().endswith(IMAGE_EXTENSIONS):

@@ -8,7 +8,6 @@ are saved to workdir/best/ with best.json beside them; a resumed run continues t
 from __future__ import annotations
 
 import json
-import os
 from typing import Optional
 
 import jax
@@ -16,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 
-from mim_jax import checkpointing, data, sharding
+from mim_jax import checkpointing, data, paths, sharding
 from mim_jax.evaluators.schedule import Periodic
 from mim_jax.objectives import make_rngs
 
@@ -78,14 +78,13 @@ class ClassificationEvaluator(Periodic):
         self.writers = writers
         self.is_main = jax.process_index() == 0
         self.predict = make_predict(objective, mesh, config.data)
-        self.best_dir = os.path.join(workdir, "best")
-        self.best_json = os.path.join(workdir, "best.json")
+        self.best_dir = epath.Path(workdir) / "best"
+        self.best_json = epath.Path(workdir) / "best.json"
         self.best = self._read_best()
 
     def _read_best(self) -> dict:
-        if os.path.isfile(self.best_json):
-            with open(self.best_json) as f:
-                return json.load(f)
+        if self.best_json.is_file():
+            return json.loads(self.best_json.read_text())
         return {"top1": -1.0}
 
     def maybe_run(self, step: int, state, force: bool = False):
@@ -123,14 +122,11 @@ class ClassificationEvaluator(Periodic):
         return {k.split("/", 1)[1]: v for k, v in scalars.items()}
 
     def _save_best(self, step, prefix, metrics, params, model_state):
-        ckpt = checkpointing.Checkpointer(os.path.dirname(self.best_dir), keep=1,
+        ckpt = checkpointing.Checkpointer(self.best_dir.parent, keep=1,
                                           asynchronous=False, subdir="best")
         ckpt.maybe_save(step, {"params": params, "model_state": model_state}, force=True)
         ckpt.close()
         self.best = dict(top1=float(metrics["top1"]), top5=float(metrics["top5"]), step=int(step),
                          weights="ema" if prefix else "online")
         if self.is_main:
-            tmp = self.best_json + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(self.best, f, indent=2)
-            os.replace(tmp, self.best_json)
+            paths.write_whole(self.best_json, json.dumps(self.best, indent=2))

@@ -11,13 +11,14 @@ A run stuck at that trivial solution shows `masked_error_ratio` near 1.
 """
 from __future__ import annotations
 
-import os
+import io
 
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
-from mim_jax import data, sharding
+from mim_jax import data, paths, sharding
 from mim_jax.evaluators.schedule import Periodic
 from mim_jax.objectives import make_rngs
 
@@ -61,7 +62,7 @@ class ReconstructionEvaluator(Periodic):
         del name, kind  # one reconstruction evaluator per run; its scalars are unprefixed
         self.data_cfg = config.data
         self.writers = writers
-        self.outdir = os.path.join(workdir, "reconstructions")
+        self.outdir = epath.Path(workdir) / "reconstructions"
         self.is_main = jax.process_index() == 0
         self.images = None
         self.constant = None
@@ -140,11 +141,12 @@ class ReconstructionEvaluator(Periodic):
         original = data.denormalize(np.asarray(self.images)[:k], self.data_cfg)
         recon = data.denormalize(np.asarray(out["reconstruction"])[:k], self.data_cfg)
         grid = image_grid(original, recon, np.asarray(out["mask"])[:k])
-        os.makedirs(self.outdir, exist_ok=True)
-        path = os.path.join(self.outdir, f"step_{step:07d}.png")
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        path = self.outdir / f"step_{step:07d}.png"
         from PIL import Image  # pillow is a core dependency; imported lazily to keep start fast
-        Image.fromarray(grid).save(path + ".tmp.png")
-        os.replace(path + ".tmp.png", path)  # never leave a half-written PNG behind
+        png = io.BytesIO()
+        Image.fromarray(grid).save(png, format="PNG")
+        paths.write_whole(path, png.getvalue())  # never leave a half-written PNG behind
         self.writers.write_images(step, {"reconstruction": grid[None]})
         logging.info("Wrote reconstruction images to %s", path)
         return errors

@@ -29,13 +29,12 @@ keeps the best weights in workdir/best/.
 """
 from __future__ import annotations
 
-import os
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from absl import logging
+from etils import epath
 
 from mim_jax import augment, data, flops, models
 from mim_jax.models import classifier as classifier_lib
@@ -93,7 +92,7 @@ def validate(config) -> None:
         raise ValueError(f"finetune.loss={ft.loss!r}; allowed: {list(LOSSES)}.")
     if not 0.0 <= ft.get("ema_decay", 0.0) < 1.0:
         raise ValueError(f"finetune.ema_decay={ft.ema_decay!r} must be in [0, 1) (0 = off).")
-    if ft.pretrained and not os.path.exists(ft.pretrained):
+    if ft.pretrained and not epath.Path(ft.pretrained).exists():
         raise ValueError(f"finetune.pretrained={ft.pretrained!r} does not exist; give a "
                          "pretraining workdir, a checkpoints/STEP folder, an official MAE / "
                          "BEiT / SimMIM .pth file (timm layout for ResNet / ConvNeXt), or '' "
