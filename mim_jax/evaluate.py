@@ -115,32 +115,11 @@ def _finetune(workdir: str, ft_config_path: str, pretrained: bool, epochs: float
             "wall_seconds": time.perf_counter() - start, "workdir": str(out_dir)}
 
 
-def _table(result: dict) -> str:
-    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"
-    frozen, finetune = result["frozen"], result.get("finetune", {})
-    seeds = len(frozen["random_init_runs"])
-    has_cls = "knn_cls" in frozen["pretrained"]
-    rows = []
-    for suffix, pooled in ([("", "mean of patches"), ("_cls", "CLS token")] if has_cls
-                           else [("", "mean of the last map")]):
-        rows += [(f"pretrained encoder, {pooled}", frozen["pretrained"], suffix,
-                  finetune.get("pretrained") if not suffix else None),
-                 (f"same encoder at random init (mean of {seeds}), {pooled}",
-                  frozen["random_init"], suffix, finetune.get("scratch") if not suffix else None)]
-    rows.append(("raw pixels", frozen["raw_pixels"], "", None))
-    lines = ["| | kNN top-1 (%) | linear probe top-1 (%) | fine-tune top-1 (%) |",
-             "|---|---|---|---|"]
-    for name, scores, suffix, ft in rows:
-        lines.append(f"| {name} | {pct(scores[f'knn{suffix}'])} | "
-                     f"{pct(scores[f'linear_probe{suffix}'])} | "
-                     f"{pct(ft['top1'] if ft else None)} |")
-    return "\n".join(lines)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from mim_jax import reporting, train
+    from mim_jax.evaluators.table import markdown_table
     logging.get_absl_handler().addFilter(reporting.QuietLibraries())
     config, workdir = _CONFIG.value, paths.resolve(_WORKDIR.value)
     result, walls = {"config": flags.FLAGS["config"].serialize(), "workdir": str(workdir)}, {}
@@ -157,7 +136,7 @@ def main(argv):
             "scratch": _finetune(workdir, _FINETUNE.value, False, _FT_EPOCHS.value)}
         walls.update({f"finetune_{k}": v["wall_seconds"] for k, v in result["finetune"].items()})
     result["wall_seconds"] = walls
-    table = _table(result)
+    table = markdown_table(result)
     summary = table + "\n\nwall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in walls.items())
     (workdir / "evaluation.json").write_text(json.dumps(result, indent=2))
     (workdir / "evaluation.md").write_text(summary + "\n")

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from mim_jax import evaluate
 from mim_jax.evaluators import probe
+from mim_jax.evaluators.table import markdown_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,7 +24,7 @@ def test_table_has_a_row_per_encoder_and_pooling(cls):
     frozen = {"pretrained": _scores(0.5, cls), "random_init": _scores(0.3, cls),
               "random_init_runs": [_scores(0.3, cls)] * 3,
               "raw_pixels": {"knn": 0.9, "linear_probe": 0.88, "linear_probe_l2": 1e-2}}
-    table = evaluate._table({"frozen": frozen, "finetune": {"pretrained": {"top1": 0.8},
+    table = markdown_table({"frozen": frozen, "finetune": {"pretrained": {"top1": 0.8},
                                                              "scratch": {"top1": 0.2}}})
     rows = table.splitlines()[2:]
     assert len(rows) == (5 if cls else 3)
