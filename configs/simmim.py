@@ -77,7 +77,8 @@ def get_config(arg=None):
 
 def _quickstart(c):
     """A two-stage Swin on digits at 32 px (stride 8) with 4 px mask cells: it reconstructs
-    well but its features do not beat its random initialisation (docs/objectives/simmim.md)."""
+    well; its features beat its random initialisation on the linear probe, not (by 5 points)
+    on kNN (docs/objectives/simmim.md)."""
     c.model = common.swin_model_config("T", window_size=4)
     c.model.update(embed_dim=48, depths=(2, 2), num_heads=(3, 6))
     # 4 px mask cells (the model's patch): with 8 px cells (4 x 4 of them) the L1 loss sits on
@@ -87,14 +88,16 @@ def _quickstart(c):
                   crop_scale=(0.67, 1.0), interpolation="bilinear", flip=False,
                   mean=(0.1307,), std=(0.3081,), shuffle_buffer=5000)
     c.batch_size = 64
-    c.num_epochs = 15.0  # 1,050 steps
+    # 2,100 steps: the probes still rise at 1,050 (kNN 59.8, below the random init's 62.6;
+    # linear 79.4 against 73.9) and are at 64.8 / 83.4 by 2,100 (docs/objectives/simmim.md).
+    c.num_epochs = 30.0
     c.warmup_epochs = 1.0
     c.optimizer.update(base_lr=1.6e-2, lr_batch_divisor=512, b1=0.9, b2=0.999,
                        weight_decay=0.05, grad_clip_norm=5.0)  # lr 2e-3
     c.log_every_steps = 70
-    c.checkpoint.update(every_steps=350, keep=2)
-    c.evaluators.reconstruction.update(every_steps=350, num_images=8)
-    c.evaluators.update(common.quickstart_probes(every_steps=350))
+    c.checkpoint.update(every_steps=700, keep=2)
+    c.evaluators.reconstruction.update(every_steps=700, num_images=8)
+    c.evaluators.update(common.quickstart_probes(every_steps=700))
     return c
 
 
