@@ -232,7 +232,8 @@ def test_evaluate_writes_its_tables_into_the_bucket(gs_run, bucket_root, tfds_di
     result = json.loads((_local(bucket_root, url) / "evaluation.json").read_text())
     assert result["workdir"] == url
     assert 0.0 <= result["frozen"]["pretrained"]["knn"] <= 1.0
-    assert "| pretrained encoder |" in (_local(bucket_root, url) / "evaluation.md").read_text()
+    assert "| pretrained encoder, mean of patches |" in (
+        _local(bucket_root, url) / "evaluation.md").read_text()
 
 
 @pytest.mark.slow
