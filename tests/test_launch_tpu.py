@@ -98,6 +98,10 @@ sys.exit(rc)
 '''
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Fake:
     def __init__(self, tmp_path, **state):
         self.dir = tmp_path
@@ -136,8 +140,10 @@ class Fake:
                               text=True, timeout=60)
 
     def start(self, *args, **env):
+        # Ctrl-C as a terminal sends it: a test run started in the background (`cmd &`) has
+        # SIGINT ignored, and bash cannot trap a signal that was ignored when it started.
         return subprocess.Popen([SCRIPT, *args], env=self.env(**env), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
 
     def wait_for(self, predicate, timeout=20):
         deadline = time.time() + timeout
