@@ -161,3 +161,11 @@ SMALL_PROBES = [f"--config.evaluators.{name}.{field}={value}"
                                      ("batch_size", 32))] + [
     "--config.evaluators.linear_probe.max_iter=20",
     "--config.evaluators.reconstruction.error_images=16"]
+
+
+def wait_until(predicate, timeout: float = 5.0, interval: float = 0.05) -> None:
+    """Polls `predicate` until it is true or `timeout` seconds pass (the caller asserts)."""
+    import time
+    deadline = time.time() + timeout
+    while not predicate() and time.time() < deadline:
+        time.sleep(interval)

@@ -147,7 +147,7 @@ def test_linear_probe_learns_a_linear_rule_and_not_shuffled_labels():
     y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int64)
     result = probe.linear_probe(x[:500], y[:500], x[500:], y[500:])
     assert result.accuracy > 0.95 and result.l2 in probe.DEFAULT_L2_GRID
-    chance = probe.linear_probe_accuracy(x[:500], rng.permutation(y[:500]), x[500:], y[500:])
+    chance = probe.linear_probe(x[:500], rng.permutation(y[:500]), x[500:], y[500:]).accuracy
     assert chance < 0.75
 
 

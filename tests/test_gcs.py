@@ -15,7 +15,7 @@ import pytest
 from etils import epath
 
 import gcs_fake
-from conftest import logged_losses, tiny_train_config
+from conftest import logged_losses, tiny_train_config, wait_until
 from mim_jax import checkpointing, paths, pretrained, reporting, train
 from mim_jax.workdir_lock import WorkdirBusy, WorkdirLock
 from test_faults import ROOT, TINY_ARGS, _env, _errors, _flip_one_bit, _largest_file, _Process
@@ -176,9 +176,7 @@ def test_a_stale_bucket_lock_is_taken_over_and_a_takeover_is_noticed(gcs, caplog
         assert "not refreshed for" in caplog.text
         assert json.loads(lock_file.read_text())["token"] == lock.token
         lock_file.write_text(json.dumps(dict(record, refreshed=time.time(), token="successor")))
-        deadline = time.time() + 5
-        while lock.lost is None and time.time() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: lock.lost is not None)
         with pytest.raises(WorkdirBusy, match="another run took over"):
             lock.check()
     finally:

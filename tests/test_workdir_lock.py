@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from conftest import wait_until
 from mim_jax import workdir_lock
 from mim_jax.workdir_lock import WorkdirBusy, WorkdirLock
 
@@ -99,9 +100,7 @@ def test_holder_refreshes_and_notices_a_takeover(tmp_path):
         assert _holder(tmp_path)["refreshed"] > first
         lock.check()  # still ours
         _write_lock(tmp_path, pid=12345, token="successor")  # another run took it over
-        deadline = time.time() + 5
-        while lock.lost is None and time.time() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: lock.lost is not None)
         with pytest.raises(WorkdirBusy, match="another run took over --workdir"):
             lock.check()
     finally:

@@ -32,7 +32,6 @@ class ProbeResult(NamedTuple):
     accuracy: float  # top-1 on the test split, in [0, 1]
     l2: float  # the chosen regularisation strength
     val_accuracy: float  # its accuracy on the validation part of train
-    iterations: int  # L-BFGS iterations of the final fit
 
 
 def standardize(train_x, test_x, eps: float = 1e-6):
@@ -120,12 +119,6 @@ def linear_probe(train_x, train_y, test_x, test_y, *, num_classes: int = None,
     val_acc, val_ce, _ = fit_and_score(train_x[fit], train_y[fit], train_x[val], train_y[val],
                                        l2_grid, num_classes=num_classes, max_iter=max_iter)
     best = min(range(len(l2_grid)), key=lambda i: (-val_acc[i], val_ce[i]))
-    acc, _, iters = fit_and_score(train_x, train_y, test_x, test_y, [l2_grid[best]],
-                                  num_classes=num_classes, max_iter=max_iter)
-    return ProbeResult(float(acc[0]), float(l2_grid[best]), float(val_acc[best]),
-                       int(iters[0]))
-
-
-def linear_probe_accuracy(train_x, train_y, test_x, test_y, **kwargs) -> float:
-    """Top-1 test accuracy (in [0, 1]) of `linear_probe`."""
-    return linear_probe(train_x, train_y, test_x, test_y, **kwargs).accuracy
+    acc, _, _ = fit_and_score(train_x, train_y, test_x, test_y, [l2_grid[best]],
+                              num_classes=num_classes, max_iter=max_iter)
+    return ProbeResult(float(acc[0]), float(l2_grid[best]), float(val_acc[best]))
