@@ -8,7 +8,9 @@ A run reaches a bucket three ways, and install() maps each of them to the same l
   * tensorstore (orbax's array data), which talks to GCS itself: orbax's kvstore spec for a
     gs:// path is built on the 'file' driver at the mapped folder instead of the 'gcs' one;
   * TensorFlow (clu's TensorBoard files): the writer is created at the mapped folder.
-Like a bucket, the fake refuses to append to an object. Orbax still sees gs:// paths and takes
+Like a bucket, the fake refuses to append to an object and replaces an object whole: a write
+goes to a file of its own and is renamed into place when it closes, so concurrent writers never
+leave a mix of their records (the lock's last-writer-wins relies on this). Orbax still sees gs:// paths and takes
 its GCS code paths: a step is finished by a commit_success.txt file, not by a rename;
 deletions go through its GCS rmtree. Its question whether the bucket has a hierarchical
 namespace (asked through the Cloud Storage client) is answered "no", as for an ordinary
@@ -29,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import uuid
 from unittest import mock
 
 from etils.epath import gpath, testing
@@ -55,12 +58,17 @@ def install(root):
     def one(original, path, *args, **kwargs):
         return original(local(path), *args, **kwargs)
 
+    uploads = os.path.join(root, ".uploads")  # outside every bucket, on the same disk
+
     def open_(original, path, mode):
         if os.fspath(path).startswith(PREFIX):
             if "a" in mode:
                 raise OSError(f"{path}: an object store cannot append")
             if "w" in mode:  # an object needs no folder above it
                 os.makedirs(os.path.dirname(local(path)), exist_ok=True)
+                os.makedirs(uploads, exist_ok=True)
+                return _Upload(original, os.path.join(uploads, uuid.uuid4().hex),
+                               local(path), mode)
         return original(local(path), mode)
 
     def two(original, path, dst, *args, **kwargs):
@@ -98,6 +106,33 @@ def install(root):
         stack.enter_context(mock.patch.object(metric_writers, "create_default_writer",
                                               create_default_writer))
         yield
+
+
+class _Upload:
+    """A file being written as an object: invisible until it closes, then in place whole.
+    An upload that fails part-way publishes nothing."""
+
+    def __init__(self, open_file, staging, final, mode):
+        self._file = open_file(staging, mode)
+        self._staging, self._final = staging, final
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *_):
+        if kind is None:
+            self.close()
+        else:
+            self._file.close()
+            os.remove(self._staging)
+
+    def close(self):
+        if not self._file.closed:
+            self._file.close()
+            os.replace(self._staging, self._final)
 
 
 def _run_module(root, module, args):
