@@ -21,6 +21,8 @@ setup(
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
         "pillow>=10.0",
+        # Exported weights and Hugging Face / timm files (tensors only, no pickle).
+        "safetensors>=0.4",
         # Input pipeline (only mim_jax.data imports these; the core runs without them).
         "tensorflow-cpu>=2.16",
         "tensorflow-datasets>=4.9.6",

@@ -109,7 +109,7 @@ def test_sincos_check():
 # ------------------------------------------------------------------ official MAE checkpoints:
 # low precision, training checkpoints, memory ownership, shape checks at conversion time
 
-from mim_jax.convert import official_mae  # noqa: E402
+from mim_jax.convert import files, official_mae  # noqa: E402
 from mim_jax.objectives.mae import MAEDecoder  # noqa: E402
 
 WIDTH, DEPTH, MLP, PATCH, SIDE, DEC = 32, 3, 64, 4, 16, 16
@@ -141,7 +141,7 @@ def test_low_precision_official_checkpoint_converts(tmp_path, dtype):
     path = tmp_path / "half.pth"
     torch.save({"model": {k: torch.from_numpy(v).to(getattr(torch, dtype))
                           for k, v in state.items()}}, path)
-    params = _from_official(official_mae.load_torch_state_dict(path))
+    params = _from_official(files.load_torch_state_dict(path))
     atol = {"float16": 1e-3, "bfloat16": 1e-2}[dtype] * 4  # weights here are O(1)
     for (path_a, a), (path_b, b) in zip(jax.tree_util.tree_leaves_with_path(params),
                                         jax.tree_util.tree_leaves_with_path(reference)):
@@ -173,7 +173,7 @@ def test_official_training_checkpoint_with_args_loads(tmp_path):
     path = tmp_path / "checkpoint-399.pth"
     torch.save({"model": model, "optimizer": optimizer.state_dict(), "epoch": 399,
                 "scaler": {"scale": 65536.0, "growth_factor": 2.0}, "args": args}, path)
-    loaded = official_mae.load_torch_state_dict(path)
+    loaded = files.load_torch_state_dict(path)
     assert set(loaded) == set(state)
     np.testing.assert_array_equal(_from_official(loaded)["encoder"]["norm"]["scale"],
                                   state["norm.weight"])
@@ -189,14 +189,14 @@ def test_foreign_pickles_are_refused_with_one_line(tmp_path):
     path = tmp_path / "module.pth"
     torch.save({"model": _Arbitrary()}, path)
     with pytest.raises(ValueError) as err:
-        official_mae.load_torch_state_dict(path)
+        files.load_torch_state_dict(path)
     message = str(err.value)
     assert "\n" not in message and "_Arbitrary" in message and "weights_only=False" in message
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
-        official_mae.load_torch_state_dict(tmp_path / "garbage.pth")
+        files.load_torch_state_dict(tmp_path / "garbage.pth")
     with pytest.raises(ValueError, match="no such checkpoint file"):
-        official_mae.load_torch_state_dict(tmp_path / "missing.pth")
+        files.load_torch_state_dict(tmp_path / "missing.pth")
 
 
 def test_converted_arrays_own_their_memory():

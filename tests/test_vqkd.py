@@ -11,7 +11,7 @@ import pytest
 from configs import vqkd as vqkd_config
 from mim_jax import data, pretrained
 from mim_jax.convert import official_vqkd
-from mim_jax.convert.official_mae import load_torch_state_dict
+from mim_jax.convert.files import load_torch_state_dict
 from mim_jax.models.tokenizers import build as build_tokenizer
 from mim_jax.models.tokenizers import vqkd
 from mim_jax.objectives import make_rngs

@@ -2,7 +2,8 @@
 and timm ConvNet (SparK) layouts.
 
 All converters take plain mappings of torch tensors or numpy arrays and return float32 numpy
-trees / dicts, so torch is only needed to read .pth files (load_torch_state_dict).
+trees / dicts, so torch is only needed to read .pth files (files.load_torch_state_dict);
+files.read_weights also reads safetensors files and Hugging Face folders.
 """
 from mim_jax.convert.hf_beit import (beit_params_from_hf, beit_params_to_hf,
                                      vit_params_from_hf_beit)
@@ -11,8 +12,8 @@ from mim_jax.convert.hf_swin import config_from_hf, swin_params_from_hf, swin_pa
 from mim_jax.convert.hf_vit import simmim_params_from_hf_vit
 from mim_jax.convert.official_beit import (beit_params_from_official, beit_params_to_official,
                                            is_official_beit)
-from mim_jax.convert.official_mae import (load_torch_state_dict, mae_params_from_official,
-                                          mae_params_to_official)
+from mim_jax.convert.files import load_torch_state_dict, read_weights, write_safetensors
+from mim_jax.convert.official_mae import mae_params_from_official, mae_params_to_official
 from mim_jax.convert.official_simmim import (is_official_simmim, simmim_params_from_official,
                                              simmim_params_to_official,
                                              swin_config_from_official)
@@ -35,6 +36,7 @@ __all__ = [
     "mae_params_from_official",
     "mae_params_to_hf",
     "mae_params_to_official",
+    "read_weights",
     "simmim_params_from_hf_vit",
     "simmim_params_from_official",
     "simmim_params_to_official",
@@ -42,4 +44,5 @@ __all__ = [
     "swin_config_from_official",
     "swin_params_to_hf",
     "vit_params_from_hf_beit",
+    "write_safetensors",
 ]

@@ -22,7 +22,7 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 
 from mim_jax.convert import common
-from mim_jax.convert.official_mae import load_torch_state_dict
+from mim_jax.convert.files import load_torch_state_dict
 
 # The released encoder's structure (the defaults of dall_e.encoder.Encoder).
 GROUP_COUNT = 4

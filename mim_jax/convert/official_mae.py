@@ -6,16 +6,9 @@ Both are stored under a top-level 'model' key.
 """
 from __future__ import annotations
 
-import argparse
-import collections
-import io
-import re
 from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
-from etils import epath
-
-from mim_jax import paths
 from mim_jax.convert import common, mae_layout
 
 
@@ -49,61 +42,6 @@ def _decoder(depth: int, heads: int) -> common.Plan:
 LAYOUT = mae_layout.MAELayout(
     name="official MAE", encoder=_encoder, encoder_layers="blocks.", encoder_pos="pos_embed",
     decoder=_decoder, decoder_layers="decoder_blocks.", decoder_pos="decoder_pos_embed")
-
-
-# What official training checkpoints need beyond tensors and containers. MAE's ('model',
-# 'optimizer', 'epoch', 'scaler', 'args'): the argparse.Namespace of its command line.
-# SimMIM's ('model', 'optimizer', 'lr_scheduler', 'max_accuracy', 'epoch', 'config'): its yacs
-# CfgNode, read as a plain OrderedDict without importing yacs (the weights_only loader fills
-# only exact dict / OrderedDict / Counter instances, so a dict subclass cannot stand in).
-# Nothing else is ever unpickled; torch's weights_only loader refuses every other global.
-_ALLOWED_GLOBALS = (argparse.Namespace, (collections.OrderedDict, "yacs.config.CfgNode"))
-
-
-def _extraction_hint(path) -> str:
-    return (f"if you trust the file, extract its state dict once with python -c \"import torch; "
-            f"c = torch.load('{path}', weights_only=False); torch.save(c['model'] if "
-            f"isinstance(c, dict) else c.state_dict(), 'state_dict.pth')\" and pass that file")
-
-
-def load_torch_state_dict(path) -> Dict[str, Any]:
-    """torch.load a checkpoint on CPU with weights_only=True (no pickled code runs) and unwrap
-    the 'model' key that the official training script saves around the state dict.
-
-    Official training checkpoints also hold their settings: MAE's command line as an
-    argparse.Namespace under 'args', which is allowed, and SimMIM's yacs CfgNode under
-    'config', which is read as a plain OrderedDict without importing yacs. Nothing else is
-    allowed. Anything that cannot be read this way raises ValueError with one line saying why
-    and how to extract a plain state dict.
-    """
-    import pickle
-
-    import torch  # only needed here; the rest of the converters take plain mappings
-
-    if not epath.Path(path).is_file():
-        raise ValueError(f"{path}: no such checkpoint file.")
-    # torch reads a local file itself; an object in a bucket (gs://) is read whole first.
-    source = path if paths.is_local(path) else io.BytesIO(epath.Path(path).read_bytes())
-    try:
-        with torch.serialization.safe_globals(list(_ALLOWED_GLOBALS)):
-            checkpoint = torch.load(source, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-        refused = re.search(r"GLOBAL ([\w.]+)", str(err))
-        if refused:  # a class outside the allow-list: the weights_only loader refused it
-            raise ValueError(f"{path} holds a pickled {refused.group(1)}, which mim_jax does "
-                             f"not unpickle (it loads tensors, containers, argparse."
-                             f"Namespace and yacs CfgNode, as a plain dict, only); "
-                             f"{_extraction_hint(path)}.") from None
-        # not a torch file, truncated, damaged
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        cause = lines[-1].split(". ")[0] if lines else type(err).__name__
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {cause}.") from None
-    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("model"), Mapping):
-        checkpoint = checkpoint["model"]
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"{path} does not hold a state dict (got "
-                         f"{type(checkpoint).__name__}); {_extraction_hint(path)}.")
-    return dict(checkpoint)
 
 
 def mae_params_from_official(state_dict: Mapping[str, Any], *, num_heads: int,
