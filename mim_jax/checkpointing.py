@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from typing import Any, Optional
+from typing import Any, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -412,8 +412,16 @@ def latest_step(directory: str) -> Optional[int]:
     return ocp.CheckpointManager(directory).latest_step()
 
 
-def restore_raw(directory: str, step: int, subtree: str = "params"):
-    """One top-level entry of a saved state as host numpy arrays, on any device count."""
+def all_steps(directory) -> list:
+    """The steps of every complete checkpoint in `directory`, oldest first."""
+    if not epath.Path(directory).is_dir():
+        return []
+    return sorted(ocp.CheckpointManager(directory).all_steps())
+
+
+def restore_raw(directory: str, step: int, subtree: Union[str, Tuple[str, ...]] = "params"):
+    """One top-level entry of a saved state (or a tuple of them, for a tuple of names) as
+    host numpy arrays, on any device count; CheckpointError when the checkpoint is damaged."""
     manager = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
     if step not in manager.all_steps():
         raise ValueError(f"no checkpoint of step {step} in {directory}; saved steps: "
@@ -426,4 +434,6 @@ def restore_raw(directory: str, step: int, subtree: str = "params"):
     problem = _verify(restored, expected)
     if problem:
         raise CheckpointError(f"the checkpoint {directory}/{step} is damaged: {problem}.")
+    if isinstance(subtree, tuple):
+        return tuple(jax.tree.map(np.asarray, restored.get(name) or {}) for name in subtree)
     return jax.tree.map(np.asarray, restored[subtree])
