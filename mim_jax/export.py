@@ -5,21 +5,11 @@ official reference code's layout, as safetensors plus the config file the librar
 
 writes OUT/model.safetensors, OUT/config.json (hf, timm) and OUT/mim_jax_export.json (the
 run, step and model config it came from), from the newest good checkpoint or --step, and
-prints how to load it. What each objective exports to:
-
-    objective (model)     hf                              timm              official
-    mae                   ViTMAEForPreTraining            VisionTransformer MAE (encoder + decoder)
-    simmim (ViT)          BeitModel                       Beit              SimMIM (encoder + head)
-    simmim (Swin)         SwinForMaskedImageModeling      -                 SimMIM (encoder + head)
-    beit (v1 / v2)        BeitForMaskedImageModeling      Beit              unilm BEiT (+ LM head,
-                                                                            v2's CLS head)
-    vqkd                  -                               -                 unilm VQ-KD
-    spark (ResNet/ConvNeXt) -                             ResNet / ConvNeXt SparK (= timm)
-
-The hf and timm exports hold what the library's class has: timm's the encoder alone;
-transformers' the encoder with the objective's head where the class has one (MAE's decoder,
-SimMIM's Swin head, BEiT's LM head; BEiT v2's CLS-pretraining head has no counterpart there
-and is left out, which is printed).
+prints how to load it. Which library class each objective's export is, and what is refused,
+is tabled in docs/conversion.md. The hf and timm exports hold what the library's class has:
+timm's the encoder alone; transformers' the encoder with the objective's head where the class
+has one (MAE's decoder, SimMIM's head, BEiT's LM head; BEiT v2's CLS-pretraining head has no
+counterpart there and is left out, which is printed).
 """
 from __future__ import annotations
 
@@ -211,7 +201,15 @@ def _simmim(run: Run, fmt: str) -> Export:
                       _hf("Swin + SimMIM head; SwinModel reads the encoder",
                           "SwinForMaskedImageModeling"))
     if _vit_kind(config.model) == "plain":
-        raise ValueError("a SimMIM ViT without BEiT's options exports to 'official' only.")
+        if fmt == "timm":
+            encoder = {k: v for k, v in params["encoder"].items() if k != "mask_token"}
+            tensors = mae_layout.export_encoder(encoder, official_mae.LAYOUT, arch.image_size)
+            return Export(tensors, library_configs.timm_vit(arch, **_norm(config)),
+                          _timm_loader())
+        return Export(convert.simmim_params_to_hf_vit(params, image_size=arch.image_size),
+                      library_configs.hf_vit_simmim(arch),
+                      _hf("ViT + SimMIM head; ViTModel reads the encoder",
+                          "ViTForMaskedImageModeling"))
     notes = ["SimMIM's 1x1-conv head is in the 'official' export only."]
     return _beit_encoder(run, fmt, {"encoder": params["encoder"]}, notes=notes)
 
@@ -289,6 +287,10 @@ def export_run(run: Run, fmt: str) -> Export:
     return EXPORTERS[objective](run, fmt)
 
 
+def _plain(block):
+    return block.to_dict() if hasattr(block, "to_dict") else block
+
+
 def write(export: Export, run: Run, fmt: str, out, dtype: str = "float32") -> List[str]:
     """Writes the export into folder `out` (made if missing); returns the files written."""
     out = epath.Path(paths.resolve(out))
@@ -304,7 +306,8 @@ def write(export: Export, run: Run, fmt: str, out, dtype: str = "float32") -> Li
         paths.write_whole(out / files.HF_CONFIG_NAME, json.dumps(config, indent=2) + "\n")
         written.append(files.HF_CONFIG_NAME)
     record = dict(format=fmt, objective=run.config.objective.name, source=run.source,
-                  step=run.step, dtype=dtype, model=run.config.model.to_dict(),
+                  step=run.step, dtype=dtype, model=_plain(run.config.get("model")),
+                  tokenizer=_plain(run.config.objective.get("tokenizer")),
                   data={k: run.config.data.get(k) for k in ("image_size", "channels", "mean",
                                                              "std")})
     paths.write_whole(out / RECORD_NAME, json.dumps(record, indent=2, default=list) + "\n")
@@ -325,6 +328,7 @@ FLAGS = flags.FLAGS
 
 def main(argv) -> None:
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax reports every restore at INFO
     try:
         run = read_run(FLAGS.workdir, FLAGS.step)
         export = export_run(run, FLAGS.to)
@@ -333,7 +337,6 @@ def main(argv) -> None:
         sys.exit(f"mim_jax.export: {err}")
     out = paths.resolve(FLAGS.out)
     count = sum(int(np.prod(np.shape(v))) for v in export.tensors.values())
-    logging.info("Exported step %d of %s", run.step, run.source)
     print(f"Wrote {', '.join(written)} to {out}: {len(export.tensors)} tensors, "
           f"{count:,} values, {FLAGS.dtype}, from step {run.step} of {run.source}.")
     for note in export.notes:

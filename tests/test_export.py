@@ -178,6 +178,29 @@ def test_simmim_vit_to_official_reads_back(simmim_vit_run, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, back, run.params)
 
 
+def test_plain_simmim_vit_to_hf_and_timm(tmp_path):
+    """The SimMIM quickstart's ViT: sin-cos positions, q/k/v biases, a mask token."""
+    config = _config(dict(name="vit", variant="Ti/4", width=64, depth=2, num_heads=4,
+                          mlp_dim=128), dict(name="simmim", mask_ratio=0.5, mask_patch_size=8))
+    obj = objectives.build(config)
+    params = _perturbed(obj.init(jax.random.key(4)), 4)
+    features = obj.encoder.apply({"params": params["encoder"]}, _images())
+    run = _run(config, params)
+    _export(run, "hf", tmp_path / "hf")
+    _loaded_strictly(transformers.ViTForMaskedImageModeling, tmp_path / "hf")
+    model = transformers.ViTModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False,
+                                                  attn_implementation="eager").eval()
+    with torch.no_grad():
+        _close(model(_torch(_images())).last_hidden_state, features)
+    back = convert.simmim_params_from_hf_vit(convert.read_weights(tmp_path / "hf"), num_heads=4)
+    np.testing.assert_array_equal(back["decoder"]["kernel"], params["decoder"]["kernel"])
+    _export(run, "timm", tmp_path / "timm")
+    with torch.no_grad():
+        _close(_timm(tmp_path / "timm").forward_features(_torch(_images())), features)
+    with pytest.raises(ValueError, match="sin-cos position embedding"):
+        export.export_run(run, "official")  # the official SimMIM ViT has none
+
+
 def test_beit_to_hf_keeps_the_lm_head(tmp_path):
     module, encoder = _beit_encoder_params(2)
     lm_head = _perturbed({"kernel": np.zeros((64, 96)), "bias": np.zeros(96)}, 3)

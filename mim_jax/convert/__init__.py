@@ -9,7 +9,7 @@ from mim_jax.convert.hf_beit import (beit_params_from_hf, beit_params_to_hf,
                                      vit_params_from_hf_beit)
 from mim_jax.convert.hf_mae import encoder_params_to_hf, mae_params_from_hf, mae_params_to_hf
 from mim_jax.convert.hf_swin import config_from_hf, swin_params_from_hf, swin_params_to_hf
-from mim_jax.convert.hf_vit import simmim_params_from_hf_vit
+from mim_jax.convert.hf_vit import simmim_params_from_hf_vit, simmim_params_to_hf_vit
 from mim_jax.convert.official_beit import (beit_params_from_official, beit_params_to_official,
                                            is_official_beit)
 from mim_jax.convert.files import load_torch_state_dict, read_weights, write_safetensors
@@ -39,6 +39,7 @@ __all__ = [
     "read_weights",
     "simmim_params_from_hf_vit",
     "simmim_params_from_official",
+    "simmim_params_to_hf_vit",
     "simmim_params_to_official",
     "swin_params_from_hf",
     "swin_config_from_official",

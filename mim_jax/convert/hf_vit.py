@@ -15,11 +15,11 @@ the two checkpoints share them).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Dict, Mapping
 
 import numpy as np
 
-from mim_jax.convert import common, hf_mae
+from mim_jax.convert import common, hf_mae, mae_layout
 from mim_jax.models import vit
 
 VIT = "Hugging Face ViT"
@@ -88,6 +88,41 @@ def numpy_tree(tree):
 
 # ---------------------------------------------------------------- ViT (SimMIM)
 
+def _plan(prefix: str, depth: int, num_heads: int, *, mask_token: bool,
+          decoder: bool) -> common.Plan:
+    emb = f"{prefix}embeddings."
+    encoder: common.Plan = {
+        "patch_embed": common.patch_conv(f"{emb}patch_embeddings.projection"),
+        "cls_token": common.tensor(f"{emb}cls_token"),
+        "pos_embed": common.tensor(f"{emb}position_embeddings"),
+        "transformer": {f"block_{i}": hf_mae.vit_block(f"{prefix}layers.{i}.", num_heads)
+                        for i in range(depth)},
+        "norm": common.layernorm(f"{prefix}layernorm"),
+    }
+    if mask_token:
+        encoder["mask_token"] = common.tensor(f"{emb}mask_token")
+    plan = {"encoder": encoder}
+    if decoder:
+        plan["decoder"] = common.patch_conv("decoder.0")
+    return plan
+
+
+def simmim_params_to_hf_vit(params: Mapping, *, image_size: int) -> Dict[str, np.ndarray]:
+    """Our SimMIM {'encoder'[, 'decoder']} with a plain ViT (q/k/v biases, CLS token,
+    learned or sin-cos positions; scanned or not) -> a ViTForMaskedImageModeling state dict
+    (a ViTModel's, prefix '', for an encoder alone). Sin-cos positions are written as the
+    table they are (transformers' ViT learns its positions, so it takes any table)."""
+    encoder, depth, heads = mae_layout.unscanned(params["encoder"], "encoder")
+    if "pos_embed" not in encoder:
+        width = np.shape(encoder["cls_token"])[-1]
+        patch = np.shape(encoder["patch_embed"]["kernel"])[0]
+        encoder["pos_embed"] = mae_layout.sincos_table(width, (image_size // patch) ** 2)
+    tree = dict(params, encoder=encoder)
+    plan = _plan("vit." if "decoder" in params else "", depth, heads,
+                 mask_token="mask_token" in encoder, decoder="decoder" in params)
+    return common.dump(plan, tree, VIT)
+
+
 def simmim_params_from_hf_vit(state_dict: Mapping[str, Any], *, num_heads: int,
                               scan: bool = False, strict: bool = True) -> dict:
     """ViTForMaskedImageModeling (or bare ViTModel) state dict -> {'encoder'[, 'decoder']}.
@@ -102,21 +137,9 @@ def simmim_params_from_hf_vit(state_dict: Mapping[str, Any], *, num_heads: int,
     num_heads = check_heads(num_heads)
     state = hf_mae.current_names(state_dict)
     prefix = prefix_of(state, "vit")
-    emb = f"{prefix}embeddings."
     depth = layer_count(state, f"{prefix}layers.", VIT)
-    encoder: common.Plan = {
-        "patch_embed": common.patch_conv(f"{emb}patch_embeddings.projection"),
-        "cls_token": common.tensor(f"{emb}cls_token"),
-        "pos_embed": common.tensor(f"{emb}position_embeddings"),
-        "transformer": {f"block_{i}": hf_mae.vit_block(f"{prefix}layers.{i}.", num_heads)
-                        for i in range(depth)},
-        "norm": common.layernorm(f"{prefix}layernorm"),
-    }
-    if f"{emb}mask_token" in state:
-        encoder["mask_token"] = common.tensor(f"{emb}mask_token")
-    plan = {"encoder": encoder}
-    if any(k.startswith("decoder.") for k in state):
-        plan["decoder"] = common.patch_conv("decoder.0")
+    plan = _plan(prefix, depth, num_heads, mask_token=f"{prefix}embeddings.mask_token" in state,
+                 decoder=any(k.startswith("decoder.") for k in state))
     common.check_keys(state, common.plan_keys(plan), strict, VIT)
     params = common.load(plan, state)
     check_positions(plan, params, num_heads)

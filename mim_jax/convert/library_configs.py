@@ -36,9 +36,11 @@ def hf_vit_mae(arch: vit.ViTConfig, *, decoder_width: int, decoder_depth: int,
                 norm_pix_loss=norm_pix_loss)
 
 
-def hf_vit(arch: vit.ViTConfig) -> dict:
-    """ViTModel (a plain ViT encoder: q/k/v biases, no layer scale or relative positions)."""
-    return dict(model_type="vit", architectures=["ViTModel"], **_hf_vit_common(arch))
+def hf_vit_simmim(arch: vit.ViTConfig) -> dict:
+    """ViTForMaskedImageModeling (a plain ViT: q/k/v biases, no layer scale or relative
+    positions; SimMIM's head predicts each patch's pixels, encoder_stride = patch size)."""
+    return dict(model_type="vit", architectures=["ViTForMaskedImageModeling"],
+                **_hf_vit_common(arch), encoder_stride=arch.patch_size)
 
 
 def hf_beit(arch: vit.ViTConfig, *, abs_pos: bool, rel_pos: str,

@@ -185,7 +185,7 @@ def import_mae(state_dict: Mapping[str, Any], layout: MAELayout, *, num_heads: i
 
 # ---------------------------------------------------------------- export
 
-def _unscanned(part_params: Mapping, what: str):
+def unscanned(part_params: Mapping, what: str):
     """-> (params with block_i subtrees, depth, num_heads), whether or not they were scanned."""
     part_params = dict(part_params)
     transformer = part_params.get("transformer")
@@ -205,7 +205,7 @@ def _unscanned(part_params: Mapping, what: str):
 
 def export_encoder(encoder_params: Mapping, layout: MAELayout,
                    image_size: int) -> Dict[str, np.ndarray]:
-    params, depth, heads = _unscanned(encoder_params, "encoder")
+    params, depth, heads = unscanned(encoder_params, "encoder")
     out = common.dump(layout.encoder(depth, heads), params, "encoder")  # checks the tree
     patch, _, _, width = np.shape(params["patch_embed"]["kernel"])  # (p, p, C, D)
     if not isinstance(image_size, (int, np.integer)) or image_size <= 0 or image_size % patch:
@@ -217,7 +217,7 @@ def export_encoder(encoder_params: Mapping, layout: MAELayout,
 
 def export_decoder(decoder_params: Mapping, layout: MAELayout,
                    num_patches: int) -> Dict[str, np.ndarray]:
-    params, depth, heads = _unscanned(decoder_params, "decoder")
+    params, depth, heads = unscanned(decoder_params, "decoder")
     out = common.dump(layout.decoder(depth, heads), params, "decoder")  # checks the tree
     out[layout.decoder_pos] = sincos_table(np.shape(params["mask_token"])[-1], num_patches)
     return out
