@@ -328,3 +328,13 @@ def test_export_command_on_a_run(tfds_dir, tmp_path):
     assert export.read_run(workdir).step == 4
     with pytest.raises(ValueError, match="damaged"):
         export.read_run(workdir, 8)
+
+
+def test_runs_without_an_export_are_refused_with_one_line(mae_run):
+    run, _ = mae_run
+    with pytest.raises(ValueError, match=r"--to='onnx'; allowed: \['hf', 'timm', 'official'\]"):
+        export.export_run(run, "onnx")
+    finetune = run.config.copy_and_resolve_references()
+    finetune.finetune = dict(pretrained="runs/mae")
+    with pytest.raises(ValueError, match="it is a fine-tuning run"):
+        export.export_run(_run(finetune, run.params), "timm")
