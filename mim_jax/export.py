@@ -316,13 +316,19 @@ def write(export: Export, run: Run, fmt: str, out, dtype: str = "float32") -> Li
 
 # ---------------------------------------------------------------- command line
 
-flags.DEFINE_string("workdir", None, "The pretraining run (its workdir, checkpoints/ or "
-                    "checkpoints/STEP folder; local or gs://).")
-flags.DEFINE_enum("to", None, FORMATS, "hf (transformers), timm, or official (the reference "
-                  "code's state dict).")
-flags.DEFINE_string("out", None, "Folder to write (made if missing).")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest good one).")
-flags.DEFINE_enum("dtype", "float32", files.FLOAT_DTYPES, "Dtype of the written weights.")
+def define_flags() -> None:
+    """The command line's flags; defined when run as a program only, so importing this module
+    beside another entry point's flags (--out) never collides."""
+    flags.DEFINE_string("workdir", None, "The pretraining run (its workdir, checkpoints/ or "
+                        "checkpoints/STEP folder; local or gs://).")
+    flags.DEFINE_enum("to", None, FORMATS, "hf (transformers), timm, or official (the "
+                      "reference code's state dict).")
+    flags.DEFINE_string("out", None, "Folder to write (made if missing).")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest good one).")
+    flags.DEFINE_enum("dtype", "float32", files.FLOAT_DTYPES, "Dtype of the written weights.")
+    flags.mark_flags_as_required(["workdir", "to", "out"])
+
+
 FLAGS = flags.FLAGS
 
 
@@ -345,5 +351,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["workdir", "to", "out"])
+    define_flags()
     app.run(main)
