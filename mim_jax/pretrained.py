@@ -264,8 +264,8 @@ _VARIANT_SIZES = ("width", "embed_dim", "depth", "depths", "patch_size", "num_he
                   "stem_width", "widths", "dims")
 
 
-def check_fits(found: tuple, wanted: tuple, against: str = "config.model",
-               fields=None) -> None:
+def _check_fits(found: tuple, wanted: tuple, against: str = "config.model",
+                fields=None) -> None:
     """Raises ValueError, one line, where an encoder (found: (kind, sizes) of the weights,
     convert.sizes) is not the one `against` describes (wanted), naming what differs and the
     fields that set it: `fields` (entry -> field) or config.model's."""
@@ -298,11 +298,10 @@ def _vit_encoder_of_weights(weights: sources.Weights, wanted: dict, against: str
     patch_size, num_heads, ...) before it is converted with the heads its records give, else
     wanted's: no layout stores them."""
     if weights.backbone != "vit":
-        raise ValueError(f"the weights are a {weights.name} {sizes.KINDS[weights.backbone]}; "
-                         f"{against} is a ViT.")
+        raise ValueError(f"the weights are {weights.description}; {against} is a ViT.")
     heads = sources.recorded_vit_heads(weights)
     found = dict(sizes.vit_sizes_of_state(weights.state), num_heads=heads)
-    check_fits(("vit", found), ("vit", wanted), against, fields)
+    _check_fits(("vit", found), ("vit", wanted), against, fields)
     return sources.vit_encoder(weights, heads or wanted["num_heads"])
 
 
@@ -356,10 +355,9 @@ def _teacher_of_weights(teacher_cfg, data_cfg, source: str, path: str):
         encoder = sources.vit_encoder(weights, heads)
     recorded = sources.recorded_input(weights)
     pick = lambda name: teacher_cfg.get(name) or recorded.get(name) or data_cfg.get(name)
-    found = sizes.vit_sizes(encoder)
     data = ml_collections.ConfigDict(dict(
         image_size=pick("image_size"), mean=tuple(pick("mean")), std=tuple(pick("std")),
-        channels=found["channels"]))
+        channels=sizes.vit_sizes(encoder)["channels"]))
     if not data.image_size:
         raise ValueError(f"{source}.image_size is unset")
     return _vit_like(encoder, data.image_size), data
@@ -418,7 +416,7 @@ def fitted_encoder_params(config, target_params, target_batch_stats=None):
             source, origin = pretrained.params, f"{path} (step {pretrained.step}, " \
                                                 f"{pretrained.objective})"
             stats = pretrained.batch_stats
-        check_fits(sizes.encoder_sizes(source), sizes.encoder_sizes(target_params))
+        _check_fits(sizes.encoder_sizes(source), sizes.encoder_sizes(target_params))
         params, notes = resize.fit_encoder_params(source, target_params)
         if target_batch_stats:
             if not stats:
@@ -443,8 +441,8 @@ def _encoder_of_weights(config, path: str):
     weights = sources.read(path)
     name = config.model.get("name", "vit")
     if weights.backbone != name:
-        raise ValueError(f"the weights are a {weights.name} {sizes.KINDS[weights.backbone]}; "
-                         f"config.model.name is {name!r} (model.name).")
+        raise ValueError(f"the weights are {weights.description}; config.model.name is "
+                         f"{name!r} (model.name).")
     if name in classification.CONVNETS:
         arch = classification.encoder_from_config(config, for_probe=False).config
         variables = sources.convnet_variables(weights, arch)

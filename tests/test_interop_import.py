@@ -178,6 +178,8 @@ def test_hugging_face_swin_folder(tmp_path):
         np.testing.assert_array_equal(value, state[key].numpy(), err_msg=key)
     _one_line_error(lambda: _fitted(folder, **dict(swin, depths=(2, 2))),
                     "depths (1, 2)", "depths (2, 2) (model.depths / model.variant)")
+    _one_line_error(lambda: _fitted(folder), "the weights are a Swin in the Hugging Face Swin "
+                    "layout; config.model.name is 'vit' (model.name)")
 
 
 def test_timm_vit_and_beit_folders_match_their_features(tmp_path):
@@ -322,6 +324,26 @@ def test_teacher_from_a_hugging_face_folder(tmp_path):
     _one_line_error(lambda: pretrained.build_objective(c),
                     "objective.teacher.checkpoint=", "objective.teacher.variant='S/4' has "
                     "width 384")
+
+
+def test_teacher_from_a_timm_folder(tmp_path):
+    """A timm ViT folder as the teacher: learned positions, heads and input from its
+    config.json (pretrained_cfg's mean / std, not the data's)."""
+    from mim_jax.convert import timm_vit
+    model, folder = _timm_folder(tmp_path, "timm_vit", "vit_tiny_patch16_224", img_size=28,
+                                 patch_size=4, in_chans=1, embed_dim=WIDTH, depth=DEPTH,
+                                 num_heads=HEADS, mlp_ratio=MLP / WIDTH)
+    c = _vqkd_config(folder, tmp_path)
+    objective = pretrained.build_objective(c)
+    teacher = objective.frozen["teacher"].part  # the FrozenEncoder resolved from the folder
+    assert teacher.module.pos_embed == "learned" and teacher.image_size == 28
+    assert tuple(teacher.mean) == (0.5,) and tuple(teacher.std) == (0.5,)
+    fresh = jax.eval_shape(objective.init_variables, jax.random.key(0))
+    fresh = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), fresh)
+    _, state = pretrained.load_frozen(c, objective, *fresh)
+    want = timm_vit.vit_params_from_timm(model.state_dict(), num_heads=HEADS)["encoder"]
+    for got, ref in zip(jax.tree.leaves(state["teacher"]), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(got, ref)
 
 
 def test_vqkd_tokenizer_from_official_safetensors(tmp_path):

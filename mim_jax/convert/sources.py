@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 from etils import epath
 
 from mim_jax.convert import (files, hf_beit, hf_swin, hf_vit, official_beit, official_simmim,
-                             timm_convnet, timm_vit)
+                             sizes, timm_convnet, timm_vit)
 from mim_jax.models import swin, vit
 
 EXPORT_RECORD = "mim_jax_export.json"  # written next to the weights by mim_jax's export
@@ -70,6 +70,11 @@ class Weights:
         return LAYOUT_NAMES[self.layout]
 
     @property
+    def description(self) -> str:
+        """'a ResNet in the timm ResNet layout', for messages."""
+        return f"a {sizes.KINDS[self.backbone]} in the {self.name} layout"
+
+    @property
     def backbone(self) -> str:
         """'vit', 'swin', 'resnet' or 'convnext' (mim_jax's model.name)."""
         if self.layout == "hf_swin" or (self.layout == "simmim" and _is_simmim_swin(self.state)):
@@ -106,8 +111,9 @@ def read_export_record(path) -> Optional[dict]:
 
 
 def is_weights(path) -> bool:
-    """Whether `path` is a weights file, or a folder of weights that records what it holds
-    (Hugging Face, timm, exported by mim_jax) rather than a mim_jax run."""
+    """Whether `path` is a weights file or a folder of weights (Hugging Face, timm, exported
+    by mim_jax: model.safetensors, ... or a config.json of theirs) rather than a mim_jax
+    run."""
     if not path:
         return False
     path = epath.Path(path)
@@ -115,6 +121,8 @@ def is_weights(path) -> bool:
         return True
     if not path.is_dir():
         return False
+    if any((path / name).is_file() for name in files.FOLDER_WEIGHTS):
+        return True
     hf, timm, export = _folder_records(path)
     return bool(hf or timm or export)
 
@@ -244,7 +252,7 @@ def vit_encoder(weights: Weights, num_heads: int) -> dict:
     elif weights.layout == "simmim" and weights.backbone == "vit":
         params = official_simmim.simmim_params_from_official(state, num_heads=num_heads)
     else:
-        raise ValueError(f"the weights are a {weights.name} {weights.backbone}, not a ViT.")
+        raise ValueError(f"the weights are {weights.description}, not a ViT.")
     return params["encoder"]
 
 
@@ -265,7 +273,7 @@ def swin_encoder(weights: Weights, config: swin.SwinConfig) -> dict:
     elif weights.layout == "hf_swin":
         params = hf_swin.swin_params_from_hf(weights.state, config=config)
     else:
-        raise ValueError(f"the weights are a {weights.name} {weights.backbone}, not a Swin.")
+        raise ValueError(f"the weights are {weights.description}, not a Swin.")
     return params["encoder"]
 
 
@@ -274,7 +282,7 @@ def convnet_variables(weights: Weights, like) -> dict:
     at the depths and widths the file has (the rest of the architecture as `like`, a
     ResNetConfig or ConvNeXtConfig). A classifier head is left out."""
     if weights.layout not in ("timm_resnet", "timm_convnext"):
-        raise ValueError(f"the weights are a {weights.name} {weights.backbone}, not a timm "
-                         "ResNet or ConvNeXt.")
+        raise ValueError(f"the weights are {weights.description}, not a timm ResNet or "
+                         "ConvNeXt.")
     arch = timm_convnet.config_of_state(weights.state, like)
     return timm_convnet.convnet_variables_from_timm(weights.state, config=arch, strict=False)
