@@ -55,8 +55,17 @@ def classification_evaluator(every_epochs: float = 1.0, batch_size: int = 256) -
 
 
 def model_of_run(workdir: str):
-    """The model and data blocks of a mim_jax pretraining run (its config.json)."""
+    """The model and data blocks of a mim_jax pretraining run (its config.json), or of the
+    run a folder was exported from (its mim_jax_export.json); (None, None) for other
+    weights, whose sizes config.model has to name."""
     from mim_jax import pretrained
+    from mim_jax.convert import sources
+    if sources.is_weights(workdir):
+        record = sources.read_export_record(workdir)
+        if not record:
+            return None, None
+        return (ml_collections.ConfigDict(record.get("model") or {}),
+                ml_collections.ConfigDict(record.get("data") or {}))
     run = pretrained.read_run_config(pretrained.resolve_checkpoint(workdir)[0])
     return run.model, run.data
 
@@ -155,7 +164,7 @@ def _quickstart(c, arg):
     model = arg.model
     if arg.pretrained and epath.Path(arg.pretrained).is_dir():  # a run, local or gs://
         run_model, run_data = model_of_run(arg.pretrained)
-        model = run_model.get("name", "vit")
+        model = run_model.get("name", "vit") if run_model is not None else model
     convnet = model in ("resnet", "convnext")
     if model in ("vit", "vit_b"):
         qs = mae_config.get_config("quickstart")

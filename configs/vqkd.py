@@ -53,8 +53,9 @@ def get_config(arg=None):
     del c.model  # the tokenizer's sizes are in objective.tokenizer
     c.objective = ml_collections.ConfigDict(dict(
         name="vqkd", tokenizer=tokenizer_config(arg.quickstart),
-        # A mim_jax run's workdir, or an official MAE .pth with its variant (e.g. 'B/16') and,
-        # unless the data's, its input size and mean / std.
+        # A mim_jax run's workdir, a Hugging Face / timm ViT folder, or a ViT weights file
+        # (an official MAE .pth) with its variant (e.g. 'B/16'); input size and mean / std
+        # unless the folder's or the data's.
         teacher=dict(checkpoint=optional_field(str), step=optional_field(int),
                      variant=optional_field(str), image_size=optional_field(int),
                      mean=optional_field(tuple), std=optional_field(tuple)),

@@ -1,6 +1,7 @@
 """Pretrained weights: a mim_jax run's config, checkpoints and encoder, and the frozen weights
 an objective declares (BEiT's tokenizer, VQ-KD's teacher, the encoder a classifier starts from),
-read from mim_jax runs or from official / timm files.
+read from mim_jax runs or from weights saved elsewhere: official, Hugging Face and timm files
+and folders (convert.sources says which layout a path is in).
 
 Objectives never read a file: each declares the frozen weights it needs
 (objectives.base.Frozen). build_objective resolves the modules they run in (a mim_jax run's
@@ -22,8 +23,8 @@ from etils import epath
 from flax import traverse_util
 
 from mim_jax import checkpointing, convert, models, objectives, paths, workdir as workdir_lib
-from mim_jax.convert import dall_e, official_vqkd
-from mim_jax.models import resize, tokenizers
+from mim_jax.convert import dall_e, official_vqkd, sizes, sources
+from mim_jax.models import resize, tokenizers, vit
 from mim_jax.models.tokenizers import vqkd as vqkd_tokenizer
 from mim_jax.objectives import classification
 from mim_jax.objectives.base import FrozenEncoder
@@ -192,14 +193,15 @@ def _dall_e_params(cfg, abstract) -> dict:
 
 
 def _vqkd_params(cfg, abstract) -> dict:
-    """An official vqkd .pth file (teacher and other keys ignored) or a mim_jax VQ-KD run."""
+    """An official-layout VQ-KD file, .pth or .safetensors (teacher and other keys ignored),
+    or a mim_jax VQ-KD run."""
     field, path = vqkd_tokenizer.FIELD, cfg["checkpoint"]
     if not path:
-        raise ValueError(f"{field}.checkpoint is unset: pass an official vqkd .pth file or a "
-                         "mim_jax VQ-KD run (its --workdir).")
+        raise ValueError(f"{field}.checkpoint is unset: pass an official VQ-KD file (.pth or "
+                         ".safetensors) or a mim_jax VQ-KD run (its --workdir).")
     if epath.Path(path).is_file():
         return official_vqkd.params_from_official(
-            convert.load_torch_state_dict(path), num_heads=cfg["num_heads"],
+            convert.read_weights(path), num_heads=cfg["num_heads"],
             decoder_num_heads=cfg["decoder_heads"], expected=abstract)
     params = vqkd_params_from_run(path)
     params = {k: params[k] for k in abstract if k in params}
@@ -247,14 +249,68 @@ def _load_tokenizer(config, need, variables):
     return _replaced(variables, need.into, loaded)
 
 
+# ---------------------------------------------------------------- what weights must fit
+
+# An encoder description entry (convert.sizes) -> the config field that sets it.
+_MODEL_FIELDS = {
+    "width": "model.width", "embed_dim": "model.embed_dim", "depth": "model.depth",
+    "depths": "model.depths", "patch_size": "model.patch_size", "num_heads": "model.num_heads",
+    "mlp_dim": "model.mlp_dim", "stem_width": "model.stem_width", "widths": "model.widths",
+    "dims": "model.dims", "channels": "data.channels", "positions": "model.pos_embed",
+    "qkv_bias": "model.qkv_bias", "layer_scale": "model.layer_scale_init",
+    "rel_pos_bias": "model.rel_pos_bias"}
+# The entries a model.variant sets (which the fields above override).
+_VARIANT_SIZES = ("width", "embed_dim", "depth", "depths", "patch_size", "num_heads", "mlp_dim",
+                  "stem_width", "widths", "dims")
+
+
+def _check_fits(found: tuple, wanted: tuple, against: str = "config.model",
+                fields=None) -> None:
+    """Raises ValueError, one line, where an encoder (found: (kind, sizes) of the weights,
+    convert.sizes) is not the one `against` describes (wanted), naming what differs and the
+    fields that set it: `fields` (entry -> field) or config.model's."""
+    (found_kind, found_sizes), (wanted_kind, wanted_sizes) = found, wanted
+    weights = sizes.describe(found_kind, found_sizes)
+    if found_kind != wanted_kind:
+        raise ValueError(f"the weights are {weights}; {against} is a "
+                         f"{sizes.KINDS[wanted_kind]} (model.name).")
+    differ = sizes.differences(found_sizes, wanted_sizes)
+    if not differ:
+        return
+    if fields is None:
+        names = ", ".join(dict.fromkeys(_MODEL_FIELDS[k] for k in differ))
+        if any(k in _VARIANT_SIZES for k in differ):
+            names += " / model.variant"
+    else:
+        names = ", ".join(dict.fromkeys(fields(k) for k in differ))
+    raise ValueError(f"the weights are {sizes.describe(found_kind, found_sizes, differ)}; "
+                     f"{against} has {sizes.describe_fields(wanted_sizes, differ)} ({names}).")
+
+
+def _vit_config_sizes(arch: vit.ViTConfig) -> dict:
+    return dict(width=arch.width, depth=arch.depth, patch_size=arch.patch_size,
+                num_heads=arch.num_heads, mlp_dim=arch.mlp_dim, channels=arch.channels)
+
+
+def _vit_encoder_of_weights(weights: sources.Weights, wanted: dict, against: str,
+                            fields=None) -> dict:
+    """The ViT encoder of a file, its sizes checked against `wanted` (width, depth,
+    patch_size, num_heads, ...) before it is converted with the heads its records give, else
+    wanted's: no layout stores them."""
+    if weights.backbone != "vit":
+        raise ValueError(f"the weights are {weights.description}; {against} is a ViT.")
+    heads = sources.recorded_vit_heads(weights)
+    found = dict(sizes.vit_sizes_of_state(weights.state), num_heads=heads)
+    _check_fits(("vit", found), ("vit", wanted), against, fields)
+    return sources.vit_encoder(weights, heads or wanted["num_heads"])
+
+
 # ---------------------------------------------------------------- teachers
 
 def _resolve_teacher(config, need) -> FrozenEncoder:
-    """The encoder of a mim_jax pretraining run (module from its config.json), or of an
-    official MAE checkpoint file (the MAE ViT of <source>.variant, e.g. 'B/16', at
-    <source>.image_size, normalised with <source>.mean / std; unset: the data's)."""
+    """The encoder of a mim_jax pretraining run (module from its config.json), or of a ViT's
+    weights (a file, or a Hugging Face / timm / exported folder: _teacher_of_weights)."""
     teacher_cfg, field = _block(config, need.source), f"{need.source}.checkpoint"
-    channels = config.data.get("channels", 3)
     path = teacher_cfg.get("checkpoint") if teacher_cfg is not None else None
     if not path or not isinstance(path, str):
         raise ValueError(f"{field} is unset: pass the --workdir of a mim_jax "
@@ -265,12 +321,8 @@ def _resolve_teacher(config, need) -> FrozenEncoder:
         raise ValueError(f"{need.source}.step={step!r} must be None (latest) or an "
                          "integer >= 0.")
     try:
-        if epath.Path(path).is_file():
-            pick = lambda name: teacher_cfg.get(name) or config.data.get(name)
-            data = ml_collections.ConfigDict(dict(
-                image_size=pick("image_size"), mean=tuple(pick("mean")), std=tuple(pick("std")),
-                channels=channels))
-            module = _reference_teacher(teacher_cfg, data, need.source)
+        if sources.is_weights(path):
+            module, data = _teacher_of_weights(teacher_cfg, config.data, need.source, path)
         else:
             workdir, _ = resolve_checkpoint(path, step)
             run = read_run_config(workdir)
@@ -284,26 +336,55 @@ def _resolve_teacher(config, need) -> FrozenEncoder:
                          std=data.std, channels=data.get("channels", 3), source=path)
 
 
-def _reference_teacher(teacher_cfg, data, source: str):
-    """An official MAE encoder file holds no architecture: the MAE ViT of `variant`."""
+def _teacher_of_weights(teacher_cfg, data_cfg, source: str, path: str):
+    """-> (module, data block) of the ViT a weights file or folder holds: the ViT its tensors
+    describe, fed images of the size, mean and std its records give (<source>.image_size /
+    mean / std first, the data's last). Heads come from its records, else from
+    <source>.variant (e.g. 'B/16'), whose sizes must then be the file's."""
+    weights = sources.read(path)
     variant = teacher_cfg.get("variant")
-    if not variant:
-        raise ValueError(f"a checkpoint file needs {source}.variant (e.g. 'B/16'): "
-                         "official MAE files do not record their architecture")
+    heads = sources.recorded_vit_heads(weights)
+    if variant:
+        encoder = _vit_encoder_of_weights(weights, vit.parse_variant(variant),
+                                          f"{source}.variant={variant!r}",
+                                          fields=lambda key: f"{source}.variant")
+    elif heads is None:
+        raise ValueError(f"{source}.variant is unset and the weights do not record their "
+                         "head count: set it (e.g. 'B/16').")
+    else:
+        encoder = sources.vit_encoder(weights, heads)
+    recorded = sources.recorded_input(weights)
+    pick = lambda name: teacher_cfg.get(name) or recorded.get(name) or data_cfg.get(name)
+    data = ml_collections.ConfigDict(dict(
+        image_size=pick("image_size"), mean=tuple(pick("mean")), std=tuple(pick("std")),
+        channels=sizes.vit_sizes(encoder)["channels"]))
     if not data.image_size:
         raise ValueError(f"{source}.image_size is unset")
-    return models.vit_from_config(ml_collections.ConfigDict(dict(variant=variant)),
-                                  data.image_size, data.channels)
+    return _vit_like(encoder, data.image_size), data
+
+
+def _vit_like(encoder, image_size: int):
+    """The ViT module an encoder parameter tree belongs to, at `image_size`."""
+    found = sizes.vit_sizes(encoder)
+    model = ml_collections.ConfigDict(dict(
+        variant=f"B/{found['patch_size']}",  # every size is set below; this names the patch
+        width=found["width"], depth=found["depth"], num_heads=found["num_heads"],
+        mlp_dim=found["mlp_dim"], pos_embed=found["positions"],
+        qkv_bias="qkv" if found["qkv_bias"] else "none",
+        layer_scale_init=0.1 if found["layer_scale"] else None,  # only matters at init
+        rel_pos_bias=("shared" if "rel_pos_bias" in encoder else
+                      "per_layer" if found["rel_pos_bias"] else "none")))
+    return models.vit_from_config(model, image_size, found["channels"],
+                                  final_norm="norm" in encoder)
 
 
 def _load_teacher(config, need, variables):
     teacher_cfg, abstract = _block(config, need.source), _at(variables, need.into)
     path = teacher_cfg.checkpoint
     try:
-        if epath.Path(path).is_file():  # official MAE layout, checked against the teacher
-            loaded = convert.mae_params_from_official(
-                convert.load_torch_state_dict(path), num_heads=need.part.module.config.num_heads,
-                strict=False, expected={"encoder": abstract})["encoder"]
+        if sources.is_weights(path):  # positions resized to the teacher's input size
+            encoder = sources.vit_encoder(sources.read(path), need.part.module.config.num_heads)
+            loaded, _ = resize.fit_encoder_params(encoder, abstract)
         else:
             loaded = load_encoder(path, teacher_cfg.get("step")).params
             check_shapes(loaded, abstract, "its encoder")
@@ -318,26 +399,24 @@ def fitted_encoder_params(config, target_params, target_batch_stats=None):
     """finetune.pretrained -> encoder parameters fitted to `target_params` (the encoder of
     config.model: positions / relative tables resized, shared bias copied per layer).
 
+    finetune.pretrained is a mim_jax run, or weights saved elsewhere (a file, or a Hugging
+    Face / timm / exported folder: _encoder_of_weights). Either way the encoder must be the
+    one config.model describes, sizes and options, which is checked before anything is
+    fitted, with one line naming the fields that differ.
+
     With `target_batch_stats` (the encoder's BatchNorm statistics: ResNets) returns
     (params, batch_stats), the statistics the pretraining run kept (SparK's model_state)."""
     path = config.finetune.pretrained
     stats = None
     try:
-        is_file = bool(path) and epath.Path(path).is_file()
-        if is_file and config.model.get("name", "vit") in classification.CONVNETS:
-            # timm layout (SparK's releases)
-            arch = classification.encoder_from_config(config, for_probe=False).config
-            variables = convert.convnet_variables_from_timm(
-                convert.load_torch_state_dict(path), config=arch, strict=False)
-            source, origin = variables["params"]["encoder"], path
-            stats = variables.get("batch_stats", {}).get("encoder")
-        elif is_file:  # reference weights (official MAE, BEiT or SimMIM layout)
-            source, origin = _official_encoder(config, convert.load_torch_state_dict(path)), path
+        if sources.is_weights(path):
+            (source, stats), origin = _encoder_of_weights(config, path), path
         else:
             pretrained = load_encoder(path, config.finetune.get("pretrained_step") or None)
             source, origin = pretrained.params, f"{path} (step {pretrained.step}, " \
                                                 f"{pretrained.objective})"
             stats = pretrained.batch_stats
+        _check_fits(sizes.encoder_sizes(source), sizes.encoder_sizes(target_params))
         params, notes = resize.fit_encoder_params(source, target_params)
         if target_batch_stats:
             if not stats:
@@ -354,25 +433,25 @@ def fitted_encoder_params(config, target_params, target_batch_stats=None):
     return (params, stats) if target_batch_stats is not None else params
 
 
-def _official_encoder(config, state) -> dict:
-    """The encoder of an official pretraining file, in the layout its keys say, at the size it
-    was pretrained (fit_encoder_params adapts it): a SimMIM file's Swin comes with its own
-    configuration, a ViT takes config.model's head count."""
-    if config.model.get("name", "vit") == "swin":
-        if not convert.is_official_simmim(state):
-            raise ValueError("model.name='swin' reads official SimMIM files (keys encoder.* "
-                             "and decoder.0.*) or mim_jax runs; this file is neither.")
-        return convert.simmim_params_from_official(
-            state, swin_config=convert.swin_config_from_official(state), strict=False)["encoder"]
-    heads = models.vit_from_config(config.model, config.data.image_size,
-                                   config.data.channels).config.num_heads
-    if convert.is_official_simmim(state):
-        read = convert.simmim_params_from_official
-    elif convert.is_official_beit(state):
-        read = convert.beit_params_from_official
-    else:
-        read = convert.mae_params_from_official
-    return read(state, num_heads=heads, strict=False)["encoder"]
+def _encoder_of_weights(config, path: str):
+    """-> (encoder params, BatchNorm statistics or None) of a weights file or folder in any
+    layout convert.sources reads, at the size it was saved (fit_encoder_params adapts
+    positions and tables). A ViT's sizes are checked before conversion, which needs heads:
+    the file's records give them, else config.model does."""
+    weights = sources.read(path)
+    name = config.model.get("name", "vit")
+    if weights.backbone != name:
+        raise ValueError(f"the weights are {weights.description}; config.model.name is "
+                         f"{name!r} (model.name).")
+    if name in classification.CONVNETS:
+        arch = classification.encoder_from_config(config, for_probe=False).config
+        variables = sources.convnet_variables(weights, arch)
+        return variables["params"]["encoder"], variables.get("batch_stats", {}).get("encoder")
+    if name == "swin":
+        return sources.swin_encoder(weights, sources.swin_config(weights)), None
+    arch = models.vit_from_config(config.model, config.data.image_size,
+                                  config.data.channels).config
+    return _vit_encoder_of_weights(weights, _vit_config_sizes(arch), "config.model"), None
 
 
 def _load_encoder(config, need, variables):

@@ -4,11 +4,7 @@ BatchNorm statistics as the reference's gathered BatchNorm1d, an all-visible mas
 network), parameter counts of the real variants and named errors."""
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import importlib.util
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -23,64 +19,11 @@ if importlib.util.find_spec("timm") is None:  # importorskip would also skip on 
 from mim_jax import models  # noqa: E402
 from mim_jax.convert import timm_convnet  # noqa: E402
 from mim_jax.models import classifier, convnext, resnet, sparse  # noqa: E402
+from timm_stub import import_timm  # noqa: E402
 
 
-def _import_timm_models():
-    """timm.models.resnet / convnext. timm's package __init__ imports torchvision (transforms,
-    datasets, FrozenBatchNorm2d) that these two models never use; torchvision's PyPI wheels
-    need a CUDA build of torch. Without torchvision, the import runs against a stand-in whose
-    every name is a class that raises when used, and the stand-in is removed right after, so
-    nothing else (e.g. transformers' torchvision detection) ever sees it."""
-    try:
-        import timm.models.convnext as timm_convnext
-        import timm.models.resnet as timm_resnet
-        return timm_resnet, timm_convnext
-    except ModuleNotFoundError as err:
-        if not (err.name or "").startswith("torchvision"):
-            raise
-    for name in [k for k in sys.modules if k == "timm" or k.startswith("timm.")]:
-        del sys.modules[name]  # a half-imported timm must be imported again
-
-    class Unavailable(type):
-        def __getattr__(cls, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            return Unavailable(name, (), {})
-
-        def __call__(cls, *args, **kwargs):
-            raise RuntimeError(f"torchvision is not installed ({cls.__name__} was used)")
-
-    class StandIn(types.ModuleType):
-        def __getattr__(self, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            return Unavailable(name, (), {})
-
-    class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-        def find_spec(self, fullname, path=None, target=None):
-            if fullname.split(".")[0] == "torchvision":
-                return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-            return None
-
-        def create_module(self, spec):
-            return StandIn(spec.name)
-
-        def exec_module(self, module):
-            module.__path__ = []
-
-    finder = Finder()
-    sys.meta_path.insert(0, finder)
-    try:
-        import timm.models.convnext as timm_convnext
-        import timm.models.resnet as timm_resnet
-    finally:
-        sys.meta_path.remove(finder)
-        for name in [k for k in sys.modules if k.split(".")[0] == "torchvision"]:
-            del sys.modules[name]
-    return timm_resnet, timm_convnext
-
-
-timm_resnet, timm_convnext = _import_timm_models()
+timm = import_timm()
+timm_resnet, timm_convnext = timm.models.resnet, timm.models.convnext
 
 SIZE, BATCH, CLASSES = 64, 2, 10
 RESNET = resnet.ResNetConfig(depths=(1, 2, 1, 1), stem_width=64, widths=(8, 16, 32, 64))

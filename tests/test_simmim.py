@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import adam_losses, legacy_transformers_names  # noqa: E402
 from mim_jax import convert, masking, models, objectives, pretrained  # noqa: E402
-from mim_jax.convert import (official_mae, simmim_params_from_hf_vit,  # noqa: E402
+from mim_jax.convert import (files, simmim_params_from_hf_vit,  # noqa: E402
                              vit_params_from_hf_beit)
 from mim_jax.convert.hf_swin import config_from_hf, swin_params_from_hf  # noqa: E402
 from mim_jax.objectives import simmim  # noqa: E402
@@ -366,9 +366,13 @@ def test_beit_converter_legacy_names_index_buffers_and_errors():
     scanned = vit_params_from_hf_beit(state, num_heads=4, scan=True)
     assert scanned["encoder"]["transformer"]["blocks"]["ls1"].shape == (2, 64)
 
+    # A mean-pooling BeitModel normalises the pooled feature (its pooler's norm, which belongs
+    # to a classifier): the encoder has no final norm, and the pooler is not ours to import.
     pooled = beit_model(use_mean_pooling=True)
+    assert "norm" not in vit_params_from_hf_beit(pooled.state_dict(), num_heads=4)["encoder"]
+    with_pooler = beit_model(transformers.BeitModel, use_mean_pooling=True)
     with pytest.raises(ValueError, match="pooler.layernorm"):
-        vit_params_from_hf_beit(pooled.state_dict(), num_heads=4)
+        vit_params_from_hf_beit(with_pooler.state_dict(), num_heads=4)
     no_ls1 = {k: v for k, v in state.items() if k != "layers.1.lambda_1"}
     with pytest.raises(ValueError, match=re.escape("layers.1.lambda_1")):
         vit_params_from_hf_beit(no_ls1, num_heads=4)
@@ -570,7 +574,7 @@ def test_official_swin_key_names_buffers_and_round_trip(tmp_path):
     assert convert.swin_config_from_official(state) == cfg
     assert_same_tree(convert.simmim_params_from_official(state, swin_config=cfg), params)
     # What the training file's config became: data (an OrderedDict), no yacs code.
-    with torch.serialization.safe_globals(list(official_mae._ALLOWED_GLOBALS)):
+    with torch.serialization.safe_globals(list(files._ALLOWED_GLOBALS)):
         whole = torch.load(path, map_location="cpu", weights_only=True)
     assert type(whole["config"]).__name__ == "OrderedDict"
     assert whole["config"]["MODEL"]["SWIN"]["DEPTHS"] == [3, 2]

@@ -3,7 +3,9 @@ and timm ConvNet (SparK) layouts.
 
 All converters take plain mappings of torch tensors or numpy arrays and return float32 numpy
 trees / dicts, so torch is only needed to read .pth files (files.load_torch_state_dict);
-files.read_weights also reads safetensors files and Hugging Face folders.
+files.read_weights also reads safetensors files and Hugging Face folders. sources says which
+layout a file or folder is in and reads the encoder in it; sizes describes an encoder (from
+its parameters, or a ViT's from a file's tensors) so that it can be checked against a model.
 """
 from mim_jax.convert.hf_beit import (beit_params_from_hf, beit_params_to_hf,
                                      vit_params_from_hf_beit)

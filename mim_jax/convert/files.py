@@ -21,6 +21,8 @@ from mim_jax import paths
 
 SAFETENSORS_NAME = "model.safetensors"  # what save_pretrained writes and from_pretrained reads
 HF_CONFIG_NAME = "config.json"
+# What a Hugging Face folder keeps its weights in, in the order they are looked for.
+FOLDER_WEIGHTS = (SAFETENSORS_NAME, "model.safetensors.index.json", "pytorch_model.bin")
 # Dtypes a file may store floating-point weights in; integer buffers (index tables) are kept.
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -100,7 +102,7 @@ def _read_safetensors(path) -> Dict[str, np.ndarray]:
 
 
 def _hf_weights_file(folder) -> epath.Path:
-    for name in (SAFETENSORS_NAME, "model.safetensors.index.json", "pytorch_model.bin"):
+    for name in FOLDER_WEIGHTS:
         if (folder / name).is_file():
             return folder / name
     raise ValueError(f"{folder} holds no {SAFETENSORS_NAME}, model.safetensors.index.json or "

@@ -11,7 +11,9 @@ checked against our model, scan stacking). The second half is the Hugging Face l
   the checkpoint has `embeddings.mask_token`, pos_embed='learned' if it has
   `embeddings.position_embeddings` else 'none', rel_pos_bias='shared' (`shared_position_bias`)
   / 'per_layer' (`layers.N.relative_position_bias`) / 'none', and layer_scale_init set if it
-  has `lambda_1/2` (the value only matters for a fresh init).
+  has `lambda_1/2` (the value only matters for a fresh init). A mean-pooling BeitModel
+  (use_mean_pooling=True) normalises the pooled feature, not the tokens: its encoder has no
+  final norm (our ViT's final_norm=False), and its `pooler.layernorm` is a classifier's.
 * Key names are those of transformers 5.x. Files saved by 4.x (most Hub files) use
   `encoder.layer.N.attention.attention.query`, `intermediate.dense`, ...,
   `encoder.relative_position_bias` and `attention.attention.relative_position_bias`;
@@ -60,6 +62,9 @@ class Features:
     lm_head: bool
     head_depth: int = 0  # BEiT v2's CLS-pretraining head
     head_blocks: Optional[BlockFeatures] = None
+    # A LayerNorm over the output tokens. Models that pool before normalising (timm's and
+    # Hugging Face's mean-pooling BEiT) have none: their norm belongs to the classifier.
+    final_norm: bool = True
 
 
 def qv_bias(q_key: str, v_key: str, num_heads: int) -> common.Leaf:
@@ -161,7 +166,7 @@ def _implied_shapes(state, plan: common.Plan, f: Features):
     encoder = vit.ViT(
         cfg, cls_token=True, pos_embed="learned" if f.pos_embed else "none",
         use_mask_token=f.mask_token, qkv_bias="qv" if f.blocks.qv_bias else False,
-        layer_scale_init=0.1 if f.blocks.layer_scale else None,
+        layer_scale_init=0.1 if f.blocks.layer_scale else None, final_norm=f.final_norm,
         rel_pos_bias=("shared" if f.shared_rel_pos else
                       "per_layer" if f.blocks.rel_pos_table else "none"))
     images = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32)
@@ -259,7 +264,7 @@ def features_from_params(params: Mapping) -> Features:
         num_heads=heads, depth=sum(k.startswith("block_") for k in blocks),
         blocks=_our_block_features(blocks, "encoder"), mask_token="mask_token" in enc,
         pos_embed="pos_embed" in enc, shared_rel_pos="rel_pos_bias" in enc,
-        lm_head="lm_head" in params,
+        lm_head="lm_head" in params, final_norm="norm" in enc,
         head_depth=0 if head is None else sum(k.startswith("block_") for k in head),
         head_blocks=None if head is None else _our_block_features(head, "cls_head"))
 
@@ -308,15 +313,16 @@ def _hf_block(p: str, f: BlockFeatures, heads: int) -> common.Plan:
                       table=f"{p}relative_position_bias.relative_position_bias_table")
 
 
-def _hf_plan(f: Features, prefix: str, norm: str) -> common.Plan:
+def _hf_plan(f: Features, prefix: str, norm: Optional[str]) -> common.Plan:
     emb = f"{prefix}embeddings."
     encoder: common.Plan = {
         "patch_embed": common.patch_conv(f"{emb}patch_embeddings.projection"),
         "cls_token": common.tensor(f"{emb}cls_token"),
         "transformer": {f"block_{i}": _hf_block(f"{prefix}layers.{i}.", f.blocks, f.num_heads)
                         for i in range(f.depth)},
-        "norm": common.layernorm(norm),
     }
+    if f.final_norm:
+        encoder["norm"] = common.layernorm(norm)
     if f.mask_token:
         encoder["mask_token"] = common.tensor(f"{emb}mask_token")
     if f.pos_embed:
@@ -330,21 +336,18 @@ def _hf_plan(f: Features, prefix: str, norm: str) -> common.Plan:
     return plan
 
 
-def _final_norm(state: Mapping[str, Any], prefix: str) -> str:
+def _final_norm(state: Mapping[str, Any], prefix: str) -> Optional[str]:
     """Our ViT ends in one LayerNorm over all tokens: BeitModel's `layernorm`
-    (use_mean_pooling=False) or BeitForMaskedImageModeling's top-level one."""
+    (use_mean_pooling=False) or BeitForMaskedImageModeling's top-level one. A mean-pooling
+    BeitModel has none (its `pooler.layernorm` normalises the pooled feature, which is the
+    classifier's business): None, an encoder without a final norm."""
     candidates = [p for p in dict.fromkeys((f"{prefix}layernorm", "layernorm"))
                   if f"{p}.weight" in state]
-    if len(candidates) == 1:
-        return candidates[0]
-    if candidates:
+    if len(candidates) > 1:
         raise ValueError(f"{BEIT} state dict has two final LayerNorms ({candidates}, i.e. "
                          f"use_mean_pooling=False inside BeitForMaskedImageModeling); mim_jax's "
                          f"ViT applies one.")
-    raise ValueError(
-        f"{BEIT} state dict has no LayerNorm over the output tokens ({prefix}layernorm.weight): "
-        f"a use_mean_pooling=True BeitModel only normalises the pooled feature "
-        f"(pooler.layernorm), which mim_jax's ViT does not have.")
+    return candidates[0] if candidates else None
 
 
 def _import_hf(state_dict, num_heads, *, with_head: bool, scan, strict, expected) -> dict:
@@ -354,23 +357,25 @@ def _import_hf(state_dict, num_heads, *, with_head: bool, scan, strict, expected
     prefix = hf_vit.prefix_of(state, "beit")
     emb = f"{prefix}embeddings."
     depth = hf_vit.layer_count(state, f"{prefix}layers.", BEIT)
+    norm = _final_norm(state, prefix)
     f = Features(
         num_heads=num_heads, depth=depth, blocks=block_features(state, depth, _hf_names(prefix)),
         mask_token=f"{emb}mask_token" in state, pos_embed=f"{emb}position_embeddings" in state,
         shared_rel_pos=f"{prefix}shared_position_bias.relative_position_bias_table" in state,
-        lm_head=with_head and "lm_head.weight" in state)
-    plan = _hf_plan(f, prefix, _final_norm(state, prefix))
+        lm_head=with_head and "lm_head.weight" in state, final_norm=norm is not None)
+    plan = _hf_plan(f, prefix, norm)
     return import_params(state, plan, f, what=BEIT, scan=scan, strict=strict, expected=expected)
 
 
 def vit_params_from_hf_beit(state_dict: Mapping[str, Any], *, num_heads: int,
                             scan: bool = False, strict: bool = True,
                             expected: Optional[Mapping] = None) -> dict:
-    """BeitModel (use_mean_pooling=False) or BeitForMaskedImageModeling state dict ->
-    {'encoder': ViT params} (see the module docstring for the ViT options it implies).
+    """BeitModel or BeitForMaskedImageModeling state dict -> {'encoder': ViT params} (see the
+    module docstring for the ViT options it implies; a mean-pooling BeitModel's has no 'norm').
 
-    num_heads is the HF config's num_attention_heads. BEiT's `lm_head` and a classifier are
-    not part of the ViT: pass strict=False to skip them (beit_params_from_hf keeps lm_head).
+    num_heads is the HF config's num_attention_heads. BEiT's `lm_head`, a pooler and a
+    classifier are not part of the ViT: pass strict=False to skip them (beit_params_from_hf
+    keeps lm_head).
     """
     return _import_hf(state_dict, num_heads, with_head=False, scan=scan, strict=strict,
                       expected=expected)

@@ -7,7 +7,9 @@ under a top-level 'model' key: `patch_embed.proj`, `cls_token`, `mask_token`, op
 `blocks.N.attn.relative_position_bias_table`, `blocks.N.{norm1, attn.qkv (no bias), attn.q_bias,
 attn.v_bias, attn.proj, gamma_1, gamma_2, norm2, mlp.fc1, mlp.fc2}`, `norm`, `lm_head` and, for
 BEiT v2 with the CLS-pretraining head, `cls_pt_layers.N.*` (blocks of the same layout; the
-head shares `norm` and `lm_head`, the reference's shared_lm_head=True). The
+head shares `norm` and `lm_head`, the reference's shared_lm_head=True). timm's BEiT has the
+same layout; one that pools before normalising (global_pool='avg', fine-tuned files) has
+`fc_norm`, a classifier's, instead of `norm`, and its encoder then has no final norm. The
 `relative_position_index` buffers are checked against ours on import and written on export, so
 the reference model's `load_state_dict(strict=True)` takes the exported dict.
 
@@ -54,8 +56,9 @@ def layout_plan(f: hf_beit.Features, prefix: str = "") -> common.Plan:
         "cls_token": common.tensor(f"{prefix}cls_token"),
         "transformer": {f"block_{i}": _block(f"{prefix}blocks.{i}.", f.blocks, f.num_heads)
                         for i in range(f.depth)},
-        "norm": common.layernorm(f"{prefix}norm"),
     }
+    if f.final_norm:
+        encoder["norm"] = common.layernorm(f"{prefix}norm")
     if f.mask_token:
         encoder["mask_token"] = common.tensor(f"{prefix}mask_token")
     if f.pos_embed:
@@ -82,7 +85,7 @@ def encoder_features(state: Mapping[str, Any], num_heads: int, *, prefix: str = 
         blocks=hf_beit.block_features(state, depth, _names(f"{prefix}blocks.")),
         mask_token=f"{prefix}mask_token" in state, pos_embed=f"{prefix}pos_embed" in state,
         shared_rel_pos=f"{prefix}rel_pos_bias.relative_position_bias_table" in state,
-        lm_head=False)
+        lm_head=False, final_norm=f"{prefix}norm.weight" in state)
 
 
 def is_official_beit(state_dict: Mapping[str, Any]) -> bool:

@@ -19,7 +19,8 @@ def _block(prefix: str, num_heads: int) -> common.Plan:
         fc1=f"{prefix}mlp.fc1", fc2=f"{prefix}mlp.fc2", num_heads=num_heads)
 
 
-def _encoder(depth: int, heads: int) -> common.Plan:
+def encoder_plan(depth: int, heads: int) -> common.Plan:
+    """The encoder (no position table: MAE's is fixed, see mae_layout.check_sincos)."""
     return {
         "patch_embed": common.patch_conv("patch_embed.proj"),
         "cls_token": common.tensor("cls_token"),
@@ -40,7 +41,7 @@ def _decoder(depth: int, heads: int) -> common.Plan:
 
 
 LAYOUT = mae_layout.MAELayout(
-    name="official MAE", encoder=_encoder, encoder_layers="blocks.", encoder_pos="pos_embed",
+    name="official MAE", encoder=encoder_plan, encoder_layers="blocks.", encoder_pos="pos_embed",
     decoder=_decoder, decoder_layers="decoder_blocks.", decoder_pos="decoder_pos_embed")
 
 

@@ -18,6 +18,7 @@ set, torch does not use them) and written as 0 on export so load_state_dict(stri
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, Mapping, Union
 
 import jax
@@ -96,6 +97,32 @@ def _model(config: Config):
     if isinstance(config, convnext.ConvNeXtConfig):
         return convnext.ConvNeXt(config), "timm ConvNeXt", "head.fc.weight", _convnext_plan
     raise ValueError(f"config={config!r}; allowed: a resnet.ResNetConfig or a "
+                     f"convnext.ConvNeXtConfig.")
+
+
+def _first_dim(state: Mapping[str, Any], key: str) -> int:
+    if key not in state:
+        raise ValueError(f"timm state dict has no {key}.")
+    return int(np.shape(state[key])[0])
+
+
+def config_of_state(state: Mapping[str, Any], like: Config) -> Config:
+    """`like` with the depths and widths a timm ResNet / ConvNeXt state dict has (what the
+    weights do not say, such as a ResNet's stem stride, stays as in `like`)."""
+    if isinstance(like, resnet.ResNetConfig):
+        depths = [common.layer_depth(state, f"layer{i + 1}.") for i in range(4)]
+        return dataclasses.replace(
+            like, depths=tuple(depths), stem_width=_first_dim(state, "conv1.weight"),
+            widths=tuple(_first_dim(state, f"layer{i + 1}.0.conv1.weight") for i in range(4)),
+            channels=int(np.shape(state["conv1.weight"])[1]))
+    if isinstance(like, convnext.ConvNeXtConfig):
+        depths = [common.layer_depth(state, f"stages.{i}.blocks.") for i in range(4)]
+        return dataclasses.replace(
+            like, depths=tuple(depths),
+            dims=tuple(_first_dim(state, f"stages.{i}.blocks.0.conv_dw.weight")
+                       for i in range(4)),
+            channels=int(np.shape(state["stem.0.weight"])[1]))
+    raise ValueError(f"like={like!r}; allowed: a resnet.ResNetConfig or a "
                      f"convnext.ConvNeXtConfig.")
 
 

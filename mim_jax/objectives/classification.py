@@ -18,9 +18,10 @@ statistics, running averages kept; evaluation uses the averages), the linear pro
 frozen in eval mode. Both start from the pretraining run's statistics.
 
 `finetune.pretrained` is a mim_jax pretraining workdir (or one of its checkpoints/STEP
-folders), an official MAE, BEiT or SimMIM .pth file, a timm-layout ResNet / ConvNeXt .pth (SparK's
-released encoders), or '' for random initialisation (training from scratch, the baseline);
-mim_jax.pretrained reads it into a fresh run (`needs`). Top-1 / top-5 on data.eval_split are
+folders), a Hugging Face or timm folder, a weights file (.pth / .safetensors) in an official
+MAE / BEiT / SimMIM, timm (SparK's released ResNets / ConvNeXts) or Hugging Face layout, or ''
+for random initialisation (training from scratch, the baseline); mim_jax.pretrained reads it
+into a fresh run (`needs`). Top-1 / top-5 on data.eval_split are
 written every `every_epochs` by the 'classification' evaluator (mim_jax.evaluators), which
 keeps the best weights in workdir/best/.
 
@@ -94,9 +95,10 @@ def validate(config) -> None:
         raise ValueError(f"finetune.ema_decay={ft.ema_decay!r} must be in [0, 1) (0 = off).")
     if ft.pretrained and not epath.Path(ft.pretrained).exists():
         raise ValueError(f"finetune.pretrained={ft.pretrained!r} does not exist; give a "
-                         "pretraining workdir, a checkpoints/STEP folder, an official MAE / "
-                         "BEiT / SimMIM .pth file (timm layout for ResNet / ConvNeXt), or '' "
-                         "for random initialisation.")
+                         "pretraining workdir, a checkpoints/STEP folder, a Hugging Face or "
+                         "timm folder, a weights file (.pth / .safetensors: official MAE / "
+                         "BEiT / SimMIM, timm or Hugging Face layout), or '' for random "
+                         "initialisation.")
     if ft.mode == "linear_probe" and not ft.pretrained:
         logging.warning("linear probe of a randomly initialised encoder (finetune.pretrained "
                         "is empty): this is the random-init baseline.")

@@ -30,7 +30,8 @@ The reference's CLIP teacher additionally projects with its `proj` matrix; ours 
 Images reach the teacher normalised with the teacher run's own data mean / std. A converted
 reference encoder works too: objective.teacher.checkpoint = an official MAE .pth file, with
 objective.teacher.variant (e.g. 'B/16') and optionally image_size / mean / std (default: the
-data's).
+data's). So do Hugging Face ViTMAE / ViT / BEiT and timm ViT / BEiT folders, which record their
+sizes (mim_jax.pretrained, docs/conversion.md).
 """
 from __future__ import annotations
 
