@@ -1,6 +1,7 @@
 """python -m mim_jax.export: every objective's export is loaded by the library itself
 (transformers' from_pretrained, timm's create_model('local-dir:...')) and gives the features
 of mim_jax's encoder on the same images; official layouts read back to the same parameters."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,8 +14,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-import test_convnets  # noqa: E402,F401  (imports timm, with a stand-in for torchvision)
-import timm  # noqa: E402
+if importlib.util.find_spec("timm") is None:
+    pytest.skip("timm is not installed", allow_module_level=True)
+from timm_stub import import_timm  # noqa: E402
+
+timm = import_timm()
 
 from conftest import tiny_mae_config, tiny_train_config  # noqa: E402
 from mim_jax import convert, export, models, objectives, train  # noqa: E402
@@ -338,3 +342,21 @@ def test_runs_without_an_export_are_refused_with_one_line(mae_run):
     finetune.finetune = dict(pretrained="runs/mae")
     with pytest.raises(ValueError, match="it is a fine-tuning run"):
         export.export_run(_run(finetune, run.params), "timm")
+
+
+@pytest.mark.parametrize("fmt", ["hf", "timm", "official"])
+def test_an_export_is_read_back_into_fine_tuning_unchanged(mae_run, fmt, tmp_path):
+    from configs import finetune as finetune_config
+    from mim_jax import pretrained
+    run, _ = mae_run
+    _export(run, fmt, tmp_path)
+    config = finetune_config.get_config(f"quickstart,pretrained={tmp_path}")
+    with config.unlocked():
+        config.model.update(run.config.model)  # the tiny MAE's sizes, as recorded
+        config.data.image_size = IMAGE
+    target = pretrained.build_objective(config).init(jax.random.key(0))["encoder"]
+    loaded = pretrained.fitted_encoder_params(config, jax.tree.map(np.asarray, target))
+    # Global-pool fine-tuning has fc_norm instead of the encoder's final norm: all else equal.
+    assert set(run.params["encoder"]) - set(loaded) == {"norm"}
+    original = {k: v for k, v in run.params["encoder"].items() if k in loaded}
+    jax.tree.map(np.testing.assert_array_equal, loaded, original)
