@@ -1,5 +1,5 @@
-"""Checkpoint converters between mim_jax parameters and PyTorch MAE, SimMIM, BEiT
-and timm ConvNet (SparK) layouts.
+"""Checkpoint converters between mim_jax parameters and PyTorch MAE, SimMIM, BEiT,
+timm ConvNet (SparK) and torchscale BEiT-3 layouts.
 
 All converters take plain mappings of torch tensors or numpy arrays and return float32 numpy
 trees / dicts, so torch is only needed to read .pth files (files.load_torch_state_dict);
@@ -21,8 +21,12 @@ from mim_jax.convert.official_simmim import (is_official_simmim, simmim_params_f
                                              swin_config_from_official)
 from mim_jax.convert.timm_convnet import (convnet_variables_from_timm,
                                           convnet_variables_to_timm)
+from mim_jax.convert.torchscale_beit3 import (beit3_params_from_torchscale,
+                                              beit3_params_to_torchscale)
 
 __all__ = [
+    "beit3_params_from_torchscale",
+    "beit3_params_to_torchscale",
     "beit_params_from_hf",
     "beit_params_from_official",
     "beit_params_to_hf",
