@@ -39,7 +39,9 @@ setup(
         # (the CPU build) first: an unpinned torch pulls multi-GB GPU builds.
         # attrs and requests: what OpenAI's dall_e package (the dVAE tokenizer's reference)
         # imports; install it itself with --no-deps, as its declared torchvision pulls GPU torch.
-        "test": ["pytest>=8", "torch>=2.4", "transformers>=4.45", "attrs>=19.2", "requests"],
+        # pytest-xdist: the suite runs on two processes (-n 2), about twice as fast on 2 cores.
+        "test": ["pytest>=8", "pytest-xdist>=3", "torch>=2.4", "transformers>=4.45",
+                 "attrs>=19.2", "requests"],
         # A gs:// workdir: orbax asks Cloud Storage (through this client) how a bucket lists
         # its checkpoints. Cloud TPU runs usually write to a bucket, so "tpu" includes it.
         "gcs": ["google-cloud-storage"],
