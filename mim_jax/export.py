@@ -23,12 +23,13 @@ from absl import app, flags, logging
 from etils import epath
 
 from mim_jax import checkpointing, convert, models, paths
-from mim_jax.convert import files, library_configs, mae_layout, official_mae, official_vqkd
+from mim_jax.convert import (files, library_configs, mae_layout, official_mae, official_vqkd,
+                             sources)
 from mim_jax.models import convnext, resnet
 from mim_jax.pretrained import read_run_config, resolve_checkpoint
 
 FORMATS = ("hf", "timm", "official")
-RECORD_NAME = "mim_jax_export.json"
+RECORD_NAME = sources.EXPORT_RECORD  # what the readers of weights look for
 
 
 @dataclasses.dataclass
