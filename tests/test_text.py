@@ -1,5 +1,6 @@
 """Tests of BEiT-3's text side (mim_jax.data.text): tokenizer, text and image-text streams."""
 
+import io
 import json
 import os
 
@@ -310,3 +311,123 @@ def test_pair_stream_is_deterministic_resumable_and_sharded(tok, pair_folder):
               for p in range(2)]
     assert not set(shards[0]) & set(shards[1])
     assert sorted(shards[0] + shards[1]) == list(range(NUM_PAIRS))
+
+
+# ------------------------------------------------------------ TFDS ---
+
+NUM_TFDS = 8
+
+
+@pytest.fixture(scope="module")
+def tiny_tfds(tmp_path_factory):
+    """A TFDS dataset built in memory: constant images with a label, captions and a text."""
+    import tensorflow_datasets as tfds
+
+    class TinyCaptions(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(12, 10, 3), encoding_format="png"),
+                "label": tfds.features.ClassLabel(num_classes=10),
+                "captions": tfds.features.Sequence({"text": tfds.features.Text()}),
+                "text": tfds.features.Text(),
+            }))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(NUM_TFDS):
+                yield i, {"image": np.full((12, 10, 3), _level(i), np.uint8), "label": i,
+                          "captions": {"text": _candidates(i)}, "text": TEXTS[i]}
+
+    data_dir = str(tmp_path_factory.mktemp("tiny_tfds"))
+    TinyCaptions(data_dir=data_dir).download_and_prepare()
+    return "tiny_captions", data_dir
+
+
+def _candidates(i):
+    return [TEXTS[i + NUM_TFDS * k] for k in range(1 + i % 3)]  # 1 to 3 captions
+
+
+def _tfds_pair_batches(tok, tiny_tfds, n, **kwargs):
+    name, data_dir = tiny_tfds
+    text_cfg = text.default_text_config()
+    text_cfg.update(pairs=name, max_len=12)
+    data_cfg = data.default_data_config()
+    data_cfg.update(data_dir=data_dir, image_size=8, crop_scale=None, flip=False)
+    kwargs = {"global_batch_size": 4, "seed": 0, "process_index": 0, "process_count": 1,
+              **kwargs}
+    it = text.create_pair_iterator(text_cfg, data_cfg, tok, **kwargs)
+    return [next(it) for _ in range(n)]
+
+
+def test_tfds_pairs_draw_one_of_each_images_captions(tok, tiny_tfds):
+    batches = _tfds_pair_batches(tok, tiny_tfds, 8)  # four epochs
+    drawn = {}
+    for b in batches:
+        for i, caption in zip(_pair_ids([b]), _texts_of([b], tok)):
+            assert caption in _candidates(i)
+            drawn.setdefault(i, set()).add(caption)
+    assert len(drawn[5]) > 1  # three candidates, redrawn every epoch
+    resumed = _tfds_pair_batches(tok, tiny_tfds, 2, start_step=6)
+    for a, b in zip(batches[6:], resumed):
+        for key in ("image", "text_ids", "text_padding"):
+            np.testing.assert_array_equal(a[key], b[key])
+    shards = [_pair_ids(_tfds_pair_batches(tok, tiny_tfds, 2, process_index=p,
+                                           process_count=2)) for p in range(2)]
+    assert sorted(shards[0] + shards[1]) == list(range(NUM_TFDS))
+
+
+def test_mnist5k_pairs_caption_each_image_by_its_label(tok, tiny_tfds):
+    from mim_jax.data.text import pairs
+
+    name, data_dir = tiny_tfds
+    cfg = data.default_data_config()
+    cfg.update(name=name, data_dir=data_dir)
+    source = pairs.mnist5k_pairs(cfg)
+    records = list(source.epoch_records("train", 0, 1, shuffle_seed=3, shuffle_buffer=16)
+                   .as_numpy_iterator())
+    assert len(records) == NUM_TFDS
+    for record in records:
+        level = np.asarray(Image.open(io.BytesIO(record["ref"])))[0, 0, 0]
+        i = (int(level) - 10) // 20
+        assert record["text"].decode() in quickstart.digit_captions(i)
+
+
+def test_tfds_text_stream(tok, tiny_tfds):
+    name, data_dir = tiny_tfds
+    cfg = text.default_text_config()
+    cfg.update(corpus=name, data_dir=data_dir, max_len=16)
+
+    def batches(n, **kwargs):
+        kwargs = {"global_batch_size": 2, "seed": 0, "process_index": 0, "process_count": 1,
+                  **kwargs}
+        it = text.create_text_iterator(cfg, tok, **kwargs)
+        return [next(it) for _ in range(n)]
+
+    fresh = batches(6)  # 1.5 epochs
+    assert sorted(_texts_of(fresh[:4], tok)) == sorted(TEXTS[:NUM_TFDS])
+    for a, b in zip(fresh[3:], batches(3, start_step=3)):
+        np.testing.assert_array_equal(a["text_ids"], b["text_ids"])
+    shards = [_texts_of(batches(4, process_index=p, process_count=2), tok) for p in range(2)]
+    assert sorted(shards[0] + shards[1]) == sorted(TEXTS[:NUM_TFDS])
+    cfg.text_key = "caption"
+    with pytest.raises(ValueError, match="text.text_key='caption' is not a feature of TFDS "
+                                         "dataset 'tiny_captions'"):
+        batches(1)
+
+
+def test_quickstart_spm_is_built_once_and_knows_the_caption_words(tmp_path):
+    cfg = text.default_text_config()
+    tok = text.load_tokenizer(cfg, str(tmp_path))  # spm_model='quickstart'
+    path = os.path.join(str(tmp_path), "quickstart_1000.model")
+    assert tok.model_file == path and tok.vocab_size == 1002
+    for digit, word in enumerate(quickstart.DIGIT_WORDS):
+        assert len(tok.tokenize(" " + word)) == 1, word  # one piece per digit word
+        assert tok.decode(tok.tokenize(quickstart.digit_captions(digit)[0])) == \
+            quickstart.digit_captions(digit)[0]
+    built = os.stat(path).st_mtime_ns
+    assert text.load_tokenizer(cfg, str(tmp_path)).vocab_size == 1002
+    assert os.stat(path).st_mtime_ns == built  # found, not trained again
