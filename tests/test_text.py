@@ -431,3 +431,9 @@ def test_quickstart_spm_is_built_once_and_knows_the_caption_words(tmp_path):
     built = os.stat(path).st_mtime_ns
     assert text.load_tokenizer(cfg, str(tmp_path)).vocab_size == 1002
     assert os.stat(path).st_mtime_ns == built  # found, not trained again
+
+
+def test_ids_from_another_vocabulary_are_refused(tok):
+    with pytest.raises(ValueError, match=r"token ids 5..402 are outside this tokenizer's "
+                                         r"vocabulary 0..401"):
+        tok.encode([5, 402], 8)

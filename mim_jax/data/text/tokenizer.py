@@ -17,7 +17,7 @@ Only the `sentencepiece` package is used here (no TensorFlow, no transformers).
 from __future__ import annotations
 
 import os
-from typing import Iterable, Optional, Sequence, Tuple, Union
+from typing import Iterable, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -140,7 +140,12 @@ class TextTokenizer:
         ids, e.g. from `tokenize` or the pre-tokenized `text_segment` of an index file."""
         if max_len < 2:
             raise ValueError(f"max_len={max_len} must be >= 2 (bos and eos).")
-        pieces = np.asarray(pieces, dtype=np.int32).reshape(-1)[:max_len - 2]
+        pieces = np.asarray(pieces, dtype=np.int64).reshape(-1)[:max_len - 2]
+        if len(pieces) and not 0 <= pieces.min() <= pieces.max() < self.vocab_size:
+            # Ids from another vocabulary (a pre-tokenized index) would be clamped silently.
+            raise ValueError(f"token ids {pieces.min()}..{pieces.max()} are outside this "
+                             f"tokenizer's vocabulary 0..{self.vocab_size - 1} "
+                             f"({self.model_file}).")
         n = len(pieces) + 2
         ids = np.full((max_len,), PAD_ID, np.int32)
         ids[0], ids[1:n - 1], ids[n - 1] = BOS_ID, pieces, EOS_ID
@@ -165,10 +170,3 @@ class TextTokenizer:
             ids[row], padding[row] = self.pack(p, max_len)
         return ids, padding
 
-
-def load_tokenizer(model_file: Optional[str]) -> TextTokenizer:
-    """TextTokenizer of `model_file`; a one-line error naming the field when it is unset."""
-    if not model_file:
-        raise ValueError(f"text.spm_model={model_file!r}: set it to a SentencePiece model file "
-                         "(.spm / .model), e.g. BEiT-3's beit3.spm.")
-    return TextTokenizer(model_file)
