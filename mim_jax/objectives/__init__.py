@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from mim_jax.objectives import beit, classification, mae, simmim, spark, vqkd
+from mim_jax.objectives import beit, beit3, classification, mae, simmim, spark, vqkd
 from mim_jax.objectives.base import Frozen, FrozenEncoder, Objective, RNG_STREAMS, make_rngs
 
-_METHODS = {"beit": beit, "mae": mae, "simmim": simmim, "spark": spark, "vqkd": vqkd}
+_METHODS = {"beit": beit, "beit3": beit3, "mae": mae, "simmim": simmim, "spark": spark,
+            "vqkd": vqkd}
 
 
 def names():
