@@ -1,4 +1,4 @@
-"""Export a pretraining run's weights for PyTorch: Hugging Face transformers, timm, or the
+"""Export a run's weights for PyTorch: Hugging Face transformers, timm, or the
 official reference code's layout, as safetensors plus the config file the library reads.
 
     python -m mim_jax.export --workdir runs/mae_quickstart --to hf --out exports/mae_hf
@@ -9,7 +9,8 @@ prints how to load it. Which library class each objective's export is, and what 
 is tabled in docs/conversion.md. The hf and timm exports hold what the library's class has:
 timm's the encoder alone; transformers' the encoder with the objective's head where the class
 has one (MAE's decoder, SimMIM's head, BEiT's LM head; BEiT v2's CLS-pretraining head has no
-counterpart there and is left out, which is printed).
+counterpart there and is left out, which is printed). A fine-tuning run exports its whole
+classifier to timm.
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from absl import app, flags, logging
 from etils import epath
 
 from mim_jax import checkpointing, convert, models, paths
-from mim_jax.convert import (files, library_configs, mae_layout, official_mae, official_vqkd,
-                             sources)
+from mim_jax.convert import (common, files, library_configs, mae_layout, official_mae,
+                             official_vqkd, sources)
 from mim_jax.models import convnext, resnet
 from mim_jax.pretrained import read_run_config, resolve_checkpoint
 
@@ -83,10 +84,8 @@ def read_run(path, step: Optional[int] = None) -> Run:
 # ---------------------------------------------------------------- what an encoder is
 
 def _objective(config) -> str:
-    if config.get("finetune") is not None:
-        raise ValueError("it is a fine-tuning run; the export takes pretraining runs (MAE, "
-                         "SimMIM, BEiT, VQ-KD, SparK).")
-    return config.objective.name
+    """The exporter's key: the pretraining objective, or 'finetune' for a classifier."""
+    return "finetune" if config.get("finetune") is not None else config.objective.name
 
 
 def _vit_kind(model_cfg) -> str:
@@ -132,9 +131,10 @@ def _hf(name: str, cls: str, extra: str = "") -> str:
             f"{extra})  # {name}")
 
 
-def _timm_loader() -> str:
+def _timm_loader(logits: bool = False) -> str:
+    use = "logits: model(images)" if logits else "features: model.forward_features(images)"
     return ("import timm\nmodel = timm.create_model('local-dir:{out}', pretrained=True)  "
-            "# features: model.forward_features(images)")
+            f"# {use}")
 
 
 def _official_loader(what: str) -> str:
@@ -274,8 +274,48 @@ def _spark(run: Run, fmt: str) -> Export:
         arch, image_size=config.data.image_size, **_norm(config)), _timm_loader(), notes)
 
 
+def _finetuned(run: Run, fmt: str) -> Export:
+    """A fine-tuned classifier (encoder, pooling, head) as the timm model that computes the
+    same logits: a ViT with global average pooling (fc_norm, no final norm), a ResNet or a
+    ConvNeXt."""
+    config, params = run.config, run.params
+    if fmt != "timm":
+        raise ValueError(f"--to={fmt}: a fine-tuned classifier exports to 'timm' (its "
+                         "encoder alone: export the pretraining run it started from).")
+    arch, name = _arch(config), config.model.get("name", "vit")
+    classes = int(np.shape(params["head"]["kernel"])[-1])
+    if name in ("resnet", "convnext"):
+        variables = {"params": {k: params[k] for k in ("encoder", "fc_norm", "head")
+                                if k in params}}
+        stats = (run.model_state.get("batch_stats") or {}).get("encoder")
+        if stats:
+            variables["batch_stats"] = {"encoder": stats}
+        if isinstance(arch, resnet.ResNetConfig) and arch.stem_width != 64:
+            raise ValueError(f"--to=timm: model.stem_width={arch.stem_width}, but timm's "
+                             "ResNet stem is 64 wide.")
+        timm_config = library_configs.timm_convnet(arch, image_size=config.data.image_size,
+                                                   num_classes=classes, **_norm(config))
+        return Export(convert.convnet_variables_to_timm(variables, config=arch), timm_config,
+                      _timm_loader(logits=True))
+    pool = config.finetune.get("pool", "gap")
+    if name != "vit" or _vit_kind(config.model) != "plain" or pool != "gap":
+        raise ValueError(f"a fine-tuned {name} (pool={pool!r}) has no timm export; exported "
+                         "fine-tuned classifiers: a MAE-style ViT with pool='gap', a ResNet, "
+                         "a ConvNeXt.")
+    encoder, depth, heads = mae_layout.unscanned(params["encoder"], "encoder")
+    plan = {"encoder": {k: v for k, v in official_mae.LAYOUT.encoder(depth, heads).items()
+                        if k != "norm"},  # global pooling: fc_norm takes the final norm's place
+            "fc_norm": common.layernorm("fc_norm"), "head": common.linear("head")}
+    tensors = common.dump(plan, dict(encoder=encoder, fc_norm=params["fc_norm"],
+                                     head=params["head"]), "fine-tuned ViT")
+    tensors["pos_embed"] = mae_layout.sincos_table(arch.width, arch.num_patches)
+    return Export(tensors, library_configs.timm_vit(arch, num_classes=classes, **_norm(config)),
+                  _timm_loader(logits=True))
+
+
 EXPORTERS: Dict[str, Callable[[Run, str], Export]] = {
-    "mae": _mae, "simmim": _simmim, "beit": _beit, "vqkd": _vqkd, "spark": _spark}
+    "mae": _mae, "simmim": _simmim, "beit": _beit, "vqkd": _vqkd, "spark": _spark,
+    "finetune": _finetuned}
 
 
 def export_run(run: Run, fmt: str) -> Export:
@@ -306,9 +346,10 @@ def write(export: Export, run: Run, fmt: str, out, dtype: str = "float32") -> Li
             config["torch_dtype"] = dtype
         paths.write_whole(out / files.HF_CONFIG_NAME, json.dumps(config, indent=2) + "\n")
         written.append(files.HF_CONFIG_NAME)
-    record = dict(format=fmt, objective=run.config.objective.name, source=run.source,
+    objective = run.config.get("objective") or {}
+    record = dict(format=fmt, objective=_objective(run.config), source=run.source,
                   step=run.step, dtype=dtype, model=_plain(run.config.get("model")),
-                  tokenizer=_plain(run.config.objective.get("tokenizer")),
+                  tokenizer=_plain(objective.get("tokenizer")),
                   data={k: run.config.data.get(k) for k in ("image_size", "channels", "mean",
                                                              "std")})
     paths.write_whole(out / RECORD_NAME, json.dumps(record, indent=2, default=list) + "\n")

@@ -338,10 +338,46 @@ def test_runs_without_an_export_are_refused_with_one_line(mae_run):
     run, _ = mae_run
     with pytest.raises(ValueError, match=r"--to='onnx'; allowed: \['hf', 'timm', 'official'\]"):
         export.export_run(run, "onnx")
-    finetune = run.config.copy_and_resolve_references()
-    finetune.finetune = dict(pretrained="runs/mae")
-    with pytest.raises(ValueError, match="it is a fine-tuning run"):
-        export.export_run(_run(finetune, run.params), "timm")
+
+
+def _finetuned_run(model, image_size, seed=0):
+    """A fine-tuning run's config and perturbed classifier (10 classes), random init."""
+    from configs import finetune as finetune_config
+    from mim_jax import pretrained
+    config = finetune_config.get_config("quickstart")
+    with config.unlocked():
+        config.model = ml_collections.ConfigDict(model)
+        config.data.update(image_size=image_size, channels=3)
+    obj = pretrained.build_objective(config)
+    params, state = obj.init_variables(jax.random.key(seed))
+    params = _perturbed(params, seed)
+    if state.get("batch_stats"):  # running variances must stay positive
+        state = dict(state, batch_stats=jax.tree.map(np.abs, _perturbed(state["batch_stats"])))
+    images = _images(image_size)
+    logits = obj.model.apply({"params": params, **state}, images, train=False)
+    return _run(config, params, state), images, np.asarray(logits)
+
+
+@pytest.mark.parametrize("model,size", [
+    (dict(name="vit", variant="Ti/4", width=64, depth=2, num_heads=4, mlp_dim=128), IMAGE),
+    (dict(name="resnet", variant="50", depths=(1, 1, 1, 1), widths=(8, 16, 32, 64)), 64),
+    (dict(name="convnext", variant="T", depths=(1, 1, 1, 1), dims=(16, 32, 64, 128)), 64)])
+def test_a_fine_tuned_classifier_is_the_same_timm_classifier(model, size, tmp_path):
+    run, images, logits = _finetuned_run(model, size)
+    made, _ = _export(run, "timm", tmp_path)
+    assert "model(images)" in made.loader
+    with torch.no_grad():
+        _close(_timm(tmp_path)(_torch(images)), logits, atol=1e-4)
+    with pytest.raises(ValueError, match="a fine-tuned classifier exports to 'timm'"):
+        export.export_run(run, "hf")
+
+
+def test_a_fine_tuned_swin_or_cls_pooled_vit_is_refused():
+    vit_cls, _, _ = _finetuned_run(dict(name="vit", variant="Ti/4", width=64, depth=2,
+                                        num_heads=4, mlp_dim=128), IMAGE)
+    vit_cls.config.finetune.pool = "cls"
+    with pytest.raises(ValueError, match=r"a fine-tuned vit \(pool='cls'\) has no timm export"):
+        export.export_run(vit_cls, "timm")
 
 
 @pytest.mark.parametrize("fmt,dtype", [("hf", "float32"), ("timm", "float32"),

@@ -78,21 +78,26 @@ def hf_swin(arch: swin.SwinConfig, *, masked_image_modeling: bool) -> dict:
 
 
 def _timm(architecture: str, model_args: dict, *, image_size: int, channels: int,
-          mean: Sequence[float], std: Sequence[float]) -> dict:
-    return dict(architecture=architecture, num_classes=0, model_args=model_args,
+          mean: Sequence[float], std: Sequence[float], num_classes: int = 0) -> dict:
+    """num_classes 0: no classifier (the encoder's features)."""
+    return dict(architecture=architecture, num_classes=num_classes,
+                model_args=dict(model_args, num_classes=num_classes),
                 pretrained_cfg=dict(input_size=[channels, image_size, image_size],
-                                    mean=list(mean), std=list(std), num_classes=0,
+                                    mean=list(mean), std=list(std), num_classes=num_classes,
                                     interpolation="bicubic", crop_pct=1.0))
 
 
-def timm_vit(arch: vit.ViTConfig, *, mean, std) -> dict:
-    """timm's VisionTransformer (the official MAE encoder's keys), CLS-token output."""
+def timm_vit(arch: vit.ViTConfig, *, mean, std, num_classes: int = 0) -> dict:
+    """timm's VisionTransformer (the official MAE encoder's keys): the CLS token's output, or
+    with `num_classes` a classifier over the average of the patch tokens, normalised by
+    fc_norm instead of the final norm (mim_jax's fine-tuning with pool='gap')."""
+    pool = dict(global_pool="avg", fc_norm=True) if num_classes else dict(global_pool="token")
     return _timm("vit_base_patch16_224", dict(
         img_size=arch.image_size, patch_size=arch.patch_size, in_chans=arch.channels,
         embed_dim=arch.width, depth=arch.depth, num_heads=arch.num_heads,
-        mlp_ratio=arch.mlp_dim / arch.width, qkv_bias=True, class_token=True,
-        global_pool="token", num_classes=0),
-        image_size=arch.image_size, channels=arch.channels, mean=mean, std=std)
+        mlp_ratio=arch.mlp_dim / arch.width, qkv_bias=True, class_token=True, **pool),
+        image_size=arch.image_size, channels=arch.channels, mean=mean, std=std,
+        num_classes=num_classes)
 
 
 def timm_beit(arch: vit.ViTConfig, *, abs_pos: bool, rel_pos: str,
@@ -103,20 +108,20 @@ def timm_beit(arch: vit.ViTConfig, *, abs_pos: bool, rel_pos: str,
         embed_dim=arch.width, depth=arch.depth, num_heads=arch.num_heads,
         mlp_ratio=arch.mlp_dim / arch.width, qkv_bias=True, use_abs_pos_emb=abs_pos,
         use_rel_pos_bias=rel_pos == "per_layer", use_shared_rel_pos_bias=rel_pos == "shared",
-        init_values=layer_scale or None, global_pool="token", num_classes=0),
+        init_values=layer_scale or None, global_pool="token"),
         image_size=arch.image_size, channels=arch.channels, mean=mean, std=std)
 
 
-def timm_convnet(arch, *, image_size: int, mean, std) -> dict:
-    """timm's ResNet (bottleneck blocks) or ConvNeXt without a classifier."""
+def timm_convnet(arch, *, image_size: int, mean, std, num_classes: int = 0) -> dict:
+    """timm's ResNet (bottleneck blocks) or ConvNeXt, with a classifier of `num_classes`."""
+    common = dict(image_size=image_size, channels=arch.channels, mean=mean, std=std,
+                  num_classes=num_classes)
     if isinstance(arch, resnet.ResNetConfig):
         return _timm("resnet50", dict(layers=list(arch.depths), channels=list(arch.widths),
-                                      stem_width=arch.stem_width, in_chans=arch.channels,
-                                      num_classes=0),
-                     image_size=image_size, channels=arch.channels, mean=mean, std=std)
+                                      stem_width=arch.stem_width, in_chans=arch.channels),
+                     **common)
     if isinstance(arch, convnext.ConvNeXtConfig):
         return _timm("convnext_tiny", dict(depths=list(arch.depths), dims=list(arch.dims),
                                            ls_init_value=arch.layer_scale_init,
-                                           in_chans=arch.channels, num_classes=0),
-                     image_size=image_size, channels=arch.channels, mean=mean, std=std)
+                                           in_chans=arch.channels), **common)
     raise ValueError(f"no timm config for {type(arch).__name__}.")
