@@ -26,7 +26,7 @@ from etils import epath
 from mim_jax import checkpointing, convert, models, paths
 from mim_jax.convert import (common, files, library_configs, mae_layout, official_mae,
                              official_vqkd, sources)
-from mim_jax.models import convnext, resnet
+from mim_jax.models import resnet
 from mim_jax.pretrained import read_run_config, resolve_checkpoint
 
 FORMATS = ("hf", "timm", "official")
@@ -269,7 +269,6 @@ def _spark(run: Run, fmt: str) -> Export:
             notes.append(f"model.stem_stride={arch.stem_stride}: timm's ResNet stem downsamples "
                          "4x, so timm computes this encoder's features at 1/"
                          f"{4 // arch.stem_stride} of the resolution it was pretrained at.")
-    assert isinstance(arch, (resnet.ResNetConfig, convnext.ConvNeXtConfig))
     return Export(tensors, library_configs.timm_convnet(
         arch, image_size=config.data.image_size, **_norm(config)), _timm_loader(), notes)
 

@@ -93,14 +93,14 @@ def load_encoder(path: str, step: Optional[int] = None) -> PretrainedEncoder:
         step = checkpointing.latest_step(directory)
         if step is None:
             raise ValueError(f"{str(workdir)!r} has no complete checkpoint yet.")
-    params = checkpointing.restore_raw(directory, step)
+    # One read of the checkpoint for both (each restore reads and verifies all of it).
+    params, state = checkpointing.restore_raw(directory, step, ("params", "model_state"))
     key = objective.encoder_keys[0]
     expected = jax.eval_shape(objective.init, jax.random.key(0))[key]
     check_shapes(params.get(key, {}), expected, f"checkpoint {directory}/{step}")
     _, abstract_state = jax.eval_shape(objective.init_variables, jax.random.key(0))
     batch_stats = None
     if abstract_state.get("batch_stats", {}).get(key):  # e.g. SparK's ResNets
-        state = checkpointing.restore_raw(directory, step, subtree="model_state")
         batch_stats = (state.get("batch_stats") or {}).get(key) or None
     return PretrainedEncoder(module=objective.encoder, params=params[key], config=config,
                              step=step, objective=objective.name, batch_stats=batch_stats)
@@ -227,8 +227,8 @@ def vqkd_params_from_run(path: str, step: Optional[int] = None) -> dict:
         step = checkpointing.latest_step(directory)
         if step is None:
             raise ValueError(f"{field}.checkpoint={path!r} has no complete checkpoint yet.")
-    params = checkpointing.restore_raw(directory, step, "params")
-    codebook = checkpointing.restore_raw(directory, step, "model_state")["codebook"]
+    params, state = checkpointing.restore_raw(directory, step, ("params", "model_state"))
+    codebook = state["codebook"]
     if not bool(np.asarray(codebook["initted"])):
         raise ValueError(f"{field}.checkpoint={path!r}: the codebook of step {step} was never "
                          "initialised (no training step ran).")

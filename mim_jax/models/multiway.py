@@ -32,7 +32,7 @@ import numpy as np
 from jax import lax
 
 from mim_jax.models import activations, attention, initializers
-from mim_jax.models.vit import DropPath
+from mim_jax.models.vit import DropPath, check_images
 
 # fairseq reserves positions 0 and 1 (padding index + 1), so the first token reads row 2.
 POSITION_OFFSET = 2
@@ -366,10 +366,7 @@ class MultiwayEncoder(nn.Module):
     def embed_vision(self, images, vision_mask=None):
         """[B, H, W, C] -> CLS + patch embeddings with positions [B, 1 + L, width]."""
         cfg = self.config
-        expected = (cfg.image_size, cfg.image_size, cfg.channels)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"images has shape {tuple(images.shape)}; expected [batch, "
-                             f"{expected[0]}, {expected[1]}, {expected[2]}] (NHWC).")
+        check_images(images, cfg.image_size, cfg.channels)
         x = self.patch_embed(images.astype(self.dtype))
         x = x.reshape(x.shape[0], -1, cfg.width)
         if vision_mask is not None:

@@ -24,7 +24,7 @@ import numpy as np
 from jax import lax
 
 from mim_jax.models import activations, attention, initializers, remat as remat_lib
-from mim_jax.models.vit import DropPath
+from mim_jax.models.vit import DropPath, check_images
 
 VARIANTS = {
     "T": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
@@ -368,10 +368,7 @@ class Swin(nn.Module):
     @nn.compact
     def __call__(self, images, *, token_mask=None, train: bool = False):
         cfg = self.config
-        expected = (cfg.image_size, cfg.image_size, cfg.channels)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"images has shape {tuple(images.shape)}; expected [batch, "
-                             f"{expected[0]}, {expected[1]}, {expected[2]}] (NHWC).")
+        check_images(images, cfg.image_size, cfg.channels)
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate={self.drop_path_rate!r} must be in [0, 1).")
         p, b = cfg.patch_size, images.shape[0]

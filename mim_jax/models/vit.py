@@ -93,6 +93,15 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
     return emb.astype(np.float32)
 
 
+def check_images(images, image_size: int, channels: int) -> None:
+    """Raises ValueError, one line, unless `images` is [batch, image_size, image_size,
+    channels] (NHWC): the shape every backbone's config fixes."""
+    expected = (image_size, image_size, channels)
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+        raise ValueError(f"images has shape {tuple(images.shape)}; expected [batch, "
+                         f"{expected[0]}, {expected[1]}, {expected[2]}] (NHWC).")
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drops the whole residual branch per sample ('drop_path' RNG stream)."""
 
@@ -452,10 +461,7 @@ class ViT(nn.Module):
     def embed(self, images, token_mask=None):
         """Patch embedding (+ mask token) + positions -> [B, L, D] patch tokens (no CLS)."""
         cfg = self.config
-        expected = (cfg.image_size, cfg.image_size, cfg.channels)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"images has shape {tuple(images.shape)}; expected [batch, "
-                             f"{expected[0]}, {expected[1]}, {expected[2]}] (NHWC).")
+        check_images(images, cfg.image_size, cfg.channels)
         x = self.patch_embed(images.astype(self.dtype))
         x = x.reshape(x.shape[0], -1, cfg.width)
         if token_mask is not None:
