@@ -113,7 +113,8 @@ def compile_train_step(config, devices, per_chip_batch: int) -> CompiledStep:
     objective = train.validate_config(config, device_count=len(devices),
                                       process_count=n_processes, check_data_dir=False)
     accum = config.get("accum_steps", 1)
-    sharding.check_batch_divisible(global_batch, accum, mesh)  # ValueError naming the fields
+    sharding.check_batch_divisible(global_batch, accum, mesh,  # ValueError naming the fields
+                                   objective.stream_sizes(global_batch))
     base_rng = jax.random.key(config.seed)
     init_rng, step_rng, _ = jax.random.split(base_rng, 3)
     abstract_state = train.abstract_train_state(config, objective, init_rng)
@@ -123,12 +124,9 @@ def compile_train_step(config, devices, per_chip_batch: int) -> CompiledStep:
     tx = optim.make_optimizer(config.optimizer, schedule, abstract_params)
     step = train.make_train_step(objective, tx, schedule, accum, step_rng, mesh,
                                  data_cfg=config.data)
-    size, channels = config.data.image_size, config.data.channels
     rows = sharding.batch_sharded(mesh)
-    batch = {"image": jax.ShapeDtypeStruct((global_batch, size, size, channels), jnp.uint8,
-                                           sharding=rows)}
-    if objective.with_labels:
-        batch["label"] = jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=rows)
+    batch = {name: jax.ShapeDtypeStruct(field.shape, field.dtype, sharding=rows)
+             for name, field in objective.batch_fields(global_batch).items()}
     jitted = jax.jit(step, in_shardings=(state_sh, rows),
                      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
     start = time.perf_counter()

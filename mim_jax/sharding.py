@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -197,21 +197,27 @@ def per_device_bytes(tree) -> int:
     return total
 
 
-def check_batch_divisible(global_batch_size: int, accum_steps: int, mesh: Mesh) -> None:
-    """Every micro-batch must split evenly over the batch shards and processes."""
+def check_batch_divisible(global_batch_size: int, accum_steps: int, mesh: Mesh,
+                          streams: Optional[Mapping[str, int]] = None) -> None:
+    """Every micro-batch must split evenly over the batch shards and processes; so must each
+    input stream's part of it (`streams`: stream -> examples per step, Objective.stream_sizes),
+    which is sharded on its own."""
     n_shards, n_proc = batch_axis_size(mesh), jax.process_count()
     if accum_steps < 1:
         raise ValueError(f"accum_steps={accum_steps} must be >= 1.")
-    if global_batch_size % accum_steps:
-        raise ValueError(f"batch_size={global_batch_size} is not divisible by "
-                         f"accum_steps={accum_steps}.")
-    micro = global_batch_size // accum_steps
-    if micro % n_shards or global_batch_size % n_proc:
-        raise ValueError(
-            f"batch_size={global_batch_size} (micro-batch {micro} with accum_steps={accum_steps}) "
-            f"is not divisible by the {n_shards} batch shards of the mesh (data x fsdp; device "
-            f"count {mesh.devices.size}, {n_proc} processes); use a multiple of "
-            f"{n_shards * accum_steps}.")
+    parts = [("", global_batch_size)] + [(f" ({n} {stream} examples of it per step)", n)
+                                         for stream, n in (streams or {}).items() if n]
+    for what, size in parts:
+        if size % accum_steps:
+            raise ValueError(f"batch_size={global_batch_size}{what} is not divisible by "
+                             f"accum_steps={accum_steps}.")
+        micro = size // accum_steps
+        if micro % n_shards or size % n_proc:
+            raise ValueError(
+                f"batch_size={global_batch_size}{what} (micro-batch {micro} with accum_steps="
+                f"{accum_steps}) is not divisible by the {n_shards} batch shards of the mesh "
+                f"(data x fsdp; device count {mesh.devices.size}, {n_proc} processes); use a "
+                f"multiple of {n_shards * accum_steps}{' for each stream' if what else ''}.")
 
 
 def rules_from_config(config) -> tuple:

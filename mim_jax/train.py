@@ -3,6 +3,7 @@ alike: the pretraining methods and the fine-tuning / linear probing of a classif
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import time
 from typing import Any
@@ -276,7 +277,8 @@ def train_and_evaluate(config, workdir, *, allow_config_change: bool = False) ->
     mesh = sharding.make_mesh(config.get("mesh"))
     accum = config.get("accum_steps", 1)
     try:
-        sharding.check_batch_divisible(config.batch_size, accum, mesh)
+        sharding.check_batch_divisible(config.batch_size, accum, mesh,
+                                       objective.stream_sizes(config.batch_size))
     except ValueError as e:
         raise ConfigError(str(e)) from e
     is_main = jax.process_index() == 0
@@ -295,6 +297,27 @@ def train_and_evaluate(config, workdir, *, allow_config_change: bool = False) ->
             # Let an in-flight async save finish (or fail) cleanly; an unfinished one is never
             # listed, so a crash here can only lose progress, not corrupt the workdir.
             ckpt.close()
+
+
+def _train_iterator(config, objective, workdir, start_step: int):
+    """This process's training batches from `start_step` on: images (and labels), or, for an
+    objective that reads several streams (BEiT-3), images, texts and pairs in one batch."""
+    sizes = objective.stream_sizes(config.batch_size)
+    if sizes is None:
+        return data.create_train_iterator(
+            config.data, global_batch_size=config.batch_size, seed=config.seed,
+            start_step=start_step, with_labels=objective.with_labels)
+    from mim_jax.data import text as text_data  # pylint: disable=g-import-not-at-top
+
+    # A tokenizer trained for the run (text.spm_model='quickstart', reproducible) is kept in
+    # a local workdir, else in this host's cache.
+    build_dir = str(workdir / "text") if paths.is_local(workdir) else os.path.expanduser(
+        "~/.cache/mim_jax/text")
+    tokenizer = text_data.load_tokenizer(config.text, build_dir)
+    if objective.check_text_tokenizer is not None:
+        objective.check_text_tokenizer(tokenizer)
+    return text_data.create_mixed_iterator(config.text, config.data, tokenizer, sizes,
+                                           seed=config.seed, start_step=start_step)
 
 
 def _agree_with_process_0(ok: bool) -> bool:
@@ -334,9 +357,7 @@ def _run(config, workdir, objective, mesh, accum, is_main, ckpt, allow_config_ch
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("dataset prepared")
     try:
-        train_data = data.create_train_iterator(
-            config.data, global_batch_size=config.batch_size, seed=config.seed,
-            start_step=start_step, with_labels=objective.with_labels)
+        train_data = _train_iterator(config, objective, workdir, start_step)
     except ValueError as e:  # a split or batch size the prepared dataset cannot serve
         raise ConfigError(str(e)) from e
     # The first batch now, before anything compiles: data that cannot fill one batch (no

@@ -45,6 +45,17 @@ def _stand_in_teacher(cfg, tmp_path):
     cfg.objective.teacher.checkpoint = str(workdir)
 
 
+def _stand_in_text(cfg, tmp_path):
+    """The recipes name a SentencePiece model and text files the user supplies (the released
+    beit3.spm, a corpus): stand-ins that exist."""
+    if cfg.text.spm_model != "quickstart":
+        cfg.text.spm_model = str(tmp_path / "beit3.spm")
+        (tmp_path / "beit3.spm").write_bytes(b"")
+    if cfg.text.corpus == "files":
+        cfg.text.files = str(tmp_path / "corpus.txt")
+        (tmp_path / "corpus.txt").write_text("a text\n")
+
+
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
 def test_config_docstring_commands_resolve(path, tmp_path):
     name = os.path.splitext(os.path.basename(path))[0]
@@ -57,6 +68,8 @@ def test_config_docstring_commands_resolve(path, tmp_path):
         _, cfg = _load(path, arg)  # the pretraining runs the docstrings name do not exist here
         if cfg.get("objective") is not None and cfg.objective.get("teacher") is not None:
             _stand_in_teacher(cfg, tmp_path)
+        if cfg.get("text") is not None:
+            _stand_in_text(cfg, tmp_path)
         if cfg.get("finetune") is None:
             obj = pretrained.build_objective(cfg)  # objective, backbone and its variant
             assert obj.name == cfg.objective.name

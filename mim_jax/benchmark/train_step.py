@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Optional
 
@@ -57,20 +58,24 @@ def token_labels_shape(objective) -> Optional[tuple]:
 
 
 def _synthetic_device_batch(objective, batch_size: int, mesh, seed: int,
-                            precomputed_tokens: bool = False,
-                            num_classes: Optional[int] = None) -> dict:
-    """Random uint8 pixels, as the pipelines yield them: the step normalises them itself. With
-    precomputed_tokens, also random int32 'tokens' [B, L] (ids tokenized ahead of time): the
-    objective then skips its tokenizer. With num_classes (fine-tuning), random int32 'label'."""
-    shape = (batch_size, *objective.image_shape)
+                            precomputed_tokens: bool = False) -> dict:
+    """Random values of every field the step reads (objective.batch_fields): uint8 pixels as
+    the pipelines yield them (the step normalises them itself), labels of a fine-tuning step,
+    token ids of a text stream. With precomputed_tokens, also random int32 'tokens' [B, L]
+    (ids tokenized ahead of time): the objective then skips its tokenizer."""
     rows = sharding.batch_sharded(mesh)
-    make = jax.jit(lambda key: jax.random.randint(key, shape, 0, 256, jnp.int32).astype(
-        jnp.uint8), out_shardings=rows)
-    batch = {"image": make(jax.random.key(seed + 1))}
-    if num_classes is not None:
-        batch["label"] = jax.jit(
-            lambda key: jax.random.randint(key, (batch_size,), 0, num_classes, jnp.int32),
-            out_shardings=rows)(jax.random.key(seed + 3))
+
+    def random_field(field, key):
+        if field.dtype == jnp.bool_:
+            return jax.random.bernoulli(key, 0.5, field.shape)
+        return jax.random.randint(key, field.shape, 0, field.high, jnp.int32).astype(field.dtype)
+
+    # Pixels from seed + 1, labels from seed + 3, as before any other field existed.
+    offsets = {"image": 1, "label": 3}
+    batch = {}
+    for i, (name, field) in enumerate(sorted(objective.batch_fields(batch_size).items())):
+        key = jax.random.key(seed + offsets.get(name, 10 + i))
+        batch[name] = jax.jit(functools.partial(random_field, field), out_shardings=rows)(key)
     if precomputed_tokens:
         labels = token_labels_shape(objective)
         if labels is None:
@@ -89,10 +94,10 @@ def build_train_setup(config, precomputed_tokens: bool = False) -> TrainSetup:
     (BEiT) does not run its tokenizer in the step. A config with a finetune block gives the
     fine-tuning (or linear-probe) step, with random labels and randomly initialised weights."""
     objective = pretrained.build_objective(config)
-    num_classes = objective.model.num_classes if objective.with_labels else None
     mesh = sharding.make_mesh()
     accum = config.get("accum_steps", 1)
-    sharding.check_batch_divisible(config.batch_size, accum, mesh)
+    sharding.check_batch_divisible(config.batch_size, accum, mesh,
+                                   objective.stream_sizes(config.batch_size))
     peak_lr = optim.peak_learning_rate(config.optimizer, config.batch_size)
     # The schedule only sets the learning-rate value; its length does not change the compute.
     schedule = optim.make_schedule(peak_lr, total_steps=10_000, warmup_steps=100)
@@ -116,7 +121,7 @@ def build_train_setup(config, precomputed_tokens: bool = False) -> TrainSetup:
                    in_shardings=(repl, sharding.batch_sharded(mesh)), out_shardings=(repl, repl),
                    donate_argnums=(0,))
     batch = _synthetic_device_batch(objective, config.batch_size, mesh, config.seed,
-                                    precomputed_tokens, num_classes)
+                                    precomputed_tokens)
     return TrainSetup(objective, mesh, step, state, batch)
 
 

@@ -178,9 +178,14 @@ def normalize_images(images, data_cfg):
     return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
+IMAGE_KEYS = ("image", "pair_image")  # a mixed batch's images (data/text/mixed.py)
+
+
 def normalize_batch(batch: dict, data_cfg) -> dict:
-    """`batch` with its 'image' passed through normalize_images (other entries untouched)."""
-    return dict(batch, image=normalize_images(batch["image"], data_cfg))
+    """`batch` with its images ('image', and 'pair_image' of a mixed batch) passed through
+    normalize_images; other entries untouched."""
+    return dict(batch, **{k: normalize_images(batch[k], data_cfg) for k in IMAGE_KEYS
+                          if k in batch})
 
 
 def denormalize(images, data_cfg) -> np.ndarray:

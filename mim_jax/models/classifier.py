@@ -24,7 +24,10 @@ def _head_init(std: float):
 
 
 def pool_features(features: jax.Array, pool: str, has_cls: bool) -> jax.Array:
-    """Encoder output -> [B, D]: ViT tokens [B, (1+)L, D] or a feature map [B, h, w, D]."""
+    """Encoder output -> [B, D]: ViT tokens [B, (1+)L, D], a feature map [B, h, w, D], or the
+    Multiway encoder's output dict (its 'encoder_out' tokens)."""
+    if isinstance(features, dict):
+        features = features["encoder_out"]
     if pool not in POOLS:
         raise ValueError(f"pool={pool!r}; allowed: {list(POOLS)}.")
     if features.ndim == 4:  # a ConvNet / Swin map: average over space (no CLS there)
@@ -39,7 +42,8 @@ def pool_features(features: jax.Array, pool: str, has_cls: bool) -> jax.Array:
 
 
 def encoder_has_cls(encoder: nn.Module) -> bool:
-    return bool(getattr(encoder, "cls_token", False))
+    """A ViT says so in its cls_token field, the Multiway encoder in has_cls_token."""
+    return bool(getattr(encoder, "cls_token", False) or getattr(encoder, "has_cls_token", False))
 
 
 class Classifier(nn.Module):

@@ -324,6 +324,8 @@ class MultiwayEncoder(nn.Module):
     dot_general: Callable = lax.dot_general
     attention_fn: Callable = attention.xla_attention
     activation: Callable = activations.gelu
+    # Images give CLS + patches: the evaluators pool the CLS token or the patches' mean.
+    has_cls_token = True
 
     def setup(self):
         cfg = check_config(self.config)

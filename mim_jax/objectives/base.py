@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -59,6 +59,15 @@ class FrozenEncoder:
     source: str
 
 
+class BatchField(NamedTuple):
+    """One entry of a train-step batch: its shape and dtype, and `high`, the exclusive upper
+    bound of valid values (256 for pixels, the vocabulary for token ids, 2 for flags), so that
+    a synthetic batch of random values is one the step can run on."""
+    shape: Tuple[int, ...]
+    dtype: Any
+    high: int
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
     name: str
@@ -86,6 +95,13 @@ class Objective:
     # 'target', 'mask' and 'loss_mask': what the reconstruction evaluator shows.
     predicts_pixels: bool = False
     ema_decay: float = 0.0  # exponential moving average of the parameters (0 = off)
+    # An objective that reads more than images (BEiT-3: images, texts, image-text pairs) says
+    # how a global batch of n examples splits over its input streams (stream -> examples) and
+    # what the step's batch then holds (batch_fields). None: images alone.
+    stream_sizes_fn: Optional[Callable[[int], Mapping[str, int]]] = None
+    batch_fields_fn: Optional[Callable[[int], Mapping[str, "BatchField"]]] = None
+    # Raises ValueError when a text tokenizer's ids are not the ones the model is built for.
+    check_text_tokenizer: Optional[Callable[[Any], None]] = None
 
     @property
     def encoder(self) -> nn.Module:
@@ -111,6 +127,22 @@ class Objective:
         if self.init_fn is not None:
             return self.init_fn(rng)
         return self.init(rng), {}
+
+    def stream_sizes(self, batch_size: int) -> Optional[dict]:
+        """stream -> examples per step of a global batch of `batch_size` (each is sharded on its
+        own), or None for an objective that reads images alone."""
+        return None if self.stream_sizes_fn is None else dict(self.stream_sizes_fn(batch_size))
+
+    def batch_fields(self, batch_size: int) -> dict:
+        """What the train step reads for a global batch of `batch_size` examples, as the data
+        pipelines yield it (uint8 pixels, normalised inside the step): name -> BatchField.
+        Benchmarks and the AOT compile build their batches from it."""
+        if self.batch_fields_fn is not None:
+            return dict(self.batch_fields_fn(batch_size))
+        fields = {"image": BatchField((batch_size, *self.image_shape), jnp.uint8, 256)}
+        if self.with_labels:
+            fields["label"] = BatchField((batch_size,), jnp.int32, self.model.num_classes)
+        return fields
 
     def encoder_params(self, params):
         return {k: params[k] for k in self.encoder_keys}

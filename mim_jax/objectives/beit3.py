@@ -36,7 +36,7 @@ import numpy as np
 from mim_jax import flops, masking, models
 from mim_jax.models import initializers, multiway, remat
 from mim_jax.objectives import beit
-from mim_jax.objectives.base import Frozen, Objective, make_rngs
+from mim_jax.objectives.base import BatchField, Frozen, Objective, make_rngs
 
 STREAMS = ("image", "text", "pair")
 # The batch keys that make a stream present.
@@ -81,6 +81,8 @@ class ImageMaskConfig:
 
 
 LOSS_WEIGHTS = {"image": 1.0, "text": 1.0, "pair": 1.0}
+# objective.mix: each stream's share of a step's batch_size (the paper: 2048 + 2048 + 2048).
+MIX = {"image": 1, "text": 1, "pair": 1}
 # config.model fields (None: the preset's value); `variant` is a multiway.PRESETS name.
 MODEL_DEFAULTS = dict(name="multiway", variant="base", width=None, depth=None, num_heads=None,
                       mlp_dim=None, patch_size=None, multiway_attention=None,
@@ -200,6 +202,60 @@ def loss_weights(obj_cfg) -> dict:
         raise ValueError(f"objective.loss_weights={weights}: at least one stream needs a "
                          "positive weight.")
     return {s: float(weights[s]) for s in STREAMS}
+
+
+def stream_mix(obj_cfg, weights: dict) -> dict:
+    """objective.mix, defaults filled in, checked: stream -> its share (an integer >= 0)."""
+    given = dict(obj_cfg.get("mix") or {})
+    unknown = sorted(set(given) - set(STREAMS))
+    if unknown:
+        raise ValueError(f"objective.mix.{unknown[0]} is not a stream; allowed: "
+                         f"{list(STREAMS)}.")
+    # Unset shares: 1 for a stream that counts in the loss, 0 for one that does not.
+    mix = {s: MIX[s] if weights[s] > 0 else 0 for s in STREAMS}
+    mix.update({k: v for k, v in given.items() if v is not None})
+    for stream, share in mix.items():
+        if not _is_int(share) or share < 0:
+            raise ValueError(f"objective.mix.{stream}={share!r} must be an integer >= 0 (its "
+                             "share of each step's batch_size).")
+        if share and not weights[stream] > 0:
+            raise ValueError(f"objective.mix.{stream}={share} feeds a stream whose "
+                             f"objective.loss_weights.{stream}=0: set one of them to 0.")
+    if not any(mix.values()):
+        raise ValueError(f"objective.mix={mix}: at least one stream needs a share > 0.")
+    return {s: int(mix[s]) for s in STREAMS}
+
+
+def split_batch(batch_size: int, mix: dict) -> dict:
+    """stream -> examples per step: batch_size split in the proportions of `mix`."""
+    total = sum(mix.values())
+    if batch_size % total:
+        raise ValueError(f"batch_size={batch_size} does not split in the proportions of "
+                         f"objective.mix={mix}: it must be a multiple of {total}.")
+    return {s: batch_size // total * share for s, share in mix.items()}
+
+
+def check_text_data(text_cfg, text: TextConfig) -> None:
+    """The run's `text` block (the data side) must give what the model is built for."""
+    from mim_jax.data import text as text_data  # pylint: disable=g-import-not-at-top
+
+    text_data.validate_text_config(text_cfg)
+    if text_cfg.max_len != text.max_length:
+        raise ValueError(f"text.max_len={text_cfg.max_len} must equal "
+                         f"objective.text.max_length={text.max_length} (the texts the model "
+                         "is built for).")
+
+
+def check_tokenizer(tokenizer, text: TextConfig) -> None:
+    """The text tokenizer's ids must be the model's: same vocabulary, special ids and mask."""
+    ours = dict(vocab_size=text.vocab_size, bos_id=text.bos_id, eos_id=text.eos_id,
+                pad_id=text.pad_id, mask_id=text.mask_token)
+    theirs = dict(vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id,
+                  eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, mask_id=tokenizer.mask_id)
+    for name, value in ours.items():
+        if theirs[name] != value:
+            raise ValueError(f"objective.text.{name}={value} but the tokenizer of "
+                             f"text.spm_model has {name} {theirs[name]}: they must match.")
 
 
 def encoder_from_config(model_cfg, image_size: int, channels: int, vocab_size: int):
@@ -402,6 +458,11 @@ def build(config, frozen) -> Objective:
         _read_block(obj_cfg.get("image_mask"), ImageMaskConfig, "objective.image_mask"),
         arch.num_patches)
     weights = loss_weights(obj_cfg)
+    mix = stream_mix(obj_cfg, weights)
+    if config.get("batch_size"):
+        split_batch(config.batch_size, mix)  # a batch that does not split fails here
+    if config.get("text") is not None:
+        check_text_data(config.text, text)
     mask_pair_images = obj_cfg.get("mask_pair_images", True)
     if not isinstance(mask_pair_images, bool):
         raise ValueError(f"objective.mask_pair_images={mask_pair_images!r} must be True or "
@@ -527,15 +588,33 @@ def build(config, frozen) -> Objective:
             aux["outputs"] = outputs
         return loss, aux
 
+    def batch_fields(batch_size):
+        sizes = split_batch(batch_size, mix)
+        t = text.max_length
+        fields = {}
+        for stream, prefix in (("image", ""), ("pair", "pair_")):
+            if sizes[stream]:
+                fields[prefix + "image"] = BatchField((sizes[stream], *image_shape), jnp.uint8,
+                                                      256)
+        for stream, prefix in (("text", ""), ("pair", "pair_")):
+            if sizes[stream]:
+                fields[prefix + "text_ids"] = BatchField((sizes[stream], t), jnp.int32,
+                                                         text.vocab_size)
+                fields[prefix + "text_padding"] = BatchField((sizes[stream], t), jnp.bool_, 2)
+        return fields
+
     return Objective(name="beit3", model=model, loss_fn=loss_fn, encoder_keys=("encoder",),
                      image_shape=image_shape, init_fn=init_fn,
-                     forward_flops=forward_flops(arch, codes, text, weights, mask_pair_images))
+                     stream_sizes_fn=lambda batch_size: split_batch(batch_size, mix),
+                     batch_fields_fn=batch_fields,
+                     check_text_tokenizer=lambda tokenizer: check_tokenizer(tokenizer, text),
+                     forward_flops=forward_flops(arch, codes, text, mix, mask_pair_images))
 
 
-def forward_flops(arch: multiway.MultiwayConfig, codes: int, text: TextConfig, weights: dict,
+def forward_flops(arch: multiway.MultiwayConfig, codes: int, text: TextConfig, mix: dict,
                   mask_pair_images: bool) -> dict:
-    """Forward FLOPs per example of a mixed batch whose streams with a positive weight have
-    equal shares (the paper's 2048 + 2048 + 2048), texts at objective.text.max_length tokens.
+    """Forward FLOPs per example of a mixed batch in the proportions of `mix` (objective.mix;
+    the paper's 2048 + 2048 + 2048), texts at objective.text.max_length tokens.
 
     Per stream: the patch embedding, the encoder on all its tokens (each token goes through
     one modality's copy, so a Multiway layer costs what a ViT block does), the vision head on
@@ -561,9 +640,9 @@ def forward_flops(arch: multiway.MultiwayConfig, codes: int, text: TextConfig, w
                  "text_head": text_head(text.pair_mask_ratio),
                  **({"vision_head": vision_head} if mask_pair_images else {})},
     }
-    active = [s for s in STREAMS if weights[s] > 0]
-    return {f"{s}/{part}": value / len(active)
-            for s in active for part, value in parts[s].items()}
+    total = sum(mix.values())
+    return {f"{s}/{part}": value * mix[s] / total
+            for s in STREAMS if mix[s] for part, value in parts[s].items()}
 
 
 __all__ = ["BEiT3", "ImageMaskConfig", "TextConfig", "TextMask", "build", "forward_flops",

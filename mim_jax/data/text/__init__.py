@@ -5,6 +5,7 @@
     tfds_text.py   texts of a TFDS dataset
     pairs.py       the image-text stream (JSONL index + image folder, TFDS, mnist5k)
     quickstart.py  the offline corpus (Shakespeare) and synthetic MNIST captions
+    mixed.py       one batch per step from the image, text and pair streams
     config.py      the `text` config block
 
 Batches (numpy, one process's rows): the text stream yields {'text_ids' int32 [B, T],
@@ -83,8 +84,31 @@ def create_pair_iterator(text_cfg, data_cfg, tokenizer: TextTokenizer, *,
                             process_count=process_count)
 
 
+def create_mixed_iterator(text_cfg, data_cfg, tokenizer: TextTokenizer, sizes, *, seed: int,
+                          start_step: int = 0, process_index=None, process_count=None):
+    """This process's mixed batches from step `start_step` on (text/mixed.py: MixedStream).
+    `sizes`: stream ('image', 'text', 'pair') -> global examples per step; 0 leaves it out."""
+    from mim_jax import data  # pylint: disable=g-import-not-at-top
+    from mim_jax.data.text import mixed  # pylint: disable=g-import-not-at-top
+
+    common = dict(seed=seed, start_step=start_step, process_index=process_index,
+                  process_count=process_count)
+    makers = {
+        "image": lambda n: data.create_train_iterator(data_cfg, global_batch_size=n, **common),
+        "text": lambda n: create_text_iterator(text_cfg, tokenizer, global_batch_size=n,
+                                               **common),
+        "pair": lambda n: create_pair_iterator(text_cfg, data_cfg, tokenizer,
+                                               global_batch_size=n, **common),
+    }
+    unknown = sorted(set(sizes) - set(makers))
+    if unknown:
+        raise ValueError(f"stream {unknown[0]!r} is not one of {sorted(makers)}.")
+    return mixed.MixedStream({stream: makers[stream](n) for stream, n in sizes.items() if n})
+
+
 __all__ = [
     "TextTokenizer",
+    "create_mixed_iterator",
     "create_pair_iterator",
     "create_text_iterator",
     "default_text_config",
