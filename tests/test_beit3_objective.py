@@ -282,6 +282,12 @@ def test_a_stream_without_weight_is_not_run(tiny):
      r"^objective\.text\.random_token_prob \+ objective\.text\.unchanged_prob = 1\.2"),
     (dict(text=dict(max_len=8)), r"^objective\.text\.max_len is not a field; allowed"),
     (dict(mask_pair_images="yes"), r"^objective\.mask_pair_images='yes' must be True or False"),
+    (dict(mix=dict(video=1)), r"^objective\.mix\.video is not a stream"),
+    (dict(mix=dict(text=-1)), r"^objective\.mix\.text=-1 must be an integer >= 0"),
+    (dict(mix=dict(text=0.5)), r"^objective\.mix\.text=0\.5 must be an integer >= 0"),
+    (dict(mix=dict(image=0, text=0, pair=0)), r"^objective\.mix=.*at least one stream"),
+    (dict(mix=dict(text=2), loss_weights=dict(text=0.0)),
+     r"^objective\.mix\.text=2 feeds a stream whose objective\.loss_weights\.text=0"),
 ])
 def test_config_errors_name_the_field(objective, error):
     with pytest.raises(ValueError, match=error):
@@ -309,3 +315,46 @@ def test_batch_errors_name_the_key(tiny):
                     False)
     with pytest.raises(ValueError, match=r"the pair stream needs all of"):
         obj.loss_fn(params, state, {"pair_image": batch["pair_image"]}, rngs, False)
+
+
+def test_the_batch_splits_by_the_mix_into_the_fields_the_step_reads():
+    obj = pretrained.build_objective(tiny_config(mix=dict(image=2, text=1, pair=1)))
+    assert obj.stream_sizes(8) == {"image": 4, "text": 2, "pair": 2}
+    fields = obj.batch_fields(8)
+    assert {k: (f.shape, f.dtype, f.high) for k, f in fields.items()} == {
+        "image": ((4, 32, 32, 3), jnp.uint8, 256),
+        "text_ids": ((2, T), jnp.int32, VOCAB), "text_padding": ((2, T), jnp.bool_, 2),
+        "pair_image": ((2, 32, 32, 3), jnp.uint8, 256),
+        "pair_text_ids": ((2, T), jnp.int32, VOCAB), "pair_text_padding": ((2, T), jnp.bool_, 2)}
+    with pytest.raises(ValueError, match=r"^batch_size=6 does not split in the proportions of "
+                                         r"objective\.mix=.*a multiple of 4"):
+        obj.stream_sizes(6)
+    # A stream without weight gets no share unless one is set.
+    texts_only = pretrained.build_objective(tiny_config(loss_weights=dict(image=0, pair=0)))
+    assert texts_only.stream_sizes(3) == {"image": 0, "text": 3, "pair": 0}
+    assert sorted(texts_only.batch_fields(3)) == ["text_ids", "text_padding"]
+    config = tiny_config()
+    config.batch_size = 7
+    with pytest.raises(ValueError, match=r"^batch_size=7 does not split"):
+        pretrained.build_objective(config)
+
+
+def test_the_text_data_and_tokenizer_must_be_the_models():
+    from types import SimpleNamespace
+    from mim_jax.data import text as text_data
+
+    config = tiny_config()
+    config.text = text_data.default_text_config()
+    config.text.max_len = T + 1
+    with pytest.raises(ValueError, match=r"^text\.max_len=17 must equal "
+                                         r"objective\.text\.max_length=16"):
+        pretrained.build_objective(config)
+    config.text.max_len = T
+    obj = pretrained.build_objective(config)
+    tokenizer = SimpleNamespace(vocab_size=VOCAB, bos_id=BOS, eos_id=EOS, pad_id=PAD,
+                                mask_id=MASK)
+    obj.check_text_tokenizer(tokenizer)  # the same ids: fine
+    tokenizer.vocab_size = 1002
+    with pytest.raises(ValueError, match=r"^objective\.text\.vocab_size=100 but the tokenizer "
+                                         r"of text\.spm_model has vocab_size 1002"):
+        obj.check_text_tokenizer(tokenizer)

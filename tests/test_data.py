@@ -795,3 +795,30 @@ def test_finished_epoch_iterators_are_released_off_the_training_thread():
     while not released and time.time() < deadline:
         time.sleep(0.01)
     assert released == ["release-epoch-iterator"] and holder == []
+
+
+def test_normalize_batch_normalises_every_image_of_a_mixed_batch():
+    cfg = data.default_data_config()
+    cfg.update(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    pixels = np.full((2, 4, 4, 3), 255, np.uint8)
+    ids = np.arange(6, dtype=np.int32).reshape(2, 3)
+    out = data.normalize_batch({"image": pixels, "pair_image": pixels, "text_ids": ids}, cfg)
+    np.testing.assert_allclose(out["image"], 2.0)
+    np.testing.assert_allclose(out["pair_image"], 2.0)
+    np.testing.assert_array_equal(out["text_ids"], ids)  # not an image: as it was
+
+
+def test_each_streams_part_of_the_batch_must_divide_over_the_batch_shards():
+    import jax
+    from mim_jax import sharding
+
+    mesh = sharding.make_mesh(None)
+    n = sharding.batch_axis_size(mesh)
+    sharding.check_batch_divisible(6 * n, 1, mesh, {"image": 3 * n, "text": 3 * n})
+    sharding.check_batch_divisible(2 * n, 2, mesh, {"image": 2 * n, "text": 0})  # 0: none
+    with pytest.raises(ValueError, match=rf"^batch_size={6 * n} \({2 * n - 1} text examples "
+                                         r"of it per step\) is not divisible by accum_steps=2"):
+        sharding.check_batch_divisible(6 * n, 2, mesh, {"image": 4 * n, "text": 2 * n - 1})
+    if jax.device_count() > 1:
+        with pytest.raises(ValueError, match=r"use a multiple of .* for each stream"):
+            sharding.check_batch_divisible(2 * n, 1, mesh, {"image": 2 * n - 1, "text": 1})

@@ -437,3 +437,51 @@ def test_ids_from_another_vocabulary_are_refused(tok):
     with pytest.raises(ValueError, match=r"token ids 5..402 are outside this tokenizer's "
                                          r"vocabulary 0..401"):
         tok.encode([5, 402], 8)
+
+
+
+def _mixed_cfgs(tiny_tfds, tmp_path):
+    name, data_dir = tiny_tfds
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(t + "\n" for t in TEXTS))
+    text_cfg = text.default_text_config()
+    text_cfg.update(pairs=name, corpus="files", files=str(corpus), max_len=12)
+    data_cfg = data.default_data_config()
+    data_cfg.update(name=name, data_dir=data_dir, image_size=8, crop_scale=None, flip=False)
+    return text_cfg, data_cfg
+
+
+def _mixed_batches(tok, tiny_tfds, tmp_path, n, sizes, **kwargs):
+    kwargs = {"seed": 0, "process_index": 0, "process_count": 1, **kwargs}
+    it = text.create_mixed_iterator(*_mixed_cfgs(tiny_tfds, tmp_path), tok, sizes, **kwargs)
+    return [next(it) for _ in range(n)], it
+
+
+def test_mixed_stream_merges_the_streams_and_resumes_exactly(tok, tiny_tfds, tmp_path):
+    sizes = {"image": 2, "text": 4, "pair": 2}
+    fresh, it = _mixed_batches(tok, tiny_tfds, tmp_path, 6, sizes)
+    assert sorted(fresh[0]) == ["image", "pair_image", "pair_text_ids", "pair_text_padding",
+                                "text_ids", "text_padding"]
+    assert fresh[0]["image"].shape == fresh[0]["pair_image"].shape == (2, 8, 8, 3)
+    assert fresh[0]["text_ids"].shape == (4, 12) and fresh[0]["pair_text_ids"].shape == (2, 12)
+    assert it.steps_per_epoch == NUM_TFDS // 2  # an epoch is the image stream's
+    # Images and pairs read the same dataset, each in its own order (its own seed).
+    images = [_pair_ids([b]) for b in fresh[:4]]
+    pair_images = [_pair_ids([{"image": b["pair_image"]}]) for b in fresh[:4]]
+    assert images != pair_images
+    assert sorted(sum(images, [])) == sorted(sum(pair_images, [])) == list(range(NUM_TFDS))
+    # Each part is what its own iterator gives.
+    text_cfg, _ = _mixed_cfgs(tiny_tfds, tmp_path)
+    alone = text.create_text_iterator(text_cfg, tok, global_batch_size=4, seed=0,
+                                      process_index=0, process_count=1)
+    for batch in fresh:
+        np.testing.assert_array_equal(next(alone)["text_ids"], batch["text_ids"])
+    resumed, _ = _mixed_batches(tok, tiny_tfds, tmp_path, 2, sizes, start_step=4)
+    for a, b in zip(fresh[4:], resumed):
+        assert sorted(a) == sorted(b)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    # A stream of size 0 is left out; the epoch is then the next stream's.
+    texts_only, it = _mixed_batches(tok, tiny_tfds, tmp_path, 1, {"image": 0, "text": 4})
+    assert sorted(texts_only[0]) == ["text_ids", "text_padding"]
+    assert it.steps_per_epoch == NUM_TEXTS // 4
