@@ -29,7 +29,7 @@ texts and pairs), data=imagenet2012, max_len, quickstart.
 Choices where the paper and the released code are silent (fields, documented in
 docs/objectives/beit3.md): the three losses weigh the same (objective.loss_weights), a pair's
 image is masked and predicted too (objective.mask_pair_images), masked text tokens follow
-BERT's 80/10/10 replacement, texts hold at most 128 tokens (max_len), and the weight-decay skip
+BERT's 80/10/10 replacement, texts hold at most 64 tokens (max_len), and the weight-decay skip
 list is that of unilm's BEiT-3 fine-tuning code (the CLS token and the vision positions).
 """
 import ml_collections
@@ -46,7 +46,7 @@ QUICKSTART_VOCAB_SIZE = 1002
 
 def get_config(arg=None):
     arg = common.parse_arg(arg, variant="base", steps=1_000_000, batch=6144,
-                           data="imagenet2012", max_len=128, quickstart=False)
+                           data="imagenet2012", max_len=64, quickstart=False)
     if arg.quickstart:
         return _quickstart(common.base_config())
     c = common.base_config()

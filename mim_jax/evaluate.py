@@ -12,6 +12,13 @@ then on the labelled splits of config.data (train -> eval_split):
   - fine-tuning (configs/finetune.py quickstart recipe) of the pretrained encoder and of the
     same encoder from random initialisation, with the same budget (--finetune_epochs);
     top-1 of the last epoch is reported (the best epoch is in each run's best.json).
+A BEiT-3 run (its config has a `text` block) is also evaluated on what it learns from text:
+  - image-text retrieval (recall@1 / @5 both ways on eval_split) after a short contrastive
+    fine-tune (evaluators/retrieval.py) of the pretrained encoder and of the same encoder at
+    random initialisation (--random_seeds, mean);
+  - masked-token accuracy of each stream on batches it did not train on, next to always
+    answering the most frequent masked target (evaluators/masked_tokens.py).
+Its encoder is not fine-tuned on labels (no classifier is built for the Multiway encoder).
 Writes WORKDIR/evaluation.md and evaluation.json and prints the table.
 """
 from __future__ import annotations
@@ -40,6 +47,12 @@ _FINETUNE = flags.DEFINE_string("finetune_config", "configs/finetune.py",
 _FT_EPOCHS = flags.DEFINE_float("finetune_epochs", 0.0, "Fine-tuning epochs (0 = the config's).")
 _SEEDS = flags.DEFINE_integer("random_seeds", 3, "Random initialisations averaged.")
 _SKIP_FT = flags.DEFINE_bool("skip_finetune", False, "Only kNN and the linear probe.")
+_RETRIEVAL_STEPS = flags.DEFINE_integer("retrieval_steps", 300,
+                                        "BEiT-3: contrastive fine-tuning steps before retrieval.")
+_RETRIEVAL_BATCH = flags.DEFINE_integer("retrieval_batch", 64,
+                                        "BEiT-3: image-caption pairs per fine-tuning step.")
+_RETRIEVAL_LR = flags.DEFINE_float("retrieval_lr", 1e-3,
+                                   "BEiT-3: peak learning rate of the contrastive fine-tune.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -96,6 +109,43 @@ def _frozen_scores(config, workdir: str, seeds: int) -> dict:
     return out
 
 
+def _text_scores(config, workdir, seeds: int) -> dict:
+    """BEiT-3: {'retrieval': {'pretrained', 'random_init' (mean of `seeds`),
+    'random_init_runs'}, 'masked_tokens': {stream: {'accuracy', 'most_frequent_token'}}}."""
+    import jax
+    import numpy as np
+    from mim_jax import checkpointing, pretrained
+    from mim_jax.data import text as text_data
+    from mim_jax.evaluators import masked_tokens, retrieval
+
+    objective = pretrained.build_objective(config)
+    tokenizer = text_data.load_tokenizer(config.text, text_data.build_dir_of(workdir))
+    key = objective.encoder_keys[0]
+    run_dir, step = pretrained.resolve_checkpoint(workdir)
+    directory = run_dir / "checkpoints"
+    params, model_state = checkpointing.restore_raw(
+        directory, checkpointing.latest_step(directory) if step is None else step,
+        ("params", "model_state"))
+
+    def recall(params, seed):
+        return retrieval.retrieval_scores(
+            objective.encoder, params, config.data, config.text, tokenizer,
+            steps=_RETRIEVAL_STEPS.value, batch_size=_RETRIEVAL_BATCH.value,
+            learning_rate=_RETRIEVAL_LR.value, seed=seed, test_split=config.data.eval_split,
+            split=config.data.split)
+
+    out = {"retrieval": {"pretrained": recall(params[key], 0)}}
+    runs = [recall(objective.init_variables(jax.random.key(1000 + s))[0][key], s)
+            for s in range(seeds)]
+    out["retrieval"]["random_init"] = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
+    out["retrieval"]["random_init_runs"] = runs
+    batches = masked_tokens.eval_batches(config, tokenizer,
+                                         objective.stream_sizes(config.batch_size), steps=20)
+    out["masked_tokens"] = masked_tokens.masked_token_accuracy(objective, params, model_state,
+                                                               batches, config.data)
+    return out
+
+
 def _finetune(workdir: str, ft_config_path: str, pretrained: bool, epochs: float) -> dict:
     from mim_jax import train
     arg = f"quickstart,pretrained={workdir}" + (f",epochs={epochs}" if epochs else "")
@@ -130,7 +180,11 @@ def main(argv):
     start = time.perf_counter()
     result["frozen"] = _frozen_scores(config, workdir, _SEEDS.value)
     walls["knn_and_probe"] = time.perf_counter() - start
-    if not _SKIP_FT.value:
+    if config.get("text") is not None:
+        start = time.perf_counter()
+        result.update(_text_scores(config, workdir, _SEEDS.value))
+        walls["retrieval_and_masked_tokens"] = time.perf_counter() - start
+    elif not _SKIP_FT.value:
         result["finetune"] = {
             "pretrained": _finetune(workdir, _FINETUNE.value, True, _FT_EPOCHS.value),
             "scratch": _finetune(workdir, _FINETUNE.value, False, _FT_EPOCHS.value)}

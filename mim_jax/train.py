@@ -3,7 +3,6 @@ alike: the pretraining methods and the fine-tuning / linear probing of a classif
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import time
 from typing import Any
@@ -309,11 +308,7 @@ def _train_iterator(config, objective, workdir, start_step: int):
             start_step=start_step, with_labels=objective.with_labels)
     from mim_jax.data import text as text_data  # pylint: disable=g-import-not-at-top
 
-    # A tokenizer trained for the run (text.spm_model='quickstart', reproducible) is kept in
-    # a local workdir, else in this host's cache.
-    build_dir = str(workdir / "text") if paths.is_local(workdir) else os.path.expanduser(
-        "~/.cache/mim_jax/text")
-    tokenizer = text_data.load_tokenizer(config.text, build_dir)
+    tokenizer = text_data.load_tokenizer(config.text, text_data.build_dir_of(workdir))
     if objective.check_text_tokenizer is not None:
         objective.check_text_tokenizer(tokenizer)
     return text_data.create_mixed_iterator(config.text, config.data, tokenizer, sizes,

@@ -60,3 +60,27 @@ def test_evaluate_reports_mean_and_cls_features_random_init_and_raw_pixels(tfds_
         assert run_scores["linear_probe_l2"] in probe.DEFAULT_L2_GRID
         assert 0.1 < run_scores["linear_probe"] <= 1.0  # 10 classes: above chance
     assert "| raw pixels |" in (tmp_path / "w" / "evaluation.md").read_text()
+
+
+def test_table_of_a_beit3_run_adds_retrieval_and_masked_tokens():
+    frozen = {"pretrained": _scores(0.5, True), "random_init": _scores(0.3, True),
+              "random_init_runs": [_scores(0.3, True)] * 2,
+              "raw_pixels": {"knn": 0.9, "linear_probe": 0.88, "linear_probe_l2": 1e-2}}
+    recall = lambda base: {"i2t_r1": base, "i2t_r5": base + 10, "t2i_r1": base + 1,
+                           "t2i_r5": base + 11, "zero_shot/i2t_r1": 1.0,
+                           "zero_shot/i2t_r5": 2.0, "zero_shot/t2i_r1": 3.0,
+                           "zero_shot/t2i_r5": 4.0}
+    result = {"frozen": frozen,
+              "retrieval": {"pretrained": recall(60.0), "random_init": recall(20.0)},
+              "masked_tokens": {"text": {"what": "texts (token ids)", "accuracy": 0.125,
+                                         "most_frequent_token": 0.05}}}
+    lines = markdown_table(result).splitlines()
+    assert all(line.endswith("| n/a |") for line in lines[2:7])  # no fine-tune of BEiT-3
+    start = lines.index("| retrieval (%) | image->text R@1 | R@5 | text->image R@1 | R@5 |")
+    assert lines[start + 2] == ("| pretrained encoder, after the contrastive fine-tune | 60.0 | "
+                                "70.0 | 61.0 | 71.0 |")
+    assert lines[start + 3] == ("| pretrained encoder, raw features, no fine-tune | 1.0 | 2.0 | "
+                                "3.0 | 4.0 |")
+    assert lines[start + 4].startswith("| same encoder at random init (mean of 2), after")
+    assert lines[start + 4].endswith("| 20.0 | 30.0 | 21.0 | 31.0 |")
+    assert lines[-1] == "| texts (token ids) | 12.5 | 5.0 |"

@@ -23,4 +23,33 @@ def markdown_table(result: dict) -> str:
         lines.append(f"| {name} | {pct(scores[f'knn{suffix}'])} | "
                      f"{pct(scores[f'linear_probe{suffix}'])} | "
                      f"{pct(ft['top1'] if ft else None)} |")
+    if "retrieval" in result:
+        lines += ["", *_retrieval_table(result["retrieval"], seeds)]
+    if "masked_tokens" in result:
+        lines += ["", *_masked_tokens_table(result["masked_tokens"])]
     return "\n".join(lines)
+
+
+def _retrieval_table(retrieval: dict, seeds: int) -> list:
+    """Recall after the contrastive fine-tune, and before it (raw features)."""
+    metrics = [("i2t_r1", "image->text R@1"), ("i2t_r5", "R@5"), ("t2i_r1", "text->image R@1"),
+               ("t2i_r5", "R@5")]
+    lines = ["| retrieval (%) | " + " | ".join(name for _, name in metrics) + " |",
+             "|---|" + "---|" * len(metrics)]
+    for label, scores in (("pretrained encoder", retrieval["pretrained"]),
+                          (f"same encoder at random init (mean of {seeds})",
+                           retrieval["random_init"])):
+        for prefix, when in (("", "after the contrastive fine-tune"),
+                             ("zero_shot/", "raw features, no fine-tune")):
+            if f"{prefix}i2t_r1" in scores:
+                lines.append(f"| {label}, {when} | " + " | ".join(
+                    f"{scores[prefix + k]:.1f}" for k, _ in metrics) + " |")
+    return lines
+
+
+def _masked_tokens_table(masked: dict) -> list:
+    lines = ["| masked tokens predicted (%) | pretrained | most frequent token |", "|---|---|---|"]
+    for scores in masked.values():
+        lines.append(f"| {scores['what']} | {100 * scores['accuracy']:.1f} | "
+                     f"{100 * scores['most_frequent_token']:.1f} |")
+    return lines

@@ -35,6 +35,19 @@ def load_tokenizer(text_cfg, build_dir: Optional[str] = None) -> TextTokenizer:
     return TextTokenizer(text_cfg.spm_model)
 
 
+def build_dir_of(workdir) -> str:
+    """Where a run keeps a tokenizer trained for it (text.spm_model='quickstart', the same
+    every time): WORKDIR/text for a local workdir, this host's cache for one in a bucket
+    (SentencePiece reads and writes local files only)."""
+    import os  # pylint: disable=g-import-not-at-top
+
+    from mim_jax import paths  # pylint: disable=g-import-not-at-top
+
+    if paths.is_local(workdir):
+        return os.path.join(os.fspath(workdir), "text")
+    return os.path.expanduser("~/.cache/mim_jax/text")
+
+
 def _text_source(text_cfg):
     from mim_jax.data.text import streams  # pylint: disable=g-import-not-at-top
 
@@ -108,6 +121,7 @@ def create_mixed_iterator(text_cfg, data_cfg, tokenizer: TextTokenizer, sizes, *
 
 __all__ = [
     "TextTokenizer",
+    "build_dir_of",
     "create_mixed_iterator",
     "create_pair_iterator",
     "create_text_iterator",
