@@ -42,6 +42,8 @@ from mim_jax.data.text import default_text_config
 RELEASED_VOCAB_SIZE = 64010
 # The quickstart's SentencePiece model (mim_jax/data/text/quickstart.py): 1,000 pieces.
 QUICKSTART_VOCAB_SIZE = 1002
+# unilm's BEiT-3 weight-decay skip list (BEiT3Wrapper.no_weight_decay) in the encoder's names.
+NO_DECAY = ("cls_token", "vision_pos_embed")
 
 
 def get_config(arg=None):
@@ -99,7 +101,7 @@ def _optimizer(c, batch: int, lr: float = 1e-3) -> None:
     # lr is absolute (not scaled with the batch); unilm's BEiT-3 skip list.
     c.optimizer.update(base_lr=lr, lr_batch_divisor=batch, b1=0.9, b2=0.98, eps=1e-6,
                        weight_decay=0.05, grad_clip_norm=3.0, min_lr=1e-5,
-                       no_decay=("cls_token", "vision_pos_embed"))
+                       no_decay=NO_DECAY)
 
 
 def _quickstart(c):

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of a pretrained encoder (MAE / BEiT / SimMIM recipes).
+"""Supervised fine-tuning of a pretrained encoder (MAE / BEiT / SimMIM / SparK / BEiT-3 recipes).
 
 ImageNet-1K, the papers' recipes (AdamW, layer-wise lr decay, warmup + cosine, RandAugment
 m9-mstd0.5, mixup 0.8 / cutmix 1.0, label smoothing 0.1, random erasing 0.25, drop path,
@@ -18,22 +18,32 @@ global average pool + LayerNorm, head init std 2e-5):
   layer decay 0.7 / 0.8 over SparK's layer groups, EMA 0.9999; see _spark_recipe):
     python -m mim_jax.main --config configs/finetune.py:model=resnet50,pretrained=runs/spark_r50 \
         --workdir runs/spark_r50_ft
+  BEiT-3 base (unilm's BEiT3ForImageClassification on images alone: 50 epochs, batch 1024,
+  lr 7e-4 not scaled with the batch, layer decay 0.65, drop path 0.15; large: lr 2e-4, layer
+  decay 0.8, drop path 0.25; the text vocabulary is the released one, model.vocab_size):
+    python -m mim_jax.main --config configs/finetune.py:model=beit3_b,pretrained=runs/beit3_base \
+        --workdir runs/beit3_base_ft
 
 Quickstart on the bundled digits: the architecture is read from the pretraining run's
 config.json (`pretrained=WORKDIR`); without `pretrained` the same encoder trains from scratch
 (`model=vit` is the MAE quickstart ViT, `model=swin` the SimMIM quickstart Swin, `model=resnet`
-the SparK quickstart ResNet, `model=convnext` a tiny ConvNeXt on the SparK quickstart's data).
-A SparK run's ResNet starts from its pretrained weights and BatchNorm statistics:
+the SparK quickstart ResNet, `model=convnext` a tiny ConvNeXt on the SparK quickstart's data,
+`model=multiway` the BEiT-3 quickstart's Multiway encoder). A SparK run's ResNet starts from
+its pretrained weights and BatchNorm statistics, a BEiT-3 run's Multiway encoder from its
+weights, text embedding included (model.vocab_size is the run's text vocabulary):
   python -m mim_jax.main --config configs/finetune.py:quickstart,pretrained=runs/mae_quickstart \
       --workdir runs/mae_quickstart_ft
+  python -m mim_jax.main --config configs/finetune.py:quickstart,pretrained=runs/beit3_quickstart \
+      --workdir runs/beit3_quickstart_ft
 
 Arguments: model=vit_b|vit_l|swin_b|resnet50|resnet101|resnet152|resnet200|convnext_s|
-convnext_b|convnext_l (quickstart: vit|swin|resnet|convnext), pretrained=PATH, epochs,
-batch, data=imagenet2012, quickstart.
+convnext_b|convnext_l|beit3_b|beit3_l (quickstart: vit|swin|resnet|convnext|multiway),
+pretrained=PATH, epochs, batch, data=imagenet2012, quickstart.
 """
 import ml_collections
 from etils import epath
 
+from configs import beit3 as beit3_config
 from configs import common
 from configs import mae as mae_config
 from configs import simmim as simmim_config
@@ -57,7 +67,8 @@ def classification_evaluator(every_epochs: float = 1.0, batch_size: int = 256) -
 def model_of_run(workdir: str):
     """The model and data blocks of a mim_jax pretraining run (its config.json), or of the
     run a folder was exported from (its mim_jax_export.json); (None, None) for other
-    weights, whose sizes config.model has to name."""
+    weights, whose sizes config.model has to name. A BEiT-3 run's model block gets its
+    text vocabulary size (model.vocab_size), which its encoder's parameters depend on."""
     from mim_jax import pretrained
     from mim_jax.convert import sources
     if sources.is_weights(workdir):
@@ -67,7 +78,13 @@ def model_of_run(workdir: str):
         return (ml_collections.ConfigDict(record.get("model") or {}),
                 ml_collections.ConfigDict(record.get("data") or {}))
     run = pretrained.read_run_config(pretrained.resolve_checkpoint(workdir)[0])
-    return run.model, run.data
+    model = run.model
+    if model.get("name") == "multiway" and model.get("vocab_size") is None:
+        # The text embedding is part of the encoder: its rows are the run's text vocabulary.
+        from mim_jax.objectives import beit3
+        text = (run.get("objective") or {}).get("text") or {}
+        model.vocab_size = text.get("vocab_size") or beit3.TextConfig.vocab_size
+    return model, run.data
 
 
 def get_config(arg=None):
@@ -103,10 +120,12 @@ def get_config(arg=None):
         c.data.interpolation = "bicubic"
     elif arg.model in SPARK_RECIPES:
         _spark_recipe(c, arg)
+    elif arg.model in ("beit3_b", "beit3_l"):
+        _beit3_recipe(c, arg)
     else:
         raise ValueError(f"config argument model={arg.model!r}; allowed: "
-                         f"{['vit_b', 'vit_l', 'swin_b', *SPARK_RECIPES]} "
-                         "(quickstart: 'vit', 'swin', 'resnet', 'convnext').")
+                         f"{['vit_b', 'vit_l', 'swin_b', *SPARK_RECIPES, 'beit3_b', 'beit3_l']} "
+                         "(quickstart: 'vit', 'swin', 'resnet', 'convnext', 'multiway').")
     c.log_every_steps = 100
     c.checkpoint.update(every_steps=2000, keep=2)
     return c
@@ -158,6 +177,22 @@ def _spark_recipe(c, arg):
                       head_init_std=0.02)
 
 
+def _beit3_recipe(c, arg):
+    """unilm's BEiT-3 ImageNet fine-tuning (beit3/get_started/get_started_for_image_
+    classification.md): the MAE recipe's augmentation, AdamW (0.9, 0.999), weight decay 0.05
+    off the CLS token and vision positions (unilm's skip list), warmup 5 epochs, cosine to
+    1e-6; the peak lr is absolute, not scaled with the batch."""
+    large = arg.model == "beit3_l"
+    c.model = beit3_config.model_config("large" if large else "base",
+                                        drop_path_rate=0.25 if large else 0.15)
+    c.model.vocab_size = beit3_config.RELEASED_VOCAB_SIZE
+    c.num_epochs = arg.epochs or 50.0
+    c.batch_size = arg.batch or 1024
+    c.warmup_epochs = 5.0
+    c.optimizer.update(base_lr=2e-4 if large else 7e-4, lr_batch_divisor=c.batch_size,
+                       layer_decay=0.8 if large else 0.65, no_decay=beit3_config.NO_DECAY)
+
+
 def _quickstart(c, arg):
     """Fine-tune a quickstart encoder on the 4,500 training digits; top-1 on the 500 test."""
     run_model = run_data = None
@@ -175,13 +210,18 @@ def _quickstart(c, arg):
         if model == "convnext":
             qs.model = spark_config.convnet_model_config("convnext", "T")
             qs.model.update(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128))
+    elif model == "multiway":  # the BEiT-3 quickstart's digits and Multiway encoder
+        qs = beit3_config.get_config("quickstart")
+        qs.model.vocab_size = beit3_config.QUICKSTART_VOCAB_SIZE
+        c.optimizer.no_decay = beit3_config.NO_DECAY
     else:
         raise ValueError(f"config argument model={arg.model!r}; quickstart allows 'vit', "
-                         "'swin', 'resnet', 'convnext'.")
+                         "'swin', 'resnet', 'convnext', 'multiway'.")
     c.model, c.data = qs.model, qs.data
     tupled = lambda items: {k: tuple(v) if isinstance(v, list) else v for k, v in items}
-    if run_model is not None and convnet:
-        # The run's whole model block (variant, depths, widths / dims, stem_stride, ...).
+    if run_model is not None and (convnet or model == "multiway"):
+        # The run's whole model block (variant, depths, widths / dims, stem_stride, the text
+        # vocabulary, ...).
         c.model = ml_collections.ConfigDict(tupled(run_model.items()))
     elif run_model is not None:  # the pretraining run's architecture
         c.model.update(tupled((k, v) for k, v in run_model.items()

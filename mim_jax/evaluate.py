@@ -17,8 +17,8 @@ A BEiT-3 run (its config has a `text` block) is also evaluated on what it learns
     fine-tune (evaluators/retrieval.py) of the pretrained encoder and of the same encoder at
     random initialisation (--random_seeds, mean);
   - masked-token accuracy of each stream on batches it did not train on, next to always
-    answering the most frequent masked target (evaluators/masked_tokens.py).
-Its encoder is not fine-tuned on labels (no classifier is built for the Multiway encoder).
+    answering the most frequent masked target (evaluators/masked_tokens.py);
+and its Multiway encoder is fine-tuned on labels like any other, on images alone.
 Writes WORKDIR/evaluation.md and evaluation.json and prints the table.
 """
 from __future__ import annotations
@@ -46,7 +46,9 @@ _FINETUNE = flags.DEFINE_string("finetune_config", "configs/finetune.py",
                                 "Fine-tuning config file; its quickstart recipe is used.")
 _FT_EPOCHS = flags.DEFINE_float("finetune_epochs", 0.0, "Fine-tuning epochs (0 = the config's).")
 _SEEDS = flags.DEFINE_integer("random_seeds", 3, "Random initialisations averaged.")
-_SKIP_FT = flags.DEFINE_bool("skip_finetune", False, "Only kNN and the linear probe.")
+_SKIP_FT = flags.DEFINE_bool("skip_finetune", False,
+                             "No fine-tuning on labels: kNN and the linear probe (and a BEiT-3 "
+                             "run's retrieval and masked tokens) only.")
 _RETRIEVAL_STEPS = flags.DEFINE_integer("retrieval_steps", 300,
                                         "BEiT-3: contrastive fine-tuning steps before retrieval.")
 _RETRIEVAL_BATCH = flags.DEFINE_integer("retrieval_batch", 64,
@@ -184,7 +186,7 @@ def main(argv):
         start = time.perf_counter()
         result.update(_text_scores(config, workdir, _SEEDS.value))
         walls["retrieval_and_masked_tokens"] = time.perf_counter() - start
-    elif not _SKIP_FT.value:
+    if not _SKIP_FT.value:
         result["finetune"] = {
             "pretrained": _finetune(workdir, _FINETUNE.value, True, _FT_EPOCHS.value),
             "scratch": _finetune(workdir, _FINETUNE.value, False, _FT_EPOCHS.value)}

@@ -278,6 +278,10 @@ def _finetuned(run: Run, fmt: str) -> Export:
     same logits: a ViT with global average pooling (fc_norm, no final norm), a ResNet or a
     ConvNeXt."""
     config, params = run.config, run.params
+    if config.model.get("name") == "multiway":
+        raise ValueError(f"--to={fmt}: a fine-tuned Multiway (BEiT-3) classifier has no export "
+                         "in any format; exported fine-tuned classifiers: a MAE-style ViT with "
+                         "pool='gap', a ResNet, a ConvNeXt (--to=timm).")
     if fmt != "timm":
         raise ValueError(f"--to={fmt}: a fine-tuned classifier exports to 'timm' (its "
                          "encoder alone: export the pretraining run it started from).")

@@ -260,14 +260,22 @@ def _convnet_layer_rule(encoder):
     return rule, top_block + 1
 
 
+# What precedes the first block (layer 0): ViT / Swin, and the Multiway encoder's embeddings.
+_EMBEDDINGS = ("patch_embed", "patch_norm", "cls_token", "mask_token", "pos_embed",
+               "rel_pos_bias", "vision_pos_embed", "text_embed", "text_pos_embed")
+
+
 def layer_ids(params):
     """Layer index of every parameter for layer-wise lr decay, and the top index.
 
     The references' rule: patch embedding, CLS / mask tokens and positions are layer 0, block
     i of a ViT is layer i + 1, everything after the last block (final norm, fc_norm, head) is
-    the top layer, depth + 1. For Swin (SimMIM's rule) blocks are numbered across stages and a
-    stage's patch merging sits with the last block of that stage. ResNet and ConvNeXt follow
-    SparK's grouping (_convnet_layer_rule). Scanned ViT blocks (leading depth axis) get an id
+    the top layer, depth + 1. BEiT-3's Multiway encoder follows unilm's rule
+    (get_num_layer_for_vit in beit3/optim_factory.py): every embedding (patch, text, vision
+    and text positions, CLS and mask tokens) is layer 0, layer_i is i + 1, the rest the top.
+    For Swin (SimMIM's rule) blocks are numbered across stages and a stage's patch merging
+    sits with the last block of that stage. ResNet and ConvNeXt follow SparK's grouping
+    (_convnet_layer_rule). Scanned ViT blocks (leading depth axis) get an id
     array of shape [depth, 1, ...]. Returns (ids tree, top).
     """
     encoder = params.get("encoder", params)
@@ -279,6 +287,9 @@ def layer_ids(params):
         else:
             depth = _count_blocks(blocks)
         stage_starts = None
+    elif "text_embed" in encoder:  # Multiway
+        depth = _count_blocks(encoder, "layer_")
+        stage_starts = None
     elif "stem_conv" in encoder:  # ResNet / ConvNeXt
         convnet_rule, top = _convnet_layer_rule(encoder)
         depth = top - 1
@@ -288,8 +299,8 @@ def layer_ids(params):
         depth = sum(depths)
         stage_starts = np.concatenate([[0], np.cumsum(depths)])
     else:
-        raise ValueError(f"layer-wise lr decay knows ViT, Swin, ResNet and ConvNeXt encoders; "
-                         f"got parameters {sorted(encoder)}.")
+        raise ValueError(f"layer-wise lr decay knows ViT, Swin, ResNet, ConvNeXt and Multiway "
+                         f"encoders; got parameters {sorted(encoder)}.")
     top = depth + 1
     in_encoder = "encoder" in params
 
@@ -302,9 +313,10 @@ def layer_ids(params):
         if convnet_rule is not None:
             return convnet_rule(names)
         first = names[0]
-        if first in ("patch_embed", "patch_norm", "cls_token", "mask_token", "pos_embed",
-                     "rel_pos_bias"):
+        if first in _EMBEDDINGS:
             return 0
+        if first.startswith("layer_"):  # Multiway
+            return int(first[len("layer_"):]) + 1
         if first == "transformer":
             if names[1] == "blocks":
                 n = leaf.shape[0]

@@ -258,7 +258,7 @@ _MODEL_FIELDS = {
     "mlp_dim": "model.mlp_dim", "stem_width": "model.stem_width", "widths": "model.widths",
     "dims": "model.dims", "channels": "data.channels", "positions": "model.pos_embed",
     "qkv_bias": "model.qkv_bias", "layer_scale": "model.layer_scale_init",
-    "rel_pos_bias": "model.rel_pos_bias"}
+    "rel_pos_bias": "model.rel_pos_bias", "vocab_size": "model.vocab_size"}
 # The entries a model.variant sets (which the fields above override).
 _VARIANT_SIZES = ("width", "embed_dim", "depth", "depths", "patch_size", "num_heads", "mlp_dim",
                   "stem_width", "widths", "dims")

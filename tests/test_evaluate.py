@@ -75,7 +75,7 @@ def test_table_of_a_beit3_run_adds_retrieval_and_masked_tokens():
               "masked_tokens": {"text": {"what": "texts (token ids)", "accuracy": 0.125,
                                          "most_frequent_token": 0.05}}}
     lines = markdown_table(result).splitlines()
-    assert all(line.endswith("| n/a |") for line in lines[2:7])  # no fine-tune of BEiT-3
+    assert all(line.endswith("| n/a |") for line in lines[2:7])  # run with --skip_finetune
     start = lines.index("| retrieval (%) | image->text R@1 | R@5 | text->image R@1 | R@5 |")
     assert lines[start + 2] == ("| pretrained encoder, after the contrastive fine-tune | 60.0 | "
                                 "70.0 | 61.0 | 71.0 |")

@@ -15,12 +15,14 @@ import numpy as np
 
 from mim_jax.convert import mae_layout
 
-KINDS = {"vit": "ViT", "swin": "Swin", "resnet": "ResNet", "convnext": "ConvNeXt"}
+KINDS = {"vit": "ViT", "swin": "Swin", "resnet": "ResNet", "convnext": "ConvNeXt",
+         "multiway": "Multiway Transformer"}
 
 _SIZE_WORDS = {"width": "width {}", "embed_dim": "width {}", "depth": "depth {}",
                "depths": "depths {}", "patch_size": "patch {}", "num_heads": "{} heads",
                "mlp_dim": "MLP {}", "stem_width": "stem width {}", "widths": "widths {}",
-               "dims": "dims {}", "channels": "{} channels"}
+               "dims": "dims {}", "channels": "{} channels",
+               "vocab_size": "a text vocabulary of {}"}
 _OPTION_WORDS = {
     "positions": {"learned": "learned positions", "sincos": "sin-cos positions",
                   "none": "no learned positions"},
@@ -120,8 +122,21 @@ def convnext_sizes(encoder: Mapping) -> Dict[str, Any]:
                 channels=_shape(encoder["stem_conv"]["kernel"])[2])
 
 
+def multiway_sizes(encoder: Mapping) -> Dict[str, Any]:
+    patch, _, channels, width = _shape(encoder["patch_embed"]["kernel"])
+    layer = encoder["layer_0"]
+    qkv = layer["attn"]["qkv"]
+    qkv = qkv.get("vision", qkv)  # per modality, or one shared attention
+    return dict(width=width, depth=sum(1 for name in encoder if name.startswith("layer_")),
+                patch_size=patch, num_heads=_shape(qkv["kernel"])[-2],
+                mlp_dim=_shape(layer["ffn"]["vision"]["fc1"]["kernel"])[-1], channels=channels,
+                vocab_size=_shape(encoder["text_embed"])[0])
+
+
 def encoder_sizes(encoder: Mapping) -> Tuple[str, Dict[str, Any]]:
     """(kind, sizes) of an encoder parameter tree: kind is a key of KINDS."""
+    if "text_embed" in encoder:
+        return "multiway", multiway_sizes(encoder)
     if "transformer" in encoder:
         return "vit", vit_sizes(encoder)
     if "patch_norm" in encoder:
@@ -131,7 +146,7 @@ def encoder_sizes(encoder: Mapping) -> Tuple[str, Dict[str, Any]]:
     if "stem_norm" in encoder:
         return "convnext", convnext_sizes(encoder)
     raise ValueError(f"parameters with top-level keys {sorted(encoder)} are not a ViT, Swin, "
-                     "ResNet or ConvNeXt encoder.")
+                     "ResNet, ConvNeXt or Multiway encoder.")
 
 
 # ---------------------------------------------------------------- weights files

@@ -1,6 +1,8 @@
 """Backbones: build them from the `config.model` block of an experiment config."""
 from __future__ import annotations
 
+from typing import Optional
+
 import jax.numpy as jnp
 from jax import lax
 
@@ -8,7 +10,16 @@ from mim_jax.models import activations, attention, remat as remat_lib, vit
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _QKV_BIAS = {"qkv": True, "qv": "qv", "none": False}
-BACKBONES = ("vit", "swin", "resnet", "convnext")
+BACKBONES = ("vit", "swin", "resnet", "convnext", "multiway")
+# config.model fields of the Multiway encoder (None: the preset's value); `variant` is a
+# multiway.PRESETS name. vocab_size is the text vocabulary (its embedding rows): a BEiT-3
+# objective passes its objective.text.vocab_size instead, a classifier names it here.
+MULTIWAY_DEFAULTS = dict(
+    name="multiway", variant="base", width=None, depth=None, num_heads=None, mlp_dim=None,
+    patch_size=None, multiway_attention=None, vl_ffn_layers=None, sub_ln=None,
+    max_text_positions=None, layer_norm_eps=None, vocab_size=None, init_style="torchscale",
+    drop_path_rate=0.0, dtype="float32", param_dtype="float32", remat="none",
+    attention_impl=None)
 
 
 def dtype_from_name(name: str, field: str):
@@ -117,8 +128,53 @@ def convnext_from_config(model_cfg, image_size: int, channels: int, **extra):
     return convnext.ConvNeXt(config=arch, **_convnet_kwargs(model_cfg), **extra)
 
 
+def multiway_from_config(model_cfg, image_size: int, channels: int,
+                         vocab_size: Optional[int] = None, **extra):
+    """BEiT-3's MultiwayEncoder: a multiway.PRESETS `variant` plus overrides, on the data's
+    images. The text vocabulary is `vocab_size` (a BEiT-3 objective's) or model.vocab_size;
+    the text embedding is part of the encoder's parameters either way. `extra`: MultiwayEncoder
+    options (final_norm)."""
+    from mim_jax.models import multiway
+    values = {k: model_cfg.get(k, v) for k, v in MULTIWAY_DEFAULTS.items()}
+    if values["variant"] not in multiway.PRESETS:
+        raise ValueError(f"model.variant={values['variant']!r}; allowed: "
+                         f"{sorted(multiway.PRESETS)}.")
+    if remat_lib.policy_name(values["remat"]):
+        raise ValueError(f"model.remat={values['remat']!r}: the Multiway encoder has no "
+                         "rematerialisation; allowed: ['none'].")
+    given = values["vocab_size"]
+    if vocab_size is None and given is None:
+        raise ValueError("model.vocab_size is unset: the Multiway encoder's text embedding "
+                         "needs the text vocabulary size (a BEiT-3 run's "
+                         "objective.text.vocab_size).")
+    if vocab_size is not None and given is not None and given != vocab_size:
+        raise ValueError(f"model.vocab_size={given!r} but the text vocabulary has {vocab_size} "
+                         "ids (objective.text.vocab_size): they must match, or leave "
+                         "model.vocab_size unset.")
+    sizes = ("width", "depth", "num_heads", "mlp_dim", "patch_size", "multiway_attention",
+             "vl_ffn_layers", "sub_ln", "max_text_positions", "layer_norm_eps")
+    overrides = {k: values[k] for k in sizes if values[k] is not None}
+    try:
+        arch = multiway.preset(values["variant"], image_size=image_size, channels=channels,
+                               vocab_size=given if vocab_size is None else vocab_size,
+                               **overrides)
+    except ValueError as err:  # the message starts with the field name
+        raise ValueError(f"model.{err}") from None
+    if values["init_style"] not in multiway.INIT_STYLES:
+        raise ValueError(f"model.init_style={values['init_style']!r}; allowed: "
+                         f"{list(multiway.INIT_STYLES)}.")
+    kwargs = _common_kwargs(model_cfg)
+    del kwargs["remat"]  # checked above
+    return multiway.MultiwayEncoder(config=arch, init_style=values["init_style"], **kwargs,
+                                    **extra)
+
+
 def backbone_from_config(model_cfg, image_size: int, channels: int, **extra):
+    """The encoder config.model names (model.name, one of BACKBONES); `extra` are options of
+    that backbone (a Multiway encoder's vocab_size among them)."""
     name = model_cfg.get("name", "vit")
+    if name == "multiway":
+        return multiway_from_config(model_cfg, image_size, channels, **extra)
     if name == "resnet":
         return resnet_from_config(model_cfg, image_size, channels, **extra)
     if name == "convnext":

@@ -1,7 +1,8 @@
 """Classification heads on a pretrained encoder: fine-tuning and linear probing.
 
-Fine-tuning (MAE / BEiT / SimMIM recipe): global average pool of the patch tokens (or the CLS
-token) -> LayerNorm (fc_norm) -> linear head initialised with std 2e-5.
+Fine-tuning (MAE / BEiT / SimMIM recipe, and BEiT-3's BEiT3ForImageClassification): global
+average pool of the patch tokens (or the CLS token) -> LayerNorm (fc_norm) -> linear head
+initialised with std 2e-5.
 Linear probe (MAE recipe): frozen features -> BatchNorm without affine (eps 1e-6) -> linear
 head initialised with std 0.01.
 """
@@ -42,8 +43,11 @@ def pool_features(features: jax.Array, pool: str, has_cls: bool) -> jax.Array:
 
 
 def encoder_has_cls(encoder: nn.Module) -> bool:
-    """A ViT says so in its cls_token field, the Multiway encoder in has_cls_token."""
-    return bool(getattr(encoder, "cls_token", False) or getattr(encoder, "has_cls_token", False))
+    """A ViT says so in its cls_token field, the Multiway encoder in has_cls_token (its
+    cls_token is the token itself once the module is bound)."""
+    if getattr(type(encoder), "has_cls_token", None) is not None:
+        return bool(type(encoder).has_cls_token)
+    return bool(getattr(encoder, "cls_token", False))
 
 
 class Classifier(nn.Module):
@@ -52,6 +56,7 @@ class Classifier(nn.Module):
     num_classes: int
     pool: str = "gap"
     fc_norm: bool = True
+    fc_norm_eps: float = 1e-6  # the MAE / BEiT recipes; BEiT-3's is torch's default 1e-5
     head_init_std: float = 2e-5
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -62,8 +67,8 @@ class Classifier(nn.Module):
         x = pool_features(self.encoder(images, train=train), self.pool,
                           encoder_has_cls(self.encoder))
         if self.fc_norm:
-            x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
-                             name="fc_norm")(x)
+            x = nn.LayerNorm(epsilon=self.fc_norm_eps, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name="fc_norm")(x)
         return nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype,
                         kernel_init=_head_init(self.head_init_std),
                         dot_general=self.dot_general, name="head")(x.astype(jnp.float32))

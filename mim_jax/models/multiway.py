@@ -312,9 +312,9 @@ class MultiwayEncoder(nn.Module):
       text_padding_mask [B, T] bool, True at padding (torchscale's text_padding_position).
 
     Returns torchscale BEiT3's outputs: {'encoder_out': [B, N, width] after the final
-    LayerNorm, vision tokens first; 'encoder_padding_mask': [B, N] bool (False on vision
-    tokens); 'multiway_split_position': -1 (vision only), 0 (text only) or the number of
-    vision tokens}. `init` creates every parameter whichever inputs it is given.
+    LayerNorm (with final_norm), vision tokens first; 'encoder_padding_mask': [B, N] bool
+    (False on vision tokens); 'multiway_split_position': -1 (vision only), 0 (text only) or
+    the number of vision tokens}. `init` creates every parameter whichever inputs it is given.
     """
     config: MultiwayConfig
     drop_path_rate: float = 0.0
@@ -324,6 +324,9 @@ class MultiwayEncoder(nn.Module):
     dot_general: Callable = lax.dot_general
     attention_fn: Callable = attention.xla_attention
     activation: Callable = activations.gelu
+    # False: no final LayerNorm; 'encoder_out' is the last layer's output (unilm's
+    # BEiT3ForImageClassification, normalize_output=False, which normalises after pooling).
+    final_norm: bool = True
     # Images give CLS + patches: the evaluators pool the CLS token or the patches' mean.
     has_cls_token = True
 
@@ -361,9 +364,10 @@ class MultiwayEncoder(nn.Module):
                 param_dtype=self.param_dtype, dot_general=self.dot_general,
                 attention_fn=self.attention_fn, activation=self.activation, name=f"layer_{i}")
             for i in range(cfg.depth)]
-        self.norm = Multiway(lambda name: nn.LayerNorm(
-            epsilon=cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-            name=name), name="norm")
+        if self.final_norm:
+            self.norm = Multiway(lambda name: nn.LayerNorm(
+                epsilon=cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                name=name), name="norm")
 
     def embed_vision(self, images, vision_mask=None):
         """[B, H, W, C] -> CLS + patch embeddings with positions [B, 1 + L, width]."""
@@ -430,7 +434,8 @@ class MultiwayEncoder(nn.Module):
         rates = np.linspace(0.0, self.drop_path_rate, cfg.depth)  # torchscale's rule
         for layer, rate in zip(self.layers, rates):
             x = layer(x, split, bias, float(rate), not train)
-        x = self.norm(x, split)
+        if self.final_norm:
+            x = self.norm(x, split)
         position = -1 if text_ids is None else split
         return {"encoder_out": x, "encoder_padding_mask": padding,
                 "multiway_split_position": position}

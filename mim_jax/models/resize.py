@@ -1,10 +1,10 @@
 """Fit pretrained encoder parameters to an encoder built for fine-tuning.
 
 Fine-tuning often changes what the parameter shapes depend on: the image size (learned
-position embeddings, relative-position tables), Swin's window size, a relative position bias
-that was shared by all blocks in pretraining and is per block in fine-tuning (BEiT, SimMIM-ViT),
-or scan over layers. `fit_encoder_params` handles those and refuses anything else with the
-list of parameter names that do not fit.
+position embeddings, the Multiway encoder's vision positions, relative-position tables),
+Swin's window size, a relative position bias that was shared by all blocks in pretraining and
+is per block in fine-tuning (BEiT, SimMIM-ViT), or scan over layers. `fit_encoder_params`
+handles those and refuses anything else with the list of parameter names that do not fit.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mim_jax.models import vit
+from mim_jax.models import multiway, vit
 
 # Relative-position tables: (2g-1)^2 offsets, then (ViT with CLS) 3 CLS entries.
 _REL_POS_LEAVES = ("table", "relative_position_bias_table")
@@ -132,6 +132,11 @@ def _resize(key, value: np.ndarray, shape: tuple) -> np.ndarray:
                     and math.isqrt(n_new) ** 2 == n_new):
                 return resize_pos_embed(value, prefix, math.isqrt(n_new))
         raise ValueError("position embeddings do not form a square grid")
+    if leaf == "vision_pos_embed" and value.ndim == 2 and value.shape[-1] == shape[-1]:
+        # The Multiway encoder's table: fairseq's unused rows and the CLS row stay, the patch
+        # grid is resized (unilm's load_model_and_may_interpolate).
+        prefix = multiway.POSITION_OFFSET + 1
+        return resize_pos_embed(value[None], prefix, math.isqrt(shape[0] - prefix))[0]
     if leaf in _REL_POS_LEAVES and value.ndim == len(shape) and value.shape[-1] == shape[-1]:
         if value.ndim == 3:  # scanned blocks: one table per block on the leading axis
             return np.stack([resize_rel_pos_table(t, shape[1]) for t in value])

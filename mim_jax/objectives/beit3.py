@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mim_jax import flops, masking, models
-from mim_jax.models import initializers, multiway, remat
+from mim_jax.models import initializers, multiway
 from mim_jax.objectives import beit
 from mim_jax.objectives.base import BatchField, Frozen, Objective, make_rngs
 
@@ -83,13 +83,6 @@ class ImageMaskConfig:
 LOSS_WEIGHTS = {"image": 1.0, "text": 1.0, "pair": 1.0}
 # objective.mix: each stream's share of a step's batch_size (the paper: 2048 + 2048 + 2048).
 MIX = {"image": 1, "text": 1, "pair": 1}
-# config.model fields (None: the preset's value); `variant` is a multiway.PRESETS name.
-MODEL_DEFAULTS = dict(name="multiway", variant="base", width=None, depth=None, num_heads=None,
-                      mlp_dim=None, patch_size=None, multiway_attention=None,
-                      vl_ffn_layers=None, sub_ln=None, max_text_positions=None,
-                      layer_norm_eps=None, init_style="torchscale", drop_path_rate=0.0,
-                      dtype="float32", param_dtype="float32", remat="none",
-                      attention_impl=None)
 
 
 # ---------------------------------------------------------------- config
@@ -259,37 +252,12 @@ def check_tokenizer(tokenizer, text: TextConfig) -> None:
 
 
 def encoder_from_config(model_cfg, image_size: int, channels: int, vocab_size: int):
-    """The MultiwayEncoder config.model describes: a multiway.PRESETS `variant` plus
-    overrides, on the data's images and the text vocabulary."""
-    values = {k: model_cfg.get(k, v) for k, v in MODEL_DEFAULTS.items()}
-    if values["name"] != "multiway":
-        raise ValueError(f"model.name={values['name']!r}: BEiT-3 needs model.name='multiway'.")
-    if values["variant"] not in multiway.PRESETS:
-        raise ValueError(f"model.variant={values['variant']!r}; allowed: "
-                         f"{sorted(multiway.PRESETS)}.")
-    if remat.policy_name(values["remat"]):
-        raise ValueError(f"model.remat={values['remat']!r}: the Multiway encoder has no "
-                         "rematerialisation; allowed: ['none'].")
-    sizes = ("width", "depth", "num_heads", "mlp_dim", "patch_size", "multiway_attention",
-             "vl_ffn_layers", "sub_ln", "max_text_positions", "layer_norm_eps")
-    overrides = {k: values[k] for k in sizes if values[k] is not None}
-    try:
-        arch = multiway.preset(values["variant"], image_size=image_size, channels=channels,
-                               vocab_size=vocab_size, **overrides)
-    except ValueError as err:  # the message starts with the field name
-        raise ValueError(f"model.{err}") from None
-    if values["init_style"] not in multiway.INIT_STYLES:
-        raise ValueError(f"model.init_style={values['init_style']!r}; allowed: "
-                         f"{list(multiway.INIT_STYLES)}.")
-    rate = values["drop_path_rate"]
-    if not _is_number(rate) or not 0.0 <= rate < 1.0:
-        raise ValueError(f"model.drop_path_rate={rate!r} must be in [0, 1).")
-    layers = models.layer_functions(model_cfg)
-    return multiway.MultiwayEncoder(
-        config=arch, drop_path_rate=float(rate), init_style=values["init_style"],
-        dtype=models.dtype_from_name(values["dtype"], "model.dtype"),
-        param_dtype=models.dtype_from_name(values["param_dtype"], "model.param_dtype"),
-        **layers)
+    """The MultiwayEncoder config.model describes (models.multiway_from_config), on the data's
+    images and the objective's text vocabulary."""
+    name = model_cfg.get("name", "multiway")
+    if name != "multiway":
+        raise ValueError(f"model.name={name!r}: BEiT-3 needs model.name='multiway'.")
+    return models.multiway_from_config(model_cfg, image_size, channels, vocab_size=vocab_size)
 
 
 # ---------------------------------------------------------------- text masking

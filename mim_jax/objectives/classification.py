@@ -11,6 +11,9 @@ checkpoints, exact resume, metrics); a `config.finetune` block turns the run int
   mode='linear_probe'  the MAE recipe: frozen encoder -> BatchNorm without affine (eps 1e-6)
                        -> linear head (init std 0.01), LARS, no weight decay, RRC + flip.
 
+BEiT-3's Multiway encoder (model.name multiway) is fine-tuned on images alone, as unilm's
+BEiT3ForImageClassification: the vision path, no final LayerNorm, the mean of the patch tokens
+(CLS left out) -> fc_norm -> linear head; its text parameters are carried along unused.
 SparK's ConvNets (model.name resnet / convnext) run dense with only their last stage, average
 pooled: ConvNeXt with timm's head (LayerNorm, then linear), ResNet straight into the linear head.
 A ResNet's BatchNorm statistics are model_state['batch_stats']: fine-tuning trains them (batch
@@ -67,7 +70,7 @@ def _pool(config) -> str:
 def encoder_from_config(config, for_probe: bool):
     """The encoder of config.model, configured for classification."""
     extra = {}
-    if config.model.get("name", "vit") == "vit":
+    if config.model.get("name", "vit") in ("vit", "multiway"):
         # Global pooling normalises after pooling (fc_norm); the CLS probe uses the final norm.
         extra["final_norm"] = for_probe or config.finetune.pool == "cls"
     elif _is_convnet(config):  # dense (active=None), only the last stage's map is pooled
@@ -143,13 +146,16 @@ def _finetune_objective(config, n_classes: int) -> Objective:
     ft = config.finetune
     encoder = encoder_from_config(config, for_probe=False)
     pool = _pool(config)
-    # ViT + global pool: no final norm, LayerNorm after pooling (fc_norm). CLS pooling and Swin
-    # keep the encoder's final norm and feed the head directly, as their references do.
-    # ConvNeXt: timm's head (pool -> LayerNorm -> Linear); ResNet: pool -> Linear.
+    # ViT or Multiway + global pool: no final norm, LayerNorm after pooling (fc_norm). CLS
+    # pooling and Swin keep the encoder's final norm and feed the head directly, as their
+    # references do. ConvNeXt: timm's head (pool -> LayerNorm -> Linear); ResNet: pool ->
+    # Linear. The Multiway encoder's fc_norm is unilm's BEiT3ForImageClassification's, a torch
+    # nn.LayerNorm of default eps.
     name = config.model.get("name", "vit")
-    fc_norm = (name == "vit" and pool == "gap") or name == "convnext"
+    fc_norm = (name in ("vit", "multiway") and pool == "gap") or name == "convnext"
     model = classifier_lib.Classifier(encoder=encoder, num_classes=n_classes, pool=pool,
                                       fc_norm=fc_norm, head_init_std=ft.head_init_std,
+                                      fc_norm_eps=1e-5 if name == "multiway" else 1e-6,
                                       dtype=encoder.dtype, param_dtype=encoder.param_dtype)
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     # An encoder with BatchNorm (ResNet) keeps its statistics in model_state['batch_stats']:
