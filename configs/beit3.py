@@ -107,7 +107,7 @@ def _optimizer(c, batch: int, lr: float = 1e-3) -> None:
 def _quickstart(c):
     """A small Multiway encoder (width 128, 4 layers, patch 4: the 7 x 7 grid of the VQ-KD
     quickstart tokenizer) on the digits, Shakespeare and the digits' synthetic captions."""
-    max_len = 32
+    max_len = 24  # a caption takes 7-12 tokens; half of the Shakespeare paragraphs are longer
     c.model = model_config("base", width=128, depth=4, num_heads=4, mlp_dim=512, patch_size=4,
                            max_text_positions=max_len + 2)
     # 40% of the 49 patches, blocks of >= 4 patches (16 of 196 scaled).
@@ -122,10 +122,10 @@ def _quickstart(c):
                   mean=(0.1307,), std=(0.3081,), shuffle_buffer=5000)
     c.batch_size = 96  # 32 images + 32 texts + 32 pairs
     c.num_epochs = 0.0
-    c.total_steps = 1000
-    c.warmup_steps = 50
+    c.total_steps = 800
+    c.warmup_steps = 40
     _optimizer(c, c.batch_size)
     c.log_every_steps = 50
-    c.checkpoint.update(every_steps=500, keep=2)
-    c.evaluators = common.quickstart_probes(every_steps=500)
+    c.checkpoint.update(every_steps=400, keep=2)
+    c.evaluators = common.quickstart_probes(every_steps=400)
     return c
