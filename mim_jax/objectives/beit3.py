@@ -267,9 +267,6 @@ def encoder_from_config(model_cfg, image_size: int, channels: int, vocab_size: i
     if values["variant"] not in multiway.PRESETS:
         raise ValueError(f"model.variant={values['variant']!r}; allowed: "
                          f"{sorted(multiway.PRESETS)}.")
-    if remat.policy_name(values["remat"]):
-        raise ValueError(f"model.remat={values['remat']!r}: the Multiway encoder has no "
-                         "rematerialisation; allowed: ['none'].")
     sizes = ("width", "depth", "num_heads", "mlp_dim", "patch_size", "multiway_attention",
              "vl_ffn_layers", "sub_ln", "max_text_positions", "layer_norm_eps")
     overrides = {k: values[k] for k in sizes if values[k] is not None}
@@ -287,6 +284,7 @@ def encoder_from_config(model_cfg, image_size: int, channels: int, vocab_size: i
     layers = models.layer_functions(model_cfg)
     return multiway.MultiwayEncoder(
         config=arch, drop_path_rate=float(rate), init_style=values["init_style"],
+        remat=remat.policy_name(values["remat"]) or False,
         dtype=models.dtype_from_name(values["dtype"], "model.dtype"),
         param_dtype=models.dtype_from_name(values["param_dtype"], "model.param_dtype"),
         **layers)
@@ -606,7 +604,7 @@ def build(config, frozen) -> Objective:
     return Objective(name="beit3", model=model, loss_fn=loss_fn, encoder_keys=("encoder",),
                      image_shape=image_shape, init_fn=init_fn,
                      stream_sizes_fn=lambda batch_size: split_batch(batch_size, mix),
-                     batch_fields_fn=batch_fields,
+                     batch_fields_fn=batch_fields, batch_multiple=sum(mix.values()),
                      check_text_tokenizer=lambda tokenizer: check_tokenizer(tokenizer, text),
                      forward_flops=forward_flops(arch, codes, text, mix, mask_pair_images))
 
