@@ -8,9 +8,11 @@ config.finetune block) for every chip of the named TPU topology, with the config
 partition rules, dtype, remat and accumulation, and prints what one chip holds: arguments
 (the sharded train state and batch), temporaries, outputs, the total against the chip's HBM,
 whether it fits, and the compiled FLOPs per step. --find_max_batch searches the largest
-per-chip batch that fits. It needs libtpu (`pip install -e ".[tpu]"`), which describes the
-pod's devices (jax.experimental.topologies); nothing runs, so no TPU is needed. The cost
-model's time estimates are not reported: they are not trustworthy without a chip.
+per-chip batch that fits, among the batches the objective can split (batch_unit). It needs
+libtpu (`pip install -e ".[tpu]"`), which describes the pod's devices
+(jax.experimental.topologies); nothing runs, so no TPU is needed, nor the data and weight
+files the run would read. The cost model's time estimates are not reported: they are not
+trustworthy without a chip.
 """
 from __future__ import annotations
 
@@ -97,6 +99,30 @@ def topology_devices(topology: str):
     return list(desc.devices)
 
 
+def _objective(config, devices, global_batch: int):
+    """(config at `global_batch`, its objective): every config check, for the pod."""
+    from mim_jax import train
+
+    config = config.copy_and_resolve_references()
+    config.batch_size = global_batch
+    if config.get("text") is not None:
+        # The step reads no data: the files the text block names for the input pipeline (a
+        # SentencePiece model, corpora) need not exist here, as data.data_dir need not.
+        with config.unlocked():
+            del config["text"]
+    n_processes = max(d.process_index for d in devices) + 1
+    return config, train.validate_config(config, device_count=len(devices),
+                                         process_count=n_processes, check_data_dir=False)
+
+
+def batch_unit(config, devices) -> int:
+    """The per-chip batches the step takes are the multiples of this: the objective's batch
+    multiple (BEiT-3: images, texts and pairs in objective.mix's shares) times accum_steps,
+    so that every stream's micro-batch splits evenly over the batch shards."""
+    config, objective = _objective(config, devices, config.batch_size)
+    return objective.batch_multiple * config.get("accum_steps", 1)
+
+
 def compile_train_step(config, devices, per_chip_batch: int) -> CompiledStep:
     """Lowers and compiles the train step of `config` for `devices` at `per_chip_batch`."""
     import jax
@@ -105,13 +131,8 @@ def compile_train_step(config, devices, per_chip_batch: int) -> CompiledStep:
     from mim_jax import optim, sharding, train
 
     mesh = sharding.make_mesh(config.get("mesh"), devices)
-    n_batch_shards = sharding.batch_axis_size(mesh)
-    global_batch = per_chip_batch * n_batch_shards
-    config = config.copy_and_resolve_references()
-    config.batch_size = global_batch
-    n_processes = max(d.process_index for d in devices) + 1
-    objective = train.validate_config(config, device_count=len(devices),
-                                      process_count=n_processes, check_data_dir=False)
+    global_batch = per_chip_batch * sharding.batch_axis_size(mesh)
+    config, objective = _objective(config, devices, global_batch)
     accum = config.get("accum_steps", 1)
     sharding.check_batch_divisible(global_batch, accum, mesh,  # ValueError naming the fields
                                    objective.stream_sizes(global_batch))
@@ -178,10 +199,10 @@ def _fits(config, devices, batch, hbm) -> tuple:
 
 def find_max_batch(config, devices, hbm: int, start: int = 8, report=print, max_compiles=12,
                    tolerance: float = 1 / 16, bytes_per_image: Optional[float] = None,
-                   compiles: Optional[list] = None):
+                   compiles: Optional[list] = None, unit: int = 1):
     """Largest per-chip batch that fits, within `tolerance` (batch // 16 by default):
     (batch, CompiledStep, smallest batch found not to fit or None). After `max_compiles` the
-    bracket may be wider.
+    bracket may be wider. Only multiples of `unit` (batch_unit) are compiled.
 
     A step's memory grows linearly with the batch, so after two compiles a straight line
     through the last two points guesses the answer (after one compile, a line of slope
@@ -189,10 +210,13 @@ def find_max_batch(config, devices, hbm: int, start: int = 8, report=print, max_
     then checked by compiling it, and the bracket [largest fit, smallest misfit] closes in a
     few compiles (a compile of ViT-B takes minutes on a CPU). `compiles`, when given, gets
     (batch, total bytes or None when out of memory, compile seconds or None) per compile."""
-    points = []  # (batch, total bytes) of every step that compiled
+    # The search counts in units: `low`, `high`, `n` and the points' batches are multiples.
+    points = []  # (units, total bytes) of every step that compiled
     low, low_step, high = 0, None, None
-    batch = start
+    n = max(1, start // unit)
+    slope = bytes_per_image * unit if bytes_per_image else None
     for _ in range(max_compiles):
+        batch = n * unit
         ok, step = _fits(config, devices, batch, hbm)
         if compiles is not None:
             compiles.append((batch, step.total_bytes, step.compile_seconds) if step
@@ -200,17 +224,17 @@ def find_max_batch(config, devices, hbm: int, start: int = 8, report=print, max_
         report(_row(step, hbm) if step else f"  per-chip batch {batch}: does not compile "
                "(out of memory)")
         if step is not None:
-            points.append((batch, step.total_bytes))
+            points.append((n, step.total_bytes))
         if ok:
-            low, low_step = batch, step
+            low, low_step = n, step
         else:
-            high = batch if high is None else min(high, batch)
+            high = n if high is None else min(high, n)
         if high is not None and high - low <= max(1, int(low * tolerance)):
             break
-        batch = _next_guess(points, low, high, hbm, tolerance, bytes_per_image)
-        if batch is None:
+        n = _next_guess(points, low, high, hbm, tolerance, slope)
+        if n is None:
             break
-    return low, low_step, high
+    return low * unit, low_step, None if high is None else high * unit
 
 
 def _next_guess(points, low: int, high: Optional[int], hbm: int, tolerance: float = 1 / 16,
@@ -311,8 +335,14 @@ def main(argv):
             if hbm is None:
                 raise ConfigError(f"--find_max_batch needs the HBM of {kind!r}, not in the "
                                   "table (mim_jax/aot.py HBM_BYTES_TABLE).")
+            unit = batch_unit(config, devices)
+            batch = max(unit, batch // unit * unit)
+            if unit > 1:
+                print(f"per-chip batches in multiples of {unit} (the objective's streams and "
+                      "accum_steps split them evenly)", flush=True)
             best, _, misfit = find_max_batch(config, devices, hbm, start=batch,
-                                             report=lambda line: print(line, flush=True))
+                                             report=lambda line: print(line, flush=True),
+                                             unit=unit)
             bracket = f" ({misfit} does not)" if misfit else " (no larger batch was tried)"
             print(f"largest per-chip batch that fits: {best}{bracket}" if best else
                   f"nothing fits, not even a per-chip batch of {batch}", flush=True)

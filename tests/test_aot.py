@@ -84,6 +84,29 @@ def test_find_max_batch_follows_the_memory_line_to_the_largest_fitting_batch(mon
     assert 282 <= best <= 300 and len(compiled) <= 8, compiled
 
 
+def test_a_mixed_batch_is_searched_in_multiples_its_streams_split(monkeypatch):
+    """BEiT-3 splits each batch into thirds (images, texts, pairs), each sharded on its own:
+    per-chip batches step in multiples of 3, times accum_steps. Its recipe compiles without
+    the files its input pipeline reads (SentencePiece model, corpora, tokenizer weights)."""
+    import jax
+    from conftest import recipe_config
+    cpu = jax.devices()
+    assert aot.batch_unit(recipe_config("configs/beit3.py:variant=large"), cpu) == 3
+    assert aot.batch_unit(recipe_config("configs/beit3.py:quickstart", accum_steps=2), cpu) == 6
+    assert aot.batch_unit(recipe_config("configs/mae.py:quickstart"), cpu) == 1
+    compiled = []
+
+    def fake_compile(config, devices, batch):
+        compiled.append(batch)
+        return aot.CompiledStep(per_chip_batch=batch, global_batch=4 * batch, argument_bytes=10,
+                                output_bytes=0, alias_bytes=0, temp_bytes=batch,
+                                generated_code_bytes=0, flops=None, compile_seconds=0.0)
+    monkeypatch.setattr(aot, "compile_train_step", fake_compile)
+    best, _, misfit = aot.find_max_batch(None, None, hbm=110, start=8, unit=3,
+                                         report=lambda line: None)
+    assert compiled == [6, 12, 48, 99, 105] and (best, misfit) == (99, 105)
+
+
 def test_a_batch_xla_refuses_for_the_chips_memory_is_a_does_not_fit_row(monkeypatch):
     """One compile (--per_chip_batch) that XLA refuses is answered in one row with XLA's
     figures, not a traceback; any other compile error still propagates."""

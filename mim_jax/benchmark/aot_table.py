@@ -64,6 +64,10 @@ CELLS = (
     _vit("B/16", "none", 4, 512), _vit("L/16", "none", 4, 128), _vit("H/14", "none", 4, 32),
     Cell("SimMIM Swin-B 192 px", "configs/simmim.py:model=swin_b", "none", 1, 96),
     Cell("SimMIM Swin-B 192 px", "configs/simmim.py:model=swin_b", "full", 4, 512),
+    Cell("BEiT-3 base", "configs/beit3.py:variant=base", "none", 1, 48),
+    Cell("BEiT-3 base", "configs/beit3.py:variant=base", "full", 4, 192),
+    Cell("BEiT-3 large", "configs/beit3.py:variant=large", "none", 1, 12),
+    Cell("BEiT-3 large", "configs/beit3.py:variant=large", "full", 4, 96),
 )
 
 _OUT = flags.DEFINE_string("out", "benchmarks/aot_table.jsonl", "JSON lines, appended per "
@@ -144,10 +148,11 @@ def search(cell: Cell, chip: str, previous):
         print(f"[{cell.key} {chip}] {line.strip()}", flush=True)
 
     began = time.time()
+    config = load_config(cell)
     best, step, misfit = aot.find_max_batch(
-        load_config(cell), devices, hbm, start=start, report=report,
+        config, devices, hbm, start=start, report=report,
         max_compiles=_MAX_COMPILES.value, tolerance=_TOLERANCE.value, bytes_per_image=slope,
-        compiles=compiles)
+        compiles=compiles, unit=aot.batch_unit(config, devices))
     return {"key": cell.key, "model": cell.model, "remat": cell.remat, "fsdp": cell.fsdp,
             "scan": cell.scan, "chip": chip, "topology": topology, "hbm": hbm,
             "fits": best, "fits_bytes": step.total_bytes if step else None,

@@ -139,9 +139,6 @@ def multiway_from_config(model_cfg, image_size: int, channels: int,
     if values["variant"] not in multiway.PRESETS:
         raise ValueError(f"model.variant={values['variant']!r}; allowed: "
                          f"{sorted(multiway.PRESETS)}.")
-    if remat_lib.policy_name(values["remat"]):
-        raise ValueError(f"model.remat={values['remat']!r}: the Multiway encoder has no "
-                         "rematerialisation; allowed: ['none'].")
     given = values["vocab_size"]
     if vocab_size is None and given is None:
         raise ValueError("model.vocab_size is unset: the Multiway encoder's text embedding "
@@ -163,10 +160,8 @@ def multiway_from_config(model_cfg, image_size: int, channels: int,
     if values["init_style"] not in multiway.INIT_STYLES:
         raise ValueError(f"model.init_style={values['init_style']!r}; allowed: "
                          f"{list(multiway.INIT_STYLES)}.")
-    kwargs = _common_kwargs(model_cfg)
-    del kwargs["remat"]  # checked above
-    return multiway.MultiwayEncoder(config=arch, init_style=values["init_style"], **kwargs,
-                                    **extra)
+    return multiway.MultiwayEncoder(config=arch, init_style=values["init_style"],
+                                    **_common_kwargs(model_cfg), **extra)
 
 
 def backbone_from_config(model_cfg, image_size: int, channels: int, **extra):

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mim_jax.models import activations, attention, initializers
+from mim_jax.models import activations, attention, initializers, remat as remat_lib
 from mim_jax.models.vit import DropPath, check_images
 
 # fairseq reserves positions 0 and 1 (padding index + 1), so the first token reads row 2.
@@ -327,6 +327,7 @@ class MultiwayEncoder(nn.Module):
     # False: no final LayerNorm; 'encoder_out' is the last layer's output (unilm's
     # BEiT3ForImageClassification, normalize_output=False, which normalises after pooling).
     final_norm: bool = True
+    remat: Any = False  # False or a policy name: see mim_jax.models.remat
     # Images give CLS + patches: the evaluators pool the CLS token or the patches' mean.
     has_cls_token = True
 
@@ -354,8 +355,10 @@ class MultiwayEncoder(nn.Module):
         self.text_pos_embed = param("text_pos_embed", nn.initializers.normal(1.0),
                                     (cfg.max_text_positions, cfg.width), self.param_dtype)
         gain = subln_gain(cfg.depth) if cfg.sub_ln and self.init_style == "torchscale" else 1.0
+        # `split` slices the tokens and `deterministic` picks the code path: both stay static.
+        layer_cls = remat_lib.wrap(MultiwayLayer, self.remat, static_argnums=(2, 5))
         self.layers = [
-            MultiwayLayer(
+            layer_cls(
                 num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim,
                 multiway_attention=cfg.multiway_attention,
                 vl_ffn=i >= cfg.depth - cfg.vl_ffn_layers, sub_ln=cfg.sub_ln,

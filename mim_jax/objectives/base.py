@@ -100,6 +100,10 @@ class Objective:
     # what the step's batch then holds (batch_fields). None: images alone.
     stream_sizes_fn: Optional[Callable[[int], Mapping[str, int]]] = None
     batch_fields_fn: Optional[Callable[[int], Mapping[str, "BatchField"]]] = None
+    # Every global batch is a multiple of this (BEiT-3: the sum of objective.mix's shares).
+    # The streams split any multiple of it in the same proportions, so per-device batches
+    # that are multiples of it keep every stream's part divisible over the devices.
+    batch_multiple: int = 1
     # Raises ValueError when a text tokenizer's ids are not the ones the model is built for.
     check_text_tokenizer: Optional[Callable[[Any], None]] = None
 

@@ -574,7 +574,7 @@ def build(config, frozen) -> Objective:
     return Objective(name="beit3", model=model, loss_fn=loss_fn, encoder_keys=("encoder",),
                      image_shape=image_shape, init_fn=init_fn,
                      stream_sizes_fn=lambda batch_size: split_batch(batch_size, mix),
-                     batch_fields_fn=batch_fields,
+                     batch_fields_fn=batch_fields, batch_multiple=sum(mix.values()),
                      check_text_tokenizer=lambda tokenizer: check_tokenizer(tokenizer, text),
                      forward_flops=forward_flops(arch, codes, text, mix, mask_pair_images))
 
