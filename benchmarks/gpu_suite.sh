@@ -10,7 +10,8 @@
 # text (train_step.hlo.txt), which mim_jax.benchmark.gpu_trace splits by op kind.
 # STEPS (default 10) and WARMUP (default 3) set the timed and untimed steps; PYTHON the
 # interpreter (default python3). A row takes 1.5-3 minutes on an H200 (start-up and the
-# parameters' init ~50 s for L/16, compile 30-50 s), so all rows take ~20 minutes.
+# parameters' init ~50 s for L/16, compile 30-50 s), so all rows take ~30 minutes: pick
+# rows to fit a shorter GPU session.
 set -u
 out=${1:?usage: benchmarks/gpu_suite.sh OUTDIR [ROW ...]}
 shift
@@ -50,6 +51,12 @@ row() {  # LABEL: the rows, by name
     mae_l16_b512) run_row mae_l16_b512 300 --config configs/mae.py:variant=L/16 --batch 512 $bf16 $cudnn ;;
     mae_b16_f32) run_row mae_b16_f32 200 --config configs/mae.py:variant=B/16 --batch 256 \
                --config.data.name=synthetic ;;
+    beit_v2_b16) run_row beit_v2_b16 240 --config configs/beit.py:version=2 --batch 256 $bf16 ;;
+    spark_r50) run_row spark_r50 240 --config configs/spark.py:model=resnet50 --batch 256 $bf16 ;;
+    spark_convnext_s) run_row spark_convnext_s 240 --config configs/spark.py:model=convnext_s \
+               --batch 256 $bf16 ;;
+    # 64 images + 64 texts + 64 pairs; the frozen VQ-KD tokenizer runs on the 128 images.
+    beit3_base) run_row beit3_base 300 --config configs/beit3.py:variant=base --batch 192 $bf16 ;;
     *) echo "unknown row $1" >&2; return 1 ;;
   esac
 }
@@ -59,7 +66,8 @@ row() {  # LABEL: the rows, by name
 } 2>&1 | tee -a "$out/log.txt"
 rows=("$@")
 [ ${#rows[@]} -eq 0 ] && rows=(mae_l16 mae_b16 mae_l16_own_attention simmim_swinb finetune_vitb
-                                simmim_vitb mae_l16_b512 mae_b16_f32)
+                                simmim_vitb beit_v2_b16 spark_r50 spark_convnext_s beit3_base
+                                mae_l16_b512 mae_b16_f32)
 for r in "${rows[@]}"; do
   row "$r"
   if [ "$r" = mae_l16 ] && [ -d /tmp/trace_mae_l16 ]; then

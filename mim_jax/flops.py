@@ -86,9 +86,14 @@ def vit_arch(config) -> vit.ViTConfig:
 
 
 def backbone_arch(config):
-    """The resolved encoder hyper-parameters (ViTConfig or SwinConfig) of an experiment config."""
+    """The resolved encoder hyper-parameters (ViTConfig, SwinConfig, ...) of an experiment
+    config. A BEiT-3 run's Multiway encoder takes its vocabulary from objective.text."""
+    extra = {}
+    objective = config.get("objective")
+    if config.model.get("name") == "multiway" and objective is not None and "text" in objective:
+        extra["vocab_size"] = objective.text.vocab_size
     return models.backbone_from_config(config.model, config.data.image_size,
-                                       config.data.get("channels", 3)).config
+                                       config.data.get("channels", 3), **extra).config
 
 
 def train_step_flops(forward: Mapping[str, float], forward_only: Sequence[str] = ()) -> float:

@@ -257,6 +257,16 @@ def test_forward_flops_by_stream():
     assert text_only.forward_flops["text/encoder"] == pytest.approx(3 * flops["text/encoder"])
 
 
+def test_the_encoder_of_a_run_config_reads_the_objectives_vocabulary():
+    # The benchmark's model description (flops.backbone_arch) resolves the encoder without
+    # building the objective: the Multiway text embedding's size is objective.text's.
+    from mim_jax import flops
+    config = tiny_config()
+    arch = flops.backbone_arch(config)
+    assert arch.vocab_size == config.objective.text.vocab_size
+    assert arch.width == config.model.width
+
+
 def test_a_stream_without_weight_is_not_run(tiny):
     _, params, state, batch, tokens, _ = tiny
     obj = pretrained.build_objective(tiny_config(loss_weights=dict(text=0.0, pair=0.0)))

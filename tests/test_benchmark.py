@@ -320,3 +320,41 @@ def test_linear_probe_flops_count_the_frozen_encoder_forward_only():
     probe = pretrained.build_objective(config).flops_per_image
     assert probe == pytest.approx(sum(parts.values()) + 2 * parts["head"])
     assert probe < full.flops_per_image / 2.9
+
+
+def test_beit3_benchmark_needs_no_text_files(tmp_path):
+    """A BEiT-3 config's step is benchmarked on synthetic batches of all three streams: the
+    SentencePiece model and corpora its text block names are not read."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "mim_jax.benchmark", "--config", "configs/beit3.py:quickstart",
+           "--config.data.name=synthetic", "--config.model.depth=1", "--config.model.width=32",
+           "--config.model.num_heads=2", "--config.model.mlp_dim=64",
+           "--config.text.spm_model=missing.spm", "--batch=6", "--steps=1", "--warmup=1",
+           f"--json_out={out}"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["model"]["objective"] == "beit3"
+    assert result["model"]["arch"]["vocab_size"] == 1002  # objective.text's, not model's
+    step = result["train_step"]
+    assert step["images_per_sec"] > 0 and np.isfinite(step["final_loss"])
+    assert step["flops"]["analytic_train_per_image"] > 0
+
+
+def test_every_gpu_suite_row_builds(monkeypatch):
+    """Each config the GPU suite benchmarks builds its objective and parameters (shapes only):
+    a renamed config or argument fails here, not on the GPU."""
+    import re
+    from mim_jax.config_file import load_config
+    monkeypatch.chdir(REPO)
+    text = open(os.path.join(REPO, "benchmarks", "gpu_suite.sh")).read()
+    specs = sorted(set(re.findall(r"--config (configs/\S+)", text)))
+    assert {s.split(":")[0] for s in specs} >= {
+        "configs/mae.py", "configs/simmim.py", "configs/beit.py", "configs/spark.py",
+        "configs/finetune.py", "configs/beit3.py"}
+    for spec in specs:
+        config = train_step.without_text_data(load_config(spec))
+        objective = pretrained.build_objective(config)
+        params, _ = jax.eval_shape(objective.init_variables, jax.random.key(0))
+        assert jax.tree_util.tree_leaves(params), spec
