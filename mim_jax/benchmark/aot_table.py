@@ -68,7 +68,7 @@ CELLS = (
     Cell("BEiT-3 base", "configs/beit3.py:variant=base", "none", 1, 88),
     Cell("BEiT-3 base", "configs/beit3.py:variant=base", "full", 4, 192),
     Cell("BEiT-3 large", "configs/beit3.py:variant=large", "none", 1, 12),
-    Cell("BEiT-3 large", "configs/beit3.py:variant=large", "full", 4, 96),
+    Cell("BEiT-3 large", "configs/beit3.py:variant=large", "full", 4, 192),
 )
 
 _OUT = flags.DEFINE_string("out", "benchmarks/aot_table.jsonl", "JSON lines, appended per "
