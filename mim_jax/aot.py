@@ -103,13 +103,8 @@ def _objective(config, devices, global_batch: int):
     """(config at `global_batch`, its objective): every config check, for the pod."""
     from mim_jax import train
 
-    config = config.copy_and_resolve_references()
+    config = train.without_text_data(config.copy_and_resolve_references())
     config.batch_size = global_batch
-    if config.get("text") is not None:
-        # The step reads no data: the files the text block names for the input pipeline (a
-        # SentencePiece model, corpora) need not exist here, as data.data_dir need not.
-        with config.unlocked():
-            del config["text"]
     n_processes = max(d.process_index for d in devices) + 1
     return config, train.validate_config(config, device_count=len(devices),
                                          process_count=n_processes, check_data_dir=False)

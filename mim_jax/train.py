@@ -174,6 +174,18 @@ def _check_run_fields(config) -> None:
                           f"{config.batch_size}.")
 
 
+def without_text_data(config):
+    """The config without its `text` block (BEiT-3), for a step compiled or timed without
+    data (mim_jax.aot, the benchmark): the files that block names for the input pipeline (a
+    SentencePiece model, corpora) need not exist, as data.data_dir need not."""
+    if config.get("text") is None:
+        return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        del config["text"]
+    return config
+
+
 def validate_config(config, *, device_count=None, process_count=None, check_data_dir=True):
     """Every check that can fail before the data is touched or anything compiles; each block
     is checked by the module that owns it. Returns the objective to train (its frozen parts

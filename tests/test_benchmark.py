@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_beit_config, tiny_mae_config
-from mim_jax import flops, masking, objectives, pretrained
+from mim_jax import flops, masking, objectives, pretrained, train
 from mim_jax.benchmark import gpu_trace, input_pipeline, masking_share, timing, train_step
 from mim_jax.models import vit
 
@@ -354,7 +354,7 @@ def test_every_gpu_suite_row_builds(monkeypatch):
         "configs/mae.py", "configs/simmim.py", "configs/beit.py", "configs/spark.py",
         "configs/finetune.py", "configs/beit3.py"}
     for spec in specs:
-        config = train_step.without_text_data(load_config(spec))
+        config = train.without_text_data(load_config(spec))
         objective = pretrained.build_objective(config)
         params, _ = jax.eval_shape(objective.init_variables, jax.random.key(0))
         assert jax.tree_util.tree_leaves(params), spec

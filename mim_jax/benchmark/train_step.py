@@ -87,25 +87,13 @@ def _synthetic_device_batch(objective, batch_size: int, mesh, seed: int,
     return batch
 
 
-def without_text_data(config):
-    """The config without its `text` block (BEiT-3): the step reads no data, so the files it
-    names for the input pipeline (a SentencePiece model, corpora) need not exist, as in
-    mim_jax.aot."""
-    if config.get("text") is None:
-        return config
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        del config["text"]
-    return config
-
-
 def build_train_setup(config, precomputed_tokens: bool = False) -> TrainSetup:
     """The trainer's own state (params and model_state, e.g. a frozen tokenizer: random
     weights, which cost the same time as real ones), optimizer and jitted step (donated state),
     without data. precomputed_tokens: the batch carries token ids, so a tokenizer objective
     (BEiT) does not run its tokenizer in the step. A config with a finetune block gives the
     fine-tuning (or linear-probe) step, with random labels and randomly initialised weights."""
-    config = without_text_data(config)
+    config = train.without_text_data(config)
     objective = pretrained.build_objective(config)
     mesh = sharding.make_mesh()
     accum = config.get("accum_steps", 1)
@@ -169,7 +157,7 @@ class StepRunner:
 
 def flops_report(config, compiled, per_device_batch: int) -> dict:
     # SparK / ConvNets: no analytic count, XLA's stands in.
-    objective = pretrained.build_objective(without_text_data(config))
+    objective = pretrained.build_objective(train.without_text_data(config))
     forward, analytic = dict(objective.forward_flops), objective.flops_per_image
     measured = xla_flops(compiled)
     xla_per_image = measured / per_device_batch if measured is not None else None
