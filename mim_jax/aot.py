@@ -194,7 +194,7 @@ def _fits(config, devices, batch, hbm) -> tuple:
 
 def find_max_batch(config, devices, hbm: int, start: int = 8, report=print, max_compiles=12,
                    tolerance: float = 1 / 16, bytes_per_image: Optional[float] = None,
-                   compiles: Optional[list] = None, unit: int = 1):
+                   compiles: Optional[list] = None, unit: int = 1, on_compile=None):
     """Largest per-chip batch that fits, within `tolerance` (batch // 16 by default):
     (batch, CompiledStep, smallest batch found not to fit or None). After `max_compiles` the
     bracket may be wider. Only multiples of `unit` (batch_unit) are compiled.
@@ -204,18 +204,36 @@ def find_max_batch(config, devices, hbm: int, start: int = 8, report=print, max_
     `bytes_per_image` when given, e.g. from the same model on another chip); each guess is
     then checked by compiling it, and the bracket [largest fit, smallest misfit] closes in a
     few compiles (a compile of ViT-B takes minutes on a CPU). `compiles`, when given, gets
-    (batch, total bytes or None when out of memory, compile seconds or None) per compile."""
+    (batch, total bytes or None when out of memory, compile seconds or None) per compile.
+    Entries already in it (a stopped search of the same step and chip) count as compiled: the
+    search goes on from them instead of from `start`, and the step returned is None when the
+    largest fit is one of them. `on_compile`, when given, is called with each new entry as its
+    compile ends (to record a long search as it goes)."""
     # The search counts in units: `low`, `high`, `n` and the points' batches are multiples.
     points = []  # (units, total bytes) of every step that compiled
     low, low_step, high = 0, None, None
-    n = max(1, start // unit)
+    for batch, total, _ in compiles or ():
+        if total is not None:
+            points.append((batch // unit, total))
+        if total is not None and total <= hbm:
+            low = max(low, batch // unit)
+        else:
+            high = batch // unit if high is None else min(high, batch // unit)
     slope = bytes_per_image * unit if bytes_per_image else None
-    for _ in range(max_compiles):
+    if not compiles:
+        n = max(1, start // unit)
+    elif high is not None and high - low <= max(1, int(low * tolerance)):
+        n = None  # the earlier compiles already bracket the answer
+    else:
+        n = _next_guess(points, low, high, hbm, tolerance, slope)
+    for _ in range(max_compiles if n else 0):
         batch = n * unit
         ok, step = _fits(config, devices, batch, hbm)
+        entry = (batch, step.total_bytes, step.compile_seconds) if step else (batch, None, None)
         if compiles is not None:
-            compiles.append((batch, step.total_bytes, step.compile_seconds) if step
-                            else (batch, None, None))
+            compiles.append(entry)
+        if on_compile is not None:
+            on_compile(entry)
         report(_row(step, hbm) if step else f"  per-chip batch {batch}: does not compile "
                "(out of memory)")
         if step is not None:

@@ -41,16 +41,25 @@ def test_an_unknown_topology_is_one_line():
     assert len(errors) == 1 and "--topology='v9z:3x3'" in errors[0], run.stderr[-2000:]
 
 
+def _fake_step(batch: int, seconds: float = 0.0):
+    """A compiled step of 10 bytes of arguments and one byte per image."""
+    return aot.CompiledStep(per_chip_batch=batch, global_batch=4 * batch, argument_bytes=10,
+                            output_bytes=0, alias_bytes=0, temp_bytes=batch,
+                            generated_code_bytes=0, flops=None, compile_seconds=seconds)
+
+
+def _counting_compiler(compiled: list):
+    """A stand-in for aot.compile_train_step that appends each batch to `compiled`."""
+    def fake_compile(config, devices, batch):
+        compiled.append(batch)
+        return _fake_step(batch)
+    return fake_compile
+
+
 def test_find_max_batch_follows_the_memory_line_to_the_largest_fitting_batch(monkeypatch):
     """The search itself, with a fake compiler: a step fits while its batch is <= 100."""
     compiled = []
-
-    def fake_compile(config, devices, batch):
-        compiled.append(batch)
-        return aot.CompiledStep(per_chip_batch=batch, global_batch=4 * batch,
-                                argument_bytes=10, output_bytes=0, alias_bytes=0,
-                                temp_bytes=batch, generated_code_bytes=0, flops=None,
-                                compile_seconds=0.0)
+    fake_compile = _counting_compiler(compiled)
     monkeypatch.setattr(aot, "compile_train_step", fake_compile)
     best, step, misfit = aot.find_max_batch(None, None, hbm=110, start=8,
                                             report=lambda line: None)
@@ -95,12 +104,7 @@ def test_a_mixed_batch_is_searched_in_multiples_its_streams_split(monkeypatch):
     assert aot.batch_unit(recipe_config("configs/beit3.py:quickstart", accum_steps=2), cpu) == 6
     assert aot.batch_unit(recipe_config("configs/mae.py:quickstart"), cpu) == 1
     compiled = []
-
-    def fake_compile(config, devices, batch):
-        compiled.append(batch)
-        return aot.CompiledStep(per_chip_batch=batch, global_batch=4 * batch, argument_bytes=10,
-                                output_bytes=0, alias_bytes=0, temp_bytes=batch,
-                                generated_code_bytes=0, flops=None, compile_seconds=0.0)
+    fake_compile = _counting_compiler(compiled)
     monkeypatch.setattr(aot, "compile_train_step", fake_compile)
     best, _, misfit = aot.find_max_batch(None, None, hbm=110, start=8, unit=3,
                                          report=lambda line: None)
@@ -140,18 +144,34 @@ def test_a_slope_hint_lets_the_first_compile_aim_at_the_limit(monkeypatch):
     """With bytes_per_image (e.g. from the same model on another chip) the second compile
     goes where that line meets HBM, and a coarser tolerance stops the search sooner."""
     compiled = []
-
-    def fake_compile(config, devices, batch):
-        compiled.append(batch)
-        return aot.CompiledStep(per_chip_batch=batch, global_batch=batch, argument_bytes=10,
-                                output_bytes=0, alias_bytes=0, temp_bytes=batch,
-                                generated_code_bytes=0, flops=None, compile_seconds=0.0)
+    fake_compile = _counting_compiler(compiled)
     monkeypatch.setattr(aot, "compile_train_step", fake_compile)
     record = []
     best, _, misfit = aot.find_max_batch(None, None, hbm=110, start=40, report=lambda line: None,
                                          tolerance=1 / 8, bytes_per_image=1.0, compiles=record)
     assert compiled == [40, 100, 112] and best == 100 and misfit == 112
     assert record == [(40, 50, 0.0), (100, 110, 0.0), (112, 122, 0.0)]
+
+
+def test_a_stopped_search_goes_on_from_its_compiles(monkeypatch):
+    """Compiles of an earlier, stopped search (given in `compiles`) are not compiled again:
+    the next batch is where the line through them meets HBM, and a bracket they already close
+    needs no compile at all."""
+    compiled = []
+    fake_compile = _counting_compiler(compiled)
+    monkeypatch.setattr(aot, "compile_train_step", fake_compile)
+    record = [(20, 30, 5.0), (40, 50, 5.0)]
+    best, step, misfit = aot.find_max_batch(None, None, hbm=110, start=8, tolerance=1 / 8,
+                                            report=lambda line: None, compiles=record)
+    assert compiled == [100, 112] and (best, misfit) == (100, 112)
+    assert step.per_chip_batch == 100 and record[2:] == [(100, 110, 0.0), (112, 122, 0.0)]
+
+    compiled.clear()
+    best, step, misfit = aot.find_max_batch(None, None, hbm=110, start=8, tolerance=1 / 8,
+                                            report=lambda line: None,
+                                            compiles=[(40, 50, 5.0), (100, 110, 5.0),
+                                                      (104, None, None)])
+    assert compiled == [] and (best, step, misfit) == (100, None, 104)
 
 
 def test_aot_table_seeds_the_next_chip_and_prints_the_table():
@@ -170,6 +190,48 @@ def test_aot_table_seeds_the_next_chip_and_prints_the_table():
     assert aot_table._seed(flat, 32 << 30)[0] < 2 * 192 * (32 / 14)
     table = aot_table.markdown([v5e])
     assert "| MAE B/16 | none | data 4 | **512** (15.0 GiB, 576 not) |" in table
+
+
+def test_aot_table_records_each_compile_and_a_rerun_goes_on_from_them(tmp_path, monkeypatch):
+    """A search stopped after its first compile (killed) leaves that compile in --out; the
+    rerun does not compile it again and writes the cell's row with every compile in it."""
+    import json
+    from absl import flags
+    from mim_jax.benchmark import aot_table
+    compiled = []
+
+    def fake_compile(config, devices, batch):
+        compiled.append(batch)
+        if len(compiled) == 2 and stop_after_first[0]:
+            raise KeyboardInterrupt  # the first sitting ends here
+        return _fake_step(batch, seconds=1.0)
+    monkeypatch.setattr(aot, "compile_train_step", fake_compile)
+    monkeypatch.setattr(aot, "topology_devices", lambda topology: None)
+    monkeypatch.setattr(aot, "hbm_per_device", lambda devices: 110)
+    monkeypatch.setattr(aot, "batch_unit", lambda config, devices: 1)
+    monkeypatch.setattr(aot_table, "load_config", lambda cell: None)
+    out = tmp_path / "table.jsonl"
+    flags.FLAGS(["aot_table", f"--out={out}", "--chips=v5e", "--cells=B/16",
+                 "--keys=B/16|none|data", "--tolerance=0.125"])
+    stop_after_first = [True]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            aot_table.main([])
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        key = "MAE B/16|none|data|scan=False"
+        assert lines == [{"key": key, "chip": "v5e", "compile": [512, 522, 1.0]}]
+
+        stop_after_first[0] = False
+        compiled.clear()
+        aot_table.main([])
+    finally:
+        flags.FLAGS.unparse_flags()
+    rows, stopped = aot_table._read(str(out))
+    # 512 does not fit in 110: the rerun searches below it from the line through 512 and 256.
+    assert compiled == [256, 100, 139, 112]  # 512 is not compiled again
+    assert len(rows) == 1 and rows[0]["compiles"][0] == [512, 522, 1.0]
+    assert (rows[0]["fits"], rows[0]["misfit"]) == (100, 112)
+    assert len(stopped[(key, "v5e")]) == len(rows[0]["compiles"])
 
 
 def test_aot_table_seeds_from_any_chip_searched_before():

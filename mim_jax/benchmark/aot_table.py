@@ -6,8 +6,10 @@
 
 Each cell is one `mim_jax.aot.find_max_batch` search (compiles of the real train step for a
 TPU slice described by libtpu; see mim_jax/aot.py). A search takes minutes per compile on a
-CPU, so results are appended to --out as JSON lines when a cell finishes, and a rerun skips
-the cells already there: the table can be built over several sittings, and one process per
+CPU (half an hour for BEiT-3 large), so results are appended to --out as JSON lines: one line
+per compile as it ends ({"key", "chip", "compile": [batch, bytes or null, seconds]}) and the
+cell's row when it finishes. A rerun skips the cells already there and goes on with a stopped
+search from its compiles: the table can be built over several sittings, and one process per
 chip can run side by side. Every row is searched on the first chip before any row on the
 second. A cell's search starts where the same model and memory savers ended on another chip
 (searched earlier in this run or in an earlier sitting), moved along their memory line to the
@@ -104,10 +106,22 @@ def load_config(cell: Cell):
 
 
 def _read(path):
+    """(finished rows, {(key, chip): [compile entries of a search not finished]})."""
     if not os.path.exists(path):
-        return []
+        return [], {}
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [json.loads(line) for line in f if line.strip()]
+    rows = [r for r in lines if "compile" not in r]
+    compiles = {}
+    for r in lines:
+        if "compile" in r:
+            compiles.setdefault((r["key"], r["chip"]), []).append(tuple(r["compile"]))
+    return rows, compiles
+
+
+def _append(path, line: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def _seed(previous, hbm):
@@ -137,26 +151,28 @@ def seed_row(done: dict, key: str, chip: str, searched_before: list):
     return next((done[(key, c)] for c in others if (key, c) in done), None)
 
 
-def search(cell: Cell, chip: str, previous):
+def search(cell: Cell, chip: str, previous, earlier=(), journal=None):
+    """One cell's row on one chip. `earlier`: compiles of a stopped search to go on from;
+    `journal`: called with each new compile's entry as it ends."""
     topology = TOPOLOGIES[chip]
     devices = aot.topology_devices(topology)
     hbm = aot.hbm_per_device(devices)
     start, slope = _seed(previous, hbm) if previous else (None, None)
     start = start or cell.start
-    compiles = []
+    compiles = list(earlier)
 
     def report(line):
         print(f"[{cell.key} {chip}] {line.strip()}", flush=True)
 
-    began = time.time()
+    began = time.time() - sum(seconds or 0 for _, _, seconds in compiles)
     config = load_config(cell)
     best, step, misfit = aot.find_max_batch(
         config, devices, hbm, start=start, report=report,
         max_compiles=_MAX_COMPILES.value, tolerance=_TOLERANCE.value, bytes_per_image=slope,
-        compiles=compiles, unit=aot.batch_unit(config, devices))
+        compiles=compiles, unit=aot.batch_unit(config, devices), on_compile=journal)
     return {"key": cell.key, "model": cell.model, "remat": cell.remat, "fsdp": cell.fsdp,
             "scan": cell.scan, "chip": chip, "topology": topology, "hbm": hbm,
-            "fits": best, "fits_bytes": step.total_bytes if step else None,
+            "fits": best, "fits_bytes": next((t for b, t, _ in compiles if b == best), None),
             "misfit": misfit, "compiles": compiles, "seconds": time.time() - began,
             "date": time.strftime("%Y-%m-%d")}
 
@@ -191,7 +207,8 @@ def main(argv):
     jax.config.update("jax_platforms", "cpu")
     sys.path.insert(0, os.getcwd())  # configs import configs.common
     os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-    done = {(r["key"], r["chip"]): r for r in _read(_OUT.value)}
+    rows, stopped = _read(_OUT.value)
+    done = {(r["key"], r["chip"]): r for r in rows}
     # Chips outer, cells inner: every row gets its first chip before any row its second.
     for position, chip in enumerate(_CHIPS.value):
         for cell in CELLS:
@@ -202,9 +219,15 @@ def main(argv):
             previous = seed_row(done, cell.key, chip, _CHIPS.value[:position])
             if previous is None and _SEEDED_ONLY.value:
                 continue
-            row = search(cell, chip, previous)
-            with open(_OUT.value, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            earlier = stopped.get((cell.key, chip), [])
+            if earlier:
+                print(f"[{cell.key} {chip}] going on from {len(earlier)} earlier compiles: "
+                      f"{[entry[0] for entry in earlier]}", flush=True)
+
+            def journal(entry):
+                _append(_OUT.value, {"key": cell.key, "chip": chip, "compile": list(entry)})
+            row = search(cell, chip, previous, earlier, journal)
+            _append(_OUT.value, row)
             done[(cell.key, chip)] = row
             print(f"[{cell.key} {chip}] largest per-chip batch that fits: {row['fits']} "
                   f"(not: {row['misfit']}); {row['seconds']:.0f} s", flush=True)
