@@ -166,7 +166,7 @@ def search(cell: Cell, chip: str, previous, earlier=(), journal=None):
 
     began = time.time() - sum(seconds or 0 for _, _, seconds in compiles)
     config = load_config(cell)
-    best, step, misfit = aot.find_max_batch(
+    best, _, misfit = aot.find_max_batch(
         config, devices, hbm, start=start, report=report,
         max_compiles=_MAX_COMPILES.value, tolerance=_TOLERANCE.value, bytes_per_image=slope,
         compiles=compiles, unit=aot.batch_unit(config, devices), on_compile=journal)
