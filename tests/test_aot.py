@@ -234,6 +234,16 @@ def test_aot_table_records_each_compile_and_a_rerun_goes_on_from_them(tmp_path, 
     assert len(stopped[(key, "v5e")]) == len(rows[0]["compiles"])
 
 
+def test_aot_table_ignores_a_last_line_cut_short_and_names_a_damaged_one(tmp_path):
+    from mim_jax.benchmark import aot_table
+    out = tmp_path / "table.jsonl"
+    out.write_text('{"key": "k", "chip": "v5e", "compile": [8, 10, 1.0]}\n{"key": "k", "ch')
+    assert aot_table._read(str(out)) == ([], {("k", "v5e"): [(8, 10, 1.0)]})
+    out.write_text('{"key": "k", "ch\n{"key": "k", "chip": "v5e", "compile": [8, 10, 1.0]}\n')
+    with pytest.raises(ValueError, match="table.jsonl:1 is not a JSON line"):
+        aot_table._read(str(out))
+
+
 def test_aot_table_seeds_from_any_chip_searched_before():
     from mim_jax.benchmark import aot_table
     key = aot_table.CELLS[0].key

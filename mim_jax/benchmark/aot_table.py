@@ -110,7 +110,15 @@ def _read(path):
     if not os.path.exists(path):
         return [], {}
     with open(path) as f:
-        lines = [json.loads(line) for line in f if line.strip()]
+        text = [line for line in f if line.strip()]
+    lines = []
+    for number, line in enumerate(text, 1):
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(text):
+                raise ValueError(f"{path}:{number} is not a JSON line; fix or delete it.")
+            print(f"{path}:{number}: a line cut short (a killed write), ignored", flush=True)
     rows = [r for r in lines if "compile" not in r]
     compiles = {}
     for r in lines:
